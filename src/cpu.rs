@@ -1,0 +1,1 @@
+//! CPU bodies (work in progress).

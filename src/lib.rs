@@ -1,0 +1,41 @@
+//! Fused margin and kernel softmax cross-entropy losses for candle.
+//!
+//! One op computes, in a single pass over each row of a [B, C] input, the head's transform
+//! (a margin on the target's cosine, or a distance → RBF score), the softmax cross-entropy and
+//! every criterion option (label smoothing, focal, PolyLoss, z-loss, class weights,
+//! `ignore_index`), and saves per-row statistics so that the backward pass reads each row once
+//! more and writes the gradient once.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! use candle_margin_softmax::{Head, MarginSoftmaxLoss};
+//!
+//! # fn main() -> candle_core::Result<()> {
+//! let cosines = Tensor::new(&[[0.9f32, 0.1, -0.3], [0.2, 0.7, 0.05]], &Device::Cpu)?;
+//! let targets = Tensor::new(&[0u32, 1], &Device::Cpu)?;
+//! let arcface = MarginSoftmaxLoss::new(Head::arcface()).label_smoothing(0.1);
+//! let loss = arcface.loss(&cosines, &targets)?; // scalar f32, differentiable
+//! let (loss2, grad) = arcface.loss_and_grad(&cosines, &targets)?; // no autograd
+//! assert_eq!(grad.dims(), &[2, 3]);
+//! # let _ = (loss, loss2);
+//! # Ok(()) }
+//! ```
+//!
+//! See [`Head`] for the heads and [`MarginSoftmaxLoss`] for the options; [`reference`] holds the
+//! same losses composed from plain candle ops.
+
+mod config;
+mod cpu;
+mod loss;
+mod math;
+mod op;
+pub mod reference;
+
+pub use config::{
+    EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, Reduction, SPHEREFACE_MAX_M,
+    SphereFaceLambda,
+};
+
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;

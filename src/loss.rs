@@ -1,0 +1,224 @@
+//! The public entry points: validate, then apply the fused op.
+
+use candle_core::{DType, Result, Tensor, bail};
+
+use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype};
+use crate::op::{self, STAT_WEIGHT};
+
+/// The shapes of a validated call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub rows: usize,
+    pub classes: usize,
+}
+
+/// Every check that needs only shapes, dtypes and devices (no device read-back). Target *values*
+/// are checked by the op itself (see [`crate::op`]), where the targets are read anyway.
+pub(crate) fn check_inputs(
+    cfg: &MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    row_scale: Option<&Tensor>,
+) -> Result<Dims> {
+    cfg.validate()?;
+    let name = cfg.head.name();
+    let (rows, classes) = match input.dims() {
+        &[b, c] => (b, c),
+        d => bail!("{OP_NAME}({name}): input must have rank 2 [B, C], got shape {d:?}"),
+    };
+    if !matches!(
+        input.dtype(),
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16
+    ) {
+        bail!(
+            "{OP_NAME}({name}): input dtype must be f32, f64, f16 or bf16, got {:?}",
+            input.dtype()
+        )
+    }
+    if classes == 0 {
+        bail!("{OP_NAME}({name}): input has C = 0 classes (shape {:?})", input.dims())
+    }
+    if !matches!(targets.dtype(), DType::U32 | DType::I64) {
+        bail!(
+            "{OP_NAME}({name}): targets must be an integer tensor of dtype u32 or i64, got {:?}",
+            targets.dtype()
+        )
+    }
+    if targets.dims() != [rows] {
+        bail!(
+            "{OP_NAME}({name}): targets must have shape [B] = [{rows}] to match input {:?}, got {:?}",
+            input.dims(),
+            targets.dims()
+        )
+    }
+    let same_device = |t: &Tensor, what: &str| -> Result<()> {
+        if !t.device().same_device(input.device()) {
+            bail!(
+                "{OP_NAME}({name}): {what} is on {:?} but input is on {:?}",
+                t.device().location(),
+                input.device().location()
+            )
+        }
+        Ok(())
+    };
+    same_device(targets, "targets")?;
+    if let Some(w) = &cfg.class_weights {
+        if w.dims() != [classes] {
+            bail!(
+                "{OP_NAME}({name}): class_weights must have shape [C] = [{classes}], got {:?}",
+                w.dims()
+            )
+        }
+        same_device(w, "class_weights")?;
+    }
+    if let Some(r) = row_scale {
+        if r.dims() != [rows] {
+            bail!(
+                "{OP_NAME}({name}): row_scale must have shape [B] = [{rows}], got {:?}",
+                r.dims()
+            )
+        }
+        if !r.dtype().is_float() {
+            bail!(
+                "{OP_NAME}({name}): row_scale must be a float tensor, got {:?}",
+                r.dtype()
+            )
+        }
+        same_device(r, "row_scale")?;
+    }
+    Ok(Dims { rows, classes })
+}
+
+/// True when each row is contiguous in memory (any row stride and offset), which the op reads
+/// directly; other layouts (e.g. a transposed view) are copied first.
+fn rows_are_contiguous(t: &Tensor) -> bool {
+    let stride = t.stride();
+    t.dims()[1] <= 1 || stride[1] == 1
+}
+
+impl MarginSoftmaxLoss {
+    /// The loss of `input` [B, C] against `targets` [B], differentiable with respect to `input`
+    /// through candle autograd.
+    ///
+    /// - `input`: f32, f64, f16 or bf16. For the cosine heads, cos θ (clamped to [−1, 1]); for
+    ///   RBF, squared distances (clamped to ≥ 0); for Softmax, logits. Any layout: row-contiguous
+    ///   views (e.g. `narrow` on either dimension) are read in place, others copied once.
+    /// - `targets`: u32 or i64 class indices in [0, C), or `ignore_index`.
+    /// - Returns f32 (f64 for f64 input): shape [B] for [`Reduction::None`], a scalar otherwise.
+    ///   The gradient into `input` has the input's dtype.
+    ///
+    /// # Errors
+    /// An `Err` that names the op and the problem, for: an invalid hyper-parameter (see the
+    /// setters of [`MarginSoftmaxLoss`]); input rank ≠ 2, C = 0, or a non-float input; targets
+    /// that are not u32 / i64, not of shape [B], or hold a value outside [0, C) that is not
+    /// `ignore_index`; class weights not of shape [C]; tensors on different devices.
+    pub fn loss(&self, input: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let dims = check_inputs(self, input, targets, None)?;
+        let scale = fixed_row_scale(self, dims.rows, input)?;
+        self.loss_impl(input, targets, &scale)
+    }
+
+    /// As [`Self::loss`], with a per-row scale `row_scale` [B] (any float dtype) that replaces the
+    /// head's fixed `s` for each row: z_ij = r_i·u_ij. This is the original SphereFace, where r_i
+    /// is the feature norm ‖f_i‖. The result back-propagates into `row_scale` too.
+    ///
+    /// # Errors
+    /// As [`Self::loss`], and for a `row_scale` that is not a float tensor of shape [B].
+    pub fn loss_with_row_scale(
+        &self,
+        input: &Tensor,
+        targets: &Tensor,
+        row_scale: &Tensor,
+    ) -> Result<Tensor> {
+        check_inputs(self, input, targets, Some(row_scale))?;
+        let scale = row_scale.to_dtype(accumulation_dtype(input.dtype()))?;
+        self.loss_impl(input, targets, &scale)
+    }
+
+    fn loss_impl(&self, input: &Tensor, targets: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        let input = if rows_are_contiguous(input) {
+            input.clone()
+        } else {
+            input.contiguous()?
+        };
+        let targets = targets.contiguous()?;
+        let stats = op::forward(self, &input, &targets, scale)?;
+        reduce(self.reduction, &stats)
+    }
+
+    /// The loss and d(loss)/d(input) in one call, without autograd: the training-step
+    /// primitive. Each row is read, its statistics formed, and its gradient written while the
+    /// row is still in cache. With [`Reduction::None`], the gradient is that of Σ_i ℓ_i (an
+    /// upstream gradient of ones). Returns (loss as in [`Self::loss`], gradient [B, C] in the
+    /// input's dtype). Neither output is attached to the autograd graph.
+    ///
+    /// # Errors
+    /// As [`Self::loss`].
+    pub fn loss_and_grad(&self, input: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
+        let dims = check_inputs(self, input, targets, None)?;
+        let scale = fixed_row_scale(self, dims.rows, input)?;
+        let (loss, grad, _) = self.loss_and_grad_impl(input, targets, &scale)?;
+        Ok((loss, grad))
+    }
+
+    /// As [`Self::loss_and_grad`] with a per-row scale (see [`Self::loss_with_row_scale`]);
+    /// also returns d(loss)/d(row_scale), shape [B], in the accumulation dtype (f32, or f64).
+    ///
+    /// # Errors
+    /// As [`Self::loss_with_row_scale`].
+    pub fn loss_and_grad_with_row_scale(
+        &self,
+        input: &Tensor,
+        targets: &Tensor,
+        row_scale: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        check_inputs(self, input, targets, Some(row_scale))?;
+        let scale = row_scale
+            .detach()
+            .to_dtype(accumulation_dtype(input.dtype()))?;
+        self.loss_and_grad_impl(input, targets, &scale)
+    }
+
+    fn loss_and_grad_impl(
+        &self,
+        input: &Tensor,
+        targets: &Tensor,
+        scale: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let input = if rows_are_contiguous(input) {
+            input.detach()
+        } else {
+            input.detach().contiguous()?
+        };
+        let targets = targets.contiguous()?;
+        let (stats, grad, grad_scale) =
+            op::forward_backward(self, &input, &targets, &scale.contiguous()?)?;
+        let loss = reduce(self.reduction, &stats)?;
+        Ok((loss, grad, grad_scale))
+    }
+}
+
+/// A [B] tensor holding the head's fixed s: the op always takes a per-row scale, so the fixed
+/// and per-row cases share one code path (B extra floats read).
+fn fixed_row_scale(cfg: &MarginSoftmaxLoss, rows: usize, input: &Tensor) -> Result<Tensor> {
+    let dtype = accumulation_dtype(input.dtype());
+    Tensor::full(cfg.head.scale(), rows, input.device())?.to_dtype(dtype)
+}
+
+/// Per-row losses [B] from the op's statistics, reduced with plain candle ops (so the autograd
+/// graph runs through the op's `bwd` for column 0 only).
+fn reduce(reduction: Reduction, stats: &Tensor) -> Result<Tensor> {
+    let per_row = stats.narrow(1, op::STAT_LOSS, 1)?.squeeze(1)?;
+    match reduction {
+        Reduction::None => Ok(per_row),
+        Reduction::Sum => per_row.sum_all(),
+        Reduction::Mean => {
+            // Σ w over rows not ignored; the weights do not depend on the input, so this
+            // branch carries no gradient.
+            let denominator = stats.narrow(1, STAT_WEIGHT, 1)?.detach().sum_all()?;
+            let is_zero = denominator.eq(0.0)?.to_dtype(denominator.dtype())?;
+            // An all-ignored batch has Σ ℓ = 0 and Σ w = 0: divide by 1 instead, giving 0.
+            per_row.sum_all()?.div(&(denominator + is_zero)?)
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Per-element head math (work in progress).

@@ -1,0 +1,1 @@
+//! The losses composed from plain candle tensor ops (work in progress).
