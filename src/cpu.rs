@@ -1,1 +1,419 @@
-//! CPU bodies (work in progress).
+//! The CPU bodies of the op. Rows run in parallel (rayon); each row is read once by the forward
+//! pass (online max / sum-exp) and once more by the backward pass, which writes the gradient.
+//! The fused `forward_backward` runs both passes on a row back to back, while it is in cache.
+//! Nothing of size [B, C] is allocated besides the gradient.
+
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+use candle_core::backend::BackendStorage;
+use half::{bf16, f16};
+use num_traits::{Float, One, Zero};
+use rayon::prelude::*;
+
+use crate::config::{Head, MarginSoftmaxLoss, OP_NAME, accumulation_dtype};
+use crate::math::{Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, Transform};
+use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
+
+/// How many elements the online max / sum-exp takes per step: the chunk's logits are formed
+/// first, so the running max is rescaled at most once per chunk and the exps are independent.
+const CHUNK: usize = 64;
+
+/// Read access to the rows of a [B, C] input whose rows are each contiguous.
+struct Rows<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    row_stride: usize,
+    rows: usize,
+    classes: usize,
+}
+
+impl<'a, T: WithDType> Rows<'a, T> {
+    fn new(storage: &'a CpuStorage, layout: &Layout, name: &str) -> Result<Self> {
+        let (rows, classes) = layout.shape().dims2()?;
+        let stride = layout.stride();
+        if classes > 1 && stride[1] != 1 {
+            bail!("{OP_NAME}({name}): internal error: input rows must be contiguous")
+        }
+        Ok(Self {
+            data: storage.as_slice::<T>()?,
+            offset: layout.start_offset(),
+            row_stride: stride[0],
+            rows,
+            classes,
+        })
+    }
+
+    fn row(&self, i: usize) -> &'a [T] {
+        let start = self.offset + i * self.row_stride;
+        &self.data[start..start + self.classes]
+    }
+}
+
+/// A contiguous 1-D or 2-D tensor's elements.
+fn contiguous<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+    name: &str,
+) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
+        None => bail!("{OP_NAME}({name}): internal error: {what} must be contiguous"),
+    }
+}
+
+/// The validated target of each row: `None` for an ignored row.
+fn read_targets(
+    storage: &CpuStorage,
+    layout: &Layout,
+    cfg: &MarginSoftmaxLoss,
+    classes: usize,
+) -> Result<Vec<Option<usize>>> {
+    let name = cfg.head.name();
+    let values: Vec<i64> = match storage {
+        CpuStorage::U32(_) => contiguous::<u32>(storage, layout, "targets", name)?
+            .iter()
+            .map(|&t| t as i64)
+            .collect(),
+        CpuStorage::I64(_) => contiguous::<i64>(storage, layout, "targets", name)?.to_vec(),
+        other => bail!(
+            "{OP_NAME}({name}): targets must be u32 or i64, got {:?}",
+            other.dtype()
+        ),
+    };
+    values
+        .into_iter()
+        .enumerate()
+        .map(|(row, t)| {
+            if Some(t) == cfg.ignore_index {
+                Ok(None)
+            } else if t < 0 || t >= classes as i64 {
+                bail!(
+                    "{OP_NAME}({name}): target {t} at row {row} is out of range for C = {classes} \
+                     classes (ignore_index is {:?})",
+                    cfg.ignore_index
+                )
+            } else {
+                Ok(Some(t as usize))
+            }
+        })
+        .collect()
+}
+
+/// The class weights in the accumulation type, or `None` (all 1).
+fn read_weights<A: Acc>(cfg: &MarginSoftmaxLoss) -> Result<Option<Vec<A>>> {
+    cfg.class_weights
+        .as_ref()
+        .map(|w| w.to_dtype(A::DTYPE)?.to_vec1::<A>())
+        .transpose()
+}
+
+fn weight_of<A: Acc>(weights: &Option<Vec<A>>, target: usize) -> A {
+    weights.as_ref().map_or(A::one(), |w| w[target])
+}
+
+/// The running state of the online log-sum-exp over a row's non-target entries, seeded with the
+/// target logit.
+struct Online<A> {
+    max: A,
+    /// Σ exp(z_j − max) over every entry seen, the target included.
+    sum_exp: A,
+    /// Σ exp(z_j − max)·u_j over the non-target entries (for the row-scale gradient).
+    sum_exp_u: A,
+    /// Σ u_j over the non-target entries (for Σ z and the row-scale gradient).
+    sum_u: A,
+}
+
+impl<A: Acc> Online<A> {
+    fn new(z_target: A) -> Self {
+        Self {
+            max: z_target,
+            sum_exp: A::one(),
+            sum_exp_u: A::zero(),
+            sum_u: A::zero(),
+        }
+    }
+
+    fn absorb<T: Element<Acc = A>, H: Transform<A>>(&mut self, xs: &[T], scale: A, transform: &H) {
+        let mut u = [A::zero(); CHUNK];
+        let mut z = [A::zero(); CHUNK];
+        for chunk in xs.chunks(CHUNK) {
+            let n = chunk.len();
+            let mut chunk_max = A::neg_infinity();
+            for i in 0..n {
+                u[i] = transform.u(chunk[i].load());
+                z[i] = scale * u[i];
+                chunk_max = Float::max(chunk_max, z[i]);
+            }
+            if chunk_max > self.max {
+                let rescale = (self.max - chunk_max).exp();
+                self.sum_exp = self.sum_exp * rescale;
+                self.sum_exp_u = self.sum_exp_u * rescale;
+                self.max = chunk_max;
+            }
+            let (mut sum_exp, mut sum_exp_u, mut sum_u) = (A::zero(), A::zero(), A::zero());
+            for i in 0..n {
+                let e = (z[i] - self.max).exp();
+                sum_exp = sum_exp + e;
+                sum_exp_u = sum_exp_u + e * u[i];
+                sum_u = sum_u + u[i];
+            }
+            self.sum_exp = self.sum_exp + sum_exp;
+            self.sum_exp_u = self.sum_exp_u + sum_exp_u;
+            self.sum_u = self.sum_u + sum_u;
+        }
+    }
+}
+
+/// Everything a row's backward pass (and the caller) needs, in the order of the op's stats
+/// columns (see [`crate::op`]).
+fn forward_row<T: Element, H: Transform<T::Acc>>(
+    row: &[T],
+    target: Option<usize>,
+    scale: T::Acc,
+    weight: T::Acc,
+    transform: &H,
+    margin: &Margin<T::Acc>,
+    criterion: &Criterion<T::Acc>,
+) -> [T::Acc; STAT_COLUMNS] {
+    let zero = T::Acc::zero();
+    let Some(y) = target else {
+        return [zero; STAT_COLUMNS];
+    };
+    let (u_target, _) = margin.target(transform, row[y].load());
+    let z_target = scale * u_target;
+    let mut online = Online::new(z_target);
+    online.absorb(&row[..y], scale, transform);
+    online.absorb(&row[y + 1..], scale, transform);
+    let lse = online.max + online.sum_exp.ln();
+    let sum_z = scale * (online.sum_u + u_target);
+    let r = criterion.row(lse, z_target, sum_z, weight);
+    // dℓ/dr = Σ_j g_j·u_j, with Σ_{j≠y} p_j·u_j = sum_exp_u / sum_exp.
+    let d_scale =
+        r.a * (online.sum_exp_u / online.sum_exp) + r.k * online.sum_u + r.g_target * u_target;
+    [r.loss, lse, weight, r.a, r.k, r.g_target, d_scale]
+}
+
+/// dx_j = (a·p_j + k)·r·du_j/dx_j for j ≠ y and g_y·r·du_y/dx_y, with p_j = exp(r·u_j − lse).
+/// `info` is [lse, a, k, g_y, r] with the upstream gradient already folded into a, k, g_y.
+fn backward_row<T: Element, H: Transform<T::Acc>>(
+    row: &[T],
+    out: &mut [T],
+    target: Option<usize>,
+    info: &[T::Acc],
+    transform: &H,
+    margin: &Margin<T::Acc>,
+) {
+    let Some(y) = target else {
+        out.fill(T::store(T::Acc::zero()));
+        return;
+    };
+    let [lse, a, k, g_target, scale] = [info[0], info[1], info[2], info[3], info[4]];
+    for (o, &x) in out.iter_mut().zip(row) {
+        let x = x.load();
+        let u = transform.u(x);
+        let p = (scale * u - lse).exp();
+        *o = T::store((a * p + k) * scale * transform.du(x, u));
+    }
+    let (_, du_target) = margin.target(transform, row[y].load());
+    out[y] = T::store(g_target * scale * du_target);
+}
+
+/// Calls `$body` with `$t` bound to the head's element transform, so the row loops are
+/// monomorphized per head family.
+macro_rules! with_transform {
+    ($head:expr, $acc:ty, |$t:ident| $body:expr) => {
+        match $head {
+            Head::Softmax { .. } => {
+                let $t = Identity;
+                $body
+            }
+            Head::Rbf { gamma, .. } => {
+                let $t = RbfKernel::<$acc> {
+                    neg_inv_gamma: <$acc>::of(-1.0 / gamma),
+                };
+                $body
+            }
+            _ => {
+                let $t = Cosine;
+                $body
+            }
+        }
+    };
+}
+
+/// Calls `$body::<T>` for the input's element type.
+macro_rules! with_element {
+    ($storage:expr, $name:expr, $body:ident ( $($arg:expr),* )) => {
+        match $storage {
+            CpuStorage::F32(_) => $body::<f32>($($arg),*),
+            CpuStorage::F64(_) => $body::<f64>($($arg),*),
+            CpuStorage::F16(_) => $body::<f16>($($arg),*),
+            CpuStorage::BF16(_) => $body::<bf16>($($arg),*),
+            other => bail!(
+                "{OP_NAME}({}): input dtype must be f32, f64, f16 or bf16, got {:?}",
+                $name,
+                other.dtype()
+            ),
+        }
+    };
+}
+
+/// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype.
+pub(crate) fn forward(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    scale: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    with_element!(x.0, cfg.head.name(), forward_typed(cfg, x, targets, scale))
+}
+
+fn forward_typed<T: Element>(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    scale: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let name = cfg.head.name();
+    let rows = Rows::<T>::new(x.0, x.1, name)?;
+    let targets = read_targets(targets.0, targets.1, cfg, rows.classes)?;
+    let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+    let weights = read_weights::<T::Acc>(cfg)?;
+    let margin = Margin::<T::Acc>::new(&cfg.head, cfg.margin_grad);
+    let criterion = Criterion::<T::Acc>::new(cfg, rows.classes);
+    let mut stats = vec![T::Acc::zero(); rows.rows * STAT_COLUMNS];
+    with_transform!(cfg.head, T::Acc, |transform| {
+        stats
+            .par_chunks_mut(STAT_COLUMNS)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let target = targets[i];
+                let weight = target.map_or(T::Acc::zero(), |y| weight_of(&weights, y));
+                out.copy_from_slice(&forward_row(
+                    rows.row(i),
+                    target,
+                    scales[i],
+                    weight,
+                    &transform,
+                    &margin,
+                    &criterion,
+                ));
+            })
+    });
+    Ok(T::Acc::to_cpu_storage_owned(stats))
+}
+
+/// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
+/// the per-row [lse, a, k, g_y, r] (upstream gradient folded in).
+pub(crate) fn backward(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    row_info: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    with_element!(x.0, cfg.head.name(), backward_typed(cfg, x, targets, row_info))
+}
+
+fn backward_typed<T: Element>(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    row_info: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let name = cfg.head.name();
+    let rows = Rows::<T>::new(x.0, x.1, name)?;
+    let targets = read_targets(targets.0, targets.1, cfg, rows.classes)?;
+    let info = contiguous::<T::Acc>(row_info.0, row_info.1, "row info", name)?;
+    let margin = Margin::<T::Acc>::new(&cfg.head, cfg.margin_grad);
+    let mut grad = vec![T::store(T::Acc::zero()); rows.rows * rows.classes];
+    with_transform!(cfg.head, T::Acc, |transform| {
+        grad.par_chunks_mut(rows.classes)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let info = &info[i * ROWINFO_COLUMNS..(i + 1) * ROWINFO_COLUMNS];
+                backward_row(rows.row(i), out, targets[i], info, &transform, &margin);
+            })
+    });
+    Ok(T::to_cpu_storage_owned(grad))
+}
+
+/// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
+/// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
+/// Σ_i ℓ_i.
+pub(crate) fn forward_backward(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    scale: (&CpuStorage, &Layout),
+    mean: bool,
+) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        forward_backward_typed(cfg, x, targets, scale, mean)
+    )
+}
+
+fn forward_backward_typed<T: Element>(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    scale: (&CpuStorage, &Layout),
+    mean: bool,
+) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    let name = cfg.head.name();
+    let rows = Rows::<T>::new(x.0, x.1, name)?;
+    let targets = read_targets(targets.0, targets.1, cfg, rows.classes)?;
+    let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+    let weights = read_weights::<T::Acc>(cfg)?;
+    let margin = Margin::<T::Acc>::new(&cfg.head, cfg.margin_grad);
+    let criterion = Criterion::<T::Acc>::new(cfg, rows.classes);
+    let upstream = if mean {
+        let denominator = targets
+            .iter()
+            .flatten()
+            .fold(T::Acc::zero(), |acc, &y| acc + weight_of(&weights, y));
+        if denominator != T::Acc::zero() {
+            denominator.recip()
+        } else {
+            T::Acc::zero()
+        }
+    } else {
+        T::Acc::one()
+    };
+    let mut stats = vec![T::Acc::zero(); rows.rows * STAT_COLUMNS];
+    let mut grad = vec![T::store(T::Acc::zero()); rows.rows * rows.classes];
+    let mut grad_scale = vec![T::Acc::zero(); rows.rows];
+    with_transform!(cfg.head, T::Acc, |transform| {
+        stats
+            .par_chunks_mut(STAT_COLUMNS)
+            .zip(grad.par_chunks_mut(rows.classes))
+            .zip(grad_scale.par_iter_mut())
+            .enumerate()
+            .for_each(|(i, ((stat, out), d_scale))| {
+                let target = targets[i];
+                let weight = target.map_or(T::Acc::zero(), |y| weight_of(&weights, y));
+                let row = rows.row(i);
+                let s = forward_row(
+                    row,
+                    target,
+                    scales[i],
+                    weight,
+                    &transform,
+                    &margin,
+                    &criterion,
+                );
+                stat.copy_from_slice(&s);
+                let [_, lse, _, a, k, g_target, ds] = s;
+                let info = [lse, a * upstream, k * upstream, g_target * upstream, scales[i]];
+                backward_row(row, out, target, &info, &transform, &margin);
+                *d_scale = ds * upstream;
+            })
+    });
+    debug_assert_eq!(accumulation_dtype(T::DTYPE), T::Acc::DTYPE);
+    Ok((
+        T::Acc::to_cpu_storage_owned(stats),
+        T::to_cpu_storage_owned(grad),
+        T::Acc::to_cpu_storage_owned(grad_scale),
+    ))
+}

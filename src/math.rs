@@ -1,1 +1,395 @@
-//! Per-element head math (work in progress).
+//! The one Rust definition of each head's math and of the criterion, generic over the
+//! accumulation type (f32 for f32 / f16 / bf16 input, f64 for f64 input).
+//!
+//! A row's logits are z_j = r·u_j: u is the head's unscaled logit, r the row's scale (the head's
+//! s, or a per-row scale). The criterion's gradient with respect to the logits has the form
+//!
+//!   g_j = A·p_j + K   (j ≠ y),      g_y = G,
+//!
+//! with three per-row constants A, K, G (see [`Criterion::row`]), so the backward pass needs only
+//! those and the row's lse: p_j = exp(z_j − lse) is recomputed from the input.
+
+use candle_core::WithDType;
+use half::{bf16, f16};
+use num_traits::Float;
+
+use crate::config::{EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss};
+
+/// An accumulation type: every sum, exp and per-row constant is computed in it.
+pub(crate) trait Acc: Float + WithDType + Send + Sync + std::fmt::Debug + 'static {
+    fn of(v: f64) -> Self;
+}
+
+impl Acc for f32 {
+    fn of(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Acc for f64 {
+    fn of(v: f64) -> Self {
+        v
+    }
+}
+
+/// An input element type and the accumulation type it is computed in.
+pub(crate) trait Element: WithDType + Copy + Send + Sync + 'static {
+    type Acc: Acc;
+    fn load(self) -> Self::Acc;
+    fn store(v: Self::Acc) -> Self;
+}
+
+impl Element for f32 {
+    type Acc = f32;
+    fn load(self) -> f32 {
+        self
+    }
+    fn store(v: f32) -> Self {
+        v
+    }
+}
+
+impl Element for f64 {
+    type Acc = f64;
+    fn load(self) -> f64 {
+        self
+    }
+    fn store(v: f64) -> Self {
+        v
+    }
+}
+
+impl Element for f16 {
+    type Acc = f32;
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    fn store(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+impl Element for bf16 {
+    type Acc = f32;
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    fn store(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+/// PyTorch's clamp: NaN passes through, and so does the gradient on the closed interval.
+#[inline(always)]
+fn clamp<A: Acc>(x: A, lo: A, hi: A) -> A {
+    if x < lo {
+        lo
+    } else if x > hi {
+        hi
+    } else {
+        x
+    }
+}
+
+#[inline(always)]
+fn inside<A: Acc>(x: A, lo: A, hi: A) -> A {
+    if x >= lo && x <= hi {
+        A::one()
+    } else {
+        A::zero()
+    }
+}
+
+/// The per-element transform x → u of the non-target entries; monomorphized per head family so
+/// the row loops carry no branch on the head.
+pub(crate) trait Transform<A: Acc>: Copy + Send + Sync {
+    fn u(&self, x: A) -> A;
+    /// du/dx, given x and u = self.u(x).
+    fn du(&self, x: A, u: A) -> A;
+}
+
+/// Softmax: u = x.
+#[derive(Clone, Copy)]
+pub(crate) struct Identity;
+
+impl<A: Acc> Transform<A> for Identity {
+    #[inline(always)]
+    fn u(&self, x: A) -> A {
+        x
+    }
+    #[inline(always)]
+    fn du(&self, _x: A, _u: A) -> A {
+        A::one()
+    }
+}
+
+/// Cosine heads: u = clamp(c, −1, 1).
+#[derive(Clone, Copy)]
+pub(crate) struct Cosine;
+
+impl<A: Acc> Transform<A> for Cosine {
+    #[inline(always)]
+    fn u(&self, x: A) -> A {
+        clamp(x, -A::one(), A::one())
+    }
+    #[inline(always)]
+    fn du(&self, x: A, _u: A) -> A {
+        inside(x, -A::one(), A::one())
+    }
+}
+
+/// RBF: u = exp(−max(d², 0)/γ), du/dd² = −u/γ (0 where d² < 0).
+#[derive(Clone, Copy)]
+pub(crate) struct RbfKernel<A> {
+    pub neg_inv_gamma: A,
+}
+
+impl<A: Acc> Transform<A> for RbfKernel<A> {
+    #[inline(always)]
+    fn u(&self, x: A) -> A {
+        let d2 = if x < A::zero() { A::zero() } else { x };
+        (d2 * self.neg_inv_gamma).exp()
+    }
+    #[inline(always)]
+    fn du(&self, x: A, u: A) -> A {
+        if x >= A::zero() {
+            u * self.neg_inv_gamma
+        } else {
+            A::zero()
+        }
+    }
+}
+
+/// The margin on the target entry: u_y = φ(c) and dφ/dx.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Margin<A> {
+    /// Softmax and RBF: the target uses the plain transform.
+    None,
+    /// CosFace: φ(c) = c − m.
+    Additive { m: A },
+    /// ArcFace and Combined: φ(c) = cos(m1·θ + m2) − m3, or c − m3 − m2·sin m2 where
+    /// m1·θ + m2 > π (the monotone fallback); `easy`: φ(c) = c where c ≤ 0.
+    Angular {
+        m1: A,
+        m2: A,
+        m3: A,
+        fallback_shift: A,
+        easy: bool,
+        /// Exact mode: c clamped to ±(1 − 1e−5) so that sin θ ≥ 4.5e−3.
+        cos_limit: A,
+        exact: bool,
+    },
+    /// SphereFace: φ(c) = (λ·c + (−1)^k·T_m(c) − 2k)/(1 + λ), k = #{j < m : c ≤ cos(jπ/m)}.
+    Sphere {
+        m: u32,
+        lambda: A,
+        thresholds: [A; crate::config::SPHEREFACE_MAX_M as usize],
+        exact: bool,
+    },
+}
+
+impl<A: Acc> Margin<A> {
+    pub fn new(head: &Head, grad: MarginGrad) -> Self {
+        let exact = grad == MarginGrad::Exact;
+        let angular = |m1: f64, m2: f64, m3: f64, easy: bool| Margin::Angular {
+            m1: A::of(m1),
+            m2: A::of(m2),
+            m3: A::of(m3),
+            fallback_shift: A::of(m3 + m2 * m2.sin()),
+            easy,
+            cos_limit: A::of(if exact { 1.0 - EXACT_MARGIN_COS_EPS } else { 1.0 }),
+            exact,
+        };
+        match *head {
+            Head::Softmax { .. } | Head::Rbf { .. } => Margin::None,
+            Head::CosFace { m, .. } => Margin::Additive { m: A::of(m) },
+            Head::ArcFace { m, easy_margin, .. } => angular(1.0, m, 0.0, easy_margin),
+            Head::Combined { m1, m2, m3, .. } => angular(m1, m2, m3, false),
+            Head::SphereFace { m, lambda, .. } => {
+                let m = m as u32;
+                let mut thresholds = [A::zero(); crate::config::SPHEREFACE_MAX_M as usize];
+                for (j, t) in thresholds.iter_mut().enumerate().take(m as usize).skip(1) {
+                    *t = A::of((j as f64 * std::f64::consts::PI / m as f64).cos());
+                }
+                Margin::Sphere {
+                    m,
+                    lambda: A::of(lambda),
+                    thresholds,
+                    exact,
+                }
+            }
+        }
+    }
+
+    /// (u_y, du_y/dx) for the target's input x.
+    #[inline]
+    pub fn target<H: Transform<A>>(&self, transform: &H, x: A) -> (A, A) {
+        let one = A::one();
+        match *self {
+            Margin::None => {
+                let u = transform.u(x);
+                (u, transform.du(x, u))
+            }
+            Margin::Additive { m } => (clamp(x, -one, one) - m, inside(x, -one, one)),
+            Margin::Angular {
+                m1,
+                m2,
+                m3,
+                fallback_shift,
+                easy,
+                cos_limit,
+                exact,
+            } => {
+                let c = clamp(x, -cos_limit, cos_limit);
+                let pass = inside(x, -cos_limit, cos_limit);
+                if easy && c <= A::zero() {
+                    return (c, pass);
+                }
+                let theta = c.acos();
+                let angle = m1 * theta + m2;
+                // InsightFace applies no fallback with the easy margin.
+                if !easy && angle > A::of(std::f64::consts::PI) {
+                    return (c - fallback_shift, pass);
+                }
+                let value = angle.cos() - m3;
+                if !exact {
+                    return (value, pass);
+                }
+                // d cos(m1·θ + m2)/dc = m1·sin(m1·θ + m2)/sin θ; sin θ ≥ 4.5e−3 after the clamp.
+                let sin_theta = ((one - c) * (one + c)).sqrt();
+                (value, pass * m1 * angle.sin() / sin_theta)
+            }
+            Margin::Sphere {
+                m,
+                lambda,
+                ref thresholds,
+                exact,
+            } => {
+                let c = clamp(x, -one, one);
+                let pass = inside(x, -one, one);
+                let k = thresholds[1..m as usize]
+                    .iter()
+                    .filter(|&&t| c <= t)
+                    .count();
+                let (t_m, u_m_minus_1) = chebyshev(m, c);
+                let sign = if k % 2 == 0 { one } else { -one };
+                let psi = sign * t_m - A::of(2.0 * k as f64);
+                let value = (lambda * c + psi) / (one + lambda);
+                if !exact {
+                    return (value, pass);
+                }
+                let slope = (lambda + sign * A::of(m as f64) * u_m_minus_1) / (one + lambda);
+                (value, pass * slope)
+            }
+        }
+    }
+}
+
+/// (T_m(c), U_{m−1}(c)): cos(mθ) and its derivative's factor, d T_m/dc = m·U_{m−1}, without
+/// acos, finite at c = ±1.
+fn chebyshev<A: Acc>(m: u32, c: A) -> (A, A) {
+    let two_c = c + c;
+    let (mut t_prev, mut t) = (A::one(), c);
+    let (mut u_prev, mut u) = (A::zero(), A::one()); // U_{−1} = 0, U_0 = 1
+    for _ in 1..m {
+        (t_prev, t) = (t, two_c * t - t_prev);
+        (u_prev, u) = (u, two_c * u - u_prev);
+    }
+    (t, u)
+}
+
+/// The criterion's constants, in the accumulation type.
+#[derive(Clone, Debug)]
+pub(crate) struct Criterion<A> {
+    smoothing: A,
+    focal_gamma: A,
+    poly: Vec<A>,
+    z_loss: A,
+    classes: A,
+}
+
+/// What the forward pass learns about one (non-ignored) row.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowLoss<A> {
+    /// w_y·ℓ.
+    pub loss: A,
+    /// g_j = a·p_j + k for j ≠ y (weight included).
+    pub a: A,
+    pub k: A,
+    /// g_y, formed from 1 − p_y so that it does not cancel when p_y → 1.
+    pub g_target: A,
+}
+
+impl<A: Acc> Criterion<A> {
+    pub fn new(cfg: &MarginSoftmaxLoss, classes: usize) -> Self {
+        Self {
+            smoothing: A::of(cfg.label_smoothing),
+            focal_gamma: A::of(cfg.focal_gamma),
+            poly: cfg.poly.iter().map(|&e| A::of(e)).collect(),
+            z_loss: A::of(cfg.z_loss),
+            classes: A::of(classes as f64),
+        }
+    }
+
+    /// The row's loss and gradient constants from lse, the target logit z_y, Σ_j z_j and the
+    /// class weight w = w_y.
+    ///
+    /// With ε = smoothing, q_j = (1 − ε)·[j = y] + ε/C, p_t = (1 − ε)·p_y + ε/C:
+    ///   ℓ_CE = lse − (1 − ε)·z_y − (ε/C)·Σ_j z_j,   F = (1 − p_t)^γ
+    ///   ℓ = w·[F·ℓ_CE + Σ_k ε_k·(1 − p_t)^(k + γ) + λ_z·lse²]
+    /// With D = dℓ/dp_t (before w) = −γ·(1 − p_t)^(γ − 1)·ℓ_CE − Σ_k ε_k·(k + γ)·(1 − p_t)^(k + γ − 1)
+    /// and ∂p_t/∂z_j = (1 − ε)·p_y·([j = y] − p_j):
+    ///   g_j = w·[F·(p_j − q_j) + D·∂p_t/∂z_j + 2·λ_z·lse·p_j]
+    ///   ⇒ A = w·(F − D·(1 − ε)·p_y + 2·λ_z·lse),   K = −w·F·ε/C,
+    ///     G = w·[F·(ε·(C − 1)/C − (1 − p_y)) + D·(1 − ε)·p_y·(1 − p_y) + 2·λ_z·lse·p_y].
+    /// 1 − p_y = −expm1(log p_y), and (1 − p_t)^(γ − 1)·ℓ_CE is formed as
+    /// (1 − p_t)^γ·(ℓ_CE/(1 − p_t)), whose last factor → 1 as p_t → 1 without smoothing: finite
+    /// for every γ ≥ 0.
+    pub fn row(&self, lse: A, z_target: A, sum_z: A, weight: A) -> RowLoss<A> {
+        let one = A::one();
+        let zero = A::zero();
+        let eps = self.smoothing;
+        let log_py = Float::min(z_target - lse, zero);
+        let p_y = log_py.exp();
+        let one_minus_py = -log_py.exp_m1();
+        let (ce, one_minus_pt) = if eps > zero {
+            let ce = lse - (one - eps) * z_target - eps / self.classes * sum_z;
+            let spread = eps * (self.classes - one) / self.classes;
+            (ce, (one - eps) * one_minus_py + spread)
+        } else {
+            (-log_py, one_minus_py)
+        };
+        let gamma = self.focal_gamma;
+        let focal = if gamma > zero {
+            one_minus_pt.powf(gamma)
+        } else {
+            one
+        };
+        // ℓ_CE/(1 − p_t): → 1 as p_t → 1 without smoothing; with smoothing 1 − p_t ≥ ε(C−1)/C,
+        // and 1 − p_t = 0 only for C = 1, where ℓ_CE ≡ 0.
+        let ce_ratio = if one_minus_pt > zero {
+            ce / one_minus_pt
+        } else {
+            one
+        };
+        let mut loss = focal * ce;
+        let mut d_pt = -gamma * focal * ce_ratio;
+        for (i, &coef) in self.poly.iter().enumerate() {
+            let power = A::of((i + 1) as f64) + gamma;
+            loss = loss + coef * one_minus_pt.powf(power);
+            d_pt = d_pt - coef * power * one_minus_pt.powf(power - one);
+        }
+        loss = loss + self.z_loss * lse * lse;
+        let z_term = (self.z_loss + self.z_loss) * lse;
+        let keep = one - eps;
+        RowLoss {
+            loss: weight * loss,
+            a: weight * (focal - d_pt * keep * p_y + z_term),
+            k: -weight * focal * eps / self.classes,
+            g_target: weight
+                * (focal * (eps * (self.classes - one) / self.classes - one_minus_py)
+                    + d_pt * keep * p_y * one_minus_py
+                    + z_term * p_y),
+        }
+    }
+}

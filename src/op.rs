@@ -1,25 +1,174 @@
-//! The fused op (work in progress).
-use candle_core::{Result, Tensor, bail};
+//! The op family, candle-nn style: each op a small struct implementing `CustomOp3`, with
+//! `cpu_fwd` (and, with the `cuda` feature, `cuda_fwd`) and `bwd` side by side.
+//!
+//! - [`MarginSoftmaxForward`] (input, targets, row scale) → per-row statistics [B, 7]:
+//!   loss, lse, w_y, the gradient constants a, k, g_y (see [`crate::math`]) and dℓ/dr. Only the
+//!   per-row constants are saved for the backward pass (Apex xentropy's idea, extended to the
+//!   criterion options), never probabilities.
+//! - [`MarginSoftmaxBackward`] (input, targets, row info [B, 5]) → d(loss)/d(input) [B, C]: one
+//!   more read of each row, one write.
+//! - [`forward_backward`]: both in one call, without autograd, returning two tensors (which a
+//!   `CustomOp` cannot), dispatched on the storage directly.
 
-use crate::config::MarginSoftmaxLoss;
+use candle_core::op::BackpropOp;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
+
+use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
+use crate::cpu;
 
 pub(crate) const STAT_LOSS: usize = 0;
+pub(crate) const STAT_LSE: usize = 1;
 pub(crate) const STAT_WEIGHT: usize = 2;
+/// a, k, g_y occupy three consecutive columns from here.
+pub(crate) const STAT_GRAD_CONSTANTS: usize = 3;
+pub(crate) const STAT_D_SCALE: usize = 6;
+pub(crate) const STAT_COLUMNS: usize = 7;
+/// [lse, a, k, g_y, r] per row for the backward op.
+pub(crate) const ROWINFO_COLUMNS: usize = 5;
 
-pub(crate) fn forward(
-    _cfg: &MarginSoftmaxLoss,
-    _input: &Tensor,
-    _targets: &Tensor,
-    _scale: &Tensor,
-) -> Result<Tensor> {
-    bail!("margin_softmax_ce: fused op not implemented yet")
+struct MarginSoftmaxForward {
+    cfg: MarginSoftmaxLoss,
 }
 
+impl CustomOp3 for MarginSoftmaxForward {
+    fn name(&self) -> &'static str {
+        OP_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        targets: &CpuStorage,
+        targets_layout: &Layout,
+        scale: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let rows = input_layout.dims()[0];
+        let stats = cpu::forward(
+            &self.cfg,
+            (input, input_layout),
+            (targets, targets_layout),
+            (scale, scale_layout),
+        )?;
+        Ok((stats, Shape::from((rows, STAT_COLUMNS))))
+    }
+
+    /// Only the loss column carries an upstream gradient (the others are internal, and the
+    /// weight column's use in the mean's denominator does not depend on the input).
+    fn bwd(
+        &self,
+        input: &Tensor,
+        targets: &Tensor,
+        scale: &Tensor,
+        stats: &Tensor,
+        grad_stats: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let upstream = grad_stats.narrow(1, STAT_LOSS, 1)?;
+        let row_info = Tensor::cat(
+            &[
+                &stats.narrow(1, STAT_LSE, 1)?,
+                &stats
+                    .narrow(1, STAT_GRAD_CONSTANTS, 3)?
+                    .broadcast_mul(&upstream)?,
+                &scale.unsqueeze(1)?,
+            ],
+            1,
+        )?;
+        let grad_input = input.apply_op3_no_bwd(
+            targets,
+            &row_info,
+            &MarginSoftmaxBackward {
+                cfg: self.cfg.clone(),
+            },
+        )?;
+        let grad_scale = stats
+            .narrow(1, STAT_D_SCALE, 1)?
+            .mul(&upstream)?
+            .squeeze(1)?;
+        Ok((Some(grad_input), None, Some(grad_scale)))
+    }
+}
+
+struct MarginSoftmaxBackward {
+    cfg: MarginSoftmaxLoss,
+}
+
+impl CustomOp3 for MarginSoftmaxBackward {
+    fn name(&self) -> &'static str {
+        "margin_softmax_ce_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        targets: &CpuStorage,
+        targets_layout: &Layout,
+        row_info: &CpuStorage,
+        row_info_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let grad = cpu::backward(
+            &self.cfg,
+            (input, input_layout),
+            (targets, targets_layout),
+            (row_info, row_info_layout),
+        )?;
+        Ok((grad, input_layout.shape().clone()))
+    }
+}
+
+/// The per-row statistics [B, STAT_COLUMNS], differentiable into `input` and `scale`.
+pub(crate) fn forward(
+    cfg: &MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    scale: &Tensor,
+) -> Result<Tensor> {
+    input.apply_op3(targets, scale, MarginSoftmaxForward { cfg: cfg.clone() })
+}
+
+/// (stats [B, STAT_COLUMNS], d(loss)/d(input), d(loss)/d(scale)) for the configured reduction
+/// (the sum of the rows' losses for [`Reduction::None`]), outside the autograd graph.
 pub(crate) fn forward_backward(
-    _cfg: &MarginSoftmaxLoss,
-    _input: &Tensor,
-    _targets: &Tensor,
-    _scale: &Tensor,
+    cfg: &MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    scale: &Tensor,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    bail!("margin_softmax_ce: fused op not implemented yet")
+    let (rows, classes) = input.dims2()?;
+    let mean = cfg.reduction == Reduction::Mean;
+    let (input_storage, input_layout) = input.storage_and_layout();
+    let (targets_storage, targets_layout) = targets.storage_and_layout();
+    let (scale_storage, scale_layout) = scale.storage_and_layout();
+    let (stats, grad, grad_scale) = match (&*input_storage, &*targets_storage, &*scale_storage) {
+        (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(s)) => {
+            let (stats, grad, grad_scale) = cpu::forward_backward(
+                cfg,
+                (x, input_layout),
+                (t, targets_layout),
+                (s, scale_layout),
+                mean,
+            )?;
+            (
+                Storage::Cpu(stats),
+                Storage::Cpu(grad),
+                Storage::Cpu(grad_scale),
+            )
+        }
+        _ => bail!(
+            "{OP_NAME}({}): loss_and_grad runs on the CPU only in this version (the CUDA \
+             kernels are not built yet); got input on {:?}",
+            cfg.head.name(),
+            input.device().location()
+        ),
+    };
+    let tensor = |storage, shape: (usize, usize)| {
+        Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+    };
+    Ok((
+        tensor(stats, (rows, STAT_COLUMNS)),
+        tensor(grad, (rows, classes)),
+        tensor(grad_scale, (rows, 1)).squeeze(1)?,
+    ))
 }
