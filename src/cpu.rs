@@ -152,7 +152,7 @@ impl<A: Acc> Online<A> {
             }
             let (mut sum_exp, mut sum_exp_u, mut sum_u) = (A::zero(), A::zero(), A::zero());
             for i in 0..n {
-                let e = (z[i] - self.max).exp();
+                let e = A::exp_flushed(z[i] - self.max);
                 sum_exp = sum_exp + e;
                 sum_exp_u = sum_exp_u + e * u[i];
                 sum_u = sum_u + u[i];
@@ -211,7 +211,7 @@ fn backward_row<T: Element, H: Transform<T::Acc>>(
     for (o, &x) in out.iter_mut().zip(row) {
         let x = x.load();
         let u = transform.u(x);
-        let p = (scale * u - lse).exp();
+        let p = T::Acc::exp_flushed(scale * u - lse);
         *o = T::store((a * p + k) * scale * transform.du(x, u));
     }
     let (_, du_target) = margin.target(transform, row[y].load());

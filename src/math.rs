@@ -17,16 +17,32 @@ use crate::config::{EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss};
 
 /// An accumulation type: every sum, exp and per-row constant is computed in it.
 pub(crate) trait Acc: Float + WithDType + Send + Sync + std::fmt::Debug + 'static {
+    /// Below this argument exp() is subnormal (or 0) in this type.
+    const EXP_SUBNORMAL_BELOW: Self;
     fn of(v: f64) -> Self;
+
+    /// exp(d) for d ≤ 0 in a sum or a probability whose other terms are ≥ 1 or whose result is
+    /// rounded: flushes subnormal results to 0, which changes nothing there but avoids the
+    /// CPU's slow subnormal arithmetic (scaled logits reach e^(−2s), far below e^(−87)).
+    #[inline(always)]
+    fn exp_flushed(d: Self) -> Self {
+        if d < Self::EXP_SUBNORMAL_BELOW {
+            Self::zero()
+        } else {
+            d.exp()
+        }
+    }
 }
 
 impl Acc for f32 {
+    const EXP_SUBNORMAL_BELOW: f32 = -87.0;
     fn of(v: f64) -> Self {
         v as f32
     }
 }
 
 impl Acc for f64 {
+    const EXP_SUBNORMAL_BELOW: f64 = -708.0;
     fn of(v: f64) -> Self {
         v
     }

@@ -65,6 +65,15 @@ impl CustomOp3 for MarginSoftmaxForward {
         grad_stats: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let upstream = grad_stats.narrow(1, STAT_LOSS, 1)?;
+        let grad_scale = if scale.track_op() {
+            let d_scale = stats.narrow(1, STAT_D_SCALE, 1)?;
+            Some(d_scale.mul(&upstream)?.squeeze(1)?)
+        } else {
+            None
+        };
+        if !input.track_op() {
+            return Ok((None, None, grad_scale));
+        }
         let row_info = Tensor::cat(
             &[
                 &stats.narrow(1, STAT_LSE, 1)?,
@@ -82,11 +91,7 @@ impl CustomOp3 for MarginSoftmaxForward {
                 cfg: self.cfg.clone(),
             },
         )?;
-        let grad_scale = stats
-            .narrow(1, STAT_D_SCALE, 1)?
-            .mul(&upstream)?
-            .squeeze(1)?;
-        Ok((Some(grad_input), None, Some(grad_scale)))
+        Ok((Some(grad_input), None, grad_scale))
     }
 }
 
