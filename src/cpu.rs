@@ -16,6 +16,8 @@ use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
 /// How many elements the online max / sum-exp takes per step: the chunk's logits are formed
 /// first, so the running max is rescaled at most once per chunk and the exps are independent.
 const CHUNK: usize = 64;
+/// Independent partial sums per chunk (a multiple of any SIMD width in use).
+const LANES: usize = 8;
 
 /// Read access to the rows of a [B, C] input whose rows are each contiguous.
 struct Rows<'a, T> {
@@ -133,33 +135,50 @@ impl<A: Acc> Online<A> {
         }
     }
 
+    /// Absorbs entries in chunks of [`CHUNK`]: the chunk's logits first (the tail padded with
+    /// z = −∞, u = 0, which add nothing), then one rescale of the running sums at most, then
+    /// the exps, summed in [`LANES`] independent partial sums so that the loops vectorize.
     fn absorb<T: Element<Acc = A>, H: Transform<A>>(&mut self, xs: &[T], scale: A, transform: &H) {
         let mut u = [A::zero(); CHUNK];
         let mut z = [A::zero(); CHUNK];
         for chunk in xs.chunks(CHUNK) {
-            let n = chunk.len();
-            let mut chunk_max = A::neg_infinity();
-            for i in 0..n {
-                u[i] = transform.u(chunk[i].load());
+            for (i, x) in chunk.iter().enumerate() {
+                u[i] = transform.u(x.load());
                 z[i] = scale * u[i];
-                chunk_max = Float::max(chunk_max, z[i]);
             }
+            for i in chunk.len()..CHUNK {
+                u[i] = A::zero();
+                z[i] = A::neg_infinity();
+            }
+            let mut lane_max = [A::neg_infinity(); LANES];
+            for block in z.chunks_exact(LANES) {
+                for (m, &v) in lane_max.iter_mut().zip(block) {
+                    *m = if v > *m { v } else { *m };
+                }
+            }
+            let chunk_max = lane_max.iter().fold(A::neg_infinity(), |m, &v| Float::max(m, v));
             if chunk_max > self.max {
                 let rescale = (self.max - chunk_max).exp();
                 self.sum_exp = self.sum_exp * rescale;
                 self.sum_exp_u = self.sum_exp_u * rescale;
                 self.max = chunk_max;
             }
-            let (mut sum_exp, mut sum_exp_u, mut sum_u) = (A::zero(), A::zero(), A::zero());
-            for i in 0..n {
-                let e = A::exp_flushed(z[i] - self.max);
-                sum_exp = sum_exp + e;
-                sum_exp_u = sum_exp_u + e * u[i];
-                sum_u = sum_u + u[i];
+            let max = self.max;
+            let mut sum_exp = [A::zero(); LANES];
+            let mut sum_exp_u = [A::zero(); LANES];
+            let mut sum_u = [A::zero(); LANES];
+            for (zb, ub) in z.chunks_exact(LANES).zip(u.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    let e = A::exp_flushed(zb[l] - max);
+                    sum_exp[l] = sum_exp[l] + e;
+                    sum_exp_u[l] = sum_exp_u[l] + e * ub[l];
+                    sum_u[l] = sum_u[l] + ub[l];
+                }
             }
-            self.sum_exp = self.sum_exp + sum_exp;
-            self.sum_exp_u = self.sum_exp_u + sum_exp_u;
-            self.sum_u = self.sum_u + sum_u;
+            let total = |lanes: [A; LANES]| lanes.iter().fold(A::zero(), |acc, &v| acc + v);
+            self.sum_exp = self.sum_exp + total(sum_exp);
+            self.sum_exp_u = self.sum_exp_u + total(sum_exp_u);
+            self.sum_u = self.sum_u + total(sum_u);
         }
     }
 }

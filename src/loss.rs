@@ -5,21 +5,14 @@ use candle_core::{DType, Result, Tensor, bail};
 use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype};
 use crate::op::{self, STAT_WEIGHT};
 
-/// The shapes of a validated call.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Dims {
-    pub rows: usize,
-    pub classes: usize,
-}
-
-/// Every check that needs only shapes, dtypes and devices (no device read-back). Target *values*
-/// are checked by the op itself (see [`crate::op`]), where the targets are read anyway.
+/// Every check that needs only shapes, dtypes and devices (no device read-back); returns
+/// (B, C). Target *values* are checked by the op itself, where the targets are read anyway.
 pub(crate) fn check_inputs(
     cfg: &MarginSoftmaxLoss,
     input: &Tensor,
     targets: &Tensor,
     row_scale: Option<&Tensor>,
-) -> Result<Dims> {
+) -> Result<(usize, usize)> {
     cfg.validate()?;
     let name = cfg.head.name();
     let (rows, classes) = match input.dims() {
@@ -86,7 +79,7 @@ pub(crate) fn check_inputs(
         }
         same_device(r, "row_scale")?;
     }
-    Ok(Dims { rows, classes })
+    Ok((rows, classes))
 }
 
 /// True when each row is contiguous in memory (any row stride and offset), which the op reads
@@ -113,8 +106,8 @@ impl MarginSoftmaxLoss {
     /// that are not u32 / i64, not of shape [B], or hold a value outside [0, C) that is not
     /// `ignore_index`; class weights not of shape [C]; tensors on different devices.
     pub fn loss(&self, input: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let dims = check_inputs(self, input, targets, None)?;
-        let scale = fixed_row_scale(self, dims.rows, input)?;
+        let (rows, _) = check_inputs(self, input, targets, None)?;
+        let scale = fixed_row_scale(self, rows, input)?;
         self.loss_impl(input, targets, &scale)
     }
 
@@ -155,8 +148,8 @@ impl MarginSoftmaxLoss {
     /// # Errors
     /// As [`Self::loss`].
     pub fn loss_and_grad(&self, input: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
-        let dims = check_inputs(self, input, targets, None)?;
-        let scale = fixed_row_scale(self, dims.rows, input)?;
+        let (rows, _) = check_inputs(self, input, targets, None)?;
+        let scale = fixed_row_scale(self, rows, input)?;
         let (loss, grad, _) = self.loss_and_grad_impl(input, targets, &scale)?;
         Ok((loss, grad))
     }
