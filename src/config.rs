@@ -158,9 +158,7 @@ impl Head {
                     bail!("{OP_NAME}({name}): margin m must be a positive integer, got {m}")
                 }
                 if m > SPHEREFACE_MAX_M as f64 {
-                    bail!(
-                        "{OP_NAME}({name}): margin m must be at most {SPHEREFACE_MAX_M}, got {m}"
-                    )
+                    bail!("{OP_NAME}({name}): margin m must be at most {SPHEREFACE_MAX_M}, got {m}")
                 }
                 if !(lambda.is_finite() && lambda >= 0.0) {
                     bail!("{OP_NAME}({name}): lambda must be finite and >= 0, got {lambda}")

@@ -3,8 +3,8 @@
 //! The fused `forward_backward` runs both passes on a row back to back, while it is in cache.
 //! Nothing of size [B, C] is allocated besides the gradient.
 
-use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 use half::{bf16, f16};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
@@ -156,11 +156,13 @@ impl<A: Acc> Online<A> {
                     *m = if v > *m { v } else { *m };
                 }
             }
-            let chunk_max = lane_max.iter().fold(A::neg_infinity(), |m, &v| Float::max(m, v));
+            let chunk_max = lane_max
+                .iter()
+                .fold(A::neg_infinity(), |m, &v| Float::max(m, v));
             if chunk_max > self.max {
                 let rescale = (self.max - chunk_max).exp();
-                self.sum_exp = self.sum_exp * rescale;
-                self.sum_exp_u = self.sum_exp_u * rescale;
+                self.sum_exp *= rescale;
+                self.sum_exp_u *= rescale;
                 self.max = chunk_max;
             }
             let max = self.max;
@@ -170,15 +172,15 @@ impl<A: Acc> Online<A> {
             for (zb, ub) in z.chunks_exact(LANES).zip(u.chunks_exact(LANES)) {
                 for l in 0..LANES {
                     let e = A::exp_flushed(zb[l] - max);
-                    sum_exp[l] = sum_exp[l] + e;
-                    sum_exp_u[l] = sum_exp_u[l] + e * ub[l];
-                    sum_u[l] = sum_u[l] + ub[l];
+                    sum_exp[l] += e;
+                    sum_exp_u[l] += e * ub[l];
+                    sum_u[l] += ub[l];
                 }
             }
             let total = |lanes: [A; LANES]| lanes.iter().fold(A::zero(), |acc, &v| acc + v);
-            self.sum_exp = self.sum_exp + total(sum_exp);
-            self.sum_exp_u = self.sum_exp_u + total(sum_exp_u);
-            self.sum_u = self.sum_u + total(sum_u);
+            self.sum_exp += total(sum_exp);
+            self.sum_exp_u += total(sum_exp_u);
+            self.sum_u += total(sum_u);
         }
     }
 }
@@ -203,17 +205,20 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
     let mut online = Online::new(z_target);
     online.absorb(&row[..y], scale, transform);
     online.absorb(&row[y + 1..], scale, transform);
-    let lse = online.max + online.sum_exp.ln();
+    let log_sum = online.sum_exp.ln();
     let sum_z = scale * (online.sum_u + u_target);
-    let r = criterion.row(lse, z_target, sum_z, weight);
+    let r = criterion.row(online.max, log_sum, z_target, sum_z, weight);
     // dℓ/dr = Σ_j g_j·u_j, with Σ_{j≠y} p_j·u_j = sum_exp_u / sum_exp.
     let d_scale =
         r.a * (online.sum_exp_u / online.sum_exp) + r.k * online.sum_u + r.g_target * u_target;
-    [r.loss, lse, weight, r.a, r.k, r.g_target, d_scale]
+    [
+        r.loss, online.max, log_sum, weight, r.a, r.k, r.g_target, d_scale,
+    ]
 }
 
-/// dx_j = (a·p_j + k)·r·du_j/dx_j for j ≠ y and g_y·r·du_y/dx_y, with p_j = exp(r·u_j − lse).
-/// `info` is [lse, a, k, g_y, r] with the upstream gradient already folded into a, k, g_y.
+/// dx_j = (a·p_j + k)·r·du_j/dx_j for j ≠ y and g_y·r·du_y/dx_y, with
+/// p_j = exp((r·u_j − M) − ln Σ). `info` is [M, ln Σ, a, k, g_y, r] with the upstream gradient
+/// already folded into a, k, g_y.
 fn backward_row<T: Element, H: Transform<T::Acc>>(
     row: &[T],
     out: &mut [T],
@@ -226,11 +231,12 @@ fn backward_row<T: Element, H: Transform<T::Acc>>(
         out.fill(T::store(T::Acc::zero()));
         return;
     };
-    let [lse, a, k, g_target, scale] = [info[0], info[1], info[2], info[3], info[4]];
+    let [max, log_sum, a, k, g_target, scale] =
+        [info[0], info[1], info[2], info[3], info[4], info[5]];
     for (o, &x) in out.iter_mut().zip(row) {
         let x = x.load();
         let u = transform.u(x);
-        let p = T::Acc::exp_flushed(scale * u - lse);
+        let p = T::Acc::exp_flushed((scale * u - max) - log_sum);
         *o = T::store((a * p + k) * scale * transform.du(x, u));
     }
     let (_, du_target) = margin.target(transform, row[y].load());
@@ -323,14 +329,18 @@ fn forward_typed<T: Element>(
 }
 
 /// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
-/// the per-row [lse, a, k, g_y, r] (upstream gradient folded in).
+/// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in).
 pub(crate) fn backward(
     cfg: &MarginSoftmaxLoss,
     x: (&CpuStorage, &Layout),
     targets: (&CpuStorage, &Layout),
     row_info: (&CpuStorage, &Layout),
 ) -> Result<CpuStorage> {
-    with_element!(x.0, cfg.head.name(), backward_typed(cfg, x, targets, row_info))
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        backward_typed(cfg, x, targets, row_info)
+    )
 }
 
 fn backward_typed<T: Element>(
@@ -414,17 +424,18 @@ fn forward_backward_typed<T: Element>(
                 let weight = target.map_or(T::Acc::zero(), |y| weight_of(&weights, y));
                 let row = rows.row(i);
                 let s = forward_row(
-                    row,
-                    target,
-                    scales[i],
-                    weight,
-                    &transform,
-                    &margin,
-                    &criterion,
+                    row, target, scales[i], weight, &transform, &margin, &criterion,
                 );
                 stat.copy_from_slice(&s);
-                let [_, lse, _, a, k, g_target, ds] = s;
-                let info = [lse, a * upstream, k * upstream, g_target * upstream, scales[i]];
+                let [_, max, log_sum, _, a, k, g_target, ds] = s;
+                let info = [
+                    max,
+                    log_sum,
+                    a * upstream,
+                    k * upstream,
+                    g_target * upstream,
+                    scales[i],
+                ];
                 backward_row(row, out, target, &info, &transform, &margin);
                 *d_scale = ds * upstream;
             })

@@ -29,7 +29,10 @@ pub(crate) fn check_inputs(
         )
     }
     if classes == 0 {
-        bail!("{OP_NAME}({name}): input has C = 0 classes (shape {:?})", input.dims())
+        bail!(
+            "{OP_NAME}({name}): input has C = 0 classes (shape {:?})",
+            input.dims()
+        )
     }
     if !matches!(targets.dtype(), DType::U32 | DType::I64) {
         bail!(
@@ -202,6 +205,11 @@ fn fixed_row_scale(cfg: &MarginSoftmaxLoss, rows: usize, input: &Tensor) -> Resu
 /// graph runs through the op's `bwd` for column 0 only).
 fn reduce(reduction: Reduction, stats: &Tensor) -> Result<Tensor> {
     let per_row = stats.narrow(1, op::STAT_LOSS, 1)?.squeeze(1)?;
+    if per_row.dim(0)? == 0 && reduction != Reduction::None {
+        // Σ over no rows is 0 (and Mean's 0/0 is 0 by our convention); candle cannot narrow an
+        // empty tensor at a column offset, so the weight column is not read.
+        return per_row.sum_all();
+    }
     match reduction {
         Reduction::None => Ok(per_row),
         Reduction::Sum => per_row.sum_all(),

@@ -13,12 +13,22 @@ use candle_core::WithDType;
 use half::{bf16, f16};
 use num_traits::Float;
 
-use crate::config::{EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss};
 #[cfg(test)]
 use crate::config::SPHEREFACE_MAX_M;
+use crate::config::{EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss};
 
 /// An accumulation type: every sum, exp and per-row constant is computed in it.
-pub(crate) trait Acc: Float + WithDType + Send + Sync + std::fmt::Debug + 'static {
+pub(crate) trait Acc:
+    Float
+    + WithDType
+    + std::ops::AddAssign
+    + std::ops::SubAssign
+    + std::ops::MulAssign
+    + Send
+    + Sync
+    + std::fmt::Debug
+    + 'static
+{
     /// Below this argument exp() is subnormal (or 0) in this type.
     const EXP_SUBNORMAL_BELOW: Self;
     fn of(v: f64) -> Self;
@@ -50,7 +60,7 @@ impl Acc for f32 {
     fn exp_flushed(d: f32) -> f32 {
         const LOG2_E: f32 = std::f32::consts::LOG2_E;
         const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
+        const LN2_LO: f32 = -2.121_944_5e-4;
         // 1.5·2^23: adding it rounds to an integer held in the low mantissa bits.
         const ROUND: f32 = 12_582_912.0;
         let below = d < Self::EXP_SUBNORMAL_BELOW;
@@ -63,7 +73,7 @@ impl Acc for f32 {
         p = p * r + 8.333_452e-3;
         p = p * r + 4.166_579_6e-2;
         p = p * r + 1.666_666_5e-1;
-        p = p * r + 5.000_000_1e-1;
+        p = p * r + 0.5;
         let e_r = p * r * r + r + 1.0;
         // The low mantissa bits of `shifted` hold n + 127, the biased exponent of 2^n.
         let two_n = f32::from_bits(shifted.to_bits() << 23);
@@ -243,7 +253,11 @@ impl<A: Acc> Margin<A> {
             m3: A::of(m3),
             fallback_shift: A::of(m3 + m2 * m2.sin()),
             easy,
-            cos_limit: A::of(if exact { 1.0 - EXACT_MARGIN_COS_EPS } else { 1.0 }),
+            cos_limit: A::of(if exact {
+                1.0 - EXACT_MARGIN_COS_EPS
+            } else {
+                1.0
+            }),
             exact,
         };
         match *head {
@@ -377,12 +391,13 @@ impl<A: Acc> Criterion<A> {
         }
     }
 
-    /// The row's loss and gradient constants from lse, the target logit z_y, Σ_j z_j and the
-    /// class weight w = w_y.
+    /// The row's loss and gradient constants from its logits' max M and ln Σ_j exp(z_j − M)
+    /// (lse = M + ln Σ, kept apart so that log p_y = (z_y − M) − ln Σ does not inherit the
+    /// rounding of a large lse), the target logit z_y, Σ_j z_j and the class weight w = w_y.
     ///
     /// With ε = smoothing, q_j = (1 − ε)·[j = y] + ε/C, p_t = (1 − ε)·p_y + ε/C:
-    ///   ℓ_CE = lse − (1 − ε)·z_y − (ε/C)·Σ_j z_j,   F = (1 − p_t)^γ
-    ///   ℓ = w·[F·ℓ_CE + Σ_k ε_k·(1 − p_t)^(k + γ) + λ_z·lse²]
+    ///   ℓ_CE = lse − (1 − ε)·z_y − (ε/C)·Σ_j z_j = (1 − ε)·(−log p_y) + ε·(lse − mean_j z_j)
+    ///   F = (1 − p_t)^γ,   ℓ = w·[F·ℓ_CE + Σ_k ε_k·(1 − p_t)^(k + γ) + λ_z·lse²]
     /// With D = dℓ/dp_t (before w) = −γ·(1 − p_t)^(γ − 1)·ℓ_CE − Σ_k ε_k·(k + γ)·(1 − p_t)^(k + γ − 1)
     /// and ∂p_t/∂z_j = (1 − ε)·p_y·([j = y] − p_j):
     ///   g_j = w·[F·(p_j − q_j) + D·∂p_t/∂z_j + 2·λ_z·lse·p_j]
@@ -391,15 +406,17 @@ impl<A: Acc> Criterion<A> {
     /// 1 − p_y = −expm1(log p_y), and (1 − p_t)^(γ − 1)·ℓ_CE is formed as
     /// (1 − p_t)^γ·(ℓ_CE/(1 − p_t)), whose last factor → 1 as p_t → 1 without smoothing: finite
     /// for every γ ≥ 0.
-    pub fn row(&self, lse: A, z_target: A, sum_z: A, weight: A) -> RowLoss<A> {
+    pub fn row(&self, max: A, log_sum: A, z_target: A, sum_z: A, weight: A) -> RowLoss<A> {
         let one = A::one();
         let zero = A::zero();
         let eps = self.smoothing;
-        let log_py = Float::min(z_target - lse, zero);
+        let lse = max + log_sum;
+        let log_py = Float::min((z_target - max) - log_sum, zero);
         let p_y = log_py.exp();
         let one_minus_py = -log_py.exp_m1();
         let (ce, one_minus_pt) = if eps > zero {
-            let ce = lse - (one - eps) * z_target - eps / self.classes * sum_z;
+            let lse_minus_mean = (max - sum_z / self.classes) + log_sum;
+            let ce = (one - eps) * -log_py + eps * lse_minus_mean;
             let spread = eps * (self.classes - one) / self.classes;
             (ce, (one - eps) * one_minus_py + spread)
         } else {
@@ -422,10 +439,10 @@ impl<A: Acc> Criterion<A> {
         let mut d_pt = -gamma * focal * ce_ratio;
         for (i, &coef) in self.poly.iter().enumerate() {
             let power = A::of((i + 1) as f64) + gamma;
-            loss = loss + coef * one_minus_pt.powf(power);
-            d_pt = d_pt - coef * power * one_minus_pt.powf(power - one);
+            loss += coef * one_minus_pt.powf(power);
+            d_pt -= coef * power * one_minus_pt.powf(power - one);
         }
-        loss = loss + self.z_loss * lse * lse;
+        loss += self.z_loss * lse * lse;
         let z_term = (self.z_loss + self.z_loss) * lse;
         let keep = one - eps;
         RowLoss {
@@ -457,7 +474,10 @@ mod tests {
             worst = worst.max(((got - want) / want).abs());
         }
         // 2 ulp of f32 = 2^−22 relative.
-        assert!(worst < 2.0 * 2f64.powi(-23), "worst relative error {worst:e}");
+        assert!(
+            worst < 2.0 * 2f64.powi(-23),
+            "worst relative error {worst:e}"
+        );
         assert_eq!(f32::exp_flushed(-87.5), 0.0);
         assert_eq!(f32::exp_flushed(f32::NEG_INFINITY), 0.0);
         assert_eq!(f32::exp_flushed(0.0), 1.0);
@@ -471,11 +491,17 @@ mod tests {
             for i in 0..=200 {
                 let theta = std::f64::consts::PI * i as f64 / 200.0;
                 let (t, u) = chebyshev(m, theta.cos());
-                assert!((t - (m as f64 * theta).cos()).abs() < 1e-9, "T_{m}({theta})");
+                assert!(
+                    (t - (m as f64 * theta).cos()).abs() < 1e-9,
+                    "T_{m}({theta})"
+                );
                 // U_{m−1}(cos θ) = sin(mθ)/sin θ away from the poles.
                 if theta.sin() > 1e-3 {
                     let want = (m as f64 * theta).sin() / theta.sin();
-                    assert!((u - want).abs() < 1e-6 * want.abs().max(1.0), "U_{m}-1({theta})");
+                    assert!(
+                        (u - want).abs() < 1e-6 * want.abs().max(1.0),
+                        "U_{m}-1({theta})"
+                    );
                 }
             }
         }

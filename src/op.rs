@@ -1,11 +1,12 @@
 //! The op family, candle-nn style: each op a small struct implementing `CustomOp3`, with
 //! `cpu_fwd` (and, with the `cuda` feature, `cuda_fwd`) and `bwd` side by side.
 //!
-//! - [`MarginSoftmaxForward`] (input, targets, row scale) → per-row statistics [B, 7]:
-//!   loss, lse, w_y, the gradient constants a, k, g_y (see [`crate::math`]) and dℓ/dr. Only the
+//! - [`MarginSoftmaxForward`] (input, targets, row scale) → per-row statistics [B, 8]:
+//!   loss, max logit M and ln Σ exp(z − M) (lse = M + ln Σ), w_y, the gradient constants
+//!   a, k, g_y (see [`crate::math`]) and dℓ/dr. Only the
 //!   per-row constants are saved for the backward pass (Apex xentropy's idea, extended to the
 //!   criterion options), never probabilities.
-//! - [`MarginSoftmaxBackward`] (input, targets, row info [B, 5]) → d(loss)/d(input) [B, C]: one
+//! - [`MarginSoftmaxBackward`] (input, targets, row info [B, 6]) → d(loss)/d(input) [B, C]: one
 //!   more read of each row, one write.
 //! - [`forward_backward`]: both in one call, without autograd, returning two tensors (which a
 //!   `CustomOp` cannot), dispatched on the storage directly.
@@ -17,14 +18,15 @@ use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
 use crate::cpu;
 
 pub(crate) const STAT_LOSS: usize = 0;
-pub(crate) const STAT_LSE: usize = 1;
-pub(crate) const STAT_WEIGHT: usize = 2;
+/// The row's max logit M and ln Σ_j exp(z_j − M), two consecutive columns (lse = M + ln Σ).
+pub(crate) const STAT_MAX: usize = 1;
+pub(crate) const STAT_WEIGHT: usize = 3;
 /// a, k, g_y occupy three consecutive columns from here.
-pub(crate) const STAT_GRAD_CONSTANTS: usize = 3;
-pub(crate) const STAT_D_SCALE: usize = 6;
-pub(crate) const STAT_COLUMNS: usize = 7;
-/// [lse, a, k, g_y, r] per row for the backward op.
-pub(crate) const ROWINFO_COLUMNS: usize = 5;
+pub(crate) const STAT_GRAD_CONSTANTS: usize = 4;
+pub(crate) const STAT_D_SCALE: usize = 7;
+pub(crate) const STAT_COLUMNS: usize = 8;
+/// [M, ln Σ, a, k, g_y, r] per row for the backward op.
+pub(crate) const ROWINFO_COLUMNS: usize = 6;
 
 struct MarginSoftmaxForward {
     cfg: MarginSoftmaxLoss,
@@ -76,7 +78,7 @@ impl CustomOp3 for MarginSoftmaxForward {
         }
         let row_info = Tensor::cat(
             &[
-                &stats.narrow(1, STAT_LSE, 1)?,
+                &stats.narrow(1, STAT_MAX, 2)?,
                 &stats
                     .narrow(1, STAT_GRAD_CONSTANTS, 3)?
                     .broadcast_mul(&upstream)?,

@@ -1,0 +1,420 @@
+//! Forward and gradient parity of the fused op with `reference` (plain candle ops + autograd).
+//!
+//! Every case checks, against the reference's loss and autograd gradients:
+//! 1. `loss` (value, dtype, shape) and its autograd gradient into the input (and into the row
+//!    scale for the `*_with_row_scale` cases);
+//! 2. `loss_and_grad` / `loss_and_grad_with_row_scale`: loss, input gradient (in the input dtype)
+//!    and row-scale gradient (in the accumulation dtype).
+//!
+//! Grid sizes:
+//! - (1,1), (2,8), (9,41) and (37,1000): every head variant alone; every option alone with
+//!   ArcFace and RBF; the all-options combination for every head variant (with Mean, None, Sum and
+//!   Detached margins); the row-scale cases (SphereFace m = 1, 2, 3, 4 with feature norms
+//!   r ∈ [5, 30], ArcFace, CosFace, Combined, Softmax, RBF; plain, combination, None, focal +
+//!   Poly-N with Sum, Detached) — all in f64, f32, f16 and bf16;
+//! - (64,10000): every head variant alone and with the combination (Mean) in all four dtypes;
+//!   every option alone and the combination variants with ArcFace and RBF in f64 and f32; the
+//!   full row-scale grid in f64 and f32, and its SphereFace / ArcFace part in f16 and bf16.
+//!
+//! Every grid is a function taking `&Device` so that the GPU suite can reuse it.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_margin_softmax::{Head, Reduction};
+
+use crate::common::*;
+
+pub const SMALL: [(usize, usize); 3] = [(1, 1), (2, 8), (9, 41)];
+pub const MEDIUM: (usize, usize) = (37, 1000);
+pub const LARGE: (usize, usize) = (64, 10000);
+pub const ALL_DTYPES: [DType; 4] = [DType::F64, DType::F32, DType::F16, DType::BF16];
+pub const FULL_DTYPES: [DType; 2] = [DType::F64, DType::F32];
+
+/// One parity case; failures are recorded in `f` with the case label.
+#[allow(clippy::too_many_arguments)]
+pub fn parity_case(
+    dev: &Device,
+    name: &str,
+    head: Head,
+    opts: &Opts,
+    (b, c): (usize, usize),
+    dtype: DType,
+    with_row_scale: bool,
+    f: &mut Failures,
+) {
+    let label = format!(
+        "{name} {b}x{c} {}{}",
+        dtype_name(dtype),
+        if with_row_scale { " row_scale" } else { "" }
+    );
+    if let Err(e) = parity_inner(dev, &label, head, opts, (b, c), dtype, with_row_scale, f) {
+        f.err(&label, e);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn parity_inner(
+    dev: &Device,
+    label: &str,
+    head: Head,
+    opts: &Opts,
+    (b, c): (usize, usize),
+    dtype: DType,
+    with_row_scale: bool,
+    f: &mut Failures,
+) -> Result<()> {
+    let seed = seed_of(label);
+    let mut r = rng(seed);
+    let t = gen_targets(&mut r, b, c, opts.ignore);
+    let x = gen_input(&mut r, &head, b, c, &t);
+    let rs = gen_row_scale(&mut r, b);
+    let acc = acc_dtype(dtype);
+    let cfg = opts.cfg(head, c, dtype, dev, seed)?;
+    let input = input_tensor(&x, b, c, dtype, dev)?;
+    let targets = targets_i64(&t, dev)?;
+    let row_scale = if with_row_scale {
+        Some(Tensor::from_vec(rs.clone(), b, dev)?.to_dtype(acc)?)
+    } else {
+        None
+    };
+    inputs_parity(label, &cfg, &input, &targets, row_scale.as_ref(), f)
+}
+
+/// Parity of all entry points on given tensors (shared with the edge-value tests).
+pub fn inputs_parity(
+    label: &str,
+    cfg: &candle_margin_softmax::MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    row_scale: Option<&Tensor>,
+    f: &mut Failures,
+) -> Result<()> {
+    let dtype = input.dtype();
+    let acc = acc_dtype(dtype);
+    let (b, _c) = input.dims2()?;
+    let (tl, tg) = tols(dtype);
+    // Natural scales (see `compare`): a row loss is a difference of logits of size ≤ s_eff, an
+    // input-gradient element is (p_j − q_j)·s_eff / B at most (Mean), a row-scale gradient
+    // element Σ_j g_j·u_j is O(1 / B).
+    let s_eff = match row_scale {
+        Some(r) => vec_f64(r)?.iter().fold(1.0f64, |m, v| m.max(*v)),
+        None => cfg.head.scale(),
+    };
+    let bn = b.max(1) as f64;
+    let floor_loss = s_eff;
+    let floor_grad = s_eff / bn;
+    let floor_dr = 1.0 / bn;
+
+    // Gradients where the reference has its documented focal 0 < γ < 1 limitation (NaN where p_t
+    // rounds to 1) are compared where the reference is finite (the fused side must be finite
+    // everywhere).
+    let cmp_grad = if cfg.focal_gamma > 0.0 && cfg.focal_gamma < 1.0 {
+        compare_where_ref_finite
+    } else {
+        compare
+    };
+    let fused = autograd(Side::Fused, cfg, input, targets, row_scale)?;
+    let refr = autograd(Side::Reference, cfg, input, targets, row_scale)?;
+
+    let want_loss_dims: &[usize] = if cfg.reduction == Reduction::None {
+        &[b]
+    } else {
+        &[]
+    };
+    if fused.loss.dtype() != acc {
+        f.0.push(format!(
+            "[{label}] loss dtype {:?}, want {acc:?}",
+            fused.loss.dtype()
+        ));
+    }
+    if fused.loss.dims() != want_loss_dims {
+        f.0.push(format!(
+            "[{label}] loss shape {:?}, want {want_loss_dims:?}",
+            fused.loss.dims()
+        ));
+    }
+    if fused.dx.dtype() != dtype {
+        f.0.push(format!(
+            "[{label}] autograd dx dtype {:?}, want {dtype:?}",
+            fused.dx.dtype()
+        ));
+    }
+    f.check(
+        label,
+        compare("loss", &fused.loss, &refr.loss, tl, floor_loss),
+    );
+    f.check(
+        label,
+        cmp_grad("autograd dinput", &fused.dx, &refr.dx, tg, floor_grad),
+    );
+    if let (Some(a), Some(bb)) = (&fused.dr, &refr.dr) {
+        f.check(label, cmp_grad("autograd drow_scale", a, bb, tl, floor_dr));
+    }
+
+    let (loss, dx, dr) = match row_scale {
+        Some(r) => {
+            let (l, g, gr) = cfg.loss_and_grad_with_row_scale(input, targets, r)?;
+            (l, g, Some(gr))
+        }
+        None => {
+            let (l, g) = cfg.loss_and_grad(input, targets)?;
+            (l, g, None)
+        }
+    };
+    if dx.dtype() != dtype {
+        f.0.push(format!(
+            "[{label}] loss_and_grad dinput dtype {:?}, want {dtype:?}",
+            dx.dtype()
+        ));
+    }
+    f.check(
+        label,
+        compare("loss_and_grad loss", &loss, &refr.loss, tl, floor_loss),
+    );
+    f.check(
+        label,
+        cmp_grad("loss_and_grad dinput", &dx, &refr.dx, tg, floor_grad),
+    );
+    if let (Some(a), Some(bb)) = (&dr, &refr.dr) {
+        if a.dtype() != acc {
+            f.0.push(format!(
+                "[{label}] loss_and_grad drow_scale dtype {:?}, want {acc:?}",
+                a.dtype()
+            ));
+        }
+        f.check(
+            label,
+            cmp_grad("loss_and_grad drow_scale", a, bb, tl, floor_dr),
+        );
+    }
+    Ok(())
+}
+
+/// Every head variant alone (default criterion: Mean cross-entropy).
+pub fn heads_alone(dev: &Device, shapes: &[(usize, usize)], dtypes: &[DType], f: &mut Failures) {
+    for (hn, head) in head_variants() {
+        for &shape in shapes {
+            for &dt in dtypes {
+                parity_case(dev, hn, head, &Opts::default(), shape, dt, false, f);
+            }
+        }
+    }
+}
+
+/// Every criterion option alone, with ArcFace and with RBF.
+pub fn options_alone_grid(
+    dev: &Device,
+    shapes: &[(usize, usize)],
+    dtypes: &[DType],
+    f: &mut Failures,
+) {
+    for (hn, head) in [("arcface", Head::arcface()), ("rbf", Head::rbf())] {
+        for (on, opts) in options_alone() {
+            for &shape in shapes {
+                for &dt in dtypes {
+                    let name = format!("{hn}+{on}");
+                    parity_case(dev, &name, head, &opts, shape, dt, false, f);
+                }
+            }
+        }
+    }
+}
+
+/// The combination (smoothing + focal + Poly-1 + z-loss + weights + ignore) for every head
+/// variant, with Mean; with `extra`, also with Reduction::None, Sum and Detached margins.
+pub fn combo_every_head(
+    dev: &Device,
+    heads: &[(&'static str, Head)],
+    shapes: &[(usize, usize)],
+    dtypes: &[DType],
+    extra: bool,
+    f: &mut Failures,
+) {
+    let mut variants = vec![("combo", Opts::combo())];
+    if extra {
+        variants.push(("combo_none", Opts::combo().with_reduction(Reduction::None)));
+        variants.push(("combo_sum", Opts::combo().with_reduction(Reduction::Sum)));
+        variants.push(("combo_detached", Opts::combo().with_detached()));
+    }
+    for &(hn, head) in heads {
+        for (on, opts) in &variants {
+            for &shape in shapes {
+                for &dt in dtypes {
+                    let name = format!("{hn}+{on}");
+                    parity_case(dev, &name, head, opts, shape, dt, false, f);
+                }
+            }
+        }
+    }
+}
+
+/// The per-row scale: SphereFace (the original A-Softmax with feature norms r ∈ [5, 30]) with
+/// several margins, and ArcFace / Softmax / RBF, alone and with options.
+pub fn row_scale_grid(
+    dev: &Device,
+    shapes: &[(usize, usize)],
+    dtypes: &[DType],
+    full: bool,
+    f: &mut Failures,
+) {
+    let mut heads = vec![
+        ("sphereface_l5", Head::sphereface(5.0)),
+        ("arcface", Head::arcface()),
+    ];
+    if full {
+        heads.extend([
+            (
+                "sphereface_m1_l0",
+                Head::SphereFace {
+                    s: 1.0,
+                    m: 1.0,
+                    lambda: 0.0,
+                },
+            ),
+            (
+                "sphereface_m2_l0",
+                Head::SphereFace {
+                    s: 1.0,
+                    m: 2.0,
+                    lambda: 0.0,
+                },
+            ),
+            (
+                "sphereface_m3_l100",
+                Head::SphereFace {
+                    s: 1.0,
+                    m: 3.0,
+                    lambda: 100.0,
+                },
+            ),
+            ("softmax", Head::softmax()),
+            ("cosface", Head::cosface()),
+            ("combined", Head::combined()),
+            ("rbf", Head::rbf()),
+        ]);
+    }
+    let mut variants = vec![("plain", Opts::default()), ("combo", Opts::combo())];
+    if full {
+        variants.push(("combo_none", Opts::combo().with_reduction(Reduction::None)));
+        variants.push((
+            "focal_polyN_sum",
+            Opts {
+                focal: 0.5,
+                poly: vec![1.0, -0.45, 0.25],
+                reduction: Reduction::Sum,
+                ..Opts::default()
+            },
+        ));
+        variants.push(("detached", Opts::default().with_detached()));
+    }
+    for &(hn, head) in &heads {
+        for (on, opts) in &variants {
+            for &shape in shapes {
+                for &dt in dtypes {
+                    let name = format!("{hn}+{on}");
+                    parity_case(dev, &name, head, opts, shape, dt, true, f);
+                }
+            }
+        }
+    }
+}
+
+pub fn small_heads(dev: &Device) {
+    let mut f = Failures::default();
+    heads_alone(dev, &SMALL, &ALL_DTYPES, &mut f);
+    f.finish("parity: heads alone, small shapes");
+}
+
+pub fn small_options(dev: &Device) {
+    let mut f = Failures::default();
+    options_alone_grid(dev, &SMALL, &ALL_DTYPES, &mut f);
+    f.finish("parity: options alone (ArcFace, RBF), small shapes");
+}
+
+pub fn small_combo(dev: &Device) {
+    let mut f = Failures::default();
+    combo_every_head(dev, &head_variants(), &SMALL, &ALL_DTYPES, true, &mut f);
+    f.finish("parity: all options together, every head, small shapes");
+}
+
+pub fn small_row_scale(dev: &Device) {
+    let mut f = Failures::default();
+    row_scale_grid(dev, &SMALL, &ALL_DTYPES, true, &mut f);
+    f.finish("parity: row scale, small shapes");
+}
+
+pub fn medium(dev: &Device) {
+    let mut f = Failures::default();
+    heads_alone(dev, &[MEDIUM], &ALL_DTYPES, &mut f);
+    combo_every_head(dev, &head_variants(), &[MEDIUM], &ALL_DTYPES, true, &mut f);
+    options_alone_grid(dev, &[MEDIUM], &ALL_DTYPES, &mut f);
+    row_scale_grid(dev, &[MEDIUM], &ALL_DTYPES, true, &mut f);
+    f.finish("parity: 37x1000");
+}
+
+pub fn large_heads(dev: &Device) {
+    let mut f = Failures::default();
+    heads_alone(dev, &[LARGE], &ALL_DTYPES, &mut f);
+    combo_every_head(dev, &head_variants(), &[LARGE], &ALL_DTYPES, false, &mut f);
+    f.finish("parity: 64x10000, heads alone and all options together");
+}
+
+pub fn large_options(dev: &Device) {
+    let mut f = Failures::default();
+    options_alone_grid(dev, &[LARGE], &FULL_DTYPES, &mut f);
+    combo_every_head(
+        dev,
+        &[("arcface", Head::arcface()), ("rbf", Head::rbf())],
+        &[LARGE],
+        &FULL_DTYPES,
+        true,
+        &mut f,
+    );
+    f.finish("parity: 64x10000, options alone (ArcFace, RBF)");
+}
+
+pub fn large_row_scale(dev: &Device) {
+    let mut f = Failures::default();
+    row_scale_grid(dev, &[LARGE], &FULL_DTYPES, true, &mut f);
+    row_scale_grid(dev, &[LARGE], &[DType::F16, DType::BF16], false, &mut f);
+    f.finish("parity: 64x10000, row scale");
+}
+
+#[test]
+fn parity_small_heads() {
+    small_heads(&device());
+}
+
+#[test]
+fn parity_small_options() {
+    small_options(&device());
+}
+
+#[test]
+fn parity_small_combo() {
+    small_combo(&device());
+}
+
+#[test]
+fn parity_small_row_scale() {
+    small_row_scale(&device());
+}
+
+#[test]
+fn parity_medium() {
+    medium(&device());
+}
+
+#[test]
+fn parity_large_heads() {
+    large_heads(&device());
+}
+
+#[test]
+fn parity_large_options() {
+    large_options(&device());
+}
+
+#[test]
+fn parity_large_row_scale() {
+    large_row_scale(&device());
+}
