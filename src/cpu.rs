@@ -9,7 +9,7 @@ use half::{bf16, f16};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
-use crate::config::{Head, MarginSoftmaxLoss, OP_NAME, accumulation_dtype};
+use crate::config::{Head, MarginSoftmaxLoss, OP_NAME};
 use crate::math::{Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, Transform};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
 
@@ -283,6 +283,55 @@ macro_rules! with_element {
     };
 }
 
+/// What a forward pass reads besides the rows' elements, prepared once per call.
+struct ForwardContext<'a, T: Element> {
+    rows: Rows<'a, T>,
+    targets: Vec<Option<usize>>,
+    scales: &'a [T::Acc],
+    weights: Option<Vec<T::Acc>>,
+    margin: Margin<T::Acc>,
+    criterion: Criterion<T::Acc>,
+}
+
+impl<'a, T: Element> ForwardContext<'a, T> {
+    fn new(
+        cfg: &MarginSoftmaxLoss,
+        x: (&'a CpuStorage, &Layout),
+        targets: (&CpuStorage, &Layout),
+        scale: (&'a CpuStorage, &Layout),
+    ) -> Result<Self> {
+        let name = cfg.head.name();
+        let rows = Rows::<T>::new(x.0, x.1, name)?;
+        let classes = rows.classes;
+        Ok(Self {
+            targets: read_targets(targets.0, targets.1, cfg, classes)?,
+            scales: contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?,
+            weights: read_weights::<T::Acc>(cfg)?,
+            margin: Margin::new(&cfg.head, cfg.margin_grad),
+            criterion: Criterion::new(cfg, classes),
+            rows,
+        })
+    }
+
+    fn weight(&self, target: Option<usize>) -> T::Acc {
+        target.map_or(T::Acc::zero(), |y| weight_of(&self.weights, y))
+    }
+
+    /// Row i's statistics (see [`forward_row`]).
+    fn stats<H: Transform<T::Acc>>(&self, i: usize, transform: &H) -> [T::Acc; STAT_COLUMNS] {
+        let target = self.targets[i];
+        forward_row(
+            self.rows.row(i),
+            target,
+            self.scales[i],
+            self.weight(target),
+            transform,
+            &self.margin,
+            &self.criterion,
+        )
+    }
+}
+
 /// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype.
 pub(crate) fn forward(
     cfg: &MarginSoftmaxLoss,
@@ -299,31 +348,13 @@ fn forward_typed<T: Element>(
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
 ) -> Result<CpuStorage> {
-    let name = cfg.head.name();
-    let rows = Rows::<T>::new(x.0, x.1, name)?;
-    let targets = read_targets(targets.0, targets.1, cfg, rows.classes)?;
-    let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
-    let weights = read_weights::<T::Acc>(cfg)?;
-    let margin = Margin::<T::Acc>::new(&cfg.head, cfg.margin_grad);
-    let criterion = Criterion::<T::Acc>::new(cfg, rows.classes);
-    let mut stats = vec![T::Acc::zero(); rows.rows * STAT_COLUMNS];
+    let ctx = ForwardContext::<T>::new(cfg, x, targets, scale)?;
+    let mut stats = vec![T::Acc::zero(); ctx.rows.rows * STAT_COLUMNS];
     with_transform!(cfg.head, T::Acc, |transform| {
         stats
             .par_chunks_mut(STAT_COLUMNS)
             .enumerate()
-            .for_each(|(i, out)| {
-                let target = targets[i];
-                let weight = target.map_or(T::Acc::zero(), |y| weight_of(&weights, y));
-                out.copy_from_slice(&forward_row(
-                    rows.row(i),
-                    target,
-                    scales[i],
-                    weight,
-                    &transform,
-                    &margin,
-                    &criterion,
-                ));
-            })
+            .for_each(|(i, out)| out.copy_from_slice(&ctx.stats(i, &transform)))
     });
     Ok(T::Acc::to_cpu_storage_owned(stats))
 }
@@ -390,18 +421,13 @@ fn forward_backward_typed<T: Element>(
     scale: (&CpuStorage, &Layout),
     mean: bool,
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
-    let name = cfg.head.name();
-    let rows = Rows::<T>::new(x.0, x.1, name)?;
-    let targets = read_targets(targets.0, targets.1, cfg, rows.classes)?;
-    let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
-    let weights = read_weights::<T::Acc>(cfg)?;
-    let margin = Margin::<T::Acc>::new(&cfg.head, cfg.margin_grad);
-    let criterion = Criterion::<T::Acc>::new(cfg, rows.classes);
+    let ctx = ForwardContext::<T>::new(cfg, x, targets, scale)?;
+    let (rows, classes) = (ctx.rows.rows, ctx.rows.classes);
     let upstream = if mean {
-        let denominator = targets
+        let denominator = ctx
+            .targets
             .iter()
-            .flatten()
-            .fold(T::Acc::zero(), |acc, &y| acc + weight_of(&weights, y));
+            .fold(T::Acc::zero(), |acc, &y| acc + ctx.weight(y));
         if denominator != T::Acc::zero() {
             denominator.recip()
         } else {
@@ -410,37 +436,39 @@ fn forward_backward_typed<T: Element>(
     } else {
         T::Acc::one()
     };
-    let mut stats = vec![T::Acc::zero(); rows.rows * STAT_COLUMNS];
-    let mut grad = vec![T::store(T::Acc::zero()); rows.rows * rows.classes];
-    let mut grad_scale = vec![T::Acc::zero(); rows.rows];
+    let mut stats = vec![T::Acc::zero(); rows * STAT_COLUMNS];
+    let mut grad = vec![T::store(T::Acc::zero()); rows * classes];
+    let mut grad_scale = vec![T::Acc::zero(); rows];
     with_transform!(cfg.head, T::Acc, |transform| {
         stats
             .par_chunks_mut(STAT_COLUMNS)
-            .zip(grad.par_chunks_mut(rows.classes))
+            .zip(grad.par_chunks_mut(classes))
             .zip(grad_scale.par_iter_mut())
             .enumerate()
             .for_each(|(i, ((stat, out), d_scale))| {
-                let target = targets[i];
-                let weight = target.map_or(T::Acc::zero(), |y| weight_of(&weights, y));
-                let row = rows.row(i);
-                let s = forward_row(
-                    row, target, scales[i], weight, &transform, &margin, &criterion,
-                );
+                let s = ctx.stats(i, &transform);
                 stat.copy_from_slice(&s);
                 let [_, max, log_sum, _, a, k, g_target, ds] = s;
+                let scale = ctx.scales[i];
                 let info = [
                     max,
                     log_sum,
                     a * upstream,
                     k * upstream,
                     g_target * upstream,
-                    scales[i],
+                    scale,
                 ];
-                backward_row(row, out, target, &info, &transform, &margin);
+                backward_row(
+                    ctx.rows.row(i),
+                    out,
+                    ctx.targets[i],
+                    &info,
+                    &transform,
+                    &ctx.margin,
+                );
                 *d_scale = ds * upstream;
             })
     });
-    debug_assert_eq!(accumulation_dtype(T::DTYPE), T::Acc::DTYPE);
     Ok((
         T::Acc::to_cpu_storage_owned(stats),
         T::to_cpu_storage_owned(grad),
