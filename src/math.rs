@@ -411,7 +411,12 @@ impl<A: Acc> Criterion<A> {
         let zero = A::zero();
         let eps = self.smoothing;
         let lse = max + log_sum;
-        let log_py = Float::min((z_target - max) - log_sum, zero);
+        let log_py = match (z_target - max) - log_sum {
+            // Rounding can make it positive; NaN (from NaN input) must pass through, which
+            // `min` would not let it do.
+            d if d > zero => zero,
+            d => d,
+        };
         let p_y = log_py.exp();
         let one_minus_py = -log_py.exp_m1();
         let (ce, one_minus_pt) = if eps > zero {

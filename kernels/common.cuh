@@ -1,0 +1,142 @@
+// Shared machinery of the kernels: dtype loads and stores, the accumulation type, the online
+// (max, sum-exp) state with its merge, and deterministic warp / block reductions of it.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#include "params.cuh"
+
+// The accumulation type: f32 for f32 / f16 / bf16 input, f64 for f64 input.
+template <typename T> struct AccOf { typedef float type; };
+template <> struct AccOf<double> { typedef double type; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+// Accurate math in the accumulation type (no fast-math intrinsics: the results must agree with
+// the CPU path to ~1e-6 relative).
+__device__ __forceinline__ float ms_exp(float x) { return expf(x); }
+__device__ __forceinline__ double ms_exp(double x) { return exp(x); }
+__device__ __forceinline__ float ms_expm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double ms_expm1(double x) { return expm1(x); }
+__device__ __forceinline__ float ms_log(float x) { return logf(x); }
+__device__ __forceinline__ double ms_log(double x) { return log(x); }
+__device__ __forceinline__ float ms_pow(float x, float y) { return powf(x, y); }
+__device__ __forceinline__ double ms_pow(double x, double y) { return pow(x, y); }
+__device__ __forceinline__ float ms_acos(float x) { return acosf(x); }
+__device__ __forceinline__ double ms_acos(double x) { return acos(x); }
+// sin(pi*t) and cos(pi*t): the reduction of t by integers is exact, so unlike sinf/cosf these
+// have no Payne-Hanek slow path and its local-memory array (a stack frame in every kernel).
+__device__ __forceinline__ float ms_cospi(float t) { return cospif(t); }
+__device__ __forceinline__ double ms_cospi(double t) { return cospi(t); }
+__device__ __forceinline__ float ms_sinpi(float t) { return sinpif(t); }
+__device__ __forceinline__ double ms_sinpi(double t) { return sinpi(t); }
+__device__ __forceinline__ float ms_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double ms_sqrt(double x) { return sqrt(x); }
+
+template <typename A> __device__ __forceinline__ A neg_infinity();
+template <> __device__ __forceinline__ float neg_infinity<float>() { return -__int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double neg_infinity<double>() {
+    return -__longlong_as_double(0x7ff0000000000000LL);
+}
+
+// The elements one 16-byte vector load brings.
+template <typename T> struct VecWidth { static constexpr int value = 16 / sizeof(T); };
+
+__device__ __forceinline__ bool aligned16(const void* ptr) {
+    return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
+}
+
+// The running softmax statistics of a set of entries: max logit, sum exp(z - max),
+// sum exp(z - max) * u and sum u.
+template <typename A> struct Online {
+    A max;
+    A sum_exp;
+    A sum_exp_u;
+    A sum_u;
+};
+
+template <typename A> __device__ __forceinline__ Online<A> online_empty() {
+    Online<A> s;
+    s.max = neg_infinity<A>();
+    s.sum_exp = A(0);
+    s.sum_exp_u = A(0);
+    s.sum_u = A(0);
+    return s;
+}
+
+// Adds one entry with logit z and unscaled logit u (rescaling the sums when the max grows).
+template <typename A> __device__ __forceinline__ void online_push(Online<A>& s, A z, A u) {
+    if (z > s.max) {
+        const A rescale = ms_exp(s.max - z);
+        s.sum_exp = s.sum_exp * rescale + A(1);
+        s.sum_exp_u = s.sum_exp_u * rescale + u;
+        s.max = z;
+    } else {
+        const A e = ms_exp(z - s.max);
+        s.sum_exp += e;
+        s.sum_exp_u += e * u;
+    }
+    s.sum_u += u;
+}
+
+// The statistics of the union of two disjoint sets. Not associative in floating point, so every
+// reduction below merges in a fixed order: results are bitwise reproducible for a fixed launch.
+template <typename A> __device__ __forceinline__ Online<A> online_merge(Online<A> a, Online<A> b) {
+    Online<A> r;
+    r.max = a.max > b.max ? a.max : b.max;
+    r.sum_u = a.sum_u + b.sum_u;
+    if (r.max == neg_infinity<A>()) {  // both empty
+        r.sum_exp = A(0);
+        r.sum_exp_u = A(0);
+        return r;
+    }
+    const A fa = ms_exp(a.max - r.max);
+    const A fb = ms_exp(b.max - r.max);
+    r.sum_exp = a.sum_exp * fa + b.sum_exp * fb;
+    r.sum_exp_u = a.sum_exp_u * fa + b.sum_exp_u * fb;
+    return r;
+}
+
+template <typename A> __device__ __forceinline__ Online<A> warp_reduce_online(Online<A> s) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        Online<A> other;
+        other.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
+        other.sum_exp = __shfl_xor_sync(0xffffffffu, s.sum_exp, offset);
+        other.sum_exp_u = __shfl_xor_sync(0xffffffffu, s.sum_exp_u, offset);
+        other.sum_u = __shfl_xor_sync(0xffffffffu, s.sum_u, offset);
+        s = online_merge(s, other);
+    }
+    return s;
+}
+
+// Reduces the block's states; the result is valid in thread 0. Every thread of the block must
+// call it (it synchronizes). Block size: a multiple of 32, at most 1024.
+template <typename A> __device__ Online<A> block_reduce_online(Online<A> s) {
+    __shared__ Online<A> warp_states[32];
+    __syncthreads();  // the previous call's readers are done with warp_states
+    s = warp_reduce_online(s);
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    if (lane == 0) warp_states[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        const int warps = (blockDim.x + 31) >> 5;
+        s = lane < warps ? warp_states[lane] : online_empty<A>();
+        s = warp_reduce_online(s);
+    }
+    return s;
+}

@@ -1,0 +1,141 @@
+// The forward pass, split so that few rows with very many classes still fill the GPU:
+//   ms_forward_partial: block (row, split) reduces the non-target entries of one slice of a row
+//     to its online statistics (max, sum exp, sum exp*u, sum u), reading the slice once with
+//     16-byte vector loads where the row is aligned;
+//   ms_forward_finalize: one thread per row merges the target's logit and the row's partials in
+//     a fixed order (no floating-point atomics: bitwise reproducible) and applies the criterion.
+#include "common.cuh"
+#include "heads.cuh"
+
+// The slice of a row that split `split` of `splits` covers: a multiple of the vector width.
+template <typename T>
+__device__ __forceinline__ void split_range(const MsParams& p, int split, long long& start,
+                                            long long& end) {
+    constexpr int V = VecWidth<T>::value;
+    long long per = (p.classes + p.splits - 1) / p.splits;
+    per = (per + V - 1) / V * V;
+    start = (long long)split * per;
+    end = start + per < p.classes ? start + per : p.classes;
+}
+
+template <typename T>
+__device__ void forward_partial(const T* __restrict__ x, const int* __restrict__ targets,
+                                const typename AccOf<T>::type* __restrict__ scale, MsParams p,
+                                typename AccOf<T>::type* __restrict__ partials) {
+    typedef typename AccOf<T>::type A;
+    constexpr int V = VecWidth<T>::value;
+    const long long blocks = p.rows * p.splits;
+    for (long long block = blockIdx.x; block < blocks; block += gridDim.x) {
+        const long long row = block / p.splits;
+        const int split = (int)(block % p.splits);
+        const int y = targets[row];
+        Online<A> s = online_empty<A>();
+        if (y >= 0) {
+            long long start, end;
+            split_range<T>(p, split, start, end);
+            const T* xr = x + row * p.row_stride;
+            const A r = scale[row];
+            if (aligned16(xr)) {
+                for (long long j0 = start + (long long)threadIdx.x * V; j0 < end;
+                     j0 += (long long)blockDim.x * V) {
+                    if (j0 + V <= end) {
+                        const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
+                        const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+                        for (int i = 0; i < V; ++i) {
+                            if (j0 + i == y) continue;
+                            const A u = head_u(p, to_acc(v[i]));
+                            online_push(s, r * u, u);
+                        }
+                    } else {
+                        for (long long j = j0; j < end; ++j) {
+                            if (j == y) continue;
+                            const A u = head_u(p, to_acc(xr[j]));
+                            online_push(s, r * u, u);
+                        }
+                    }
+                }
+            } else {
+                for (long long j = start + threadIdx.x; j < end; j += blockDim.x) {
+                    if (j == y) continue;
+                    const A u = head_u(p, to_acc(xr[j]));
+                    online_push(s, r * u, u);
+                }
+            }
+        }
+        s = block_reduce_online(s);
+        if (threadIdx.x == 0) {
+            A* out = partials + block * MS_PARTIAL_COLUMNS;
+            out[0] = s.max;
+            out[1] = s.sum_exp;
+            out[2] = s.sum_exp_u;
+            out[3] = s.sum_u;
+        }
+    }
+}
+
+template <typename T>
+__device__ void forward_finalize(const T* __restrict__ x, const int* __restrict__ targets,
+                                 const typename AccOf<T>::type* __restrict__ scale,
+                                 const typename AccOf<T>::type* __restrict__ weights,
+                                 const typename AccOf<T>::type* __restrict__ poly, MsParams p,
+                                 const typename AccOf<T>::type* __restrict__ partials,
+                                 typename AccOf<T>::type* __restrict__ stats,
+                                 typename AccOf<T>::type* __restrict__ row_info,
+                                 typename AccOf<T>::type* __restrict__ grad_scale) {
+    typedef typename AccOf<T>::type A;
+    for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < p.rows;
+         row += (long long)gridDim.x * blockDim.x) {
+        A* st = stats + row * MS_STAT_COLUMNS;
+        A info[MS_ROWINFO_COLUMNS];
+        const int y = targets[row];
+        if (y < 0) {
+#pragma unroll
+            for (int c = 0; c < MS_STAT_COLUMNS; ++c) st[c] = A(0);
+#pragma unroll
+            for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = A(0);
+            info[5] = scale[row];
+        } else {
+            Online<A> others = online_empty<A>();
+            const A* q = partials + row * p.splits * MS_PARTIAL_COLUMNS;
+            for (int k = 0; k < p.splits; ++k, q += MS_PARTIAL_COLUMNS) {
+                Online<A> part;
+                part.max = q[0];
+                part.sum_exp = q[1];
+                part.sum_exp_u = q[2];
+                part.sum_u = q[3];
+                others = online_merge(others, part);
+            }
+            const A weight = p.has_weights ? weights[y] : A(1);
+            finalize_row(p, poly, weight, scale[row], to_acc(x[row * p.row_stride + y]), others, st,
+                         info);
+        }
+        if (row_info != nullptr) {
+#pragma unroll
+            for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) row_info[row * MS_ROWINFO_COLUMNS + c] = info[c];
+        }
+        if (grad_scale != nullptr) grad_scale[row] = st[7] * A(p.upstream);
+    }
+}
+
+#define MS_FORWARD_ENTRIES(T, SUFFIX)                                                            \
+    extern "C" __global__ void ms_forward_partial_##SUFFIX(                                      \
+        const T* x, const int* targets, const AccOf<T>::type* scale, MsParams p,                 \
+        AccOf<T>::type* partials) {                                                              \
+        forward_partial<T>(x, targets, scale, p, partials);                                      \
+    }                                                                                            \
+    extern "C" __global__ void ms_forward_finalize_##SUFFIX(                                     \
+        const T* x, const int* targets, const AccOf<T>::type* scale,                             \
+        const AccOf<T>::type* weights, const AccOf<T>::type* poly, MsParams p,                   \
+        const AccOf<T>::type* partials, AccOf<T>::type* stats, AccOf<T>::type* row_info,         \
+        AccOf<T>::type* grad_scale) {                                                            \
+        forward_finalize<T>(x, targets, scale, weights, poly, p, partials, stats, row_info,      \
+                            grad_scale);                                                         \
+    }
+
+MS_FORWARD_ENTRIES(float, f32)
+MS_FORWARD_ENTRIES(double, f64)
+MS_FORWARD_ENTRIES(__half, f16)
+#if __CUDA_ARCH__ >= 800
+MS_FORWARD_ENTRIES(__nv_bfloat16, bf16)
+#endif

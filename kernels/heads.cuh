@@ -1,0 +1,224 @@
+// The one CUDA definition of each head's math and of the criterion; it mirrors src/math.rs
+// (the one Rust definition) line for line, so the two paths agree to rounding.
+//
+// A row's logits are z_j = r * u_j (u the head's unscaled logit, r the row's scale). The
+// criterion's gradient with respect to the logits is
+//   g_j = A * p_j + K (j != y),   g_y = G,
+// with three per-row constants (see criterion_row), so the backward pass needs only those and
+// the row's max and ln sum exp(z - max): p_j = exp((z_j - max) - ln_sum).
+#pragma once
+
+#include "common.cuh"
+
+#define MS_PI 3.14159265358979323846
+
+// PyTorch's clamp: NaN passes through, and so does the gradient on the closed interval.
+template <typename A> __device__ __forceinline__ A clamp_torch(A x, A lo, A hi) {
+    return x < lo ? lo : (x > hi ? hi : x);
+}
+
+template <typename A> __device__ __forceinline__ A inside(A x, A lo, A hi) {
+    return (x >= lo && x <= hi) ? A(1) : A(0);
+}
+
+// u = h(x) of a non-target entry: Softmax x; cosine heads clamp(c, -1, 1);
+// RBF exp(-max(d2, 0) / gamma).
+template <typename A> __device__ __forceinline__ A head_u(const MsParams& p, A x) {
+    if (p.transform == MS_TRANSFORM_IDENTITY) return x;
+    if (p.transform == MS_TRANSFORM_COSINE) return clamp_torch(x, A(-1), A(1));
+    const A d2 = x < A(0) ? A(0) : x;
+    return ms_exp(d2 * A(p.neg_inv_gamma));
+}
+
+// du/dx given x and u = head_u(x).
+template <typename A> __device__ __forceinline__ A head_du(const MsParams& p, A x, A u) {
+    if (p.transform == MS_TRANSFORM_IDENTITY) return A(1);
+    if (p.transform == MS_TRANSFORM_COSINE) return inside(x, A(-1), A(1));
+    return x >= A(0) ? u * A(p.neg_inv_gamma) : A(0);
+}
+
+template <typename A> struct TargetTerm {
+    A u;   // u_y = phi(c)
+    A du;  // du_y / dx
+};
+
+// cos(m*theta) = T_m(c) and U_{m-1}(c) (dT_m/dc = m * U_{m-1}), without acos, finite at c = +-1.
+template <typename A> __device__ __forceinline__ void chebyshev(int m, A c, A& t, A& u) {
+    const A two_c = c + c;
+    A t_prev = A(1), u_prev = A(0);
+    t = c;
+    u = A(1);
+    for (int i = 1; i < m; ++i) {
+        const A t_next = two_c * t - t_prev;
+        const A u_next = two_c * u - u_prev;
+        t_prev = t;
+        t = t_next;
+        u_prev = u;
+        u = u_next;
+    }
+}
+
+// The target entry's (u_y, du_y/dx) for the target's input x.
+template <typename A> __device__ TargetTerm<A> target_term(const MsParams& p, A x) {
+    TargetTerm<A> r;
+    const A one = A(1);
+    if (p.margin == MS_MARGIN_NONE) {
+        r.u = head_u(p, x);
+        r.du = head_du(p, x, r.u);
+        return r;
+    }
+    if (p.margin == MS_MARGIN_ADDITIVE) {
+        r.u = clamp_torch(x, -one, one) - A(p.additive_m);
+        r.du = inside(x, -one, one);
+        return r;
+    }
+    if (p.margin == MS_MARGIN_ANGULAR) {
+        const A limit = A(p.cos_limit);
+        const A c = clamp_torch(x, -limit, limit);
+        const A pass = inside(x, -limit, limit);
+        r.du = pass;
+        if (p.easy && c <= A(0)) {
+            r.u = c;
+            return r;
+        }
+        const A theta = ms_acos(c);
+        const A angle = A(p.m1) * theta + A(p.m2);
+        // InsightFace applies no fallback with the easy margin.
+        if (!p.easy && angle > A(MS_PI)) {
+            r.u = c - A(p.fallback_shift);
+            return r;
+        }
+        const A half_turns = angle * A(1.0 / MS_PI);
+        r.u = ms_cospi(half_turns) - A(p.m3);
+        if (p.exact) {
+            // d cos(m1*theta + m2)/dc = m1*sin(m1*theta + m2)/sin(theta); sin(theta) >= 4.5e-3
+            // after the exact mode's clamp.
+            const A sin_theta = ms_sqrt((one - c) * (one + c));
+            r.du = pass * A(p.m1) * ms_sinpi(half_turns) / sin_theta;
+        }
+        return r;
+    }
+    // MS_MARGIN_SPHERE
+    const A c = clamp_torch(x, -one, one);
+    const A pass = inside(x, -one, one);
+    int k = 0;
+#pragma unroll
+    for (int j = 1; j < MS_MAX_SPHERE_M; ++j) {  // constant indices: params stay in param space
+        if (j < p.sphere_m && c <= A(p.thresholds[j])) ++k;
+    }
+    A t_m, u_m1;
+    chebyshev(p.sphere_m, c, t_m, u_m1);
+    const A sign = (k & 1) ? -one : one;
+    const A psi = sign * t_m - A(2 * k);
+    const A lambda = A(p.lambda);
+    r.u = (lambda * c + psi) / (one + lambda);
+    r.du = p.exact ? pass * (lambda + sign * A(p.sphere_m) * u_m1) / (one + lambda) : pass;
+    return r;
+}
+
+template <typename A> struct RowLoss {
+    A loss;      // w_y * l
+    A a;         // g_j = a * p_j + k for j != y (weight included)
+    A k;
+    A g_target;  // g_y, formed from 1 - p_y so that it does not cancel as p_y -> 1
+};
+
+// The row's loss and gradient constants from its logits' max and ln sum exp(z - max), the target
+// logit z_y, sum_j z_j and the class weight w = w_y. The derivation is written out above
+// Criterion::row in src/math.rs:
+//   l_CE = (1 - eps)*(-log p_y) + eps*(lse - mean_j z_j),  p_t = (1 - eps)*p_y + eps/C,
+//   F = (1 - p_t)^gamma,  l = w*[F*l_CE + sum_k eps_k*(1 - p_t)^(k + gamma) + lambda_z*lse^2],
+//   D = dl/dp_t = -gamma*(1 - p_t)^(gamma - 1)*l_CE - sum_k eps_k*(k + gamma)*(1 - p_t)^(k + gamma - 1),
+//   A = w*(F - D*(1 - eps)*p_y + 2*lambda_z*lse),  K = -w*F*eps/C,
+//   G = w*[F*(eps*(C - 1)/C - (1 - p_y)) + D*(1 - eps)*p_y*(1 - p_y) + 2*lambda_z*lse*p_y].
+template <typename A>
+__device__ RowLoss<A> criterion_row(const MsParams& p, const A* __restrict__ poly, A max, A log_sum,
+                                    A z_target, A sum_z, A weight) {
+    const A one = A(1), zero = A(0);
+    const A classes = A(p.classes);
+    const A eps = A(p.smoothing);
+    const A lse = max + log_sum;
+    A log_py = (z_target - max) - log_sum;
+    if (log_py > zero) log_py = zero;  // rounding; NaN passes through
+    const A p_y = ms_exp(log_py);
+    const A one_minus_py = -ms_expm1(log_py);
+    A ce, one_minus_pt;
+    if (eps > zero) {
+        const A lse_minus_mean = (max - sum_z / classes) + log_sum;
+        ce = (one - eps) * -log_py + eps * lse_minus_mean;
+        one_minus_pt = (one - eps) * one_minus_py + eps * (classes - one) / classes;
+    } else {
+        ce = -log_py;
+        one_minus_pt = one_minus_py;
+    }
+    const A gamma = A(p.focal_gamma);
+    const A focal = gamma > zero ? ms_pow(one_minus_pt, gamma) : one;
+    // l_CE/(1 - p_t) -> 1 as p_t -> 1 without smoothing; with smoothing 1 - p_t >= eps(C-1)/C,
+    // and 1 - p_t = 0 only for C = 1, where l_CE = 0.
+    const A ce_ratio = one_minus_pt > zero ? ce / one_minus_pt : one;
+    A loss = focal * ce;
+    A d_pt = -gamma * focal * ce_ratio;
+    for (int i = 0; i < p.n_poly; ++i) {
+        const A coef = poly[i];
+        const A power = A(i + 1) + gamma;
+        loss += coef * ms_pow(one_minus_pt, power);
+        d_pt -= coef * power * ms_pow(one_minus_pt, power - one);
+    }
+    const A z_loss = A(p.z_loss);
+    loss += z_loss * lse * lse;
+    const A z_term = (z_loss + z_loss) * lse;
+    const A keep = one - eps;
+    RowLoss<A> r;
+    r.loss = weight * loss;
+    r.a = weight * (focal - d_pt * keep * p_y + z_term);
+    r.k = -weight * focal * eps / classes;
+    r.g_target = weight * (focal * (eps * (classes - one) / classes - one_minus_py) +
+                           d_pt * keep * p_y * one_minus_py + z_term * p_y);
+    return r;
+}
+
+// Finishes one (non-ignored) row from the online statistics of its non-target entries: writes
+// the row's MS_STAT_COLUMNS statistics and returns its backward info
+// [max, ln_sum, a, k, g_y, scale] with `upstream` folded into a, k, g_y.
+template <typename A>
+__device__ void finalize_row(const MsParams& p, const A* __restrict__ poly, A weight, A scale,
+                             A x_target, Online<A> others, A* __restrict__ stats, A* info) {
+    const TargetTerm<A> t = target_term(p, x_target);
+    const A z_target = scale * t.u;
+    Online<A> s;
+    s.max = z_target;
+    s.sum_exp = A(1);
+    s.sum_exp_u = A(0);
+    s.sum_u = A(0);
+    s = online_merge(s, others);
+    const A log_sum = ms_log(s.sum_exp);
+    const A sum_z = scale * (s.sum_u + t.u);
+    const RowLoss<A> r = criterion_row(p, poly, s.max, log_sum, z_target, sum_z, weight);
+    // dl/dr = sum_j g_j * u_j, with sum_{j != y} p_j * u_j = sum_exp_u / sum_exp.
+    const A d_scale = r.a * (s.sum_exp_u / s.sum_exp) + r.k * s.sum_u + r.g_target * t.u;
+    stats[0] = r.loss;
+    stats[1] = s.max;
+    stats[2] = log_sum;
+    stats[3] = weight;
+    stats[4] = r.a;
+    stats[5] = r.k;
+    stats[6] = r.g_target;
+    stats[7] = d_scale;
+    const A up = A(p.upstream);
+    info[0] = s.max;
+    info[1] = log_sum;
+    info[2] = r.a * up;
+    info[3] = r.k * up;
+    info[4] = r.g_target * up;
+    info[5] = scale;
+}
+
+// d loss / d x_j of one element, from the row's backward info (see finalize_row).
+template <typename A>
+__device__ __forceinline__ A grad_element(const MsParams& p, const A* info, A x, bool is_target) {
+    const A scale = info[5];
+    if (is_target) return info[4] * scale * target_term(p, x).du;
+    const A u = head_u(p, x);
+    const A prob = ms_exp((scale * u - info[0]) - info[1]);
+    return (info[2] * prob + info[3]) * scale * head_du(p, x, u);
+}

@@ -1,0 +1,51 @@
+// The launch parameters shared by every kernel of the crate, passed by value.
+// Mirrored field for field by `MsParams` in src/cuda.rs (#[repr(C)]): change both together.
+#pragma once
+
+#define MS_MAX_SPHERE_M 16
+
+// Which per-element transform x -> u the head applies to the non-target entries.
+#define MS_TRANSFORM_IDENTITY 0  // Softmax: u = x
+#define MS_TRANSFORM_COSINE 1    // cosine heads: u = clamp(x, -1, 1)
+#define MS_TRANSFORM_RBF 2       // RBF: u = exp(-max(x, 0) / gamma)
+
+// Which margin the target entry gets.
+#define MS_MARGIN_NONE 0      // Softmax, RBF: the target uses the plain transform
+#define MS_MARGIN_ADDITIVE 1  // CosFace: c - m
+#define MS_MARGIN_ANGULAR 2   // ArcFace, Combined: cos(m1*theta + m2) - m3 (+ fallback, easy)
+#define MS_MARGIN_SPHERE 3    // SphereFace: (lambda*c + psi) / (1 + lambda)
+
+struct MsParams {
+    long long rows;        // B
+    long long classes;     // C
+    long long row_stride;  // elements between the starts of two input rows
+    int transform;         // MS_TRANSFORM_*
+    int margin;            // MS_MARGIN_*
+    int exact;             // 1: MarginGrad::Exact, 0: Detached
+    int easy;              // ArcFace easy margin
+    int sphere_m;          // SphereFace integer margin, 1..MS_MAX_SPHERE_M
+    int n_poly;            // number of PolyLoss coefficients (device array `poly`)
+    int has_weights;       // 1: class weights in the device array `weights`
+    int splits;            // blocks per row in the split forward (ms_forward_partial)
+    double neg_inv_gamma;  // RBF: -1/gamma
+    double additive_m;     // CosFace m
+    double m1, m2, m3;     // angular margins (ArcFace: 1, m, 0)
+    double fallback_shift; // m3 + m2*sin(m2)
+    double cos_limit;      // exact mode: 1 - 1e-5, detached: 1
+    double lambda;         // SphereFace lambda
+    double thresholds[MS_MAX_SPHERE_M];  // cos(j*pi/m), j = 1..m-1 at [1..m-1]
+    double smoothing;      // label smoothing epsilon
+    double focal_gamma;
+    double z_loss;
+    double upstream;       // gradient factor of the fused paths (1, or 1/sum w for Mean)
+};
+
+// Column layout of the per-row statistics [B, MS_STAT_COLUMNS] (accumulation type), as in
+// src/op.rs: loss, max logit, ln sum exp(z - max), w_y, a, k, g_y, dloss/dscale.
+#define MS_STAT_COLUMNS 8
+// Per-row input of the backward kernel [B, MS_ROWINFO_COLUMNS]:
+// max, ln sum, a, k, g_y (upstream folded in), scale.
+#define MS_ROWINFO_COLUMNS 6
+// Online state of one partial row (ms_forward_partial): max, sum exp(z - max),
+// sum exp(z - max)*u, sum u, over the non-target entries.
+#define MS_PARTIAL_COLUMNS 4
