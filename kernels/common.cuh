@@ -1,10 +1,22 @@
 // Shared machinery of the kernels: dtype loads and stores, the accumulation type, the online
 // (max, sum-exp) state with its merge, and deterministic warp / block reductions of it.
+//
+// With MS_HOST_CHECK defined, the per-row math (this file less the reductions, and heads.cuh)
+// compiles as plain host C++ for kernels/host_check/, which replays the kernels' algorithm on the
+// CPU so that the CUDA math is tested against the Rust CPU path on machines without a GPU.
 #pragma once
 
+#include <stdint.h>
+
+#ifdef MS_HOST_CHECK
+#include <cmath>
+#include <limits>
+#define __device__
+#define __forceinline__ inline
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <stdint.h>
+#endif
 
 #include "params.cuh"
 
@@ -14,19 +26,32 @@ template <> struct AccOf<double> { typedef double type; };
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
 template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type v);
 template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
+
+#ifndef MS_HOST_CHECK
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
     return __float2bfloat16_rn(v);
 }
+#endif
 
 // Accurate math in the accumulation type (no fast-math intrinsics: the results must agree with
 // the CPU path to ~1e-6 relative).
+#ifdef MS_HOST_CHECK
+template <typename A> inline A ms_exp(A x) { return std::exp(x); }
+template <typename A> inline A ms_expm1(A x) { return std::expm1(x); }
+template <typename A> inline A ms_log(A x) { return std::log(x); }
+template <typename A> inline A ms_pow(A x, A y) { return std::pow(x, y); }
+template <typename A> inline A ms_acos(A x) { return std::acos(x); }
+template <typename A> inline A ms_sqrt(A x) { return std::sqrt(x); }
+template <typename A> inline A ms_cospi(A t) { return std::cos(A(3.14159265358979323846) * t); }
+template <typename A> inline A ms_sinpi(A t) { return std::sin(A(3.14159265358979323846) * t); }
+template <typename A> inline A neg_infinity() { return -std::numeric_limits<A>::infinity(); }
+#else
 __device__ __forceinline__ float ms_exp(float x) { return expf(x); }
 __device__ __forceinline__ double ms_exp(double x) { return exp(x); }
 __device__ __forceinline__ float ms_expm1(float x) { return expm1f(x); }
@@ -51,6 +76,7 @@ template <> __device__ __forceinline__ float neg_infinity<float>() { return -__i
 template <> __device__ __forceinline__ double neg_infinity<double>() {
     return -__longlong_as_double(0x7ff0000000000000LL);
 }
+#endif  // MS_HOST_CHECK
 
 // The elements one 16-byte vector load brings.
 template <typename T> struct VecWidth { static constexpr int value = 16 / sizeof(T); };
@@ -110,6 +136,7 @@ template <typename A> __device__ __forceinline__ Online<A> online_merge(Online<A
     return r;
 }
 
+#ifndef MS_HOST_CHECK
 template <typename A> __device__ __forceinline__ Online<A> warp_reduce_online(Online<A> s) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -140,3 +167,4 @@ template <typename A> __device__ Online<A> block_reduce_online(Online<A> s) {
     }
     return s;
 }
+#endif  // MS_HOST_CHECK

@@ -6,7 +6,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 use half::{bf16, f16};
-use num_traits::{Float, One, Zero};
+use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
 use crate::config::{Head, MarginSoftmaxLoss, OP_NAME};
@@ -82,10 +82,22 @@ fn read_targets(
             other.dtype()
         ),
     };
+    validate_targets(&values, cfg, classes)
+}
+
+/// The value check of the targets, shared by every device (the CUDA path reads the targets back
+/// to the host and calls this too, so the errors are identical): `None` for a row whose target
+/// is `ignore_index`, an `Err` for any other value outside [0, C).
+pub(crate) fn validate_targets(
+    values: &[i64],
+    cfg: &MarginSoftmaxLoss,
+    classes: usize,
+) -> Result<Vec<Option<usize>>> {
+    let name = cfg.head.name();
     values
-        .into_iter()
+        .iter()
         .enumerate()
-        .map(|(row, t)| {
+        .map(|(row, &t)| {
             if Some(t) == cfg.ignore_index {
                 Ok(None)
             } else if t < 0 || t >= classes as i64 {
@@ -102,7 +114,7 @@ fn read_targets(
 }
 
 /// The class weights in the accumulation type, or `None` (all 1).
-fn read_weights<A: Acc>(cfg: &MarginSoftmaxLoss) -> Result<Option<Vec<A>>> {
+pub(crate) fn read_weights<A: Acc>(cfg: &MarginSoftmaxLoss) -> Result<Option<Vec<A>>> {
     cfg.class_weights
         .as_ref()
         .map(|w| w.to_dtype(A::DTYPE)?.to_vec1::<A>())
@@ -111,6 +123,27 @@ fn read_weights<A: Acc>(cfg: &MarginSoftmaxLoss) -> Result<Option<Vec<A>>> {
 
 fn weight_of<A: Acc>(weights: &Option<Vec<A>>, target: usize) -> A {
     weights.as_ref().map_or(A::one(), |w| w[target])
+}
+
+/// The factor the fused paths fold into the gradient: 1/Σ_{rows not ignored} w_y for the mean
+/// (0 when that sum is 0: an all-ignored batch), else 1. Shared with the CUDA path, which
+/// computes it on the host from the same validated targets and weights.
+pub(crate) fn upstream_factor<A: Acc>(
+    targets: &[Option<usize>],
+    weights: &Option<Vec<A>>,
+    mean: bool,
+) -> A {
+    if !mean {
+        return A::one();
+    }
+    let denominator = targets.iter().fold(A::zero(), |acc, &y| {
+        acc + y.map_or(A::zero(), |y| weight_of(weights, y))
+    });
+    if denominator != A::zero() {
+        denominator.recip()
+    } else {
+        A::zero()
+    }
 }
 
 /// The running state of the online log-sum-exp over a row's non-target entries, seeded with the
@@ -423,19 +456,7 @@ fn forward_backward_typed<T: Element>(
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
     let ctx = ForwardContext::<T>::new(cfg, x, targets, scale)?;
     let (rows, classes) = (ctx.rows.rows, ctx.rows.classes);
-    let upstream = if mean {
-        let denominator = ctx
-            .targets
-            .iter()
-            .fold(T::Acc::zero(), |acc, &y| acc + ctx.weight(y));
-        if denominator != T::Acc::zero() {
-            denominator.recip()
-        } else {
-            T::Acc::zero()
-        }
-    } else {
-        T::Acc::one()
-    };
+    let upstream = upstream_factor(&ctx.targets, &ctx.weights, mean);
     let mut stats = vec![T::Acc::zero(); rows * STAT_COLUMNS];
     let mut grad = vec![T::store(T::Acc::zero()); rows * classes];
     let mut grad_scale = vec![T::Acc::zero(); rows];

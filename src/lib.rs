@@ -26,6 +26,12 @@
 
 mod config;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(all(test, feature = "kernel-host-check"))]
+mod kernel_check;
+#[cfg(any(feature = "cuda", test))]
+mod kernel_params;
 mod loss;
 mod math;
 mod op;

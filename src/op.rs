@@ -16,6 +16,10 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
 use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::cuda;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 
 pub(crate) const STAT_LOSS: usize = 0;
 /// The row's max logit M and ln Σ_j exp(z_j − M), two consecutive columns (lse = M + ln Σ).
@@ -48,6 +52,26 @@ impl CustomOp3 for MarginSoftmaxForward {
     ) -> Result<(CpuStorage, Shape)> {
         let rows = input_layout.dims()[0];
         let stats = cpu::forward(
+            &self.cfg,
+            (input, input_layout),
+            (targets, targets_layout),
+            (scale, scale_layout),
+        )?;
+        Ok((stats, Shape::from((rows, STAT_COLUMNS))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        input: &CudaStorage,
+        input_layout: &Layout,
+        targets: &CudaStorage,
+        targets_layout: &Layout,
+        scale: &CudaStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let rows = input_layout.dims()[0];
+        let stats = cuda::forward(
             &self.cfg,
             (input, input_layout),
             (targets, targets_layout),
@@ -123,6 +147,25 @@ impl CustomOp3 for MarginSoftmaxBackward {
         )?;
         Ok((grad, input_layout.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        input: &CudaStorage,
+        input_layout: &Layout,
+        targets: &CudaStorage,
+        targets_layout: &Layout,
+        row_info: &CudaStorage,
+        row_info_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let grad = cuda::backward(
+            &self.cfg,
+            (input, input_layout),
+            (targets, targets_layout),
+            (row_info, row_info_layout),
+        )?;
+        Ok((grad, input_layout.shape().clone()))
+    }
 }
 
 /// The per-row statistics [B, STAT_COLUMNS], differentiable into `input` and `scale`.
@@ -163,10 +206,29 @@ pub(crate) fn forward_backward(
                 Storage::Cpu(grad_scale),
             )
         }
+        #[cfg(feature = "cuda")]
+        (Storage::Cuda(x), Storage::Cuda(t), Storage::Cuda(s)) => {
+            let (stats, grad, grad_scale) = cuda::forward_backward(
+                cfg,
+                (x, input_layout),
+                (t, targets_layout),
+                (s, scale_layout),
+                mean,
+            )?;
+            (
+                Storage::Cuda(stats),
+                Storage::Cuda(grad),
+                Storage::Cuda(grad_scale),
+            )
+        }
         _ => bail!(
-            "{OP_NAME}({}): loss_and_grad runs on the CPU only in this version (the CUDA \
-             kernels are not built yet); got input on {:?}",
+            "{OP_NAME}({}): loss_and_grad runs on the CPU{}; got input on {:?}",
             cfg.head.name(),
+            if cfg!(feature = "cuda") {
+                " and on CUDA devices"
+            } else {
+                ", and on CUDA devices with the `cuda` feature"
+            },
             input.device().location()
         ),
     };

@@ -9,9 +9,19 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-/// The device the suite runs on. A later issue adds CUDA; every grid function takes `&Device`.
+/// The device the CPU suite runs on; every grid function takes `&Device`, and `gpu.rs` runs the
+/// same grids on a CUDA device.
 pub fn device() -> Device {
     Device::Cpu
+}
+
+/// The same loss configuration with its class weights (if any) moved to `dev`.
+pub fn cfg_on(cfg: &MarginSoftmaxLoss, dev: &Device) -> Result<MarginSoftmaxLoss> {
+    let mut cfg = cfg.clone();
+    if let Some(w) = &cfg.class_weights {
+        cfg.class_weights = Some(w.to_device(dev)?);
+    }
+    Ok(cfg)
 }
 
 pub fn rng(seed: u64) -> StdRng {

@@ -150,7 +150,7 @@ fn fd_inner(
         None => (cfg.loss_and_grad(&input, &targets)?.1, None),
     };
     let fused = autograd(Side::Fused, &cfg, &input, &targets, rt_opt)?;
-    let refr = autograd(Side::Reference, &cfg, &input, &targets, rt_opt)?;
+    let refr = crate::parity::reference_on_cpu(&cfg, &input, &targets, rt_opt)?;
 
     let mut fd = vec![0.0; b * c];
     let mut xp = x.clone();

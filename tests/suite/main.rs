@@ -6,5 +6,6 @@ mod common;
 mod edge;
 mod errors;
 mod finite_diff;
+mod gpu;
 mod parity;
 mod props;

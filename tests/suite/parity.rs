@@ -113,7 +113,9 @@ pub fn inputs_parity(
         compare
     };
     let fused = autograd(Side::Fused, cfg, input, targets, row_scale)?;
-    let refr = autograd(Side::Reference, cfg, input, targets, row_scale)?;
+    // The reference always runs on the CPU (on the same values), whatever device the fused op
+    // runs on; `compare` reads both sides back to the host.
+    let refr = reference_on_cpu(cfg, input, targets, row_scale)?;
 
     let want_loss_dims: &[usize] = if cfg.reduction == Reduction::None {
         &[b]
@@ -187,6 +189,25 @@ pub fn inputs_parity(
         );
     }
     Ok(())
+}
+
+/// The reference's loss and autograd gradients, computed on the CPU from copies of the inputs
+/// (and of the class weights).
+pub fn reference_on_cpu(
+    cfg: &candle_margin_softmax::MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    row_scale: Option<&Tensor>,
+) -> Result<Autograd> {
+    let cpu = Device::Cpu;
+    let row_scale = row_scale.map(|r| r.to_device(&cpu)).transpose()?;
+    autograd(
+        Side::Reference,
+        &cfg_on(cfg, &cpu)?,
+        &input.to_device(&cpu)?,
+        &targets.to_device(&cpu)?,
+        row_scale.as_ref(),
+    )
 }
 
 /// Every head variant alone (default criterion: Mean cross-entropy).

@@ -1,0 +1,157 @@
+//! `MsParams`, the launch parameters every CUDA kernel takes by value, mirrored from
+//! `kernels/params.cuh` field for field, and filled from the loss configuration with the one Rust
+//! definition of the margin ([`Margin`]). Shared by the CUDA launches (`src/cuda.rs`) and by the
+//! host replay of the kernels' math (`src/kernel_check.rs`); compiled only for those.
+
+#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+
+use crate::config::{Head, MarginGrad, MarginSoftmaxLoss, SPHEREFACE_MAX_M};
+use crate::math::Margin;
+
+/// `MS_MAX_SPHERE_M` of kernels/params.cuh.
+pub(crate) const MAX_SPHERE_M: usize = 16;
+const _: () = assert!(SPHEREFACE_MAX_M as usize == MAX_SPHERE_M);
+
+/// `MS_TRANSFORM_*` of kernels/params.cuh.
+pub(crate) const TRANSFORM_IDENTITY: i32 = 0;
+pub(crate) const TRANSFORM_COSINE: i32 = 1;
+pub(crate) const TRANSFORM_RBF: i32 = 2;
+/// `MS_MARGIN_*` of kernels/params.cuh.
+pub(crate) const MARGIN_NONE: i32 = 0;
+pub(crate) const MARGIN_ADDITIVE: i32 = 1;
+pub(crate) const MARGIN_ANGULAR: i32 = 2;
+pub(crate) const MARGIN_SPHERE: i32 = 3;
+
+/// The split forward aims at this many blocks in all (rows × splits) ...
+const SPLIT_TARGET_BLOCKS: usize = 1024;
+/// ... but gives no block fewer than this many columns (splits ≤ ⌈C / 4096⌉).
+const SPLIT_MIN_COLUMNS: usize = 4096;
+
+/// Blocks per row of the split forward (`ms_forward_partial`):
+/// clamp(⌈1024 / B⌉, 1, ⌈C / 4096⌉), from the shape only, so the merge order (hence every bit
+/// of the result) is the same on every run.
+pub(crate) fn split_count(rows: usize, classes: usize) -> usize {
+    SPLIT_TARGET_BLOCKS
+        .div_ceil(rows.max(1))
+        .min(classes.div_ceil(SPLIT_MIN_COLUMNS))
+        .max(1)
+}
+
+/// `struct MsParams` of kernels/params.cuh, field for field.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct MsParams {
+    pub rows: i64,
+    pub classes: i64,
+    pub row_stride: i64,
+    pub transform: i32,
+    pub margin: i32,
+    pub exact: i32,
+    pub easy: i32,
+    pub sphere_m: i32,
+    pub n_poly: i32,
+    pub has_weights: i32,
+    pub splits: i32,
+    pub neg_inv_gamma: f64,
+    pub additive_m: f64,
+    pub m1: f64,
+    pub m2: f64,
+    pub m3: f64,
+    pub fallback_shift: f64,
+    pub cos_limit: f64,
+    pub lambda: f64,
+    pub thresholds: [f64; MAX_SPHERE_M],
+    pub smoothing: f64,
+    pub focal_gamma: f64,
+    pub z_loss: f64,
+    pub upstream: f64,
+}
+
+// The C struct: 3 long long, 8 int, 8 double, double[16], 4 double, no padding anywhere.
+const _: () = assert!(std::mem::size_of::<MsParams>() == 3 * 8 + 8 * 4 + 8 * 8 + 16 * 8 + 4 * 8);
+const _: () = assert!(std::mem::align_of::<MsParams>() == 8);
+
+impl MsParams {
+    /// The parameters for `cfg` on a [rows, classes] input whose rows start `row_stride`
+    /// elements apart, with `splits` blocks per row in the split forward and the gradient factor
+    /// `upstream` (1, or 1/Σ w for the fused paths' mean). `has_weights` is
+    /// `cfg.class_weights.is_some()`. The caller checks that the counts fit the i32 fields.
+    pub(crate) fn new(
+        cfg: &MarginSoftmaxLoss,
+        rows: usize,
+        classes: usize,
+        row_stride: usize,
+        splits: usize,
+        upstream: f64,
+    ) -> Self {
+        let (transform, neg_inv_gamma) = match cfg.head {
+            Head::Softmax { .. } => (TRANSFORM_IDENTITY, 0.0),
+            Head::Rbf { gamma, .. } => (TRANSFORM_RBF, -1.0 / gamma),
+            _ => (TRANSFORM_COSINE, 0.0),
+        };
+        let mut p = MsParams {
+            rows: rows as i64,
+            classes: classes as i64,
+            row_stride: row_stride as i64,
+            transform,
+            margin: MARGIN_NONE,
+            exact: i32::from(cfg.margin_grad == MarginGrad::Exact),
+            easy: 0,
+            sphere_m: 1,
+            n_poly: cfg.poly.len() as i32,
+            has_weights: i32::from(cfg.class_weights.is_some()),
+            splits: splits as i32,
+            neg_inv_gamma,
+            additive_m: 0.0,
+            m1: 1.0,
+            m2: 0.0,
+            m3: 0.0,
+            fallback_shift: 0.0,
+            cos_limit: 1.0,
+            lambda: 0.0,
+            thresholds: [0.0; MAX_SPHERE_M],
+            smoothing: cfg.label_smoothing,
+            focal_gamma: cfg.focal_gamma,
+            z_loss: cfg.z_loss,
+            upstream,
+        };
+        // The one Rust definition of the margin, in f64; the kernels round to their ACC type
+        // (as the CPU path's `Margin::<f32>::new` rounds the same f64 values).
+        match Margin::<f64>::new(&cfg.head, cfg.margin_grad) {
+            Margin::None => {}
+            Margin::Additive { m } => {
+                p.margin = MARGIN_ADDITIVE;
+                p.additive_m = m;
+            }
+            Margin::Angular {
+                m1,
+                m2,
+                m3,
+                fallback_shift,
+                easy,
+                cos_limit,
+                exact,
+            } => {
+                p.margin = MARGIN_ANGULAR;
+                (p.m1, p.m2, p.m3) = (m1, m2, m3);
+                p.fallback_shift = fallback_shift;
+                p.easy = i32::from(easy);
+                p.cos_limit = cos_limit;
+                p.exact = i32::from(exact);
+            }
+            Margin::Sphere {
+                m,
+                lambda,
+                thresholds,
+                exact,
+            } => {
+                p.margin = MARGIN_SPHERE;
+                p.sphere_m = m as i32;
+                p.lambda = lambda;
+                p.thresholds = thresholds;
+                p.exact = i32::from(exact);
+            }
+        }
+        p
+    }
+}
