@@ -199,14 +199,18 @@ impl<A: Acc> Online<A> {
                 self.max = chunk_max;
             }
             let max = self.max;
+            // The exps in a loop of their own: inside the lane loop below LLVM keeps them scalar.
+            let mut e = [A::zero(); CHUNK];
+            for (ei, &zi) in e.iter_mut().zip(z.iter()) {
+                *ei = A::exp_flushed(zi - max);
+            }
             let mut sum_exp = [A::zero(); LANES];
             let mut sum_exp_u = [A::zero(); LANES];
             let mut sum_u = [A::zero(); LANES];
-            for (zb, ub) in z.chunks_exact(LANES).zip(u.chunks_exact(LANES)) {
+            for (eb, ub) in e.chunks_exact(LANES).zip(u.chunks_exact(LANES)) {
                 for l in 0..LANES {
-                    let e = A::exp_flushed(zb[l] - max);
-                    sum_exp[l] += e;
-                    sum_exp_u[l] += e * ub[l];
+                    sum_exp[l] += eb[l];
+                    sum_exp_u[l] += eb[l] * ub[l];
                     sum_u[l] += ub[l];
                 }
             }
