@@ -355,6 +355,29 @@ pub fn tols(dtype: DType) -> (f64, f64) {
     }
 }
 
+/// Both tensors as f64 vectors, after checking that their shapes agree.
+fn read_pair(
+    what: &str,
+    got: &Tensor,
+    want: &Tensor,
+) -> std::result::Result<(Vec<f64>, Vec<f64>), String> {
+    if got.dims() != want.dims() {
+        return Err(format!(
+            "{what}: shape {:?} vs reference {:?}",
+            got.dims(),
+            want.dims()
+        ));
+    }
+    match (vec_f64(got), vec_f64(want)) {
+        (Ok(g), Ok(w)) => Ok((g, w)),
+        (a, b) => Err(format!(
+            "{what}: read-back failed: {:?} / {:?}",
+            a.err(),
+            b.err()
+        )),
+    }
+}
+
 /// The norm-wise check max|got − want| ≤ tol · max(max|want|, floor); also checks the shapes.
 ///
 /// The floor is the natural scale of the quantity (documented at each call site), used only
@@ -368,23 +391,7 @@ pub fn compare(
     tol: f64,
     floor: f64,
 ) -> std::result::Result<(), String> {
-    if got.dims() != want.dims() {
-        return Err(format!(
-            "{what}: shape {:?} vs reference {:?}",
-            got.dims(),
-            want.dims()
-        ));
-    }
-    let (g, w) = match (vec_f64(got), vec_f64(want)) {
-        (Ok(g), Ok(w)) => (g, w),
-        (a, b) => {
-            return Err(format!(
-                "{what}: read-back failed: {:?} / {:?}",
-                a.err(),
-                b.err()
-            ));
-        }
-    };
+    let (g, w) = read_pair(what, got, want)?;
     compare_vec(what, &g, &w, tol, floor)
 }
 
@@ -439,23 +446,7 @@ pub fn compare_where_ref_finite(
     tol: f64,
     floor: f64,
 ) -> std::result::Result<(), String> {
-    if got.dims() != want.dims() {
-        return Err(format!(
-            "{what}: shape {:?} vs reference {:?}",
-            got.dims(),
-            want.dims()
-        ));
-    }
-    let (g, w) = match (vec_f64(got), vec_f64(want)) {
-        (Ok(g), Ok(w)) => (g, w),
-        (a, b) => {
-            return Err(format!(
-                "{what}: read-back failed: {:?} / {:?}",
-                a.err(),
-                b.err()
-            ));
-        }
-    };
+    let (g, w) = read_pair(what, got, want)?;
     if let Some(k) = g.iter().position(|v| !v.is_finite()) {
         return Err(format!("{what}: fused value not finite at {k}: {}", g[k]));
     }
