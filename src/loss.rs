@@ -203,7 +203,11 @@ impl MarginSoftmaxLoss {
 
 /// A [B] tensor holding the head's fixed s: the op always takes a per-row scale, so the fixed
 /// and per-row cases share one code path (B extra floats read).
-fn fixed_row_scale(cfg: &MarginSoftmaxLoss, rows: usize, input: &Tensor) -> Result<Tensor> {
+pub(crate) fn fixed_row_scale(
+    cfg: &MarginSoftmaxLoss,
+    rows: usize,
+    input: &Tensor,
+) -> Result<Tensor> {
     let dtype = accumulation_dtype(input.dtype());
     Tensor::full(cfg.head.scale(), rows, input.device())?.to_dtype(dtype)
 }

@@ -31,20 +31,20 @@
 //! Known limitation (shared by the naive formula, not by the fused op): with focal γ < 1, a row
 //! whose p_t rounds to exactly 1 gets a NaN gradient from `powf` (0^(γ−1) = ∞).
 
-use candle_core::{DType, Device, Result, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor};
 
 use crate::config::{
-    EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, OP_NAME, Reduction,
-    accumulation_dtype,
+    EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, Reduction, accumulation_dtype,
 };
-use crate::loss::check_inputs;
+use crate::cpu::validate_targets;
+use crate::loss::{check_inputs, fixed_row_scale};
 
 /// The loss of `input` [B, C] against `targets` [B] with the head's fixed scale s, composed from
 /// plain candle ops; gradients by candle autograd. Same contract as [`MarginSoftmaxLoss::loss`].
 pub fn loss(cfg: &MarginSoftmaxLoss, input: &Tensor, targets: &Tensor) -> Result<Tensor> {
     check_inputs(cfg, input, targets, None)?;
     let t = read_targets(cfg, input, targets)?;
-    let scale = fixed_scale(cfg, input)?;
+    let scale = fixed_row_scale(cfg, input.dim(0)?, input)?;
     loss_impl(cfg, input, &t, &scale)
 }
 
@@ -78,7 +78,7 @@ pub fn logits(
     let acc = accumulation_dtype(input.dtype());
     let scale = match row_scale {
         Some(r) => r.to_dtype(acc)?,
-        None => fixed_scale(cfg, input)?,
+        None => fixed_row_scale(cfg, input.dim(0)?, input)?,
     };
     head_logits(cfg, &input.to_dtype(acc)?, &scale, &t)
 }
@@ -93,44 +93,21 @@ struct Targets {
     valid: Tensor,
 }
 
-/// Reads the targets to the host, rejects values outside [0, C) that are not `ignore_index`.
+/// Reads the targets to the host and checks them with the op's own check
+/// ([`crate::cpu::validate_targets`]), so both reject the same values with the same error.
 fn read_targets(cfg: &MarginSoftmaxLoss, input: &Tensor, targets: &Tensor) -> Result<Targets> {
     let (rows, classes) = input.dims2()?;
-    let name = cfg.head.name();
     let values = targets.to_dtype(DType::I64)?.to_vec1::<i64>()?;
-    let mut gather = Vec::with_capacity(rows);
-    let mut mask = Vec::with_capacity(rows);
-    let mut valid = Vec::with_capacity(rows);
-    for (row, &v) in values.iter().enumerate() {
-        if cfg.ignore_index == Some(v) {
-            gather.push(0i64);
-            mask.push(-1i64);
-            valid.push(0u8);
-        } else if v < 0 || v >= classes as i64 {
-            bail!(
-                "{OP_NAME}({name}): target {v} at row {row} is out of range [0, {classes}) \
-                 for C = {classes} (ignore_index = {:?})",
-                cfg.ignore_index
-            )
-        } else {
-            gather.push(v);
-            mask.push(v);
-            valid.push(1u8);
-        }
-    }
+    let checked = validate_targets(&values, cfg, classes)?;
+    let gather: Vec<i64> = checked.iter().map(|t| t.map_or(0, |y| y as i64)).collect();
+    let mask: Vec<i64> = checked.iter().map(|t| t.map_or(-1, |y| y as i64)).collect();
+    let valid: Vec<u8> = checked.iter().map(|t| u8::from(t.is_some())).collect();
     let dev = input.device();
     Ok(Targets {
         gather_index: Tensor::from_vec(gather, (rows, 1), dev)?,
         mask_index: Tensor::from_vec(mask, (rows, 1), dev)?,
         valid: Tensor::from_vec(valid, rows, dev)?,
     })
-}
-
-/// [B] filled with the head's fixed s, in the accumulation dtype.
-fn fixed_scale(cfg: &MarginSoftmaxLoss, input: &Tensor) -> Result<Tensor> {
-    let rows = input.dim(0)?;
-    Tensor::full(cfg.head.scale(), rows, input.device())?
-        .to_dtype(accumulation_dtype(input.dtype()))
 }
 
 /// PyTorch's `clamp`: value clamped to [lo, hi]; gradient 1 where lo <= x <= hi, 0 outside.
