@@ -32,6 +32,13 @@ fn main() -> ExitCode {
     println!("cargo::rerun-if-changed=build.rs");
     #[cfg(feature = "kernel-host-check")]
     build_host_check();
+    #[cfg(feature = "kernel-emu")]
+    if let Err(message) = build_kernel_emu() {
+        eprintln!(
+            "\nerror: building the emulated kernels (feature `kernel-emu`) failed\n\n{message}"
+        );
+        return ExitCode::FAILURE;
+    }
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return ExitCode::SUCCESS;
     }
@@ -58,6 +65,102 @@ fn build_host_check() {
         .flag_if_supported("-Wno-unknown-pragmas")
         .warnings_into_errors(true)
         .compile("margin_softmax_host_check");
+}
+
+/// Feature `kernel-emu`: kernels/emu/capi.cpp (the real kernels/*.cu under the SIMT emulator
+/// kernels/emu/cuda_emu.h) in a static library, for src/emu.rs. Needs a C++17 compiler (g++ is
+/// what the emulator is tested with) and the CUDA host headers, found in `$CUDA_EMU_INCLUDE`,
+/// `$CUDA_HOME/include`, `$CUDA_PATH/include`, the pinned wheels of .ci/cuda-toolkit.sh or
+/// `/usr/local/cuda/include`.
+///
+/// `KERNEL_EMU_SANITIZE=address` instruments it with ASan + UBSan (`-fno-sanitize-recover=all`:
+/// the first report aborts) and `=thread` with TSan; either also links the sanitizer's runtime
+/// into the package's test and example binaries. Use a separate `CARGO_TARGET_DIR` per setting.
+#[cfg(feature = "kernel-emu")]
+fn build_kernel_emu() -> Result<(), String> {
+    println!("cargo::rerun-if-changed=kernels");
+    for var in [
+        "KERNEL_EMU_SANITIZE",
+        "CUDA_EMU_INCLUDE",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "XDG_CACHE_HOME",
+        "HOME",
+    ] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    let include = cuda_host_headers().ok_or(
+        "the CUDA host headers (cuda_fp16.h, cuda_bf16.h) were not found: run \
+         `source .ci/cuda-toolkit.sh` (installs them from PyPI, ~6 MB) or set CUDA_EMU_INCLUDE",
+    )?;
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .file("kernels/emu/capi.cpp")
+        .include("kernels")
+        .include("kernels/emu")
+        .include(&include)
+        .define("CUDA_EMU_CUDA_ARCH", "800")
+        // The kernels reinterpret uint4 loads as T[]; #pragma unroll is CUDA's.
+        .flag("-fno-strict-aliasing")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .debug(true);
+    // rustc links with -nodefaultlibs, so gcc does not add the sanitizer runtimes itself: they
+    // are named here, and the test binaries must run with the runtime preloaded
+    // (LD_PRELOAD=$(gcc -print-file-name=libasan.so), as .ci/kernel-emu.sh does) so that its
+    // malloc and thread interceptors come first.
+    let sanitize = env::var("KERNEL_EMU_SANITIZE").unwrap_or_default();
+    let runtimes: &[&str] = match sanitize.as_str() {
+        "" => &[],
+        "address" => {
+            build
+                .opt_level(1)
+                .flag("-fsanitize=address,undefined")
+                .flag("-fno-sanitize-recover=all")
+                .flag("-fno-omit-frame-pointer");
+            &["-lasan", "-lubsan"]
+        }
+        "thread" => {
+            build.opt_level(1).flag("-fsanitize=thread");
+            &["-ltsan"]
+        }
+        other => {
+            return Err(format!(
+                "KERNEL_EMU_SANITIZE must be `address`, `thread` or empty, got `{other}`"
+            ));
+        }
+    };
+    for runtime in runtimes {
+        println!("cargo::rustc-link-arg={runtime}");
+    }
+    build.compile("margin_softmax_kernel_emu");
+    Ok(())
+}
+
+/// The folder holding cuda_fp16.h and cuda_bf16.h, for compiling the kernels as host C++.
+#[cfg(feature = "kernel-emu")]
+fn cuda_host_headers() -> Option<PathBuf> {
+    let from_env = |var: &str, sub: &str| env::var_os(var).map(|v| PathBuf::from(v).join(sub));
+    let candidates = [
+        from_env("CUDA_EMU_INCLUDE", ""),
+        from_env("CUDA_HOME", "include"),
+        from_env("CUDA_PATH", "include"),
+        from_env(
+            "XDG_CACHE_HOME",
+            "candle-margin-softmax/cuda-13.0/nvidia/cu13/include",
+        ),
+        from_env(
+            "HOME",
+            ".cache/candle-margin-softmax/cuda-13.0/nvidia/cu13/include",
+        ),
+        from_env("HOME", ".cache/cuda-13.0/nvidia/cu13/include"),
+        Some(PathBuf::from("/usr/local/cuda/include")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|dir| dir.join("cuda_fp16.h").is_file() && dir.join("cuda_bf16.h").is_file())
 }
 
 fn build_ptx() -> Result<(), String> {

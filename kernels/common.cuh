@@ -103,17 +103,27 @@ template <typename A> __device__ __forceinline__ Online<A> online_empty() {
     return s;
 }
 
+// c * v, except that an exactly zero coefficient (or probability weight) contributes 0 even when
+// v is infinite: a masked logit (u = -inf) has p = 0, and 0 * (-inf) = NaN is not its share.
+// A NaN coefficient still gives NaN.
+template <typename A> __device__ __forceinline__ A times_nonzero(A c, A v) {
+    return c == A(0) ? A(0) : c * v;
+}
+
 // Adds one entry with logit z and unscaled logit u (rescaling the sums when the max grows).
+// z = -inf (a masked logit) has exp(z - max) = 0 and leaves max, sum exp and sum exp*u as they
+// are; it is skipped there because with an empty state (max = -inf) exp(z - max) would be
+// exp(-inf + inf) = NaN. NaN z still makes the sums NaN (z > max is false, z != -inf is true).
 template <typename A> __device__ __forceinline__ void online_push(Online<A>& s, A z, A u) {
     if (z > s.max) {
         const A rescale = ms_exp(s.max - z);
         s.sum_exp = s.sum_exp * rescale + A(1);
         s.sum_exp_u = s.sum_exp_u * rescale + u;
         s.max = z;
-    } else {
+    } else if (z != neg_infinity<A>()) {
         const A e = ms_exp(z - s.max);
         s.sum_exp += e;
-        s.sum_exp_u += e * u;
+        s.sum_exp_u += times_nonzero(e, u);
     }
     s.sum_u += u;
 }
@@ -151,9 +161,14 @@ template <typename A> __device__ __forceinline__ Online<A> warp_reduce_online(On
 }
 
 // Reduces the block's states; the result is valid in thread 0. Every thread of the block must
-// call it (it synchronizes). Block size: a multiple of 32, at most 1024.
-template <typename A> __device__ Online<A> block_reduce_online(Online<A> s) {
-    __shared__ Online<A> warp_states[32];
+// call it (it synchronizes). The block size is a compile-time constant (MS_BLOCK in params.cuh,
+// checked at the kernel's entry by require_block): the warp count is fixed, not read from
+// blockDim, and a block size the reduction cannot handle does not compile.
+template <int BLOCK, typename A> __device__ Online<A> block_reduce_online(Online<A> s) {
+    static_assert(BLOCK % 32 == 0, "block_reduce_online: block size must be a multiple of 32");
+    static_assert(BLOCK > 0 && BLOCK <= 1024, "block_reduce_online: at most 1024 threads a block");
+    constexpr int WARPS = BLOCK / 32;
+    __shared__ Online<A> warp_states[WARPS];
     __syncthreads();  // the previous call's readers are done with warp_states
     s = warp_reduce_online(s);
     const int lane = threadIdx.x & 31;
@@ -161,10 +176,21 @@ template <typename A> __device__ Online<A> block_reduce_online(Online<A> s) {
     if (lane == 0) warp_states[warp] = s;
     __syncthreads();
     if (warp == 0) {
-        const int warps = (blockDim.x + 31) >> 5;
-        s = lane < warps ? warp_states[lane] : online_empty<A>();
+        s = lane < WARPS ? warp_states[lane] : online_empty<A>();
         s = warp_reduce_online(s);
     }
     return s;
+}
+
+// Kernels whose block reductions are sized at compile time start with this: a launch with any
+// other block shape fails with an error (a trap) instead of giving a silently wrong result.
+#ifdef __CUDACC__
+#define MS_TRAP() __trap()
+#else  // the kernels compiled as C++ by the CPU emulator (kernels/emu/)
+#include <stdlib.h>
+#define MS_TRAP() abort()
+#endif
+template <int BLOCK> __device__ __forceinline__ void require_block() {
+    if (blockDim.x != BLOCK || blockDim.y != 1 || blockDim.z != 1) MS_TRAP();
 }
 #endif  // MS_HOST_CHECK

@@ -1,9 +1,10 @@
 // The forward pass, split so that few rows with very many classes still fill the GPU:
-//   ms_forward_partial: block (row, split) reduces the non-target entries of one slice of a row
-//     to its online statistics (max, sum exp, sum exp*u, sum u), reading the slice once with
-//     16-byte vector loads where the row is aligned;
-//   ms_forward_finalize: one thread per row merges the target's logit and the row's partials in
-//     a fixed order (no floating-point atomics: bitwise reproducible) and applies the criterion.
+//   ms_forward_partial: block (row, split) of MS_BLOCK threads reduces the non-target entries of
+//     one slice of a row to its online statistics (max, sum exp, sum exp*u, sum u), reading the
+//     slice once with 16-byte vector loads where the row is aligned;
+//   ms_forward_finalize: one thread per row (MS_FINALIZE_BLOCK rows per block) merges the
+//     target's logit and the row's partials in a fixed order (no floating-point atomics:
+//     bitwise reproducible) and applies the criterion.
 #include "common.cuh"
 #include "heads.cuh"
 
@@ -24,6 +25,7 @@ __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__
                                 typename AccOf<T>::type* __restrict__ partials) {
     typedef typename AccOf<T>::type A;
     constexpr int V = VecWidth<T>::value;
+    require_block<MS_BLOCK>();
     const long long blocks = p.rows * p.splits;
     for (long long block = blockIdx.x; block < blocks; block += gridDim.x) {
         const long long row = block / p.splits;
@@ -37,7 +39,7 @@ __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__
             const A r = scale[row];
             if (aligned16(xr)) {
                 for (long long j0 = start + (long long)threadIdx.x * V; j0 < end;
-                     j0 += (long long)blockDim.x * V) {
+                     j0 += (long long)MS_BLOCK * V) {
                     if (j0 + V <= end) {
                         const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
                         const T* v = reinterpret_cast<const T*>(&raw);
@@ -56,14 +58,14 @@ __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__
                     }
                 }
             } else {
-                for (long long j = start + threadIdx.x; j < end; j += blockDim.x) {
+                for (long long j = start + threadIdx.x; j < end; j += MS_BLOCK) {
                     if (j == y) continue;
                     const A u = head_u(p, to_acc(xr[j]));
                     online_push(s, r * u, u);
                 }
             }
         }
-        s = block_reduce_online(s);
+        s = block_reduce_online<MS_BLOCK>(s);
         if (threadIdx.x == 0) {
             A* out = partials + block * MS_PARTIAL_COLUMNS;
             out[0] = s.max;
@@ -119,12 +121,12 @@ __device__ void forward_finalize(const T* __restrict__ x, const int* __restrict_
 }
 
 #define MS_FORWARD_ENTRIES(T, SUFFIX)                                                            \
-    extern "C" __global__ void ms_forward_partial_##SUFFIX(                                      \
+    extern "C" __global__ void __launch_bounds__(MS_BLOCK) ms_forward_partial_##SUFFIX(          \
         const T* x, const int* targets, const AccOf<T>::type* scale, MsParams p,                 \
         AccOf<T>::type* partials) {                                                              \
         forward_partial<T>(x, targets, scale, p, partials);                                      \
     }                                                                                            \
-    extern "C" __global__ void ms_forward_finalize_##SUFFIX(                                     \
+    extern "C" __global__ void __launch_bounds__(MS_FINALIZE_BLOCK) ms_forward_finalize_##SUFFIX( \
         const T* x, const int* targets, const AccOf<T>::type* scale,                             \
         const AccOf<T>::type* weights, const AccOf<T>::type* poly, MsParams p,                   \
         const AccOf<T>::type* partials, AccOf<T>::type* stats, AccOf<T>::type* row_info,         \

@@ -1,7 +1,7 @@
-// loss_and_grad for rows that fit in shared memory: one block per row reads the row once into
-// shared memory (16-byte vector loads where aligned) while forming its online statistics,
-// finishes the row, then writes the gradient from shared memory: one read and one write per
-// element. Rows that do not fit take forward_partial -> forward_finalize -> backward instead.
+// loss_and_grad for rows that fit in shared memory: one block of MS_BLOCK threads per row reads
+// the row once into shared memory (16-byte vector loads where aligned) while forming its online
+// statistics, finishes the row, then writes the gradient from shared memory: one read and one
+// write per element. Rows that do not fit take forward_partial -> forward_finalize -> backward.
 #include "common.cuh"
 #include "heads.cuh"
 
@@ -17,6 +17,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
     extern __shared__ __align__(16) unsigned char shared_row[];
     T* row_s = reinterpret_cast<T*>(shared_row);
     __shared__ A info[MS_ROWINFO_COLUMNS];
+    require_block<MS_BLOCK>();
     for (long long row = blockIdx.x; row < p.rows; row += gridDim.x) {
         const T* xr = x + row * p.row_stride;
         const int y = targets[row];
@@ -24,7 +25,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
         Online<A> s = online_empty<A>();
         if (aligned16(xr)) {
             for (long long j0 = (long long)threadIdx.x * V; j0 < p.classes;
-                 j0 += (long long)blockDim.x * V) {
+                 j0 += (long long)MS_BLOCK * V) {
                 if (j0 + V <= p.classes) {
                     const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
                     *reinterpret_cast<uint4*>(row_s + j0) = raw;
@@ -45,7 +46,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                 }
             }
         } else {
-            for (long long j = threadIdx.x; j < p.classes; j += blockDim.x) {
+            for (long long j = threadIdx.x; j < p.classes; j += MS_BLOCK) {
                 const T v = xr[j];
                 row_s[j] = v;
                 if (y < 0 || j == y) continue;
@@ -53,7 +54,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                 online_push(s, r * u, u);
             }
         }
-        s = block_reduce_online(s);  // synchronizes: row_s is complete after it
+        s = block_reduce_online<MS_BLOCK>(s);  // synchronizes: row_s is complete after it
         if (threadIdx.x == 0) {
             A* st = stats + row * MS_STAT_COLUMNS;
             if (y < 0) {
@@ -76,7 +77,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
 #pragma unroll
         for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) row_info[c] = info[c];
         T* gr = grad + row * p.classes;
-        for (long long j = threadIdx.x; j < p.classes; j += blockDim.x) {
+        for (long long j = threadIdx.x; j < p.classes; j += MS_BLOCK) {
             gr[j] = y < 0 ? from_acc<T>(A(0))
                           : from_acc<T>(grad_element(p, row_info, to_acc(row_s[j]), j == y));
         }
@@ -85,7 +86,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
 }
 
 #define MS_FUSED_ENTRY(T, SUFFIX)                                                                \
-    extern "C" __global__ void ms_fused_##SUFFIX(                                                \
+    extern "C" __global__ void __launch_bounds__(MS_BLOCK) ms_fused_##SUFFIX(                    \
         const T* x, const int* targets, const AccOf<T>::type* scale,                             \
         const AccOf<T>::type* weights, const AccOf<T>::type* poly, MsParams p,                   \
         AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale) {                            \

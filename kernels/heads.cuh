@@ -157,7 +157,9 @@ __device__ RowLoss<A> criterion_row(const MsParams& p, const A* __restrict__ pol
     // and 1 - p_t = 0 only for C = 1, where l_CE = 0.
     const A ce_ratio = one_minus_pt > zero ? ce / one_minus_pt : one;
     A loss = focal * ce;
-    A d_pt = -gamma * focal * ce_ratio;
+    // Without focusing (gamma = 0) this term is 0, also where l_CE = +inf (smoothing with a
+    // masked logit): 0 * inf would make every gradient NaN.
+    A d_pt = gamma > zero ? -gamma * focal * ce_ratio : zero;
     for (int i = 0; i < p.n_poly; ++i) {
         const A coef = poly[i];
         const A power = A(i + 1) + gamma;
@@ -194,8 +196,11 @@ __device__ void finalize_row(const MsParams& p, const A* __restrict__ poly, A we
     const A log_sum = ms_log(s.sum_exp);
     const A sum_z = scale * (s.sum_u + t.u);
     const RowLoss<A> r = criterion_row(p, poly, s.max, log_sum, z_target, sum_z, weight);
-    // dl/dr = sum_j g_j * u_j, with sum_{j != y} p_j * u_j = sum_exp_u / sum_exp.
-    const A d_scale = r.a * (s.sum_exp_u / s.sum_exp) + r.k * s.sum_u + r.g_target * t.u;
+    // dl/dr = sum_j g_j * u_j, with sum_{j != y} p_j * u_j = sum_exp_u / sum_exp. A term with
+    // an exactly zero coefficient adds 0: k = 0 without smoothing, while sum_u = -inf with a
+    // masked logit.
+    const A d_scale = times_nonzero(r.a, s.sum_exp_u / s.sum_exp) + times_nonzero(r.k, s.sum_u) +
+                      times_nonzero(r.g_target, t.u);
     stats[0] = r.loss;
     stats[1] = s.max;
     stats[2] = log_sum;

@@ -4,6 +4,14 @@
 
 #define MS_MAX_SPHERE_M 16
 
+// Threads per block, fixed at compile time (the block reductions are sized by them, and each
+// entry point carries __launch_bounds__ of its size). The host launches with exactly these:
+// ms_forward_partial, ms_backward and ms_fused with MS_BLOCK, ms_forward_finalize with
+// MS_FINALIZE_BLOCK. ms_forward_partial and ms_fused trap on any other block shape;
+// ms_backward and ms_forward_finalize stride by blockDim and are correct with fewer threads.
+#define MS_BLOCK 256
+#define MS_FINALIZE_BLOCK 128
+
 // Which per-element transform x -> u the head applies to the non-target entries.
 #define MS_TRANSFORM_IDENTITY 0  // Softmax: u = x
 #define MS_TRANSFORM_COSINE 1    // cosine heads: u = clamp(x, -1, 1)

@@ -3,148 +3,23 @@
 //! The fused `forward_backward` runs both passes on a row back to back, while it is in cache.
 //! Nothing of size [B, C] is allocated besides the gradient.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
-use half::{bf16, f16};
+use candle_core::{CpuStorage, Layout, Result, WithDType};
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
-use crate::config::{Head, MarginSoftmaxLoss, OP_NAME};
-use crate::math::{Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, Transform};
+use crate::config::{Head, MarginSoftmaxLoss};
+use crate::host::{Rows, contiguous, read_targets, with_element};
+use crate::math::{
+    Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, Transform, times_nonzero,
+};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::prepare::{read_weights, upstream_factor, weight_of};
 
 /// How many elements the online max / sum-exp takes per step: the chunk's logits are formed
 /// first, so the running max is rescaled at most once per chunk and the exps are independent.
 const CHUNK: usize = 64;
 /// Independent partial sums per chunk (a multiple of any SIMD width in use).
 const LANES: usize = 8;
-
-/// Read access to the rows of a [B, C] input whose rows are each contiguous.
-struct Rows<'a, T> {
-    data: &'a [T],
-    offset: usize,
-    row_stride: usize,
-    rows: usize,
-    classes: usize,
-}
-
-impl<'a, T: WithDType> Rows<'a, T> {
-    fn new(storage: &'a CpuStorage, layout: &Layout, name: &str) -> Result<Self> {
-        let (rows, classes) = layout.shape().dims2()?;
-        let stride = layout.stride();
-        if classes > 1 && stride[1] != 1 {
-            bail!("{OP_NAME}({name}): internal error: input rows must be contiguous")
-        }
-        Ok(Self {
-            data: storage.as_slice::<T>()?,
-            offset: layout.start_offset(),
-            row_stride: stride[0],
-            rows,
-            classes,
-        })
-    }
-
-    fn row(&self, i: usize) -> &'a [T] {
-        let start = self.offset + i * self.row_stride;
-        &self.data[start..start + self.classes]
-    }
-}
-
-/// A contiguous 1-D or 2-D tensor's elements.
-fn contiguous<'a, T: WithDType>(
-    storage: &'a CpuStorage,
-    layout: &Layout,
-    what: &str,
-    name: &str,
-) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
-        None => bail!("{OP_NAME}({name}): internal error: {what} must be contiguous"),
-    }
-}
-
-/// The validated target of each row: `None` for an ignored row.
-fn read_targets(
-    storage: &CpuStorage,
-    layout: &Layout,
-    cfg: &MarginSoftmaxLoss,
-    classes: usize,
-) -> Result<Vec<Option<usize>>> {
-    let name = cfg.head.name();
-    let values: Vec<i64> = match storage {
-        CpuStorage::U32(_) => contiguous::<u32>(storage, layout, "targets", name)?
-            .iter()
-            .map(|&t| t as i64)
-            .collect(),
-        CpuStorage::I64(_) => contiguous::<i64>(storage, layout, "targets", name)?.to_vec(),
-        other => bail!(
-            "{OP_NAME}({name}): targets must be u32 or i64, got {:?}",
-            other.dtype()
-        ),
-    };
-    validate_targets(&values, cfg, classes)
-}
-
-/// The value check of the targets, shared by every device (the CUDA path reads the targets back
-/// to the host and calls this too, so the errors are identical): `None` for a row whose target
-/// is `ignore_index`, an `Err` for any other value outside [0, C).
-pub(crate) fn validate_targets(
-    values: &[i64],
-    cfg: &MarginSoftmaxLoss,
-    classes: usize,
-) -> Result<Vec<Option<usize>>> {
-    let name = cfg.head.name();
-    values
-        .iter()
-        .enumerate()
-        .map(|(row, &t)| {
-            if Some(t) == cfg.ignore_index {
-                Ok(None)
-            } else if t < 0 || t >= classes as i64 {
-                bail!(
-                    "{OP_NAME}({name}): target {t} at row {row} is out of range for C = {classes} \
-                     classes (ignore_index is {:?})",
-                    cfg.ignore_index
-                )
-            } else {
-                Ok(Some(t as usize))
-            }
-        })
-        .collect()
-}
-
-/// The class weights in the accumulation type, or `None` (all 1).
-pub(crate) fn read_weights<A: Acc>(cfg: &MarginSoftmaxLoss) -> Result<Option<Vec<A>>> {
-    cfg.class_weights
-        .as_ref()
-        .map(|w| w.to_dtype(A::DTYPE)?.to_vec1::<A>())
-        .transpose()
-}
-
-fn weight_of<A: Acc>(weights: &Option<Vec<A>>, target: usize) -> A {
-    weights.as_ref().map_or(A::one(), |w| w[target])
-}
-
-/// The factor the fused paths fold into the gradient: 1/Σ_{rows not ignored} w_y for the mean
-/// (0 when that sum is 0: an all-ignored batch), else 1. Shared with the CUDA path, which
-/// computes it on the host from the same validated targets and weights.
-pub(crate) fn upstream_factor<A: Acc>(
-    targets: &[Option<usize>],
-    weights: &Option<Vec<A>>,
-    mean: bool,
-) -> A {
-    if !mean {
-        return A::one();
-    }
-    let denominator = targets.iter().fold(A::zero(), |acc, &y| {
-        acc + y.map_or(A::zero(), |y| weight_of(weights, y))
-    });
-    if denominator != A::zero() {
-        denominator.recip()
-    } else {
-        A::zero()
-    }
-}
 
 /// The running state of the online log-sum-exp over a row's non-target entries, seeded with the
 /// target logit.
@@ -210,7 +85,8 @@ impl<A: Acc> Online<A> {
             for (eb, ub) in e.chunks_exact(LANES).zip(u.chunks_exact(LANES)) {
                 for l in 0..LANES {
                     sum_exp[l] += eb[l];
-                    sum_exp_u[l] += eb[l] * ub[l];
+                    // A masked logit: e = 0 and u = −∞ must add 0, not NaN.
+                    sum_exp_u[l] += times_nonzero(eb[l], ub[l]);
                     sum_u[l] += ub[l];
                 }
             }
@@ -245,9 +121,11 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
     let log_sum = online.sum_exp.ln();
     let sum_z = scale * (online.sum_u + u_target);
     let r = criterion.row(online.max, log_sum, z_target, sum_z, weight);
-    // dℓ/dr = Σ_j g_j·u_j, with Σ_{j≠y} p_j·u_j = sum_exp_u / sum_exp.
-    let d_scale =
-        r.a * (online.sum_exp_u / online.sum_exp) + r.k * online.sum_u + r.g_target * u_target;
+    // dℓ/dr = Σ_j g_j·u_j, with Σ_{j≠y} p_j·u_j = sum_exp_u / sum_exp. A term with an exactly
+    // zero coefficient adds 0: k = 0 without smoothing, while sum_u = −∞ with a masked logit.
+    let d_scale = times_nonzero(r.a, online.sum_exp_u / online.sum_exp)
+        + times_nonzero(r.k, online.sum_u)
+        + times_nonzero(r.g_target, u_target);
     [
         r.loss, online.max, log_sum, weight, r.a, r.k, r.g_target, d_scale,
     ]
@@ -299,23 +177,6 @@ macro_rules! with_transform {
                 let $t = Cosine;
                 $body
             }
-        }
-    };
-}
-
-/// Calls `$body::<T>` for the input's element type.
-macro_rules! with_element {
-    ($storage:expr, $name:expr, $body:ident ( $($arg:expr),* )) => {
-        match $storage {
-            CpuStorage::F32(_) => $body::<f32>($($arg),*),
-            CpuStorage::F64(_) => $body::<f64>($($arg),*),
-            CpuStorage::F16(_) => $body::<f16>($($arg),*),
-            CpuStorage::BF16(_) => $body::<bf16>($($arg),*),
-            other => bail!(
-                "{OP_NAME}({}): input dtype must be f32, f64, f16 or bf16, got {:?}",
-                $name,
-                other.dtype()
-            ),
         }
     };
 }

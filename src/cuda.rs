@@ -7,13 +7,14 @@
 //!   thread per row merges its partials in a fixed order and forms the statistics).
 //! - backward: `ms_backward`, one more read of each row and one write of the gradient.
 //! - forward_backward: `ms_fused` (one block per row, the row held in shared memory: one read,
-//!   one write) when the row fits ([`fused_max_classes`]), else partial → finalize (with the
-//!   backward's row info and d(loss)/d(scale), upstream factor folded in) → backward.
+//!   one write) when the row fits, else partial → finalize (with the backward's row info and
+//!   d(loss)/d(scale), upstream factor folded in) → backward.
 //!
-//! The targets are read back to the host once per call and checked by the same code as the CPU
-//! path ([`crate::cpu::validate_targets`]), so the errors are identical on every device; they go
-//! to the device as i32, −1 for an ignored row. Every launch shape depends on the tensor shapes
-//! only, so results are bitwise reproducible run to run.
+//! Which path, and every grid, block and dynamic shared memory size, come from
+//! [`crate::launch::Planner::DEVICE`], the same plans that the emulated backend (`src/emu.rs`)
+//! runs on the CPU in CI. The targets are read back to the host once per call and checked by the
+//! same code as the CPU path ([`crate::prepare::validate_targets`]), so the errors are identical
+//! on every device; they go to the device as i32, −1 for an ignored row.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaDType;
@@ -25,10 +26,13 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, WithD
 use half::{bf16, f16};
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME};
-use crate::cpu::{read_weights, upstream_factor, validate_targets};
-use crate::kernel_params::{MsParams, split_count};
+use crate::kernel_params::MsParams;
+use crate::launch::{
+    FUSED_STATIC_RESERVE, ForwardPlan, Launch, LossAndGradPlan, Planner, RowShape, kernel_targets,
+};
 use crate::math::{Acc, Element};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::prepare::{kernel_upstream, validate_targets};
 
 /// The PTX of each kernel module, compiled from `kernels/*.cu` by `build.rs`.
 const FORWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/forward.ptx"));
@@ -54,39 +58,6 @@ const FUSED: Module = Module {
     name: "margin_softmax_fused",
     ptx: FUSED_PTX,
 };
-
-/// Threads per block of `ms_forward_partial`, `ms_backward` and `ms_fused`.
-const BLOCK: u32 = 256;
-/// Threads per block of `ms_forward_finalize` (one thread per row).
-const FINALIZE_BLOCK: u32 = 128;
-/// The largest grid y / z dimension (and the cap used for the grid-stride launches).
-const MAX_GRID: usize = 65_535;
-/// Columns of one row's partial state (`MS_PARTIAL_COLUMNS`): max, Σ exp, Σ exp·u, Σ u.
-const PARTIAL_COLUMNS: usize = 4;
-
-/// The shared memory one block of `ms_fused` may use in all (static + dynamic): the default
-/// per-block limit of every CUDA GPU, so no opt-in attribute is needed.
-const FUSED_SMEM_LIMIT: usize = 48 * 1024;
-/// Dynamic shared memory `ms_fused` gets past the row (round_up(C·sizeof(T), 16) bytes), as the
-/// kernel ABI specifies.
-const FUSED_SMEM_EXTRA: usize = 1024;
-/// Room kept for the static shared memory of `ms_fused` (today the block reduction's 32 warp
-/// states and the 6 row-info values: 536 bytes for f32 / f16 / bf16, 1072 for f64), checked at
-/// run time against the loaded kernel.
-const FUSED_STATIC_RESERVE: usize = 2048;
-
-/// The widest row `loss_and_grad` runs through `ms_fused` for elements of `size` bytes: the row
-/// must fit in round_up(C·size, 16) ≤ 48 KiB − 1024 − 2048 = 46080 bytes (a multiple of 16, so
-/// this is C·size ≤ 46080).
-const fn fused_max_classes(size: usize) -> usize {
-    (FUSED_SMEM_LIMIT - FUSED_SMEM_EXTRA - FUSED_STATIC_RESERVE) / size
-}
-// The numbers documented on `MarginSoftmaxLoss::loss_and_grad`.
-const _: () = assert!(
-    fused_max_classes(4) == 11_520
-        && fused_max_classes(2) == 23_040
-        && fused_max_classes(8) == 5_760
-);
 
 // SAFETY: MsParams is #[repr(C)], Copy, holds only plain integers and floats, and mirrors the
 // layout of `struct MsParams` in kernels/params.cuh field for field (its size is checked at
@@ -144,66 +115,6 @@ macro_rules! kernel {
     }};
 }
 
-/// The shape of a [B, C] input whose rows are each contiguous, as the kernels index it.
-#[derive(Clone, Copy, Debug)]
-struct RowShape {
-    rows: usize,
-    classes: usize,
-    row_stride: usize,
-}
-
-impl RowShape {
-    fn new(layout: &Layout, name: &str) -> Result<Self> {
-        let (rows, classes) = layout.shape().dims2()?;
-        let stride = layout.stride();
-        if classes > 1 && stride[1] != 1 {
-            bail!("{OP_NAME}({name}): internal error: input rows must be contiguous")
-        }
-        // Targets travel as i32, and the grids count rows × splits blocks in a u32.
-        if classes > i32::MAX as usize || rows > i32::MAX as usize {
-            bail!(
-                "{OP_NAME}({name}): input shape {:?} is too large for the CUDA kernels (B and C \
-                 must be below 2^31)",
-                layout.dims()
-            )
-        }
-        Ok(Self {
-            rows,
-            classes,
-            row_stride: stride[0],
-        })
-    }
-
-    fn splits(&self) -> usize {
-        split_count(self.rows, self.classes)
-    }
-}
-
-/// The kernels' parameters for this configuration and shape, after the checks that the launch
-/// grids and the i32 fields need.
-fn params(cfg: &MarginSoftmaxLoss, shape: RowShape, upstream: f64) -> Result<MsParams> {
-    let name = cfg.head.name();
-    let splits = shape.splits();
-    if shape
-        .rows
-        .checked_mul(splits)
-        .is_none_or(|n| n > i32::MAX as usize)
-    {
-        bail!("{OP_NAME}({name}): too many rows for the CUDA forward grid")
-    }
-    if i32::try_from(cfg.poly.len()).is_err() {
-        bail!("{OP_NAME}({name}): too many PolyLoss coefficients")
-    }
-    Ok(MsParams::new(
-        cfg,
-        shape.rows,
-        shape.classes,
-        shape.row_stride,
-        splits,
-        upstream,
-    ))
-}
-
 /// The validated targets (read back to the host, checked as on the CPU).
 fn read_targets(
     storage: &CudaStorage,
@@ -243,9 +154,7 @@ fn read_targets(
 
 /// The validated targets on the device: i32 class indices, −1 for an ignored row.
 fn upload_targets(dev: &CudaDevice, targets: &[Option<usize>]) -> Result<CudaSlice<i32>> {
-    // Each target is < C < 2^31 (checked by RowShape::new).
-    let host: Vec<i32> = targets.iter().map(|t| t.map_or(-1, |y| y as i32)).collect();
-    dev.clone_htod(&host)
+    dev.clone_htod(&kernel_targets(targets))
 }
 
 /// `slice[range]` as a view, an `Err` (not a panic) if the layout does not fit the storage.
@@ -369,30 +278,24 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
     }
 
     /// `ms_forward_partial`: the online state of each (row, split) [rows, splits, 4].
-    fn partial(&self, p: &MsParams) -> Result<CudaSlice<T::Acc>> {
+    fn partial(&self, plan: &ForwardPlan) -> Result<CudaSlice<T::Acc>> {
         let func = kernel!(self.dev, T, FORWARD, "ms_forward_partial")?;
-        let blocks = self.shape.rows * p.splits as usize;
         // SAFETY: ms_forward_partial writes all rows·splits·4 entries (each block its own 4)
         // before anything reads them; the buffer is only ever passed to ms_forward_finalize.
-        let mut partials = unsafe { self.dev.alloc::<T::Acc>(blocks * PARTIAL_COLUMNS) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let mut partials = unsafe { self.dev.alloc::<T::Acc>(plan.partials_len) }?;
         {
             let mut b = func.builder();
             b.arg(&self.x);
             b.arg(&self.targets);
             b.arg(&self.scale);
-            b.arg(p);
+            b.arg(&plan.params);
             b.arg(&mut partials);
             // SAFETY: the arguments match `ms_forward_partial_T(const T* x, const int*
             // targets, const ACC* scale, MsParams p, ACC* partials)` in kernels/forward.cu;
             // x holds rows·row_stride elements from its first (the layout's row stride and
             // offset, checked by candle against the storage), targets and scale B each,
             // partials rows·splits·4, and p describes exactly these shapes.
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(config(&plan.partial)) }.w()?;
         }
         Ok(partials)
     }
@@ -402,7 +305,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
     /// folded in.
     fn finalize(
         &self,
-        p: &MsParams,
+        plan: &ForwardPlan,
         weights: &CudaView<'_, T::Acc>,
         partials: &CudaSlice<T::Acc>,
         backward: Option<ForBackward<'_, T::Acc>>,
@@ -411,11 +314,6 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         let func = kernel!(self.dev, T, FORWARD, "ms_forward_finalize")?;
         // SAFETY: ms_forward_finalize writes all 8 columns of every row (ignored rows too).
         let mut stats = unsafe { self.dev.alloc::<T::Acc>(rows * STAT_COLUMNS) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(FINALIZE_BLOCK as usize) as u32, 1, 1),
-            block_dim: (FINALIZE_BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let null = 0u64;
         {
             let mut b = func.builder();
@@ -424,7 +322,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             b.arg(&self.scale);
             b.arg(weights);
             b.arg(&self.poly);
-            b.arg(p);
+            b.arg(&plan.params);
             b.arg(partials);
             b.arg(&mut stats);
             match backward {
@@ -447,22 +345,35 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             // max(n_poly, 1), partials the rows·splits·4 written by ms_forward_partial with
             // the same p, stats rows·8, and row_info / grad_scale are rows·6 / rows buffers or
             // null (0), which the kernel then does not write.
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { b.launch(config(&plan.finalize)) }.w()?;
         }
         Ok(stats)
     }
 
     /// `ms_backward`: d(loss)/d(input) [rows, C] from the row info [rows, 6].
-    fn backward(&self, p: &MsParams, row_info: &CudaView<'_, T::Acc>) -> Result<CudaSlice<T>> {
-        backward_launch(self.dev, self.shape, &self.x, &self.targets, row_info, p)
+    fn backward(
+        &self,
+        p: &MsParams,
+        launch: &Launch,
+        row_info: &CudaView<'_, T::Acc>,
+    ) -> Result<CudaSlice<T>> {
+        backward_launch(
+            self.dev,
+            self.shape,
+            &self.x,
+            &self.targets,
+            row_info,
+            p,
+            launch,
+        )
     }
 
     /// `ms_fused`: the statistics, the gradient and d(loss)/d(scale) in one launch.
     fn fused(
         &self,
         p: &MsParams,
+        launch: &Launch,
         weights: &CudaView<'_, T::Acc>,
-        shared_mem_bytes: usize,
     ) -> Result<LossAndGrad<T>> {
         let RowShape { rows, classes, .. } = self.shape;
         let func = kernel!(self.dev, T, FUSED, "ms_fused")?;
@@ -483,11 +394,6 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
                 self.dev.alloc::<T::Acc>(rows)?,
             )
         };
-        let cfg = LaunchConfig {
-            grid_dim: (rows.min(MAX_GRID) as u32, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: shared_mem_bytes as u32,
-        };
         {
             let mut b = func.builder();
             b.arg(&self.x);
@@ -503,9 +409,9 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             // ACC* scale, const ACC* weights, const ACC* poly, MsParams p, ACC* stats, T* grad,
             // ACC* grad_scale)` in kernels/fused.cu; the buffers hold rows·8, rows·C and rows
             // elements; the dynamic shared memory holds the row (round_up(C·sizeof(T), 16) bytes)
-            // plus 1024, and with the kernel's static shared memory (checked above) stays within
-            // the 48 KiB that need no opt-in.
-            unsafe { b.launch(cfg) }.w()?;
+            // (round_up(C·sizeof(T), 16) bytes, planned by src/launch.rs), and with the kernel's
+            // static shared memory (checked above) stays within the 48 KiB that need no opt-in.
+            unsafe { b.launch(config(launch)) }.w()?;
         }
         Ok(LossAndGrad {
             stats,
@@ -522,22 +428,13 @@ fn backward_launch<T: CudaElement>(
     targets: &CudaSlice<i32>,
     row_info: &CudaView<'_, T::Acc>,
     p: &MsParams,
+    launch: &Launch,
 ) -> Result<CudaSlice<T>> {
     let RowShape { rows, classes, .. } = shape;
     let func = kernel!(dev, T, BACKWARD, "ms_backward")?;
     // SAFETY: ms_backward is grid-stride in both dimensions and writes all C elements of every
     // row (ignored rows: zeros).
     let mut grad = unsafe { dev.alloc::<T>(rows * classes) }?;
-    let per_block = BLOCK as usize * (16 / std::mem::size_of::<T>());
-    let cfg = LaunchConfig {
-        grid_dim: (
-            classes.div_ceil(per_block).min(MAX_GRID) as u32,
-            rows.min(MAX_GRID) as u32,
-            1,
-        ),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
-    };
     {
         let mut b = func.builder();
         b.arg(x);
@@ -548,18 +445,20 @@ fn backward_launch<T: CudaElement>(
         // SAFETY: the arguments match `ms_backward_T(const T* x, const int* targets, const ACC*
         // row_info, MsParams p, T* grad)` in kernels/backward.cu; x holds rows·row_stride
         // elements from its first, targets rows, row_info rows·6, grad rows·C.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(config(launch)) }.w()?;
     }
     Ok(grad)
 }
 
-/// The dynamic shared memory `ms_fused` is launched with for rows of `classes` elements of
-/// `T` (the row, 16-byte aligned, plus [`FUSED_SMEM_EXTRA`]) when the row fits
-/// ([`fused_max_classes`]); `None`: the three-kernel path. From the shape and dtype only.
-fn fused_shared_mem<T>(classes: usize) -> Option<usize> {
-    let size = std::mem::size_of::<T>();
-    (classes <= fused_max_classes(size))
-        .then(|| (classes * size).next_multiple_of(16) + FUSED_SMEM_EXTRA)
+/// A planned launch as cudarc takes it.
+fn config(launch: &Launch) -> LaunchConfig {
+    let [gx, gy, gz] = launch.grid;
+    let [bx, by, bz] = launch.block;
+    LaunchConfig {
+        grid_dim: (gx, gy, gz),
+        block_dim: (bx, by, bz),
+        shared_mem_bytes: launch.shared_mem_bytes,
+    }
 }
 
 fn empty<A: CudaDType + DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice) -> Result<CudaStorage> {
@@ -592,10 +491,10 @@ fn forward_typed<T: CudaElement>(
         return empty::<T::Acc>(dev);
     }
     let inputs = Inputs::<T>::new(cfg, shape, x, &targets, scale)?;
+    let plan = Planner::DEVICE.forward(cfg, shape, 1.0)?;
     let stats = with_weights::<T::Acc, _>(cfg, dev, |weights| {
-        let p = params(cfg, shape, 1.0)?;
-        let partials = inputs.partial(&p)?;
-        inputs.finalize(&p, weights, &partials, None)
+        let partials = inputs.partial(&plan)?;
+        inputs.finalize(&plan, weights, &partials, None)
     })?;
     Ok(CudaStorage::wrap_cuda_slice(stats, dev.clone()))
 }
@@ -638,8 +537,16 @@ fn backward_typed<T: CudaElement>(
     }
     let x_view = input_view::<T>(x.0, x.1, name)?;
     let targets = upload_targets(dev, &targets)?;
-    let p = params(cfg, shape, 1.0)?;
-    let grad = backward_launch::<T>(dev, shape, &x_view, &targets, &info, &p)?;
+    let plan = Planner::DEVICE.backward(cfg, shape, std::mem::size_of::<T>())?;
+    let grad = backward_launch::<T>(
+        dev,
+        shape,
+        &x_view,
+        &targets,
+        &info,
+        &plan.params,
+        &plan.backward,
+    )?;
     Ok(CudaStorage::wrap_cuda_slice(grad, dev.clone()))
 }
 
@@ -685,41 +592,33 @@ fn forward_backward_typed<T: CudaElement>(
             grad_scale: dev.alloc_zeros(0)?,
         }));
     }
-    // As on the CPU: the same fold over the same validated targets and weights (read back only
-    // where the mean needs them). The f64 round trip to the kernels is exact.
-    let host_weights = if mean {
-        read_weights::<T::Acc>(cfg)?
-    } else {
-        None
-    };
-    let upstream = upstream_factor::<T::Acc>(&targets, &host_weights, mean);
-    let upstream = <T::Acc as WithDType>::to_f64(upstream);
+    let upstream = kernel_upstream::<T::Acc>(cfg, &targets, mean)?;
     let inputs = Inputs::<T>::new(cfg, shape, x, &targets, scale)?;
-    let out = with_weights::<T::Acc, _>(cfg, dev, |weights| {
-        let p = params(cfg, shape, upstream)?;
-        if let Some(smem) = fused_shared_mem::<T>(shape.classes) {
-            return inputs.fused(&p, weights, smem);
+    let plan = Planner::DEVICE.loss_and_grad(cfg, shape, std::mem::size_of::<T>(), upstream)?;
+    let out = with_weights::<T::Acc, _>(cfg, dev, |weights| match &plan {
+        LossAndGradPlan::Fused { params, fused } => inputs.fused(params, fused, weights),
+        LossAndGradPlan::Split { forward, backward } => {
+            let partials = inputs.partial(forward)?;
+            // SAFETY: ms_forward_finalize writes all rows·6 row-info entries and all rows
+            // scale-gradient entries when given these buffers.
+            let (mut row_info, mut grad_scale) = unsafe {
+                (
+                    dev.alloc::<T::Acc>(shape.rows * ROWINFO_COLUMNS)?,
+                    dev.alloc::<T::Acc>(shape.rows)?,
+                )
+            };
+            let for_backward = ForBackward {
+                row_info: &mut row_info,
+                grad_scale: &mut grad_scale,
+            };
+            let stats = inputs.finalize(forward, weights, &partials, Some(for_backward))?;
+            let grad = inputs.backward(&forward.params, backward, &row_info.slice(..))?;
+            Ok(LossAndGrad {
+                stats,
+                grad,
+                grad_scale,
+            })
         }
-        let partials = inputs.partial(&p)?;
-        // SAFETY: ms_forward_finalize writes all rows·6 row-info entries and all rows
-        // scale-gradient entries when given these buffers.
-        let (mut row_info, mut grad_scale) = unsafe {
-            (
-                dev.alloc::<T::Acc>(shape.rows * ROWINFO_COLUMNS)?,
-                dev.alloc::<T::Acc>(shape.rows)?,
-            )
-        };
-        let for_backward = ForBackward {
-            row_info: &mut row_info,
-            grad_scale: &mut grad_scale,
-        };
-        let stats = inputs.finalize(&p, weights, &partials, Some(for_backward))?;
-        let grad = inputs.backward(&p, &row_info.slice(..))?;
-        Ok(LossAndGrad {
-            stats,
-            grad,
-            grad_scale,
-        })
     })?;
     Ok(wrap(out))
 }

@@ -1,9 +1,10 @@
 //! `MsParams`, the launch parameters every CUDA kernel takes by value, mirrored from
 //! `kernels/params.cuh` field for field, and filled from the loss configuration with the one Rust
-//! definition of the margin ([`Margin`]). Shared by the CUDA launches (`src/cuda.rs`) and by the
-//! host replay of the kernels' math (`src/kernel_check.rs`); compiled only for those.
+//! definition of the margin ([`Margin`]). Shared by the launch planning (`src/launch.rs`), hence
+//! the CUDA and emulated backends, and by the host replay of the kernels' math
+//! (`src/kernel_check.rs`); compiled only for those.
 
-#![cfg_attr(not(feature = "cuda"), allow(dead_code))]
+#![cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
 
 use crate::config::{Head, MarginGrad, MarginSoftmaxLoss, SPHEREFACE_MAX_M};
 use crate::math::Margin;
@@ -21,21 +22,6 @@ pub(crate) const MARGIN_NONE: i32 = 0;
 pub(crate) const MARGIN_ADDITIVE: i32 = 1;
 pub(crate) const MARGIN_ANGULAR: i32 = 2;
 pub(crate) const MARGIN_SPHERE: i32 = 3;
-
-/// The split forward aims at this many blocks in all (rows × splits) ...
-const SPLIT_TARGET_BLOCKS: usize = 1024;
-/// ... but gives no block fewer than this many columns (splits ≤ ⌈C / 4096⌉).
-const SPLIT_MIN_COLUMNS: usize = 4096;
-
-/// Blocks per row of the split forward (`ms_forward_partial`):
-/// clamp(⌈1024 / B⌉, 1, ⌈C / 4096⌉), from the shape only, so the merge order (hence every bit
-/// of the result) is the same on every run.
-pub(crate) fn split_count(rows: usize, classes: usize) -> usize {
-    SPLIT_TARGET_BLOCKS
-        .div_ceil(rows.max(1))
-        .min(classes.div_ceil(SPLIT_MIN_COLUMNS))
-        .max(1)
-}
 
 /// `struct MsParams` of kernels/params.cuh, field for field.
 #[repr(C)]

@@ -28,14 +28,23 @@ mod config;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "kernel-emu")]
+mod emu;
+mod host;
 #[cfg(all(test, feature = "kernel-host-check"))]
 mod kernel_check;
-#[cfg(any(feature = "cuda", test))]
+#[cfg(any(feature = "cuda", feature = "kernel-emu", test))]
 mod kernel_params;
+#[cfg(any(feature = "cuda", feature = "kernel-emu", test))]
+mod launch;
 mod loss;
 mod math;
 mod op;
+mod prepare;
 pub mod reference;
+
+#[cfg(feature = "kernel-emu")]
+pub use emu::kernel_emu;
 
 pub use config::{
     EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, Reduction, SPHEREFACE_MAX_M,

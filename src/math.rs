@@ -46,6 +46,14 @@ pub(crate) trait Acc:
     }
 }
 
+/// c·v, except that an exactly zero coefficient (or probability weight) contributes 0 even when
+/// v is infinite: a masked logit (u = −∞) has p = 0, and 0·(−∞) = NaN is not its share. A NaN
+/// coefficient still gives NaN. Mirrors `times_nonzero` in kernels/common.cuh.
+#[inline(always)]
+pub(crate) fn times_nonzero<A: Acc>(c: A, v: A) -> A {
+    if c == A::zero() { A::zero() } else { c * v }
+}
+
 impl Acc for f32 {
     const EXP_SUBNORMAL_BELOW: f32 = -87.0;
     fn of(v: f64) -> Self {
@@ -441,7 +449,13 @@ impl<A: Acc> Criterion<A> {
             one
         };
         let mut loss = focal * ce;
-        let mut d_pt = -gamma * focal * ce_ratio;
+        // Without focusing (γ = 0) this term is 0, also where ℓ_CE = +∞ (smoothing with a
+        // masked logit): 0·∞ would make every gradient NaN.
+        let mut d_pt = if gamma > zero {
+            -gamma * focal * ce_ratio
+        } else {
+            zero
+        };
         for (i, &coef) in self.poly.iter().enumerate() {
             let power = A::of((i + 1) as f64) + gamma;
             loss += coef * one_minus_pt.powf(power);

@@ -10,6 +10,9 @@
 //!   more read of each row, one write.
 //! - [`forward_backward`]: both in one call, without autograd, returning two tensors (which a
 //!   `CustomOp` cannot), dispatched on the storage directly.
+//!
+//! CPU storage runs the CPU bodies (`src/cpu.rs`), or, with the `kernel-emu` feature inside
+//! [`crate::kernel_emu::emulated`], the CUDA kernels under the emulator (`src/emu.rs`).
 
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
@@ -18,6 +21,8 @@ use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
 use crate::cpu;
 #[cfg(feature = "cuda")]
 use crate::cuda;
+#[cfg(feature = "kernel-emu")]
+use crate::emu;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
@@ -51,12 +56,18 @@ impl CustomOp3 for MarginSoftmaxForward {
         scale_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let rows = input_layout.dims()[0];
-        let stats = cpu::forward(
+        let args = (
             &self.cfg,
             (input, input_layout),
             (targets, targets_layout),
             (scale, scale_layout),
-        )?;
+        );
+        #[cfg(feature = "kernel-emu")]
+        if let Some(planner) = emu::active() {
+            let stats = emu::forward(planner, args.0, args.1, args.2, args.3)?;
+            return Ok((stats, Shape::from((rows, STAT_COLUMNS))));
+        }
+        let stats = cpu::forward(args.0, args.1, args.2, args.3)?;
         Ok((stats, Shape::from((rows, STAT_COLUMNS))))
     }
 
@@ -139,12 +150,18 @@ impl CustomOp3 for MarginSoftmaxBackward {
         row_info: &CpuStorage,
         row_info_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let grad = cpu::backward(
+        let args = (
             &self.cfg,
             (input, input_layout),
             (targets, targets_layout),
             (row_info, row_info_layout),
-        )?;
+        );
+        #[cfg(feature = "kernel-emu")]
+        if let Some(planner) = emu::active() {
+            let grad = emu::backward(planner, args.0, args.1, args.2, args.3)?;
+            return Ok((grad, input_layout.shape().clone()));
+        }
+        let grad = cpu::backward(args.0, args.1, args.2, args.3)?;
         Ok((grad, input_layout.shape().clone()))
     }
 
@@ -193,13 +210,16 @@ pub(crate) fn forward_backward(
     let (scale_storage, scale_layout) = scale.storage_and_layout();
     let (stats, grad, grad_scale) = match (&*input_storage, &*targets_storage, &*scale_storage) {
         (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(s)) => {
-            let (stats, grad, grad_scale) = cpu::forward_backward(
-                cfg,
-                (x, input_layout),
-                (t, targets_layout),
-                (s, scale_layout),
-                mean,
-            )?;
+            let (x, t, s) = ((x, input_layout), (t, targets_layout), (s, scale_layout));
+            #[cfg(feature = "kernel-emu")]
+            let emulated = emu::active();
+            #[cfg(not(feature = "kernel-emu"))]
+            let emulated: Option<()> = None;
+            let (stats, grad, grad_scale) = match emulated {
+                #[cfg(feature = "kernel-emu")]
+                Some(planner) => emu::forward_backward(planner, cfg, x, t, s, mean)?,
+                _ => cpu::forward_backward(cfg, x, t, s, mean)?,
+            };
             (
                 Storage::Cpu(stats),
                 Storage::Cpu(grad),

@@ -36,8 +36,8 @@ use candle_core::{DType, Device, Result, Tensor};
 use crate::config::{
     EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, Reduction, accumulation_dtype,
 };
-use crate::cpu::validate_targets;
 use crate::loss::{check_inputs, fixed_row_scale};
+use crate::prepare::validate_targets;
 
 /// The loss of `input` [B, C] against `targets` [B] with the head's fixed scale s, composed from
 /// plain candle ops; gradients by candle autograd. Same contract as [`MarginSoftmaxLoss::loss`].
@@ -94,7 +94,7 @@ struct Targets {
 }
 
 /// Reads the targets to the host and checks them with the op's own check
-/// ([`crate::cpu::validate_targets`]), so both reject the same values with the same error.
+/// ([`crate::prepare::validate_targets`]), so both reject the same values with the same error.
 fn read_targets(cfg: &MarginSoftmaxLoss, input: &Tensor, targets: &Tensor) -> Result<Targets> {
     let (rows, classes) = input.dims2()?;
     let values = targets.to_dtype(DType::I64)?.to_vec1::<i64>()?;

@@ -743,6 +743,135 @@ pub fn u32_vs_i64(dev: &Device) {
     f.finish("edge: u32 vs i64 targets");
 }
 
+/// The float64 oracle of a Softmax-head row with logits z_j = r·x_j (x_j = −∞ masked) and target
+/// y under label smoothing ε: (ℓ, dℓ/dz, dℓ/dr), as PyTorch's cross_entropy gives them
+/// (ℓ = +∞ with ε > 0, since log_softmax(−∞) = −∞; masked entries contribute 0 to dℓ/dr
+/// without smoothing).
+fn masked_softmax_row(x: &[f64], y: usize, r: f64, eps: f64) -> (f64, Vec<f64>, f64) {
+    let c = x.len() as f64;
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(r * v));
+    let lse = max + x.iter().map(|&v| (r * v - max).exp()).sum::<f64>().ln();
+    let (mut loss, mut d_r) = (0.0, 0.0);
+    let mut g = vec![0.0; x.len()];
+    for (j, &v) in x.iter().enumerate() {
+        let q = if j == y { 1.0 - eps } else { 0.0 } + eps / c;
+        if q != 0.0 {
+            loss -= q * (r * v - lse);
+        }
+        g[j] = (r * v - lse).exp() - q;
+        if g[j] != 0.0 {
+            d_r += g[j] * v;
+        }
+    }
+    (loss, g, d_r)
+}
+
+/// A Softmax-head row with masked (−∞) non-target logits, at index 0, C − 1 and inside, in
+/// f32 and f64 (a −∞ at the first index a GPU thread visits made the kernels' loss NaN): finite
+/// loss equal to a float64 computation, gradient r·(p − onehot) with 0 at the masked entries
+/// (autograd through `loss`, and `loss_and_grad`), and with `loss_with_row_scale` a finite
+/// dℓ/dr equal to Σ_j (p_j − q_j)·x_j over the unmasked entries. With label smoothing ε > 0 the
+/// loss is +∞ (PyTorch: log_softmax(−∞) = −∞ enters the smoothing term), the input gradient
+/// stays finite (ε/C of −1 at the masked entries, times r), and dℓ/dr is +∞.
+pub fn neg_inf_logit(dev: &Device) {
+    let mut f = Failures::default();
+    let (b, c) = (4usize, 37usize);
+    let t: Vec<i64> = vec![3, 0, 36, 20];
+    let masked: [&[usize]; 4] = [&[0, c - 1], &[1, 5, 17, c - 1], &[0, 2, 19], &[0]];
+    let s = 2.0f64;
+    let mut x = vec![0.0f64; b * c];
+    for i in 0..b {
+        for j in 0..c {
+            // Multiples of 1/8: exact in f32, so the oracle sees the same input.
+            x[i * c + j] = ((j * 7 + i * 3) % 23) as f64 / 8.0 - 1.0;
+        }
+        for &j in masked[i] {
+            x[i * c + j] = f64::NEG_INFINITY;
+        }
+    }
+    let row_scale = [1.5f64, 2.0, 0.75, 3.0];
+    for eps in [0.0f64, 0.1] {
+        for dt in [DType::F64, DType::F32] {
+            let label = format!("-inf logit eps {eps} {}", dtype_name(dt));
+            let (tol_loss, tol_grad) = tols(dt);
+            let mut run = || -> Result<()> {
+                let cfg = MarginSoftmaxLoss::new(Head::Softmax { s })
+                    .reduction(Reduction::Sum)
+                    .label_smoothing(eps);
+                let input = input_tensor(&x, b, c, dt, dev)?;
+                let targets = targets_i64(&t, dev)?;
+                let (mut loss, mut dx, mut d_r) = (0.0, Vec::new(), Vec::new());
+                let (mut loss_r, mut dx_r) = (0.0, Vec::new());
+                for i in 0..b {
+                    let row = &x[i * c..(i + 1) * c];
+                    let (l, g, _) = masked_softmax_row(row, t[i] as usize, s, eps);
+                    loss += l;
+                    dx.extend(g.iter().map(|v| s * v));
+                    let (l, g, dr) = masked_softmax_row(row, t[i] as usize, row_scale[i], eps);
+                    loss_r += l;
+                    dx_r.extend(g.iter().map(|v| row_scale[i] * v));
+                    d_r.push(dr);
+                }
+                let check_loss = |what: &str, got: f64, want: f64, f: &mut Failures| {
+                    let ok = if want.is_finite() {
+                        got.is_finite() && (got - want).abs() <= tol_loss * want.abs().max(1.0)
+                    } else {
+                        got == want
+                    };
+                    if !ok {
+                        f.0.push(format!("[{label}] {what}: loss {got}, want {want}"));
+                    }
+                };
+                let check_grad = |what: &str, got: &Tensor, want: &[f64], f: &mut Failures| {
+                    let g = match vec_f64(got) {
+                        Ok(g) => g,
+                        Err(e) => return f.err(&label, e),
+                    };
+                    f.check(&label, compare_vec(what, &g, want, tol_grad, 1.0));
+                    if eps == 0.0 {
+                        for (i, row) in masked.iter().enumerate() {
+                            for &j in row.iter() {
+                                if g[i * c + j] != 0.0 {
+                                    f.0.push(format!(
+                                        "[{label}] {what}: gradient at masked ({i}, {j}) is {}",
+                                        g[i * c + j]
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                };
+                let a = autograd(Side::Fused, &cfg, &input, &targets, None)?;
+                check_loss("loss", vec_f64(&a.loss)?[0], loss, &mut f);
+                check_grad("loss backward dx", &a.dx, &dx, &mut f);
+                let (l, g) = cfg.loss_and_grad(&input, &targets)?;
+                check_loss("loss_and_grad", vec_f64(&l)?[0], loss, &mut f);
+                check_grad("loss_and_grad dx", &g, &dx, &mut f);
+                let r = Tensor::new(&row_scale[..], dev)?.to_dtype(acc_dtype(dt))?;
+                let a = autograd(Side::Fused, &cfg, &input, &targets, Some(&r))?;
+                check_loss("row scale loss", vec_f64(&a.loss)?[0], loss_r, &mut f);
+                check_grad("row scale dx", &a.dx, &dx_r, &mut f);
+                let got = vec_f64(a.dr.as_ref().expect("row-scale gradient"))?;
+                if eps == 0.0 {
+                    f.check(
+                        &label,
+                        compare_vec("row scale dr", &got, &d_r, tol_loss, 1.0),
+                    );
+                } else if got.iter().any(|&v| v != f64::INFINITY) {
+                    f.0.push(format!(
+                        "[{label}] row scale dr {got:?}, want +inf (smoothing)"
+                    ));
+                }
+                Ok(())
+            };
+            if let Err(e) = run() {
+                f.err(&label, e);
+            }
+        }
+    }
+    f.finish("edge: -inf (masked) logits");
+}
+
 #[test]
 fn edge_cos_pm1() {
     cos_pm1(&device());
@@ -796,4 +925,9 @@ fn edge_non_contiguous() {
 #[test]
 fn edge_u32_vs_i64() {
     u32_vs_i64(&device());
+}
+
+#[test]
+fn edge_neg_inf_logit() {
+    neg_inf_logit(&device());
 }

@@ -1,11 +1,13 @@
 //! The CPU test suite of candle-margin-softmax: parity with `reference`, finite differences,
 //! edge values, property tests and errors. One test binary (`cargo test --test suite`); the
-//! grids are functions taking `&Device` so that a GPU suite can reuse them.
+//! grids are functions taking `&Device` so that the kernel suite (`kernels`: on a GPU with the
+//! `cuda` feature, through the emulated kernels with `kernel-emu`) reuses them.
 
 mod common;
 mod edge;
 mod errors;
 mod finite_diff;
-mod gpu;
+#[cfg(any(feature = "cuda", feature = "kernel-emu"))]
+mod kernels;
 mod parity;
 mod props;

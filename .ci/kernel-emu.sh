@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The CUDA kernels themselves (kernels/*.cu, unmodified) run on the CPU through the SIMT emulator
+# of kernels/emu/, driven by the crate's own launch planning (src/launch.rs, feature
+# `kernel-emu`): the emulator's self-test, then the kernel suite (`kernels::emu::*` in the `suite`
+# test binary, the same checks as the GPU suite) and the ABI check, in three builds and several
+# thread orders. "all" is the whole kernel suite; "structure" the part of it that reaches every
+# kernel, path, dtype, tail, row alignment, grid-stride loop and split count (the parity grid of
+# the small shapes with every head, the fused / split boundary, several splits per row, capped
+# grids, row alignments, determinism, reductions, ignored rows, B = 0), for the slow sanitizers:
+#   plain         all: forward order, 1 worker; random order, 2 workers
+#   ASan + UBSan  all: forward, 1 worker; structure: reverse, 1 worker; random, 2 workers
+#   TSan          structure: forward, 1 worker; random, 2 workers (races between blocks)
+# (TSan runs the emulator ~25 times slower than plain, ASan ~5 times.)
+# Any emulator error (divergent barrier or shuffle, deadlock, invalid launch) or sanitizer report
+# aborts its run, and a parity mismatch fails it. Closes with "kernel-emu: N passed, N failed"
+# (one count per run) and exits non-zero if any run failed.
+#
+# Needs a Rust toolchain, g++ and the CUDA host headers, which .ci/cuda-toolkit.sh installs from
+# PyPI. The three builds share the target directory (only this crate is rebuilt between them).
+#   .ci/kernel-emu.sh                   # everything
+#   KERNEL_EMU_BUILDS="address" .ci/kernel-emu.sh   # only the ASan + UBSan runs
+#   KERNEL_EMU_FILTER="kernels::emu::grid_stride kernels::emu::split_rows" .ci/kernel-emu.sh
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 1
+# shellcheck source=.ci/cuda-toolkit.sh
+source .ci/cuda-toolkit.sh || exit 1
+export CUDA_EMU_INCLUDE="${CUDA_HOME}/include"
+
+read -r -a builds <<<"${KERNEL_EMU_BUILDS:-plain address thread}"
+# shellcheck disable=SC2034 # used through the nameref of run()
+all=(kernels::emu::)
+# shellcheck disable=SC2034
+structure=(kernels::emu::parity_small_heads kernels::emu::fused_split_boundary
+    kernels::emu::split_rows kernels::emu::grid_stride kernels::emu::row_alignment
+    kernels::emu::deterministic kernels::emu::reduction_variants
+    kernels::emu::target_errors_match_cpu kernels::emu::edge_empty_batch)
+if [ -n "${KERNEL_EMU_FILTER:-}" ]; then
+    read -r -a all <<<"$KERNEL_EMU_FILTER"
+    # shellcheck disable=SC2034
+    structure=("${all[@]}")
+fi
+seed="${CUDA_EMU_SEED:-20261201}"
+passed=0
+failed=0
+failures=()
+logs="${KERNEL_EMU_LOGS:-target/kernel-emu-logs}"
+mkdir -p "$logs"
+
+# The emulator's own warp semantics against CUDA's definitions (plain g++, then ASan + UBSan).
+selftest() {
+    local flavour="$1"
+    shift
+    local bin="$logs/selftest-$flavour"
+    if g++ -std=c++17 -g -O1 -fno-strict-aliasing -I kernels/emu -I "$CUDA_EMU_INCLUDE" "$@" \
+        kernels/emu/selftest.cpp -o "$bin" && "$bin"; then
+        passed=$((passed + 1))
+    else
+        failed=$((failed + 1))
+        failures+=("emulator self-test ($flavour)")
+    fi
+}
+
+# build: the kernel-suite binaries of the current KERNEL_EMU_SANITIZE setting into $bins.
+build() {
+    echo "==== build: ${KERNEL_EMU_SANITIZE:-plain}"
+    bins=()
+    local json
+    json="$(cargo test --features kernel-emu --no-run --lib --test suite --message-format=json)" || {
+        failed=$((failed + 1))
+        failures+=("build ${KERNEL_EMU_SANITIZE:-plain}")
+        return 1
+    }
+    mapfile -t bins < <(python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])' <<<"$json")
+    printf '     %s\n' "${bins[@]}"
+}
+
+# run NAME SET ENV... : the ABI check and the tests SET (all or structure) of the kernel suite
+# from the last build, with ENV set (the sanitizer runtime preloaded, see build.rs).
+run() {
+    local name="$1"
+    local -n tests="$2"
+    shift 2
+    local log="$logs/${name// /_}.log"
+    local start=$SECONDS
+    local ok=1
+    echo "---- $name ($*)"
+    : >"$log"
+    for bin in "${bins[@]}"; do
+        if [[ "$(basename "$bin")" == candle_margin_softmax-* ]]; then
+            env "$@" "$bin" emu::tests >>"$log" 2>&1 || ok=0
+        else
+            env "$@" "$bin" "${tests[@]}" >>"$log" 2>&1 || ok=0
+        fi
+    done
+    [ ${#bins[@]} -eq 2 ] || ok=0
+    if [ "$ok" = 1 ]; then
+        passed=$((passed + 1))
+        echo "     ok in $((SECONDS - start)) s: $(grep -E '^test result' "$log" | tail -n 1)"
+    else
+        failed=$((failed + 1))
+        failures+=("$name")
+        echo "     FAILED in $((SECONDS - start)) s; from $log:"
+        grep -E 'cuda_emu: |ERROR: AddressSanitizer|runtime error:|WARNING: ThreadSanitizer|panicked|FAILED|failures:' "$log" | head -n 20
+        tail -n 40 "$log"
+    fi
+}
+
+# The sanitizers' own settings: stop at the first report; Rust's test harness leaks by design.
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:halt_on_error=1${ASAN_OPTIONS:+:$ASAN_OPTIONS}"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1${UBSAN_OPTIONS:+:$UBSAN_OPTIONS}"
+export TSAN_OPTIONS="halt_on_error=1:abort_on_error=1:second_deadlock_stack=1:suppressions=$PWD/kernels/emu/tsan.supp${TSAN_OPTIONS:+:$TSAN_OPTIONS}"
+
+for build in "${builds[@]}"; do
+    case "$build" in
+    plain)
+        selftest plain
+        export KERNEL_EMU_SANITIZE=
+        build || continue
+        run "plain all forward w1" all CUDA_EMU_ORDER=forward CUDA_EMU_WORKERS=1
+        run "plain all random w2 seed $seed" all CUDA_EMU_ORDER=random CUDA_EMU_SEED="$seed" CUDA_EMU_WORKERS=2
+        ;;
+    address)
+        selftest asan -fsanitize=address,undefined -fno-sanitize-recover=all
+        export KERNEL_EMU_SANITIZE=address
+        build || continue
+        asan="LD_PRELOAD=$(gcc -print-file-name=libasan.so)"
+        run "asan all forward w1" all "$asan" CUDA_EMU_ORDER=forward CUDA_EMU_WORKERS=1
+        run "asan structure reverse w1" structure "$asan" CUDA_EMU_ORDER=reverse CUDA_EMU_WORKERS=1
+        run "asan structure random w2 seed $seed" structure "$asan" CUDA_EMU_ORDER=random CUDA_EMU_SEED="$seed" CUDA_EMU_WORKERS=2
+        ;;
+    thread)
+        export KERNEL_EMU_SANITIZE=thread
+        build || continue
+        tsan="LD_PRELOAD=$(gcc -print-file-name=libtsan.so)"
+        run "tsan structure forward w1" structure "$tsan" CUDA_EMU_ORDER=forward CUDA_EMU_WORKERS=1
+        run "tsan structure random w2 seed $seed" structure "$tsan" CUDA_EMU_ORDER=random CUDA_EMU_SEED="$seed" CUDA_EMU_WORKERS=2
+        ;;
+    *)
+        echo "kernel-emu.sh: unknown build '$build' (plain, address, thread)" >&2
+        exit 2
+        ;;
+    esac
+done
+export KERNEL_EMU_SANITIZE=
+
+for f in "${failures[@]}"; do
+    echo "failed: $f"
+done
+echo "kernel-emu: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,587 @@
+//! The emulated backend (feature `kernel-emu`): the crate's CUDA kernels, `kernels/*.cu`
+//! unmodified, run on the CPU through the SIMT emulator of `kernels/emu/` (one fiber per CUDA
+//! thread, `__shared__` per block, barriers, warp shuffles, sanitizers), behind the C ABI of
+//! `kernels/emu/capi.cpp` that `build.rs` compiles with `cc`.
+//!
+//! It is test infrastructure, not a faster CPU path: it lets CI execute every line of the kernels
+//! and of their launch planning without a GPU. Every launch comes from [`Planner`], the planning
+//! code of the CUDA backend (with a lower grid cap when the caller asks for one, so that the
+//! grid-stride loops run on small inputs), and the host side does what `src/cuda.rs` does: the
+//! targets validated and sent as i32, the mean's upstream factor, the same buffers. Outputs are
+//! filled with NaN before each launch, so an element a kernel forgets to write shows up as a
+//! mismatch.
+//!
+//! While [`kernel_emu::emulated`] runs on a thread, the op's CPU storage on that thread takes this
+//! backend instead of `src/cpu.rs`.
+
+use std::cell::Cell;
+
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+use half::{bf16, f16};
+use num_traits::{Float, Zero};
+
+use crate::config::{MarginSoftmaxLoss, OP_NAME};
+use crate::host::{contiguous, read_targets, with_element};
+use crate::kernel_params::MsParams;
+use crate::launch::{ForwardPlan, Launch, LossAndGradPlan, Planner, RowShape, kernel_targets};
+use crate::math::{Acc, Element};
+use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::prepare::{kernel_upstream, read_weights};
+
+thread_local! {
+    /// The planner of this thread's emulated launches; `None`: the CPU bodies.
+    static PLANNER: Cell<Option<Planner>> = const { Cell::new(None) };
+}
+
+/// The planner when the op on this thread runs on the emulated kernels.
+pub(crate) fn active() -> Option<Planner> {
+    PLANNER.with(Cell::get)
+}
+
+/// Switching the op between the CPU bodies and the emulated CUDA kernels (test infrastructure;
+/// feature `kernel-emu`).
+///
+/// Thread order and workers are the emulator's own settings, read once from the environment:
+/// `CUDA_EMU_ORDER=forward|reverse|random` (the order in which the scheduler resumes a block's
+/// threads), `CUDA_EMU_SEED=n` (for `random`) and `CUDA_EMU_WORKERS=n` (OS threads running
+/// blocks; with 2 or more, ThreadSanitizer sees races between blocks). Any emulator error (a
+/// divergent barrier, a deadlock, a shuffle that names an exited lane, an invalid launch) and,
+/// in a sanitizer build (`KERNEL_EMU_SANITIZE`), any sanitizer report aborts the process with a
+/// report on stderr.
+pub mod kernel_emu {
+    use super::{PLANNER, Planner};
+
+    /// Restores the previous setting when dropped (also when `f` panics).
+    struct Restore(Option<Planner>);
+
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            PLANNER.with(|p| p.set(self.0));
+        }
+    }
+
+    fn with<R>(planner: Option<Planner>, f: impl FnOnce() -> R) -> R {
+        let _restore = Restore(PLANNER.with(|p| p.replace(planner)));
+        f()
+    }
+
+    /// Runs `f` with every call of the op on CPU tensors, on this thread, executed by the CUDA
+    /// kernels under the emulator. Launch grids have at most `grid_cap` blocks in each dimension
+    /// (clamped to 1..=65535, the CUDA backend's cap): a small cap runs the kernels' grid-stride
+    /// loops on small inputs.
+    pub fn emulated<R>(grid_cap: usize, f: impl FnOnce() -> R) -> R {
+        with(Some(Planner::grid_cap(grid_cap)), f)
+    }
+
+    /// Runs `f` with the op on CPU tensors back on the CPU bodies (inside [`emulated`]: the
+    /// oracle side of a comparison).
+    pub fn native<R>(f: impl FnOnce() -> R) -> R {
+        with(None, f)
+    }
+}
+
+type Partial<T, A> =
+    unsafe extern "C" fn(*const Launch, *const T, *const i32, *const A, *const MsParams, *mut A);
+type Finalize<T, A> = unsafe extern "C" fn(
+    *const Launch,
+    *const T,
+    *const i32,
+    *const A,
+    *const A,
+    *const A,
+    *const MsParams,
+    *const A,
+    *mut A,
+    *mut A,
+    *mut A,
+);
+type Backward<T, A> =
+    unsafe extern "C" fn(*const Launch, *const T, *const i32, *const A, *const MsParams, *mut T);
+type Fused<T, A> = unsafe extern "C" fn(
+    *const Launch,
+    *const T,
+    *const i32,
+    *const A,
+    *const A,
+    *const A,
+    *const MsParams,
+    *mut A,
+    *mut T,
+    *mut A,
+);
+
+/// The four entry points of one element type.
+struct Kernels<T, A> {
+    partial: Partial<T, A>,
+    finalize: Finalize<T, A>,
+    backward: Backward<T, A>,
+    fused: Fused<T, A>,
+}
+
+/// An input element type and its emulated kernels.
+trait EmuElement: Element {
+    const KERNELS: Kernels<Self, Self::Acc>;
+}
+
+/// Declares `ms_emu_{kernel}_{suffix}` of kernels/emu/capi.cpp for one element type. f16 and
+/// bf16 are `#[repr(transparent)]` over u16, as `__half` and `__nv_bfloat16` are 2-byte structs.
+macro_rules! emu_element {
+    ($t:ty, $acc:ty, $partial:ident, $finalize:ident, $backward:ident, $fused:ident) => {
+        unsafe extern "C" {
+            fn $partial(
+                l: *const Launch,
+                x: *const $t,
+                targets: *const i32,
+                scale: *const $acc,
+                p: *const MsParams,
+                partials: *mut $acc,
+            );
+            fn $finalize(
+                l: *const Launch,
+                x: *const $t,
+                targets: *const i32,
+                scale: *const $acc,
+                weights: *const $acc,
+                poly: *const $acc,
+                p: *const MsParams,
+                partials: *const $acc,
+                stats: *mut $acc,
+                row_info: *mut $acc,
+                grad_scale: *mut $acc,
+            );
+            fn $backward(
+                l: *const Launch,
+                x: *const $t,
+                targets: *const i32,
+                row_info: *const $acc,
+                p: *const MsParams,
+                grad: *mut $t,
+            );
+            fn $fused(
+                l: *const Launch,
+                x: *const $t,
+                targets: *const i32,
+                scale: *const $acc,
+                weights: *const $acc,
+                poly: *const $acc,
+                p: *const MsParams,
+                stats: *mut $acc,
+                grad: *mut $t,
+                grad_scale: *mut $acc,
+            );
+        }
+        impl EmuElement for $t {
+            const KERNELS: Kernels<$t, $acc> = Kernels {
+                partial: $partial,
+                finalize: $finalize,
+                backward: $backward,
+                fused: $fused,
+            };
+        }
+    };
+}
+
+emu_element!(
+    f32,
+    f32,
+    ms_emu_forward_partial_f32,
+    ms_emu_forward_finalize_f32,
+    ms_emu_backward_f32,
+    ms_emu_fused_f32
+);
+emu_element!(
+    f64,
+    f64,
+    ms_emu_forward_partial_f64,
+    ms_emu_forward_finalize_f64,
+    ms_emu_backward_f64,
+    ms_emu_fused_f64
+);
+emu_element!(
+    f16,
+    f32,
+    ms_emu_forward_partial_f16,
+    ms_emu_forward_finalize_f16,
+    ms_emu_backward_f16,
+    ms_emu_fused_f16
+);
+emu_element!(
+    bf16,
+    f32,
+    ms_emu_forward_partial_bf16,
+    ms_emu_forward_finalize_bf16,
+    ms_emu_backward_bf16,
+    ms_emu_fused_bf16
+);
+
+#[cfg(test)]
+unsafe extern "C" {
+    /// The kernel ABI's constants as the C++ build sees them (see capi.cpp).
+    fn ms_emu_abi(out: *mut u64);
+}
+
+/// An output buffer in the accumulation type that the kernels must fill completely: NaN until
+/// they do.
+fn poisoned<A: Acc>(len: usize) -> Vec<A> {
+    vec![A::nan(); len]
+}
+
+/// An output buffer in the element type, NaN until the kernels fill it.
+fn poisoned_elements<T: Element>(len: usize) -> Vec<T> {
+    vec![T::store(T::Acc::nan()); len]
+}
+
+/// What every launch reads, prepared once per call and checked against the shape (the kernels
+/// index it without bounds).
+struct Inputs<'a, T: EmuElement> {
+    shape: RowShape,
+    /// The input from its first element (the layout's offset applied: the kernels see the
+    /// alignment a device pointer would have).
+    x: &'a [T],
+    targets: Vec<i32>,
+    /// The forward's further inputs (the backward reads none).
+    forward: Option<ForwardInputs<'a, T::Acc>>,
+}
+
+/// The row scale (B), the class weights (C, or one unused element when there are none) and the
+/// PolyLoss coefficients (or one unused element).
+struct ForwardInputs<'a, A> {
+    scale: &'a [A],
+    weights: Vec<A>,
+    poly: Vec<A>,
+}
+
+impl<'a, T: EmuElement> Inputs<'a, T> {
+    fn new(
+        cfg: &MarginSoftmaxLoss,
+        shape: RowShape,
+        x: (&'a CpuStorage, &Layout),
+        targets: &[Option<usize>],
+        scale: Option<(&'a CpuStorage, &Layout)>,
+    ) -> Result<Self> {
+        let name = cfg.head.name();
+        let data = x.0.as_slice::<T>()?;
+        let x = &data[x.1.start_offset().min(data.len())..];
+        let last_row_end = match shape.rows {
+            0 => 0,
+            rows => (rows - 1) * shape.row_stride + shape.classes,
+        };
+        let forward = scale
+            .map(|scale| -> Result<_> {
+                let mut poly: Vec<T::Acc> = cfg.poly.iter().map(|&e| T::Acc::of(e)).collect();
+                if poly.is_empty() {
+                    poly.push(T::Acc::zero());
+                }
+                Ok(ForwardInputs {
+                    scale: contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?,
+                    weights: read_weights::<T::Acc>(cfg)?.unwrap_or_else(|| vec![T::Acc::zero()]),
+                    poly,
+                })
+            })
+            .transpose()?;
+        let forward_fits = forward.as_ref().is_none_or(|f| {
+            f.scale.len() == shape.rows
+                && (cfg.class_weights.is_none() || f.weights.len() == shape.classes)
+        });
+        if x.len() < last_row_end || targets.len() != shape.rows || !forward_fits {
+            bail!("{OP_NAME}({name}): internal error: the buffers do not match the shape {shape:?}")
+        }
+        Ok(Self {
+            shape,
+            x,
+            targets: kernel_targets(targets),
+            forward,
+        })
+    }
+
+    fn forward_inputs(&self) -> Result<&ForwardInputs<'a, T::Acc>> {
+        match &self.forward {
+            Some(f) => Ok(f),
+            None => bail!("{OP_NAME}: internal error: a forward launch without its inputs"),
+        }
+    }
+
+    /// `ms_forward_partial` then `ms_forward_finalize`: the statistics [rows, 8], and with
+    /// `backward` also the backward's row info [rows, 6] and d(loss)/d(scale) [rows].
+    fn forward(
+        &self,
+        plan: &ForwardPlan,
+        backward: Option<BackwardOutputs<'_, T::Acc>>,
+    ) -> Result<Vec<T::Acc>> {
+        let rows = self.shape.rows;
+        let f = self.forward_inputs()?;
+        let mut partials = poisoned::<T::Acc>(plan.partials_len);
+        let mut stats = poisoned::<T::Acc>(rows * STAT_COLUMNS);
+        let (row_info, grad_scale) = match backward {
+            Some((info, gs)) if info.len() == rows * ROWINFO_COLUMNS && gs.len() == rows => {
+                (info.as_mut_ptr(), gs.as_mut_ptr())
+            }
+            Some(_) => bail!("{OP_NAME}: internal error: row info buffers of the wrong size"),
+            None => (std::ptr::null_mut(), std::ptr::null_mut()),
+        };
+        // SAFETY: the arguments match `ms_forward_partial_T(const T* x, const int* targets,
+        // const ACC* scale, MsParams p, ACC* partials)` (capi.cpp runs the launch and returns
+        // when it is done); x holds rows·row_stride elements from its first up to the last row's
+        // end and targets / scale rows each (checked in `new`), partials the plan's length, and
+        // plan.params describes exactly this shape.
+        unsafe {
+            (T::KERNELS.partial)(
+                &plan.partial,
+                self.x.as_ptr(),
+                self.targets.as_ptr(),
+                f.scale.as_ptr(),
+                &plan.params,
+                partials.as_mut_ptr(),
+            )
+        };
+        // SAFETY: as above for `ms_forward_finalize_T(x, targets, scale, weights, poly, p,
+        // partials, stats, row_info, grad_scale)`: weights holds C elements when
+        // p.has_weights (else one), poly max(n_poly, 1), stats rows·8, and row_info /
+        // grad_scale are rows·6 / rows buffers or null, which the kernel then does not write.
+        unsafe {
+            (T::KERNELS.finalize)(
+                &plan.finalize,
+                self.x.as_ptr(),
+                self.targets.as_ptr(),
+                f.scale.as_ptr(),
+                f.weights.as_ptr(),
+                f.poly.as_ptr(),
+                &plan.params,
+                partials.as_ptr(),
+                stats.as_mut_ptr(),
+                row_info,
+                grad_scale,
+            )
+        };
+        Ok(stats)
+    }
+
+    /// `ms_backward`: d(loss)/d(input) [rows, C] from the row info [rows, 6].
+    fn backward(&self, params: &MsParams, launch: &Launch, row_info: &[T::Acc]) -> Result<Vec<T>> {
+        let RowShape { rows, classes, .. } = self.shape;
+        if row_info.len() != rows * ROWINFO_COLUMNS {
+            bail!(
+                "{OP_NAME}: internal error: row info has {} elements, want {}",
+                row_info.len(),
+                rows * ROWINFO_COLUMNS
+            )
+        }
+        let mut grad = poisoned_elements::<T>(rows * classes);
+        // SAFETY: the arguments match `ms_backward_T(const T* x, const int* targets, const ACC*
+        // row_info, MsParams p, T* grad)`; x and targets as in `forward`, row_info rows·6
+        // (checked above), grad rows·C.
+        unsafe {
+            (T::KERNELS.backward)(
+                launch,
+                self.x.as_ptr(),
+                self.targets.as_ptr(),
+                row_info.as_ptr(),
+                params,
+                grad.as_mut_ptr(),
+            )
+        };
+        Ok(grad)
+    }
+
+    /// `ms_fused`: the statistics, the gradient and d(loss)/d(scale) in one launch.
+    fn fused(&self, params: &MsParams, launch: &Launch) -> Result<LossAndGrad<T>> {
+        let RowShape { rows, classes, .. } = self.shape;
+        let f = self.forward_inputs()?;
+        let mut out = LossAndGrad {
+            stats: poisoned(rows * STAT_COLUMNS),
+            grad: poisoned_elements(rows * classes),
+            grad_scale: poisoned(rows),
+        };
+        // SAFETY: the arguments match `ms_fused_T(const T* x, const int* targets, const ACC*
+        // scale, const ACC* weights, const ACC* poly, MsParams p, ACC* stats, T* grad, ACC*
+        // grad_scale)`; the inputs as in `forward`, the outputs rows·8, rows·C and rows; the
+        // launch's dynamic shared memory is the plan's, which holds the row.
+        unsafe {
+            (T::KERNELS.fused)(
+                launch,
+                self.x.as_ptr(),
+                self.targets.as_ptr(),
+                f.scale.as_ptr(),
+                f.weights.as_ptr(),
+                f.poly.as_ptr(),
+                params,
+                out.stats.as_mut_ptr(),
+                out.grad.as_mut_ptr(),
+                out.grad_scale.as_mut_ptr(),
+            )
+        };
+        Ok(out)
+    }
+}
+
+/// The split path's finalize also writes the backward's row info [rows, 6] and d(loss)/d(scale)
+/// [rows].
+type BackwardOutputs<'b, A> = (&'b mut [A], &'b mut [A]);
+
+/// What `loss_and_grad` returns: statistics [rows, 8], gradient [rows, C], d(loss)/d(scale).
+struct LossAndGrad<T: Element> {
+    stats: Vec<T::Acc>,
+    grad: Vec<T>,
+    grad_scale: Vec<T::Acc>,
+}
+
+/// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype.
+pub(crate) fn forward(
+    planner: Planner,
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    scale: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        forward_typed(planner, cfg, x, targets, scale)
+    )
+}
+
+fn forward_typed<T: EmuElement>(
+    planner: Planner,
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    scale: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let shape = RowShape::new(x.1, cfg.head.name())?;
+    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
+    if shape.rows == 0 {
+        return Ok(T::Acc::to_cpu_storage_owned(Vec::new()));
+    }
+    let inputs = Inputs::<T>::new(cfg, shape, x, &targets, Some(scale))?;
+    let plan = planner.forward(cfg, shape, 1.0)?;
+    Ok(T::Acc::to_cpu_storage_owned(inputs.forward(&plan, None)?))
+}
+
+/// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
+/// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in).
+pub(crate) fn backward(
+    planner: Planner,
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    row_info: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        backward_typed(planner, cfg, x, targets, row_info)
+    )
+}
+
+fn backward_typed<T: EmuElement>(
+    planner: Planner,
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    row_info: (&CpuStorage, &Layout),
+) -> Result<CpuStorage> {
+    let name = cfg.head.name();
+    let shape = RowShape::new(x.1, name)?;
+    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
+    if shape.rows == 0 {
+        return Ok(T::to_cpu_storage_owned(Vec::new()));
+    }
+    let info = contiguous::<T::Acc>(row_info.0, row_info.1, "row info", name)?;
+    let inputs = Inputs::<T>::new(cfg, shape, x, &targets, None)?;
+    let plan = planner.backward(cfg, shape, std::mem::size_of::<T>())?;
+    let grad = inputs.backward(&plan.params, &plan.backward, info)?;
+    Ok(T::to_cpu_storage_owned(grad))
+}
+
+/// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
+/// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
+/// Σ_i ℓ_i: `ms_fused`, or the split forward then `ms_backward`, as planned.
+pub(crate) fn forward_backward(
+    planner: Planner,
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    scale: (&CpuStorage, &Layout),
+    mean: bool,
+) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        forward_backward_typed(planner, cfg, x, targets, scale, mean)
+    )
+}
+
+fn forward_backward_typed<T: EmuElement>(
+    planner: Planner,
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    targets: (&CpuStorage, &Layout),
+    scale: (&CpuStorage, &Layout),
+    mean: bool,
+) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+    let shape = RowShape::new(x.1, cfg.head.name())?;
+    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
+    let wrap = |out: LossAndGrad<T>| {
+        (
+            T::Acc::to_cpu_storage_owned(out.stats),
+            T::to_cpu_storage_owned(out.grad),
+            T::Acc::to_cpu_storage_owned(out.grad_scale),
+        )
+    };
+    if shape.rows == 0 {
+        return Ok(wrap(LossAndGrad {
+            stats: Vec::new(),
+            grad: Vec::new(),
+            grad_scale: Vec::new(),
+        }));
+    }
+    let upstream = kernel_upstream::<T::Acc>(cfg, &targets, mean)?;
+    let inputs = Inputs::<T>::new(cfg, shape, x, &targets, Some(scale))?;
+    let out = match planner.loss_and_grad(cfg, shape, std::mem::size_of::<T>(), upstream)? {
+        LossAndGradPlan::Fused { params, fused } => inputs.fused(&params, &fused)?,
+        LossAndGradPlan::Split { forward, backward } => {
+            let mut row_info = poisoned::<T::Acc>(shape.rows * ROWINFO_COLUMNS);
+            let mut grad_scale = poisoned::<T::Acc>(shape.rows);
+            let stats = inputs.forward(&forward, Some((&mut row_info, &mut grad_scale)))?;
+            let grad = inputs.backward(&forward.params, &backward, &row_info)?;
+            LossAndGrad {
+                stats,
+                grad,
+                grad_scale,
+            }
+        }
+    };
+    Ok(wrap(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel_params::MAX_SPHERE_M;
+    use crate::launch::{BLOCK, FINALIZE_BLOCK, PARTIAL_COLUMNS};
+
+    /// The Rust mirrors of the kernel ABI agree with the C++ build of the kernels.
+    #[test]
+    fn abi_matches_the_kernels() {
+        let mut got = [0u64; 9];
+        // SAFETY: ms_emu_abi writes exactly 9 values.
+        unsafe { ms_emu_abi(got.as_mut_ptr()) };
+        let want = [
+            std::mem::size_of::<MsParams>(),
+            std::mem::align_of::<MsParams>(),
+            BLOCK as usize,
+            FINALIZE_BLOCK as usize,
+            STAT_COLUMNS,
+            ROWINFO_COLUMNS,
+            PARTIAL_COLUMNS,
+            MAX_SPHERE_M,
+            std::mem::size_of::<Launch>(),
+        ]
+        .map(|v| v as u64);
+        assert_eq!(
+            got, want,
+            "[sizeof MsParams, alignof, MS_BLOCK, MS_FINALIZE_BLOCK, stat, rowinfo, partial \
+             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch]"
+        );
+    }
+}

@@ -1,0 +1,94 @@
+//! Reading candle CPU storage as the op's backends need it: the rows of a [B, C] input whose rows
+//! are each contiguous, contiguous 1-D / 2-D tensors, and the validated targets. Shared by the CPU
+//! bodies (`src/cpu.rs`) and the emulated kernels (`src/emu.rs`), which both take CPU storage.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+
+use crate::config::{MarginSoftmaxLoss, OP_NAME};
+use crate::prepare::validate_targets;
+
+/// Read access to the rows of a [B, C] input whose rows are each contiguous.
+pub(crate) struct Rows<'a, T> {
+    data: &'a [T],
+    offset: usize,
+    row_stride: usize,
+    pub rows: usize,
+    pub classes: usize,
+}
+
+impl<'a, T: WithDType> Rows<'a, T> {
+    pub(crate) fn new(storage: &'a CpuStorage, layout: &Layout, name: &str) -> Result<Self> {
+        let (rows, classes) = layout.shape().dims2()?;
+        let stride = layout.stride();
+        if classes > 1 && stride[1] != 1 {
+            bail!("{OP_NAME}({name}): internal error: input rows must be contiguous")
+        }
+        Ok(Self {
+            data: storage.as_slice::<T>()?,
+            offset: layout.start_offset(),
+            row_stride: stride[0],
+            rows,
+            classes,
+        })
+    }
+
+    pub(crate) fn row(&self, i: usize) -> &'a [T] {
+        let start = self.offset + i * self.row_stride;
+        &self.data[start..start + self.classes]
+    }
+}
+
+/// A contiguous 1-D or 2-D tensor's elements.
+pub(crate) fn contiguous<'a, T: WithDType>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+    name: &str,
+) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&storage.as_slice::<T>()?[start..end]),
+        None => bail!("{OP_NAME}({name}): internal error: {what} must be contiguous"),
+    }
+}
+
+/// The validated target of each row: `None` for an ignored row.
+pub(crate) fn read_targets(
+    storage: &CpuStorage,
+    layout: &Layout,
+    cfg: &MarginSoftmaxLoss,
+    classes: usize,
+) -> Result<Vec<Option<usize>>> {
+    let name = cfg.head.name();
+    let values: Vec<i64> = match storage {
+        CpuStorage::U32(_) => contiguous::<u32>(storage, layout, "targets", name)?
+            .iter()
+            .map(|&t| t as i64)
+            .collect(),
+        CpuStorage::I64(_) => contiguous::<i64>(storage, layout, "targets", name)?.to_vec(),
+        other => bail!(
+            "{OP_NAME}({name}): targets must be u32 or i64, got {:?}",
+            other.dtype()
+        ),
+    };
+    validate_targets(&values, cfg, classes)
+}
+
+/// Calls `$body::<T>` for the input's element type.
+macro_rules! with_element {
+    ($storage:expr, $name:expr, $body:ident ( $($arg:expr),* )) => {
+        match $storage {
+            ::candle_core::CpuStorage::F32(_) => $body::<f32>($($arg),*),
+            ::candle_core::CpuStorage::F64(_) => $body::<f64>($($arg),*),
+            ::candle_core::CpuStorage::F16(_) => $body::<::half::f16>($($arg),*),
+            ::candle_core::CpuStorage::BF16(_) => $body::<::half::bf16>($($arg),*),
+            other => ::candle_core::bail!(
+                "{}({}): input dtype must be f32, f64, f16 or bf16, got {:?}",
+                $crate::config::OP_NAME,
+                $name,
+                ::candle_core::backend::BackendStorage::dtype(other)
+            ),
+        }
+    };
+}
+pub(crate) use with_element;

@@ -1,0 +1,676 @@
+//! The kernel suite: the CPU suite's grids and the kernels' own cases (the fused / split
+//! boundary, several splits per row, grid-stride loops, row alignment, determinism), run on a
+//! device under test ([`Dut`]):
+//! - `kernels::gpu::*` (feature `cuda`): on CUDA device 0. Without a device each test says
+//!   `SKIPPED: no CUDA device` on stderr and returns, unless `REQUIRE_GPU=1`, where it fails.
+//!   Without the `cuda` feature these tests do not exist, so a GPU-less `cargo test` reports none.
+//! - `kernels::emu::*` (feature `kernel-emu`): the same CUDA kernels and launch plans run on the
+//!   CPU by the SIMT emulator (`candle_margin_softmax::kernel_emu`), with shapes sized for it.
+//!
+//! Inputs are generated on the host and moved to the device; the reference always runs on the
+//! CPU (`parity::reference_on_cpu`), and comparisons with the CPU op run it natively
+//! ([`Dut::host`]). The tolerances are those of the CPU suite ([`tols`]): the kernels accumulate
+//! in the same type (f32 for f32 / f16 / bf16, f64 for f64) in another order.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_margin_softmax::{Head, MarginSoftmaxLoss, Reduction};
+
+use crate::common::*;
+use crate::parity;
+use crate::{edge, errors, finite_diff};
+
+/// The device the kernels run on.
+pub struct Dut {
+    pub dev: Device,
+    /// `Some(grid cap)`: the emulated kernels on the CPU.
+    emulated: Option<usize>,
+}
+
+impl Dut {
+    /// CUDA device 0, or `None` (after saying so) when there is none; with `REQUIRE_GPU=1` a
+    /// missing device fails the test instead.
+    #[cfg(feature = "cuda")]
+    pub fn cuda() -> Option<Dut> {
+        match Device::new_cuda(0) {
+            Ok(dev) => Some(Dut {
+                dev,
+                emulated: None,
+            }),
+            Err(e) => {
+                if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
+                    panic!("REQUIRE_GPU=1 but no CUDA device is available: {e}");
+                }
+                eprintln!("SKIPPED: no CUDA device ({e}); REQUIRE_GPU=1 makes this a failure");
+                None
+            }
+        }
+    }
+
+    /// The emulated kernels, with the CUDA backend's grid cap.
+    #[cfg(feature = "kernel-emu")]
+    pub fn emulated() -> Dut {
+        Dut {
+            dev: Device::Cpu,
+            emulated: Some(65_535),
+        }
+    }
+
+    pub fn is_emulated(&self) -> bool {
+        self.emulated.is_some()
+    }
+
+    /// This device with at most `cap` blocks per grid dimension (emulated only; a GPU keeps its
+    /// planner's cap, so there the test needs more rows than 65535 to reach the grid-stride
+    /// loops).
+    pub fn with_grid_cap(&self, cap: usize) -> Dut {
+        Dut {
+            dev: self.dev.clone(),
+            emulated: self.emulated.map(|_| cap),
+        }
+    }
+
+    /// Runs `f` with the op on this device.
+    pub fn run<R>(&self, f: impl FnOnce(&Device) -> R) -> R {
+        match self.emulated {
+            #[cfg(feature = "kernel-emu")]
+            Some(cap) => candle_margin_softmax::kernel_emu::emulated(cap, || f(&self.dev)),
+            _ => f(&self.dev),
+        }
+    }
+
+    /// Runs `f` with the op on CPU tensors on the CPU bodies (the oracle of a comparison).
+    pub fn host<R>(&self, f: impl FnOnce() -> R) -> R {
+        match self.emulated {
+            #[cfg(feature = "kernel-emu")]
+            Some(_) => candle_margin_softmax::kernel_emu::native(f),
+            _ => f(),
+        }
+    }
+
+    /// `gpu` on a GPU, `emu` under the emulator.
+    pub fn size<T>(&self, gpu: T, emu: T) -> T {
+        if self.is_emulated() { emu } else { gpu }
+    }
+}
+
+/// Stamps `#[test] fn NAME` calling `NAME(&Dut)`: in `gpu` (feature `cuda`) and in `emu`
+/// (feature `kernel-emu`).
+macro_rules! kernel_tests {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "cuda")]
+        mod gpu {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(dut) = super::Dut::cuda() {
+                        super::$name(&dut);
+                    }
+                }
+            )*
+        }
+        #[cfg(feature = "kernel-emu")]
+        mod emu {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(&super::Dut::emulated());
+                }
+            )*
+        }
+    };
+}
+
+/// Stamps `#[test] fn NAME` in `gpu` only: GPU-sized shapes.
+macro_rules! gpu_tests {
+    ($($name:ident),* $(,)?) => {
+        #[cfg(feature = "cuda")]
+        mod gpu_sized {
+            $(
+                #[test]
+                fn $name() {
+                    if let Some(dut) = super::Dut::cuda() {
+                        super::$name(&dut);
+                    }
+                }
+            )*
+        }
+    };
+}
+
+kernel_tests!(
+    parity_small_heads,
+    parity_small_options,
+    parity_small_combo,
+    parity_small_row_scale,
+    parity_medium,
+    edge_cases,
+    edge_empty_batch,
+    finite_differences,
+    error_messages,
+    target_errors_match_cpu,
+    fused_split_boundary,
+    split_rows,
+    grid_stride,
+    row_alignment,
+    deterministic,
+    reduction_variants,
+);
+
+gpu_tests!(
+    parity_large_heads,
+    parity_large_options,
+    parity_large_row_scale,
+    many_rows,
+    big_1024x32000,
+    big_64x1m,
+);
+
+/// The largest C that `loss_and_grad` runs through the fused one-block-per-row kernel for each
+/// input dtype (see `loss_and_grad`'s docs): round_up(C·sizeof(T), 16) ≤ 48 KiB − 2048, i.e.
+/// 11776 (f32), 23552 (f16, bf16), 5888 (f64).
+fn fused_limit(dtype: DType) -> usize {
+    (48 * 1024 - 2048) / dtype.size_in_bytes()
+}
+
+// ---- The CPU suite's grids on the device. ----
+
+fn parity_small_heads(dut: &Dut) {
+    dut.run(parity::small_heads);
+}
+
+fn parity_small_options(dut: &Dut) {
+    dut.run(parity::small_options);
+}
+
+fn parity_small_combo(dut: &Dut) {
+    dut.run(parity::small_combo);
+}
+
+fn parity_small_row_scale(dut: &Dut) {
+    dut.run(parity::small_row_scale);
+}
+
+fn parity_medium(dut: &Dut) {
+    dut.run(parity::medium);
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn parity_large_heads(dut: &Dut) {
+    dut.run(parity::large_heads);
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn parity_large_options(dut: &Dut) {
+    dut.run(parity::large_options);
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn parity_large_row_scale(dut: &Dut) {
+    dut.run(parity::large_row_scale);
+}
+
+fn edge_cases(dut: &Dut) {
+    dut.run(|dev| {
+        edge::cos_pm1(dev);
+        edge::outside_clamp(dev);
+        edge::s64_half(dev);
+        edge::rbf_far(dev);
+        edge::extreme_targets(dev);
+        edge::all_ignored(dev);
+        edge::focal_confident(dev);
+        edge::one_class(dev);
+        edge::non_contiguous(dev);
+        edge::u32_vs_i64(dev);
+        edge::neg_inf_logit(dev);
+    });
+}
+
+fn edge_empty_batch(dut: &Dut) {
+    dut.run(edge::empty_batch);
+}
+
+fn finite_differences(dut: &Dut) {
+    dut.run(|dev| {
+        finite_diff::every_head_every_option(dev);
+        finite_diff::detached_where_exact(dev);
+        finite_diff::row_scale(dev);
+    });
+}
+
+fn error_messages(dut: &Dut) {
+    dut.run(|dev| {
+        errors::invalid_inputs(dev);
+        errors::invalid_hyper_parameters(dev);
+        errors::valid_boundaries(dev);
+    });
+}
+
+/// The first line of an error (candle appends a backtrace when RUST_BACKTRACE is set).
+fn message<T>(r: Result<T>) -> String {
+    match r {
+        Ok(_) => "Ok".to_string(),
+        Err(e) => e.to_string().lines().next().unwrap_or("").to_string(),
+    }
+}
+
+/// Invalid target values give the same error on the device as on the CPU (the targets are read
+/// back and checked by the same code), through the forward op and `loss_and_grad`.
+fn target_errors_match_cpu(dut: &Dut) {
+    let mut f = Failures::default();
+    let (b, c) = (4usize, 6usize);
+    let mut r = rng(seed_of("gpu target errors"));
+    let x = gen_input(&mut r, &Head::arcface(), b, c, &[0; 4]);
+    let cases: Vec<(&str, Vec<i64>, Option<i64>)> = vec![
+        ("target = C", vec![0, 6, 1, 2], Some(-100)),
+        ("negative target", vec![0, 1, -5, 2], Some(-100)),
+        ("ignore_index None", vec![0, -100, 1, 2], None),
+    ];
+    for (name, t, ignore) in cases {
+        for dtype in [DType::F32, DType::F64] {
+            for targets_u32 in [false, true] {
+                if targets_u32 && t.iter().any(|&v| v < 0) {
+                    continue;
+                }
+                let label = format!("{name} {} u32={targets_u32}", dtype_name(dtype));
+                let cfg = MarginSoftmaxLoss::new(Head::arcface()).ignore_index(ignore);
+                let on = |d: &Device| -> Result<(String, String)> {
+                    let input = input_tensor(&x, b, c, dtype, d)?;
+                    let targets = if targets_u32 {
+                        let v: Vec<u32> = t.iter().map(|&v| v as u32).collect();
+                        Tensor::from_vec(v, b, d)?
+                    } else {
+                        targets_i64(&t, d)?
+                    };
+                    Ok((
+                        message(cfg.loss(&input, &targets)),
+                        message(cfg.loss_and_grad(&input, &targets)),
+                    ))
+                };
+                match (dut.host(|| on(&Device::Cpu)), dut.run(on)) {
+                    (Ok(cpu), Ok(gpu)) => {
+                        if cpu != gpu || cpu.0 == "Ok" || cpu.1 == "Ok" {
+                            f.0.push(format!("[{label}] CPU {cpu:?} vs device {gpu:?}"));
+                        }
+                    }
+                    (a, b) => f.0.push(format!(
+                        "[{label}] setup failed: {:?} / {:?}",
+                        a.err(),
+                        b.err()
+                    )),
+                }
+            }
+        }
+    }
+    f.finish("kernels: target errors identical to the CPU's");
+}
+
+// ---- The fused / split boundary of loss_and_grad. ----
+
+/// C one below the fused kernel's limit, at it and one past it (the three-kernel path, 3 blocks
+/// per row in the forward), for every dtype, with the combination of options and with a per-row
+/// scale: parity with the CPU reference.
+fn fused_split_boundary(dut: &Dut) {
+    let b = dut.size(8, 3);
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        let limit = fused_limit(dtype);
+        for c in [limit - 1, limit, limit + 1] {
+            for (hn, head) in [("arcface", Head::arcface()), ("rbf", Head::rbf())] {
+                for (on, opts) in [("plain", Opts::default()), ("combo", Opts::combo())] {
+                    for with_row_scale in [false, true] {
+                        let name = format!("boundary {hn}+{on}");
+                        dut.run(|dev| {
+                            parity::parity_case(
+                                dev,
+                                &name,
+                                head,
+                                &opts,
+                                (b, c),
+                                dtype,
+                                with_row_scale,
+                                &mut f,
+                            )
+                        });
+                    }
+                }
+            }
+        }
+    }
+    f.finish("kernels: fused / split boundary");
+}
+
+/// More rows than the grid cap of 65535 (the fused and backward kernels are grid-stride over
+/// rows; `loss` + backward always runs `ms_backward`), against the CPU fused op.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn many_rows(dut: &Dut) {
+    let mut f = Failures::default();
+    let (b, c) = (70_000usize, 16usize);
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        let label = format!("many rows {b}x{c} {}", dtype_name(dtype));
+        if let Err(e) = vs_cpu_op(
+            dut,
+            &label,
+            Head::arcface(),
+            &Opts::combo(),
+            (b, c),
+            dtype,
+            &mut f,
+        ) {
+            f.err(&label, e);
+        }
+    }
+    f.finish("kernels: more rows than the grid cap");
+}
+
+/// Grids smaller than the work (emulated: a grid cap of 3 blocks per dimension; on a GPU the cap
+/// of 65535, which `many_rows` passes), so every kernel runs its grid-stride loops: over rows in
+/// `ms_fused` and `ms_backward`, over (row, split) blocks in `ms_forward_partial`, over column
+/// vectors in `ms_backward`, and over rows in `ms_forward_finalize` (more rows than 3 blocks of
+/// 128 threads). Both paths, every dtype, ignored rows, against the CPU fused op.
+fn grid_stride(dut: &Dut) {
+    let capped = dut.with_grid_cap(3);
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        let limit = fused_limit(dtype);
+        for (b, c) in [(397usize, 5usize), (11, 37), (5, limit + 1)] {
+            for (hn, head) in [("arcface", Head::arcface()), ("softmax", Head::softmax())] {
+                let label = format!("grid stride {hn} {b}x{c} {}", dtype_name(dtype));
+                if let Err(e) =
+                    vs_cpu_op(&capped, &label, head, &Opts::combo(), (b, c), dtype, &mut f)
+                {
+                    f.err(&label, e);
+                }
+            }
+        }
+    }
+    f.finish("kernels: grid-stride loops");
+}
+
+/// Many blocks per row in the split forward (C = 40000: 10 splits with 2 rows) and a ragged last
+/// split, every dtype, plain and with all options, against the CPU fused op.
+fn split_rows(dut: &Dut) {
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        for (b, c) in [(2usize, 40_000usize), (3, 12_289)] {
+            for (on, opts) in [("plain", Opts::default()), ("combo", Opts::combo())] {
+                let label = format!("split rows rbf+{on} {b}x{c} {}", dtype_name(dtype));
+                if let Err(e) = vs_cpu_op(dut, &label, Head::rbf(), &opts, (b, c), dtype, &mut f) {
+                    f.err(&label, e);
+                }
+            }
+        }
+    }
+    f.finish("kernels: several splits per row");
+}
+
+/// Rows at every 16-byte phase: odd C (consecutive rows alternate alignment), views that start
+/// past element 0 (a `narrow` on the class dimension: every row misaligned; on the batch
+/// dimension: a storage offset), for every dtype on both paths, against the same values copied
+/// contiguous on the CPU op: `loss`, autograd (into the view's base) and `loss_and_grad`.
+fn row_alignment(dut: &Dut) {
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        let limit = fused_limit(dtype);
+        for (b, c) in [(9usize, 37usize), (4, 1001), (3, limit + 3)] {
+            for (skip_rows, skip_cols) in [(0usize, 0usize), (0, 1), (1, 0), (1, 3)] {
+                let label = format!(
+                    "alignment {b}x{c} {} offset ({skip_rows}, {skip_cols})",
+                    dtype_name(dtype)
+                );
+                let mut run = || -> Result<()> {
+                    let head = Head::arcface();
+                    let opts = Opts::combo();
+                    let mut r = rng(seed_of(&label));
+                    let t = gen_targets(&mut r, b, c, opts.ignore);
+                    let (bw, cw) = (b + skip_rows, c + skip_cols + 2);
+                    let tw: Vec<i64> = (0..bw)
+                        .map(|i| t.get(i).copied().unwrap_or(0).max(0))
+                        .collect();
+                    let wide = gen_input(&mut r, &head, bw, cw, &tw);
+                    let cfg = opts.cfg(head, c, dtype, &dut.dev, 7)?;
+                    let targets = targets_i64(&t, &dut.dev)?;
+                    let base = input_tensor(&wide, bw, cw, dtype, &dut.dev)?;
+                    let view = base.narrow(0, skip_rows, b)?.narrow(1, skip_cols, c)?;
+                    let copy = view.contiguous()?;
+                    let want = dut.host(|| autograd(Side::Fused, &cfg, &copy, &targets, None))?;
+                    let (want_l, want_g) = dut.host(|| cfg.loss_and_grad(&copy, &targets))?;
+                    let got = dut.run(|_| autograd(Side::Fused, &cfg, &view, &targets, None))?;
+                    let (got_l, got_g) = dut.run(|_| cfg.loss_and_grad(&view, &targets))?;
+                    let (tl, tg) = tols(dtype);
+                    let s = head.scale();
+                    let bn = b as f64;
+                    f.check(&label, compare("loss", &got.loss, &want.loss, tl, s));
+                    f.check(
+                        &label,
+                        compare("autograd dinput", &got.dx, &want.dx, tg, s / bn),
+                    );
+                    f.check(
+                        &label,
+                        compare("loss_and_grad loss", &got_l, &want_l, tl, s),
+                    );
+                    f.check(
+                        &label,
+                        compare("loss_and_grad dinput", &got_g, &want_g, tg, s / bn),
+                    );
+                    Ok(())
+                };
+                if let Err(e) = run() {
+                    f.err(&label, e);
+                }
+            }
+        }
+    }
+    f.finish("kernels: rows at every alignment");
+}
+
+// ---- GPU-sized shapes. ----
+
+/// Loss + autograd gradient and `loss_and_grad` on the device against the CPU fused op.
+fn vs_cpu_op(
+    dut: &Dut,
+    label: &str,
+    head: Head,
+    opts: &Opts,
+    (b, c): (usize, usize),
+    dtype: DType,
+    f: &mut Failures,
+) -> Result<()> {
+    let seed = seed_of(label);
+    let mut r = rng(seed);
+    let t = gen_targets(&mut r, b, c, opts.ignore);
+    let x = gen_input(&mut r, &head, b, c, &t);
+    let cpu = Device::Cpu;
+    let cfg_cpu = opts.cfg(head, c, dtype, &cpu, seed)?;
+    let dev = &dut.dev;
+    let cfg_gpu = cfg_on(&cfg_cpu, dev)?;
+    let input_cpu = input_tensor(&x, b, c, dtype, &cpu)?;
+    let targets_cpu = targets_i64(&t, &cpu)?;
+    drop(x);
+    let input_gpu = input_cpu.to_device(dev)?;
+    let targets_gpu = targets_cpu.to_device(dev)?;
+    let (tl, tg) = tols(dtype);
+    let s = head.scale();
+    let bn = b.max(1) as f64;
+
+    let want = dut.host(|| autograd(Side::Fused, &cfg_cpu, &input_cpu, &targets_cpu, None))?;
+    let got = dut.run(|_| autograd(Side::Fused, &cfg_gpu, &input_gpu, &targets_gpu, None))?;
+    f.check(
+        label,
+        compare("loss vs CPU op", &got.loss, &want.loss, tl, s),
+    );
+    f.check(
+        label,
+        compare("autograd dinput vs CPU op", &got.dx, &want.dx, tg, s / bn),
+    );
+    drop(got);
+    let (want_l, want_g) = dut.host(|| cfg_cpu.loss_and_grad(&input_cpu, &targets_cpu))?;
+    let (got_l, got_g) = dut.run(|_| cfg_gpu.loss_and_grad(&input_gpu, &targets_gpu))?;
+    f.check(
+        label,
+        compare("loss_and_grad loss vs CPU op", &got_l, &want_l, tl, s),
+    );
+    f.check(
+        label,
+        compare(
+            "loss_and_grad dinput vs CPU op",
+            &got_g,
+            &want_g,
+            tg,
+            s / bn,
+        ),
+    );
+    Ok(())
+}
+
+/// The three large-vocabulary configurations.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn big_configs() -> Vec<(&'static str, Head, Opts)> {
+    vec![
+        (
+            "arcface+smoothing",
+            Head::arcface(),
+            Opts {
+                smoothing: 0.1,
+                ..Opts::default()
+            },
+        ),
+        ("rbf", Head::rbf(), Opts::default()),
+        ("softmax", Head::softmax(), Opts::default()),
+    ]
+}
+
+/// (1024, 32000): every configuration in f32 and bf16, against the CPU fused op and the CPU
+/// reference.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn big_1024x32000(dut: &Dut) {
+    let mut f = Failures::default();
+    let (b, c) = (1024usize, 32_000usize);
+    for (name, head, opts) in big_configs() {
+        for dtype in [DType::F32, DType::BF16] {
+            let label = format!("{name} {b}x{c} {}", dtype_name(dtype));
+            if let Err(e) = vs_cpu_op(dut, &label, head, &opts, (b, c), dtype, &mut f) {
+                f.err(&label, e);
+            }
+            dut.run(|dev| {
+                parity::parity_case(dev, name, head, &opts, (b, c), dtype, false, &mut f)
+            });
+        }
+    }
+    f.finish("kernels: 1024 x 32000");
+}
+
+/// (64, 1_000_000): every configuration in f32 and bf16 against the CPU fused op; ArcFace with
+/// smoothing in f32 also against the CPU reference (slow on the CPU).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn big_64x1m(dut: &Dut) {
+    let mut f = Failures::default();
+    let (b, c) = (64usize, 1_000_000usize);
+    for (name, head, opts) in big_configs() {
+        for dtype in [DType::F32, DType::BF16] {
+            let label = format!("{name} {b}x{c} {}", dtype_name(dtype));
+            if let Err(e) = vs_cpu_op(dut, &label, head, &opts, (b, c), dtype, &mut f) {
+                f.err(&label, e);
+            }
+        }
+    }
+    let (name, head, opts) = big_configs().swap_remove(0);
+    dut.run(|dev| parity::parity_case(dev, name, head, &opts, (b, c), DType::F32, false, &mut f));
+    f.finish("kernels: 64 x 1000000");
+}
+
+// ---- Determinism. ----
+
+/// A tensor's exact values (every f16 / bf16 / f32 value converts to f64 exactly).
+fn bits(t: &Tensor) -> Result<Vec<u64>> {
+    Ok(vec_f64(t)?.iter().map(|v| v.to_bits()).collect())
+}
+
+/// Two runs of `loss_and_grad` (with and without a row scale) and of `loss` + backward give
+/// bitwise identical results, in the fused path (C below the limit) and in the split path
+/// (above it, with several blocks per row). Emulated, the thread order is the emulator's
+/// (`CUDA_EMU_ORDER`), so across the CI runs this also checks that no result depends on it
+/// beyond the tolerances of the parity grids.
+fn deterministic(dut: &Dut) {
+    let dev = &dut.dev;
+    let mut f = Failures::default();
+    for dtype in [DType::F32, DType::BF16, DType::F64] {
+        let limit = fused_limit(dtype);
+        let shapes = dut.size(
+            [(256usize, limit / 2), (256, limit + 1), (16, 200_000)],
+            [(6usize, limit / 2), (3, limit + 1), (2, 30_000)],
+        );
+        for (b, c) in shapes {
+            for (hn, head) in [("arcface", Head::arcface()), ("rbf", Head::rbf())] {
+                let label = format!("det {hn} {b}x{c} {}", dtype_name(dtype));
+                let mut run = || -> Result<()> {
+                    let mut r = rng(seed_of(&label));
+                    let t = gen_targets(&mut r, b, c, true);
+                    let x = gen_input(&mut r, &head, b, c, &t);
+                    let cfg = Opts::combo().cfg(head, c, dtype, dev, 1)?;
+                    let input = input_tensor(&x, b, c, dtype, dev)?;
+                    let targets = targets_i64(&t, dev)?;
+                    let rs = Tensor::from_vec(gen_row_scale(&mut r, b), b, dev)?
+                        .to_dtype(acc_dtype(dtype))?;
+                    let once = || -> Result<Vec<Vec<u64>>> {
+                        let (l, g) = cfg.loss_and_grad(&input, &targets)?;
+                        let (l2, g2, gr) =
+                            cfg.loss_and_grad_with_row_scale(&input, &targets, &rs)?;
+                        let a = autograd(Side::Fused, &cfg, &input, &targets, Some(&rs))?;
+                        let dr = a.dr.expect("row scale gradient");
+                        [l, g, l2, g2, gr, a.loss, a.dx, dr]
+                            .iter()
+                            .map(bits)
+                            .collect()
+                    };
+                    let (first, second) = (dut.run(|_| once())?, dut.run(|_| once())?);
+                    let names = [
+                        "loss_and_grad loss",
+                        "loss_and_grad dinput",
+                        "loss_and_grad_with_row_scale loss",
+                        "loss_and_grad_with_row_scale dinput",
+                        "loss_and_grad_with_row_scale drow_scale",
+                        "loss",
+                        "autograd dinput",
+                        "autograd drow_scale",
+                    ];
+                    for ((what, p), q) in names.iter().zip(&first).zip(&second) {
+                        if p != q {
+                            let k = p.iter().zip(q).position(|(u, v)| u != v).unwrap_or(0);
+                            f.0.push(format!("[{label}] {what}: two runs differ (first at {k})"));
+                        }
+                    }
+                    Ok(())
+                };
+                if let Err(e) = run() {
+                    f.err(&label, e);
+                }
+            }
+        }
+    }
+    f.finish("kernels: bitwise determinism");
+}
+
+/// Every reduction with the combination of options and a per-row scale, on both paths of
+/// `loss_and_grad` (C = 4000: fused; C = 40000: split, 10 blocks per row in the forward).
+fn reduction_variants(dut: &Dut) {
+    let mut f = Failures::default();
+    for red in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        for (b, c) in [(dut.size(96usize, 5), 4000usize), (dut.size(96, 2), 40_000)] {
+            let opts = Opts::combo().with_reduction(red);
+            let name = format!("combo {red:?}");
+            dut.run(|dev| {
+                parity::parity_case(
+                    dev,
+                    &name,
+                    Head::combined(),
+                    &opts,
+                    (b, c),
+                    DType::F32,
+                    true,
+                    &mut f,
+                )
+            });
+        }
+    }
+    f.finish("kernels: reductions on both paths");
+}
