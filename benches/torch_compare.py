@@ -4,7 +4,7 @@
 One timed unit is one full training step of the loss: logits [B, C] -> (scalar mean loss,
 d(loss)/d(logits) [B, C] in the logits' dtype). For the crate ("ours") that is what
 `MarginSoftmaxLoss::loss_and_grad` launches on a GPU (src/cuda.rs): `ms_fused_<T>` when a row
-fits in shared memory (C * sizeof(T) <= 46080 bytes), else `ms_forward_partial_<T>` ->
+fits in shared memory (C * sizeof(T) <= 47104 bytes), else `ms_forward_partial_<T>` ->
 `ms_forward_finalize_<T>` (row info and d(loss)/d(scale) for the backward, the mean's 1/N folded
 in) -> `ms_backward_<T>`, plus the mean over the per-row losses. The kernels are compiled here from
 kernels/*.cu with nvcc (the flags of build.rs) and launched through CuPy on PyTorch's current
@@ -145,12 +145,12 @@ ENTRY_MODULE = {
     "ms_fused": "fused",
 }
 
-# Launch constants of src/cuda.rs and src/kernel_params.rs.
+# Launch constants of src/launch.rs (BLOCK and FINALIZE_BLOCK are MS_BLOCK / MS_FINALIZE_BLOCK of
+# kernels/params.cuh: the kernels trap on any other block size).
 BLOCK = 256
 FINALIZE_BLOCK = 128
 MAX_GRID = 65_535
 FUSED_SMEM_LIMIT = 48 * 1024
-FUSED_SMEM_EXTRA = 1024
 FUSED_STATIC_RESERVE = 2048
 SPLIT_TARGET_BLOCKS = 1024
 SPLIT_MIN_COLUMNS = 4096
@@ -162,21 +162,21 @@ def div_ceil(a: int, b: int) -> int:
 
 
 def split_count(rows: int, classes: int) -> int:
-    """clamp(ceil(1024 / B), 1, ceil(C / 4096)), as src/kernel_params.rs."""
+    """clamp(ceil(1024 / B), 1, ceil(C / 4096)), as src/launch.rs."""
     return max(min(div_ceil(SPLIT_TARGET_BLOCKS, max(rows, 1)), div_ceil(classes, SPLIT_MIN_COLUMNS)), 1)
 
 
 def fused_max_classes(size: int) -> int:
-    return (FUSED_SMEM_LIMIT - FUSED_SMEM_EXTRA - FUSED_STATIC_RESERVE) // size
+    return (FUSED_SMEM_LIMIT - FUSED_STATIC_RESERVE) // size
 
 
-assert fused_max_classes(4) == 11_520 and fused_max_classes(2) == 23_040 and fused_max_classes(8) == 5_760
+assert fused_max_classes(4) == 11_776 and fused_max_classes(2) == 23_552 and fused_max_classes(8) == 5_888
 
 
 def fused_shared_mem(classes: int, size: int) -> Optional[int]:
-    """Dynamic shared memory of ms_fused (round_up(C*size, 16) + 1024), or None: the split path."""
+    """Dynamic shared memory of ms_fused (round_up(C*size, 16)), or None: the split path."""
     if classes <= fused_max_classes(size):
-        return div_ceil(classes * size, 16) * 16 + FUSED_SMEM_EXTRA
+        return div_ceil(classes * size, 16) * 16
     return None
 
 
@@ -627,7 +627,7 @@ def selftest_configs() -> List[Tuple[str, LossCfg, Tuple[int, int]]]:
         ("combined", LossCfg(HeadCfg("combined", s=64.0, m1=1.0, m2=0.3, m3=0.2)), (256, 8000)),
         ("cosface_focal_poly_z", LossCfg(HeadCfg("cosface", s=64.0, m=0.35), focal_gamma=2.0, z_loss=1e-4,
                                          n_poly=1, has_weights=True, margin_grad="detached"), (64, 50000)),
-        ("sphereface_m4", LossCfg(HeadCfg("sphereface", s=30.0, m=4, lam=5.0)), (3, 23040)),
+        ("sphereface_m4", LossCfg(HeadCfg("sphereface", s=30.0, m=4, lam=5.0)), (3, 23552)),
         ("rbf", LossCfg(HeadCfg("rbf", s=35.0, gamma=16.0)), (5, 40001)),
     ]
 
@@ -774,7 +774,7 @@ TOLERANCES = {
 }
 
 DEFAULT_SHAPES = ["8192x32000", "4096x128256", "512x1000000", "1024x45000"]
-PREFLIGHT_SHAPES = ["37x1001", "3x23040", "2x11521", "64x50000", "5x40001"]
+PREFLIGHT_SHAPES = ["37x1001", "3x23552", "2x11777", "64x50000", "5x40001"]
 GOAL_COPY_FRACTION = 0.85
 GOAL_VS_COMPILE_LIGER = 1.3
 GOAL_VS_EAGER_ARCFACE = 8.0
@@ -1676,7 +1676,7 @@ def parse_args(argv=None):
     ap.add_argument("--copy-gib", type=float, default=1.0, help="size of the copy-bandwidth tensor")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     ap.add_argument("--ours-path", choices=["auto", "split"], default="auto",
-                    help="auto: as src/cuda.rs (fused when C*sizeof <= 46080); split: always the 3-kernel path")
+                    help="auto: as src/launch.rs (fused when C*sizeof <= 47104); split: always the 3-kernel path")
     ap.add_argument("--arch", default=None, help="nvcc -arch (default: the GPU's, e.g. sm_90)")
     ap.add_argument("--nvcc", default=None, help="nvcc to use (default: as build.rs finds it)")
     ap.add_argument("--build-dir", default=None, help="where the PTX goes (default: a temporary directory)")

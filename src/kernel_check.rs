@@ -3,7 +3,7 @@
 //! algorithm (split partials, ordered merge, finalize_row, grad_element). These tests compare it
 //! with the CPU op over every head, margin mode and criterion option, in f64 and f32, so the
 //! kernels' formulas are tested on machines without a GPU. What this cannot cover (vector loads,
-//! shuffles, shared memory, grid strides) the GPU suite does (`tests/suite/gpu.rs`).
+//! shuffles, shared memory, grid strides) the kernel suite does (`tests/suite/kernels.rs`, on a GPU or through the emulated kernels).
 //!
 //! Built only with the `kernel-host-check` feature (it needs a C++ compiler):
 //! `cargo test --features kernel-host-check --lib kernel_check`.

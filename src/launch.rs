@@ -342,7 +342,7 @@ mod tests {
         let b = Planner::grid_cap(3)
             .backward(&cfg, shape(10, 5000), 4)
             .unwrap();
-        assert_eq!(b.backward.grid, [2, 3, 1]);
+        assert_eq!(b.backward.grid, [3, 3, 1]);
         let one = Planner::grid_cap(0).backward(&cfg, shape(1, 1), 2).unwrap();
         assert_eq!(one.backward.grid, [1, 1, 1]);
     }

@@ -149,7 +149,7 @@ impl MarginSoftmaxLoss {
     /// input's dtype). Neither output is attached to the autograd graph.
     ///
     /// On a CUDA device (feature `cuda`) a row that fits in shared memory next to the kernel's
-    /// scratch — C ≤ 11520 for f32, C ≤ 23040 for f16 / bf16, C ≤ 5760 for f64 — is handled by
+    /// scratch — C ≤ 11776 for f32, C ≤ 23552 for f16 / bf16, C ≤ 5888 for f64 — is handled by
     /// one block that reads it once and writes its gradient once; wider rows take three kernels
     /// (partial statistics over column slices, per-row finalize, backward): two reads and one
     /// write. Either way the launch shapes depend only on B, C and the dtype, so the results are

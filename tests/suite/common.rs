@@ -9,8 +9,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 
-/// The device the CPU suite runs on; every grid function takes `&Device`, and `gpu.rs` runs the
-/// same grids on a CUDA device.
+/// The device the CPU suite runs on; every grid function takes `&Device`, and `kernels.rs` runs
+/// the same grids on a CUDA device and through the emulated kernels.
 pub fn device() -> Device {
     Device::Cpu
 }

@@ -93,17 +93,25 @@ impl Dut {
     }
 }
 
-/// Stamps `#[test] fn NAME` calling `NAME(&Dut)`: in `gpu` (feature `cuda`) and in `emu`
-/// (feature `kernel-emu`).
+/// Stamps `#[test] fn NAME` calling `NAME(&Dut)`: in `gpu` (feature `cuda`) for every name, and
+/// in `emu` (feature `kernel-emu`) for the first list (the second holds GPU-sized shapes).
 macro_rules! kernel_tests {
-    ($($name:ident),* $(,)?) => {
+    (both: [$($both:ident),* $(,)?], gpu_only: [$($gpu:ident),* $(,)?] $(,)?) => {
         #[cfg(feature = "cuda")]
         mod gpu {
             $(
                 #[test]
-                fn $name() {
+                fn $both() {
                     if let Some(dut) = super::Dut::cuda() {
-                        super::$name(&dut);
+                        super::$both(&dut);
+                    }
+                }
+            )*
+            $(
+                #[test]
+                fn $gpu() {
+                    if let Some(dut) = super::Dut::cuda() {
+                        super::$gpu(&dut);
                     }
                 }
             )*
@@ -112,25 +120,8 @@ macro_rules! kernel_tests {
         mod emu {
             $(
                 #[test]
-                fn $name() {
-                    super::$name(&super::Dut::emulated());
-                }
-            )*
-        }
-    };
-}
-
-/// Stamps `#[test] fn NAME` in `gpu` only: GPU-sized shapes.
-macro_rules! gpu_tests {
-    ($($name:ident),* $(,)?) => {
-        #[cfg(feature = "cuda")]
-        mod gpu_sized {
-            $(
-                #[test]
-                fn $name() {
-                    if let Some(dut) = super::Dut::cuda() {
-                        super::$name(&dut);
-                    }
+                fn $both() {
+                    super::$both(&super::Dut::emulated());
                 }
             )*
         }
@@ -138,31 +129,32 @@ macro_rules! gpu_tests {
 }
 
 kernel_tests!(
-    parity_small_heads,
-    parity_small_options,
-    parity_small_combo,
-    parity_small_row_scale,
-    parity_medium,
-    edge_cases,
-    edge_empty_batch,
-    finite_differences,
-    error_messages,
-    target_errors_match_cpu,
-    fused_split_boundary,
-    split_rows,
-    grid_stride,
-    row_alignment,
-    deterministic,
-    reduction_variants,
-);
-
-gpu_tests!(
-    parity_large_heads,
-    parity_large_options,
-    parity_large_row_scale,
-    many_rows,
-    big_1024x32000,
-    big_64x1m,
+    both: [
+        parity_small_heads,
+        parity_small_options,
+        parity_small_combo,
+        parity_small_row_scale,
+        parity_medium,
+        edge_cases,
+        edge_empty_batch,
+        finite_differences,
+        error_messages,
+        target_errors_match_cpu,
+        fused_split_boundary,
+        split_rows,
+        grid_stride,
+        row_alignment,
+        deterministic,
+        reduction_variants,
+    ],
+    gpu_only: [
+        parity_large_heads,
+        parity_large_options,
+        parity_large_row_scale,
+        many_rows,
+        big_1024x32000,
+        big_64x1m,
+    ],
 );
 
 /// The largest C that `loss_and_grad` runs through the fused one-block-per-row kernel for each
