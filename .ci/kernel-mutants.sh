@@ -30,7 +30,7 @@ mutants=(
     "vector_tail|kernels/forward.cu|s{if \(j0 \+ V <= end\)}{if (j0 < end)}"
     "misaligned|kernels/forward.cu|s{if \(aligned16\(xr\)\)}{if (true)}"
     "divergent_barrier|kernels/common.cuh|s{if \(lane == 0\) warp_states\[warp\] = s;\s*__syncthreads\(\);}{if (lane == 0) { warp_states[warp] = s; __syncthreads(); }}"
-    "divergent_shuffle|kernels/common.cuh|s{if \(warp == 0\) \{}{if (warp == 0 && lane < 16) {}"
+    "divergent_shuffle|kernels/common.cuh|s#if \(warp == 0\) \{#if (warp == 0 && lane < 16) {#"
     "unguarded_lane_read|kernels/common.cuh|s{s = lane < WARPS \? warp_states\[lane\] : online_empty<A>\(\);}{s = warp_states[lane];}"
     "static_shared_oob|kernels/common.cuh|s{warp_states\[warp\] = s;}{warp_states[warp * 5] = s;}"
     "host_fused_smem_short|src/launch.rs|s{\(classes \* size\)\.next_multiple_of\(16\)}{(classes * size - 4)}"

@@ -22,7 +22,7 @@ use candle_core::cuda_backend::WrapErr;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, WithDType, bail};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, bail};
 use half::{bf16, f16};
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME};

@@ -32,9 +32,9 @@ pub(crate) const PARTIAL_COLUMNS: usize = 4;
 /// The shared memory one block of `ms_fused` may use in all (static + dynamic): the default
 /// per-block limit of every CUDA GPU, so no opt-in attribute is needed.
 const FUSED_SMEM_LIMIT: usize = 48 * 1024;
-/// Room kept for the static shared memory of `ms_fused` (today the block reduction's 32 warp
-/// states and the 6 row-info values: 536 bytes for f32 / f16 / bf16, 1072 for f64), checked at
-/// run time against the loaded kernel by the CUDA backend.
+/// Room kept for the static shared memory of `ms_fused` (today the block reduction's
+/// MS_BLOCK / 32 = 8 warp states and the 6 row-info values: 152 bytes for f32 / f16 / bf16, 304
+/// for f64), checked at run time against the loaded kernel by the CUDA backend.
 pub(crate) const FUSED_STATIC_RESERVE: usize = 2048;
 
 /// The widest row `loss_and_grad` runs through `ms_fused` for elements of `size` bytes: the row
@@ -149,6 +149,7 @@ impl Planner {
 
     /// A planner whose grids have at most `cap` blocks in each dimension (clamped to
     /// 1..=[`MAX_GRID`]): the kernels' grid-stride loops then run on small inputs.
+    #[cfg(any(test, feature = "kernel-emu"))]
     pub(crate) fn grid_cap(cap: usize) -> Self {
         Self {
             grid_cap: cap.clamp(1, MAX_GRID),
