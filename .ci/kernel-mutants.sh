@@ -33,7 +33,7 @@ mutants=(
     "divergent_shuffle|kernels/common.cuh|s#if \(warp == 0\) \{#if (warp == 0 && lane < 16) {#"
     "unguarded_lane_read|kernels/common.cuh|s{s = lane < WARPS \? warp_states\[lane\] : online_empty<A>\(\);}{s = warp_states[lane];}"
     "static_shared_oob|kernels/common.cuh|s{warp_states\[warp\] = s;}{warp_states[warp * 5] = s;}"
-    "host_fused_smem_short|src/launch.rs|s{\(classes \* size\)\.next_multiple_of\(16\)}{(classes * size - 4)}"
+    "host_fused_smem_short|src/launch.rs|s{\(classes \* size\)\.next_multiple_of\(16\)}{(classes * size).saturating_sub(4)}"
 )
 
 selected=("$@")
