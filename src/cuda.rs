@@ -32,7 +32,7 @@ use crate::launch::{
 };
 use crate::math::{Acc, Element};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
-use crate::prepare::{kernel_upstream, validate_targets};
+use crate::prepare::{kernel_poly, kernel_upstream, validate_targets};
 
 /// The PTX of each kernel module, compiled from `kernels/*.cu` by `build.rs`.
 const FORWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/forward.ptx"));
@@ -200,11 +200,7 @@ fn input_view<'a, T: CudaElement>(
 /// The PolyLoss coefficients on the device (one unused element when there are none, so the
 /// pointer is valid).
 fn poly_buffer<A: CudaAcc>(cfg: &MarginSoftmaxLoss, dev: &CudaDevice) -> Result<CudaSlice<A>> {
-    let mut coefficients: Vec<A> = cfg.poly.iter().map(|&e| A::of(e)).collect();
-    if coefficients.is_empty() {
-        coefficients.push(A::zero());
-    }
-    dev.clone_htod(&coefficients)
+    dev.clone_htod(&kernel_poly::<A>(cfg))
 }
 
 /// Calls `f` with the class weights as a contiguous device view in the accumulation type, or

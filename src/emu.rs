@@ -26,7 +26,7 @@ use crate::kernel_params::MsParams;
 use crate::launch::{ForwardPlan, Launch, LossAndGradPlan, Planner, RowShape, kernel_targets};
 use crate::math::{Acc, Element};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
-use crate::prepare::{kernel_upstream, read_weights};
+use crate::prepare::{kernel_poly, kernel_upstream, read_weights};
 
 thread_local! {
     /// The planner of this thread's emulated launches; `None`: the CPU bodies.
@@ -268,14 +268,10 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
         };
         let forward = scale
             .map(|scale| -> Result<_> {
-                let mut poly: Vec<T::Acc> = cfg.poly.iter().map(|&e| T::Acc::of(e)).collect();
-                if poly.is_empty() {
-                    poly.push(T::Acc::zero());
-                }
                 Ok(ForwardInputs {
                     scale: contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?,
                     weights: read_weights::<T::Acc>(cfg)?.unwrap_or_else(|| vec![T::Acc::zero()]),
-                    poly,
+                    poly: kernel_poly::<T::Acc>(cfg),
                 })
             })
             .transpose()?;

@@ -26,6 +26,22 @@ use crate::emu;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
+/// `$body(args...)` for CPU storage: `emu::$body(planner, args...)` while the emulated kernels
+/// are active on this thread (feature `kernel-emu`, [`crate::kernel_emu::emulated`]), else
+/// `cpu::$body(args...)`.
+macro_rules! on_cpu {
+    ($body:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(feature = "kernel-emu")]
+        let out = match emu::active() {
+            Some(planner) => emu::$body(planner, $($arg),*),
+            None => cpu::$body($($arg),*),
+        };
+        #[cfg(not(feature = "kernel-emu"))]
+        let out = cpu::$body($($arg),*);
+        out
+    }};
+}
+
 pub(crate) const STAT_LOSS: usize = 0;
 /// The row's max logit M and ln Σ_j exp(z_j − M), two consecutive columns (lse = M + ln Σ).
 pub(crate) const STAT_MAX: usize = 1;
@@ -56,18 +72,12 @@ impl CustomOp3 for MarginSoftmaxForward {
         scale_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let rows = input_layout.dims()[0];
-        let args = (
+        let stats = on_cpu!(forward(
             &self.cfg,
             (input, input_layout),
             (targets, targets_layout),
             (scale, scale_layout),
-        );
-        #[cfg(feature = "kernel-emu")]
-        if let Some(planner) = emu::active() {
-            let stats = emu::forward(planner, args.0, args.1, args.2, args.3)?;
-            return Ok((stats, Shape::from((rows, STAT_COLUMNS))));
-        }
-        let stats = cpu::forward(args.0, args.1, args.2, args.3)?;
+        ))?;
         Ok((stats, Shape::from((rows, STAT_COLUMNS))))
     }
 
@@ -150,18 +160,12 @@ impl CustomOp3 for MarginSoftmaxBackward {
         row_info: &CpuStorage,
         row_info_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let args = (
+        let grad = on_cpu!(backward(
             &self.cfg,
             (input, input_layout),
             (targets, targets_layout),
             (row_info, row_info_layout),
-        );
-        #[cfg(feature = "kernel-emu")]
-        if let Some(planner) = emu::active() {
-            let grad = emu::backward(planner, args.0, args.1, args.2, args.3)?;
-            return Ok((grad, input_layout.shape().clone()));
-        }
-        let grad = cpu::backward(args.0, args.1, args.2, args.3)?;
+        ))?;
         Ok((grad, input_layout.shape().clone()))
     }
 
@@ -210,16 +214,13 @@ pub(crate) fn forward_backward(
     let (scale_storage, scale_layout) = scale.storage_and_layout();
     let (stats, grad, grad_scale) = match (&*input_storage, &*targets_storage, &*scale_storage) {
         (Storage::Cpu(x), Storage::Cpu(t), Storage::Cpu(s)) => {
-            let (x, t, s) = ((x, input_layout), (t, targets_layout), (s, scale_layout));
-            #[cfg(feature = "kernel-emu")]
-            let emulated = emu::active();
-            #[cfg(not(feature = "kernel-emu"))]
-            let emulated: Option<()> = None;
-            let (stats, grad, grad_scale) = match emulated {
-                #[cfg(feature = "kernel-emu")]
-                Some(planner) => emu::forward_backward(planner, cfg, x, t, s, mean)?,
-                _ => cpu::forward_backward(cfg, x, t, s, mean)?,
-            };
+            let (stats, grad, grad_scale) = on_cpu!(forward_backward(
+                cfg,
+                (x, input_layout),
+                (t, targets_layout),
+                (s, scale_layout),
+                mean,
+            ))?;
             (
                 Storage::Cpu(stats),
                 Storage::Cpu(grad),

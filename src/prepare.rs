@@ -83,3 +83,14 @@ pub(crate) fn kernel_upstream<A: Acc>(
         targets, &weights, mean,
     )))
 }
+
+/// The PolyLoss coefficients as the kernels take them: in the accumulation type, with one unused
+/// element when there are none (so the pointer is valid; `MsParams::n_poly` says how many).
+#[cfg(any(feature = "cuda", feature = "kernel-emu"))]
+pub(crate) fn kernel_poly<A: Acc>(cfg: &MarginSoftmaxLoss) -> Vec<A> {
+    let mut coefficients: Vec<A> = cfg.poly.iter().map(|&e| A::of(e)).collect();
+    if coefficients.is_empty() {
+        coefficients.push(A::zero());
+    }
+    coefficients
+}
