@@ -73,9 +73,9 @@ template <typename A> __device__ TargetTerm<A> target_term(const MsParams& p, A 
         return r;
     }
     if (p.margin == MS_MARGIN_ANGULAR) {
-        const A limit = A(p.cos_limit);
-        const A c = clamp_torch(x, -limit, limit);
-        const A pass = inside(x, -limit, limit);
+        // The same value in both gradient modes (a mode never changes the loss).
+        const A c = clamp_torch(x, -one, one);
+        const A pass = inside(x, -one, one);
         r.du = pass;
         if (p.easy && c <= A(0)) {
             r.u = c;
@@ -91,10 +91,12 @@ template <typename A> __device__ TargetTerm<A> target_term(const MsParams& p, A 
         const A half_turns = angle * A(1.0 / MS_PI);
         r.u = ms_cospi(half_turns) - A(p.m3);
         if (p.exact) {
-            // d cos(m1*theta + m2)/dc = m1*sin(m1*theta + m2)/sin(theta); sin(theta) >= 4.5e-3
-            // after the exact mode's clamp.
+            // d cos(m1*theta + m2)/dc = m1*sin(m1*theta + m2)/sin(theta), the denominator
+            // bounded below by sin(theta_eps) (only the derivative: the value is unclamped).
             const A sin_theta = ms_sqrt((one - c) * (one + c));
-            r.du = pass * A(p.m1) * ms_sinpi(half_turns) / sin_theta;
+            const A floor = A(p.sin_floor);
+            const A denominator = sin_theta > floor ? sin_theta : floor;
+            r.du = pass * A(p.m1) * ms_sinpi(half_turns) / denominator;
         }
         return r;
     }

@@ -39,7 +39,7 @@ struct MsParams {
     double additive_m;     // CosFace m
     double m1, m2, m3;     // angular margins (ArcFace: 1, m, 0)
     double fallback_shift; // m3 + m2*sin(m2)
-    double cos_limit;      // exact mode: 1 - 1e-5, detached: 1
+    double sin_floor;      // exact mode: floor of the derivative's sin(theta), sin(acos(1 - 1e-5))
     double lambda;         // SphereFace lambda
     double thresholds[MS_MAX_SPHERE_M];  // cos(j*pi/m), j = 1..m-1 at [1..m-1]
     double smoothing;      // label smoothing epsilon

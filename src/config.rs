@@ -12,9 +12,11 @@ pub(crate) const OP_NAME: &str = "margin_softmax_ce";
 /// oscillates so fast in θ that it no longer trains.
 pub const SPHEREFACE_MAX_M: u32 = 16;
 
-/// Half-width of the band kept away from cos θ = ±1 for the ArcFace / Combined target term in
-/// [`MarginGrad::Exact`] mode: d cos(θ + m) / d cos θ = sin(θ + m) / sin θ is unbounded as
-/// θ → 0, so the target cosine is clamped to [−1 + 1e−5, 1 − 1e−5] there (opensphere's choice).
+/// Defines the floor of the ArcFace / Combined target derivative's denominator in
+/// [`MarginGrad::Exact`] mode: d cos(m1·θ + m2) / d cos θ = m1·sin(m1·θ + m2) / sin θ is unbounded
+/// as sin θ → 0, so it is evaluated as m1·sin(m1·θ + m2) / max(sin θ, sin θ_ε) with
+/// cos θ_ε = 1 − 1e−5 (sin θ_ε ≈ 4.47e−3, opensphere's band). Only the derivative is bounded: the
+/// forward value is the paper's formula in both gradient modes.
 pub const EXACT_MARGIN_COS_EPS: f64 = 1e-5;
 
 /// The head: how one row of the input becomes logits `z`. Every head multiplies by a scale
@@ -221,14 +223,116 @@ pub enum Reduction {
 /// How the margin of the target logit is differentiated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MarginGrad {
-    /// The true derivative of the forward function: φ'(c) = sin(θ + m)/sin θ for ArcFace, etc.
-    /// For ArcFace and Combined the target cosine is clamped to ±(1 − [`EXACT_MARGIN_COS_EPS`])
-    /// first, which keeps the derivative bounded (and makes it 0 beyond the clamp).
+    /// The true derivative of the forward function: φ'(c) = sin(θ + m)/sin θ for ArcFace,
+    /// m1·sin(m1·θ + m2)/sin θ for Combined, (λ + (−1)^k·m·U_{m−1}(c))/(1 + λ) for SphereFace,
+    /// 1 for CosFace and in the monotone fallback region. For ArcFace and Combined the
+    /// denominator is evaluated as max(sin θ, sin θ_ε) (see [`EXACT_MARGIN_COS_EPS`]), which
+    /// bounds the derivative near c = ±1; the forward value is not changed: it is the paper's
+    /// formula, bit for bit the same as in [`MarginGrad::Detached`] mode.
     #[default]
     Exact,
     /// The margin is a constant shift in the backward pass (φ'(c) = 1), as in InsightFace's
-    /// arcface_torch since 2022 and opensphere; the forward value is exact and unclamped.
+    /// arcface_torch since 2022 and opensphere; the forward value is the same as in `Exact`.
     Detached,
+}
+
+/// Per-class weights w (shape [C]), checked once when they are set: every entry finite and ≥ 0.
+///
+/// Made by [`ClassWeights::new`] (or [`MarginSoftmaxLoss::class_weights`]), which reads the
+/// tensor to the host once (on a GPU, one synchronization when the weights are set, none per
+/// step) and keeps a snapshot: a later in-place change of the tensor (e.g. `Var::set`) is not
+/// seen; set the weights again instead. The weights are constants of the loss: a `Var` passed
+/// here gets no gradient.
+#[derive(Clone, Debug)]
+pub struct ClassWeights {
+    /// The snapshot, in the dtype it was given in, on the device it was given on.
+    tensor: Tensor,
+    /// The same values on the host, widened to f64.
+    host: std::sync::Arc<[f64]>,
+    /// Σ_j w_j, the largest entry and the smallest non-zero one (∞ if none), in f64.
+    total: f64,
+    max: f64,
+    min_positive: f64,
+}
+
+impl ClassWeights {
+    /// Checks and snapshots `weights`: rank 1, a float dtype, every entry finite and ≥ 0.
+    ///
+    /// # Errors
+    /// An `Err` naming the op for a tensor that is not rank 1 or not a float tensor, and for the
+    /// first entry that is negative, NaN or infinite (its index and value).
+    pub fn new(weights: &Tensor) -> Result<Self> {
+        if weights.rank() != 1 {
+            bail!(
+                "{OP_NAME}: class_weights must have rank 1 [C], got shape {:?}",
+                weights.dims()
+            )
+        }
+        if !weights.dtype().is_float() {
+            bail!(
+                "{OP_NAME}: class_weights must be a float tensor, got {:?}",
+                weights.dtype()
+            )
+        }
+        let host: Vec<f64> = weights.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        if let Some((j, w)) = host
+            .iter()
+            .enumerate()
+            .find(|(_, w)| !(w.is_finite() && **w >= 0.0))
+        {
+            bail!(
+                "{OP_NAME}: class_weights must be finite and >= 0, got {w} at class {j} (the \
+                 first bad entry)"
+            )
+        }
+        let total = host.iter().sum();
+        let max = host.iter().fold(0.0f64, |m, &v| m.max(v));
+        let min_positive = host
+            .iter()
+            .filter(|&&v| v > 0.0)
+            .fold(f64::INFINITY, |m, &v| m.min(v));
+        Ok(Self {
+            tensor: weights.detach().copy()?,
+            host: host.into(),
+            total,
+            max,
+            min_positive,
+        })
+    }
+
+    /// The weights as given (a copy taken when they were set), on their device.
+    pub fn tensor(&self) -> &Tensor {
+        &self.tensor
+    }
+
+    /// The number of classes C.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    /// True for C = 0.
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+
+    /// The weights on the host, widened to f64.
+    pub fn values(&self) -> &[f64] {
+        &self.host
+    }
+
+    /// Σ_j w_j.
+    pub fn total(&self) -> f64 {
+        self.total
+    }
+
+    /// The same weights on another device (no new check: the values are the same).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            tensor: self.tensor.to_device(device)?,
+            host: self.host.clone(),
+            ..*self
+        })
+    }
 }
 
 /// A margin / kernel softmax cross-entropy loss: a [`Head`] plus the criterion options.
@@ -237,12 +341,15 @@ pub enum MarginGrad {
 /// it and returns an `Err` naming the op and the bad value (the checks are listed on each
 /// setter). The fields are public for struct-update syntax.
 ///
-/// The criterion on the logits z, for one row with target y (p = softmax(z), lse = log Σ e^z):
-/// - cross-entropy ℓ_CE = lse − (1 − ε)·z_y − (ε/C)·Σ_j z_j (ε = label smoothing);
+/// The criterion on the logits z (after the head and the optional soft-capping
+/// z ← cap·tanh(z/cap)), for one row with target y (p = softmax(z), lse = log Σ e^z), with
+/// class weights w (all 1 without them) and label smoothing ε:
+/// - cross-entropy, PyTorch's `F.cross_entropy(weight=w, label_smoothing=ε)`:
+///   ℓ_CE = (1 − ε)·w_y·(lse − z_y) + (ε/C)·Σ_j w_j·(lse − z_j);
 /// - focal: ℓ = (1 − p_t)^γ·ℓ_CE with p_t = (1 − ε)·p_y + ε/C;
-/// - PolyLoss: ℓ += Σ_k ε_k·(1 − p_t)^(k + γ);
-/// - z-loss: ℓ += λ_z·lse²;
-/// - class weights: ℓ ← w_y·ℓ; rows whose target is `ignore_index` give 0 loss and gradient.
+/// - PolyLoss: ℓ += w_y·Σ_k ε_k·(1 − p_t)^(k + γ);
+/// - z-loss: ℓ += w_y·λ_z·lse²;
+/// - rows whose target is `ignore_index` give 0 loss and gradient.
 #[derive(Clone, Debug)]
 pub struct MarginSoftmaxLoss {
     pub head: Head,
@@ -254,19 +361,23 @@ pub struct MarginSoftmaxLoss {
     pub poly: Vec<f64>,
     /// λ_z ≥ 0. Default 0.
     pub z_loss: f64,
-    /// Per-class weights, shape [C], any float dtype, on the input's device. Default none.
-    pub class_weights: Option<Tensor>,
-    /// Target value that marks a row as ignored, compared as i64 (so u32 targets can use
-    /// e.g. `u32::MAX as i64`). Default `Some(-100)`, as in PyTorch.
+    /// Per-class weights (see [`ClassWeights`]), on the input's device. Default none.
+    pub class_weights: Option<ClassWeights>,
+    /// Target value that marks a row as ignored, compared as i64. Default `Some(-100)`, as in
+    /// PyTorch. −100 can never match a u32 or u8 target: with those, use a value of their
+    /// range, e.g. `Some(u32::MAX as i64)` or `Some(255)`.
     pub ignore_index: Option<i64>,
     pub reduction: Reduction,
     pub margin_grad: MarginGrad,
+    /// Logit soft-capping (Gemma-2 style): z ← cap·tanh(z/cap) on every logit, after the head
+    /// and before the criterion. `None` (the default): no capping.
+    pub logit_softcap: Option<f64>,
 }
 
 impl MarginSoftmaxLoss {
     /// The loss with the given head and PyTorch's criterion defaults: no smoothing, no focal,
-    /// Poly or z-loss term, no class weights, `ignore_index = -100`, mean reduction, and exact
-    /// margin gradients.
+    /// Poly or z-loss term, no class weights, `ignore_index = -100`, mean reduction, exact
+    /// margin gradients and no soft-capping.
     pub fn new(head: Head) -> Self {
         Self {
             head,
@@ -278,9 +389,11 @@ impl MarginSoftmaxLoss {
             ignore_index: Some(-100),
             reduction: Reduction::Mean,
             margin_grad: MarginGrad::Exact,
+            logit_softcap: None,
         }
     }
-    /// Label smoothing ε; must be in [0, 1).
+    /// Label smoothing ε; must be in [0, 1). With class weights it follows PyTorch: the
+    /// smoothing term weights each class by its own weight (see [`MarginSoftmaxLoss`]).
     pub fn label_smoothing(mut self, epsilon: f64) -> Self {
         self.label_smoothing = epsilon;
         self
@@ -300,12 +413,18 @@ impl MarginSoftmaxLoss {
         self.z_loss = lambda;
         self
     }
-    /// Per-class weights, shape [C] (checked against the input at each call), float dtype.
-    pub fn class_weights(mut self, weights: Tensor) -> Self {
-        self.class_weights = Some(weights);
-        self
+    /// Per-class weights, shape [C] (checked against the input at each call), float dtype,
+    /// every entry finite and ≥ 0: checked here, once (see [`ClassWeights::new`]). They are
+    /// constants of the loss: a `Var` gets no gradient.
+    ///
+    /// # Errors
+    /// As [`ClassWeights::new`].
+    pub fn class_weights(mut self, weights: Tensor) -> Result<Self> {
+        self.class_weights = Some(ClassWeights::new(&weights)?);
+        Ok(self)
     }
-    /// The target value that marks a row as ignored (`None`: no row is ignored).
+    /// The target value that marks a row as ignored (`None`: no row is ignored). The default
+    /// −100 never matches a u32 or u8 target; use e.g. `Some(u32::MAX as i64)` with those.
     pub fn ignore_index(mut self, index: Option<i64>) -> Self {
         self.ignore_index = index;
         self
@@ -316,6 +435,11 @@ impl MarginSoftmaxLoss {
     }
     pub fn margin_grad(mut self, mode: MarginGrad) -> Self {
         self.margin_grad = mode;
+        self
+    }
+    /// Logit soft-capping z ← cap·tanh(z/cap) (Gemma-2); `cap` must be finite and > 0.
+    pub fn logit_softcap(mut self, cap: f64) -> Self {
+        self.logit_softcap = Some(cap);
         self
     }
 
@@ -346,19 +470,79 @@ impl MarginSoftmaxLoss {
         if !(z.is_finite() && z >= 0.0) {
             bail!("{OP_NAME}({name}): z_loss must be finite and >= 0, got {z}")
         }
+        if let Some(cap) = self.logit_softcap {
+            if !(cap.is_finite() && cap > 0.0) {
+                bail!("{OP_NAME}({name}): logit_softcap must be finite and > 0, got {cap}")
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Self::validate`], then every hyper-parameter (and the quantities the kernels derive
+    /// from them, such as −1/γ) checked against the accumulation dtype `acc` (f32 or f64) of a
+    /// call: each must round to a finite value and, unless it is 0, to a normal one (s = 1e39
+    /// overflows f32, s = 1e−45 is a subnormal f32 that flushes to 0 on a GPU).
+    pub(crate) fn validate_for(&self, acc: DType) -> Result<()> {
+        self.validate()?;
+        let name = self.head.name();
+        let check = |what: &str, v: f64| -> Result<()> {
+            let ok = match acc {
+                DType::F64 => v.is_finite() && (v == 0.0 || v.abs() >= f64::MIN_POSITIVE),
+                _ => {
+                    let r = v as f32;
+                    v.is_finite() && r.is_finite() && (v == 0.0 || r.abs() >= f32::MIN_POSITIVE)
+                }
+            };
+            if !ok {
+                let (lo, hi) = match acc {
+                    DType::F64 => (f64::MIN_POSITIVE, f64::MAX),
+                    _ => (f32::MIN_POSITIVE as f64, f32::MAX as f64),
+                };
+                bail!(
+                    "{OP_NAME}({name}): {what} = {v:e} is not representable in the {acc:?} \
+                     accumulation of this input (0, or {lo:e} <= |v| <= {hi:e})"
+                )
+            }
+            Ok(())
+        };
+        check("scale s", self.head.scale())?;
+        match self.head {
+            Head::Softmax { .. } => {}
+            Head::CosFace { m, .. } => check("margin m", m)?,
+            Head::ArcFace { m, .. } => check("margin m", m)?,
+            Head::Combined { m1, m2, m3, .. } => {
+                check("margin m1", m1)?;
+                check("margin m2", m2)?;
+                check("margin m3", m3)?;
+            }
+            Head::SphereFace { lambda, .. } => {
+                check("lambda", lambda)?;
+                check("1 + lambda", 1.0 + lambda)?;
+            }
+            Head::Rbf { gamma, .. } => {
+                check("gamma", gamma)?;
+                check("1/gamma", 1.0 / gamma)?;
+            }
+        }
+        check("label_smoothing", self.label_smoothing)?;
+        check("focal_gamma", self.focal_gamma)?;
+        for (i, &coef) in self.poly.iter().enumerate() {
+            check(&format!("poly coefficient eps_{}", i + 1), coef)?;
+        }
+        check("z_loss", self.z_loss)?;
+        if let Some(cap) = self.logit_softcap {
+            check("logit_softcap", cap)?;
+            check("1/logit_softcap", 1.0 / cap)?;
+        }
         if let Some(w) = &self.class_weights {
-            if w.rank() != 1 {
-                bail!(
-                    "{OP_NAME}({name}): class_weights must have rank 1 [C], got shape {:?}",
-                    w.dims()
-                )
+            // Each weight and their sum (the smoothing term's W): entries are ≥ 0, so the
+            // largest and the smallest non-zero one bound them all (both kept from the check
+            // at set time: nothing of size C is scanned per call).
+            check("the largest class weight", w.max)?;
+            if w.min_positive.is_finite() {
+                check("the smallest non-zero class weight", w.min_positive)?;
             }
-            if !w.dtype().is_float() {
-                bail!(
-                    "{OP_NAME}({name}): class_weights must be a float tensor, got {:?}",
-                    w.dtype()
-                )
-            }
+            check("the sum of the class weights", w.total())?;
         }
         Ok(())
     }

@@ -4,13 +4,14 @@
 //! Nothing of size [B, C] is allocated besides the gradient.
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
-use num_traits::{Float, Zero};
+use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
 use crate::config::{Head, MarginSoftmaxLoss};
 use crate::host::{Rows, contiguous, read_targets, with_element};
 use crate::math::{
-    Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, Transform, times_nonzero,
+    Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, SoftCap, Transform,
+    times_nonzero, weighted_smoothing,
 };
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
 use crate::prepare::{read_weights, upstream_factor, weight_of};
@@ -22,15 +23,28 @@ const CHUNK: usize = 64;
 const LANES: usize = 8;
 
 /// The running state of the online log-sum-exp over a row's non-target entries, seeded with the
-/// target logit.
+/// target logit. v_j = ∂z_j/∂r is the unscaled logit u_j, or sech²(r·u_j/cap)·u_j with
+/// soft-capping; w_j is the class weight where the smoothing term reads it, else 1.
 struct Online<A> {
     max: A,
     /// Σ exp(z_j − max) over every entry seen, the target included.
     sum_exp: A,
-    /// Σ exp(z_j − max)·u_j over the non-target entries (for the row-scale gradient).
-    sum_exp_u: A,
-    /// Σ u_j over the non-target entries (for Σ z and the row-scale gradient).
-    sum_u: A,
+    /// Σ exp(z_j − max)·v_j over the non-target entries (for the row-scale gradient).
+    sum_exp_v: A,
+    /// Σ w_j·v_j over the non-target entries (for the row-scale gradient, and for Σ w_j·z_j
+    /// = r·Σ w_j·u_j without soft-capping).
+    sum_wv: A,
+    /// Σ w_j·z_j over the non-target entries, accumulated only with soft-capping.
+    sum_wz: A,
+}
+
+/// What the online pass needs besides the row: the row's scale, the head's transform, the
+/// optional soft-capping and, where the smoothing term reads them, the class weights.
+struct RowPass<'a, A, H> {
+    scale: A,
+    transform: &'a H,
+    cap: Option<SoftCap<A>>,
+    weights: Option<&'a [A]>,
 }
 
 impl<A: Acc> Online<A> {
@@ -38,25 +52,48 @@ impl<A: Acc> Online<A> {
         Self {
             max: z_target,
             sum_exp: A::one(),
-            sum_exp_u: A::zero(),
-            sum_u: A::zero(),
+            sum_exp_v: A::zero(),
+            sum_wv: A::zero(),
+            sum_wz: A::zero(),
         }
     }
 
-    /// Absorbs entries in chunks of [`CHUNK`]: the chunk's logits first (the tail padded with
-    /// z = −∞, u = 0, which add nothing), then one rescale of the running sums at most, then
-    /// the exps, summed in [`LANES`] independent partial sums so that the loops vectorize.
-    fn absorb<T: Element<Acc = A>, H: Transform<A>>(&mut self, xs: &[T], scale: A, transform: &H) {
-        let mut u = [A::zero(); CHUNK];
+    /// Absorbs the entries `xs`, which start at column `first`, in chunks of [`CHUNK`]: the
+    /// chunk's logits first (the tail padded with z = −∞, v = w = 0, which add nothing), then one
+    /// rescale of the running sums at most, then the exps, summed in [`LANES`] independent
+    /// partial sums so that the loops vectorize. Soft-capping and class weights are decided once
+    /// per chunk, so the plain path's loops carry no extra work.
+    fn absorb<T: Element<Acc = A>, H: Transform<A>>(
+        &mut self,
+        xs: &[T],
+        first: usize,
+        pass: &RowPass<'_, A, H>,
+    ) {
+        let scale = pass.scale;
+        let mut v = [A::zero(); CHUNK];
         let mut z = [A::zero(); CHUNK];
-        for chunk in xs.chunks(CHUNK) {
+        let mut w = [A::one(); CHUNK];
+        for (c, chunk) in xs.chunks(CHUNK).enumerate() {
             for (i, x) in chunk.iter().enumerate() {
-                u[i] = transform.u(x.load());
-                z[i] = scale * u[i];
+                v[i] = pass.transform.u(x.load());
+                z[i] = scale * v[i];
+            }
+            if let Some(cap) = &pass.cap {
+                for i in 0..chunk.len() {
+                    let (zc, dz) = cap.apply(z[i]);
+                    z[i] = zc;
+                    // A masked logit (u = −∞) has sech² = 0: its ∂z/∂r is 0, not NaN.
+                    v[i] = times_nonzero(dz, v[i]);
+                }
+            }
+            if let Some(weights) = pass.weights {
+                let start = first + c * CHUNK;
+                w[..chunk.len()].copy_from_slice(&weights[start..start + chunk.len()]);
             }
             for i in chunk.len()..CHUNK {
-                u[i] = A::zero();
+                v[i] = A::zero();
                 z[i] = A::neg_infinity();
+                w[i] = A::zero();
             }
             let mut lane_max = [A::neg_infinity(); LANES];
             for block in z.chunks_exact(LANES) {
@@ -70,7 +107,7 @@ impl<A: Acc> Online<A> {
             if chunk_max > self.max {
                 let rescale = (self.max - chunk_max).exp();
                 self.sum_exp *= rescale;
-                self.sum_exp_u *= rescale;
+                self.sum_exp_v *= rescale;
                 self.max = chunk_max;
             }
             let max = self.max;
@@ -80,21 +117,64 @@ impl<A: Acc> Online<A> {
                 *ei = A::exp_flushed(zi - max);
             }
             let mut sum_exp = [A::zero(); LANES];
-            let mut sum_exp_u = [A::zero(); LANES];
-            let mut sum_u = [A::zero(); LANES];
-            for (eb, ub) in e.chunks_exact(LANES).zip(u.chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    sum_exp[l] += eb[l];
-                    // A masked logit: e = 0 and u = −∞ must add 0, not NaN.
-                    sum_exp_u[l] += times_nonzero(eb[l], ub[l]);
-                    sum_u[l] += ub[l];
+            let mut sum_exp_v = [A::zero(); LANES];
+            let mut sum_wv = [A::zero(); LANES];
+            if pass.weights.is_none() {
+                for (eb, vb) in e.chunks_exact(LANES).zip(v.chunks_exact(LANES)) {
+                    for l in 0..LANES {
+                        sum_exp[l] += eb[l];
+                        // A masked logit: e = 0 and v = −∞ must add 0, not NaN.
+                        sum_exp_v[l] += times_nonzero(eb[l], vb[l]);
+                        sum_wv[l] += vb[l];
+                    }
+                }
+            } else {
+                for ((eb, vb), wb) in e
+                    .chunks_exact(LANES)
+                    .zip(v.chunks_exact(LANES))
+                    .zip(w.chunks_exact(LANES))
+                {
+                    for l in 0..LANES {
+                        sum_exp[l] += eb[l];
+                        sum_exp_v[l] += times_nonzero(eb[l], vb[l]);
+                        // A zero weight adds 0, also for a masked logit.
+                        sum_wv[l] += times_nonzero(wb[l], vb[l]);
+                    }
                 }
             }
             let total = |lanes: [A; LANES]| lanes.iter().fold(A::zero(), |acc, &v| acc + v);
             self.sum_exp += total(sum_exp);
-            self.sum_exp_u += total(sum_exp_u);
-            self.sum_u += total(sum_u);
+            self.sum_exp_v += total(sum_exp_v);
+            self.sum_wv += total(sum_wv);
+            if pass.cap.is_some() {
+                let mut sum_wz = A::zero();
+                for i in 0..chunk.len() {
+                    sum_wz += times_nonzero(w[i], z[i]);
+                }
+                self.sum_wz += sum_wz;
+            }
         }
+    }
+}
+
+/// The target entry's logit z_y, its ∂z_y/∂r and dz_y/d(x_y)·(1/r) (the margin's derivative
+/// times the soft-capping's), for the target's input x.
+#[inline]
+fn target_logit<A: Acc, H: Transform<A>>(
+    x: A,
+    scale: A,
+    transform: &H,
+    margin: &Margin<A>,
+    cap: &Option<SoftCap<A>>,
+) -> (A, A, A) {
+    let (u, du) = margin.target(transform, x);
+    let z = scale * u;
+    match cap {
+        Some(cap) => {
+            let (zc, dz) = cap.apply(z);
+            (zc, times_nonzero(dz, u), dz * du)
+        }
+        None => (z, u, du),
     }
 }
 
@@ -103,9 +183,8 @@ impl<A: Acc> Online<A> {
 fn forward_row<T: Element, H: Transform<T::Acc>>(
     row: &[T],
     target: Option<usize>,
-    scale: T::Acc,
     weight: T::Acc,
-    transform: &H,
+    pass: &RowPass<'_, T::Acc, H>,
     margin: &Margin<T::Acc>,
     criterion: &Criterion<T::Acc>,
 ) -> [T::Acc; STAT_COLUMNS] {
@@ -113,27 +192,38 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
     let Some(y) = target else {
         return [zero; STAT_COLUMNS];
     };
-    let (u_target, _) = margin.target(transform, row[y].load());
-    let z_target = scale * u_target;
+    let scale = pass.scale;
+    let (z_target, v_target, _) =
+        target_logit(row[y].load(), scale, pass.transform, margin, &pass.cap);
     let mut online = Online::new(z_target);
-    online.absorb(&row[..y], scale, transform);
-    online.absorb(&row[y + 1..], scale, transform);
+    online.absorb(&row[..y], 0, pass);
+    online.absorb(&row[y + 1..], y + 1, pass);
     let log_sum = online.sum_exp.ln();
-    let sum_z = scale * (online.sum_u + u_target);
-    let r = criterion.row(online.max, log_sum, z_target, sum_z, weight);
-    // dℓ/dr = Σ_j g_j·u_j, with Σ_{j≠y} p_j·u_j = sum_exp_u / sum_exp. A term with an exactly
-    // zero coefficient adds 0: k = 0 without smoothing, while sum_u = −∞ with a masked logit.
-    let d_scale = times_nonzero(r.a, online.sum_exp_u / online.sum_exp)
-        + times_nonzero(r.k, online.sum_u)
-        + times_nonzero(r.g_target, u_target);
+    // Σ_j w_j·z_j, the target included (w_j = 1 unless the smoothing term reads the weights).
+    let w_target = pass.weights.map_or(T::Acc::one(), |w| w[y]);
+    let sum_wz_others = if pass.cap.is_some() {
+        online.sum_wz
+    } else {
+        scale * online.sum_wv
+    };
+    let sum_wz = sum_wz_others + times_nonzero(w_target, z_target);
+    let r = criterion.row(online.max, log_sum, z_target, sum_wz, weight);
+    // dℓ/dr = Σ_j g_j·v_j, with Σ_{j≠y} p_j·v_j = sum_exp_v / sum_exp. A term with an exactly
+    // zero coefficient adds 0: k = 0 without smoothing, while sum_wv = −∞ with a masked logit.
+    let d_scale = times_nonzero(r.a, online.sum_exp_v / online.sum_exp)
+        + times_nonzero(r.k, online.sum_wv)
+        + times_nonzero(r.g_target, v_target);
     [
         r.loss, online.max, log_sum, weight, r.a, r.k, r.g_target, d_scale,
     ]
 }
 
-/// dx_j = (a·p_j + k)·r·du_j/dx_j for j ≠ y and g_y·r·du_y/dx_y, with
-/// p_j = exp((r·u_j − M) − ln Σ). `info` is [M, ln Σ, a, k, g_y, r] with the upstream gradient
-/// already folded into a, k, g_y.
+/// dx_j = (a·p_j + k·w_j)·c_j·r·du_j/dx_j for j ≠ y and g_y·c_y·r·du_y/dx_y, with
+/// p_j = exp((z_j − M) − ln Σ), z_j = r·u_j (or cap·tanh(r·u_j/cap), whose derivative c_j =
+/// sech²(r·u_j/cap); c_j = 1 without capping) and w_j = 1 unless the smoothing term reads the
+/// class weights. `info` is [M, ln Σ, a, k, g_y, r] with the upstream gradient already folded
+/// into a, k, g_y.
+#[allow(clippy::too_many_arguments)]
 fn backward_row<T: Element, H: Transform<T::Acc>>(
     row: &[T],
     out: &mut [T],
@@ -141,6 +231,8 @@ fn backward_row<T: Element, H: Transform<T::Acc>>(
     info: &[T::Acc],
     transform: &H,
     margin: &Margin<T::Acc>,
+    cap: &Option<SoftCap<T::Acc>>,
+    weights: Option<&[T::Acc]>,
 ) {
     let Some(y) = target else {
         out.fill(T::store(T::Acc::zero()));
@@ -148,14 +240,31 @@ fn backward_row<T: Element, H: Transform<T::Acc>>(
     };
     let [max, log_sum, a, k, g_target, scale] =
         [info[0], info[1], info[2], info[3], info[4], info[5]];
-    for (o, &x) in out.iter_mut().zip(row) {
-        let x = x.load();
-        let u = transform.u(x);
-        let p = T::Acc::exp_flushed((scale * u - max) - log_sum);
-        *o = T::store((a * p + k) * scale * transform.du(x, u));
+    match (cap, weights) {
+        (None, None) => {
+            for (o, &x) in out.iter_mut().zip(row) {
+                let x = x.load();
+                let u = transform.u(x);
+                let p = T::Acc::exp_flushed((scale * u - max) - log_sum);
+                *o = T::store((a * p + k) * scale * transform.du(x, u));
+            }
+        }
+        _ => {
+            for (j, (o, &x)) in out.iter_mut().zip(row).enumerate() {
+                let x = x.load();
+                let u = transform.u(x);
+                let (z, dz) = match cap {
+                    Some(cap) => cap.apply(scale * u),
+                    None => (scale * u, T::Acc::one()),
+                };
+                let p = T::Acc::exp_flushed((z - max) - log_sum);
+                let w = weights.map_or(T::Acc::one(), |w| w[j]);
+                *o = T::store((a * p + k * w) * dz * scale * transform.du(x, u));
+            }
+        }
     }
-    let (_, du_target) = margin.target(transform, row[y].load());
-    out[y] = T::store(g_target * scale * du_target);
+    let (_, _, dz_target) = target_logit(row[y].load(), scale, transform, margin, cap);
+    out[y] = T::store(g_target * scale * dz_target);
 }
 
 /// Calls `$body` with `$t` bound to the head's element transform, so the row loops are
@@ -187,8 +296,11 @@ struct ForwardContext<'a, T: Element> {
     targets: Vec<Option<usize>>,
     scales: &'a [T::Acc],
     weights: Option<Vec<T::Acc>>,
+    /// Whether the smoothing term reads `weights` per class ([`weighted_smoothing`]).
+    weighted_smoothing: bool,
     margin: Margin<T::Acc>,
     criterion: Criterion<T::Acc>,
+    cap: Option<SoftCap<T::Acc>>,
 }
 
 impl<'a, T: Element> ForwardContext<'a, T> {
@@ -205,8 +317,10 @@ impl<'a, T: Element> ForwardContext<'a, T> {
             targets: read_targets(targets.0, targets.1, cfg, classes)?,
             scales: contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?,
             weights: read_weights::<T::Acc>(cfg)?,
+            weighted_smoothing: weighted_smoothing(cfg),
             margin: Margin::new(&cfg.head, cfg.margin_grad),
             criterion: Criterion::new(cfg, classes),
+            cap: SoftCap::new(cfg),
             rows,
         })
     }
@@ -215,15 +329,29 @@ impl<'a, T: Element> ForwardContext<'a, T> {
         target.map_or(T::Acc::zero(), |y| weight_of(&self.weights, y))
     }
 
+    /// The class weights where the smoothing term reads them per class.
+    fn smoothing_weights(&self) -> Option<&[T::Acc]> {
+        if self.weighted_smoothing {
+            self.weights.as_deref()
+        } else {
+            None
+        }
+    }
+
     /// Row i's statistics (see [`forward_row`]).
     fn stats<H: Transform<T::Acc>>(&self, i: usize, transform: &H) -> [T::Acc; STAT_COLUMNS] {
         let target = self.targets[i];
+        let pass = RowPass {
+            scale: self.scales[i],
+            transform,
+            cap: self.cap,
+            weights: self.smoothing_weights(),
+        };
         forward_row(
             self.rows.row(i),
             target,
-            self.scales[i],
             self.weight(target),
-            transform,
+            &pass,
             &self.margin,
             &self.criterion,
         )
@@ -283,13 +411,28 @@ fn backward_typed<T: Element>(
     let targets = read_targets(targets.0, targets.1, cfg, rows.classes)?;
     let info = contiguous::<T::Acc>(row_info.0, row_info.1, "row info", name)?;
     let margin = Margin::<T::Acc>::new(&cfg.head, cfg.margin_grad);
+    let cap = SoftCap::<T::Acc>::new(cfg);
+    let weights = if weighted_smoothing(cfg) {
+        read_weights::<T::Acc>(cfg)?
+    } else {
+        None
+    };
     let mut grad = vec![T::store(T::Acc::zero()); rows.rows * rows.classes];
     with_transform!(cfg.head, T::Acc, |transform| {
         grad.par_chunks_mut(rows.classes)
             .enumerate()
             .for_each(|(i, out)| {
                 let info = &info[i * ROWINFO_COLUMNS..(i + 1) * ROWINFO_COLUMNS];
-                backward_row(rows.row(i), out, targets[i], info, &transform, &margin);
+                backward_row(
+                    rows.row(i),
+                    out,
+                    targets[i],
+                    info,
+                    &transform,
+                    &margin,
+                    &cap,
+                    weights.as_deref(),
+                );
             })
     });
     Ok(T::to_cpu_storage_owned(grad))
@@ -351,6 +494,8 @@ fn forward_backward_typed<T: Element>(
                     &info,
                     &transform,
                     &ctx.margin,
+                    &ctx.cap,
+                    ctx.smoothing_weights(),
                 );
                 *d_scale = ds * upstream;
             })

@@ -44,7 +44,7 @@ pub(crate) struct MsParams {
     pub m2: f64,
     pub m3: f64,
     pub fallback_shift: f64,
-    pub cos_limit: f64,
+    pub sin_floor: f64,
     pub lambda: f64,
     pub thresholds: [f64; MAX_SPHERE_M],
     pub smoothing: f64,
@@ -93,7 +93,7 @@ impl MsParams {
             m2: 0.0,
             m3: 0.0,
             fallback_shift: 0.0,
-            cos_limit: 1.0,
+            sin_floor: 0.0,
             lambda: 0.0,
             thresholds: [0.0; MAX_SPHERE_M],
             smoothing: cfg.label_smoothing,
@@ -115,14 +115,14 @@ impl MsParams {
                 m3,
                 fallback_shift,
                 easy,
-                cos_limit,
+                sin_floor,
                 exact,
             } => {
                 p.margin = MARGIN_ANGULAR;
                 (p.m1, p.m2, p.m3) = (m1, m2, m3);
                 p.fallback_shift = fallback_shift;
                 p.easy = i32::from(easy);
-                p.cos_limit = cos_limit;
+                p.sin_floor = sin_floor;
                 p.exact = i32::from(exact);
             }
             Margin::Sphere {

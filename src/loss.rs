@@ -13,7 +13,6 @@ pub(crate) fn check_inputs(
     targets: &Tensor,
     row_scale: Option<&Tensor>,
 ) -> Result<(usize, usize)> {
-    cfg.validate()?;
     let name = cfg.head.name();
     let (rows, classes) = match input.dims() {
         &[b, c] => (b, c),
@@ -28,15 +27,16 @@ pub(crate) fn check_inputs(
             input.dtype()
         )
     }
+    cfg.validate_for(accumulation_dtype(input.dtype()))?;
     if classes == 0 {
         bail!(
             "{OP_NAME}({name}): input has C = 0 classes (shape {:?})",
             input.dims()
         )
     }
-    if !matches!(targets.dtype(), DType::U32 | DType::I64) {
+    if !matches!(targets.dtype(), DType::U8 | DType::U32 | DType::I64) {
         bail!(
-            "{OP_NAME}({name}): targets must be an integer tensor of dtype u32 or i64, got {:?}",
+            "{OP_NAME}({name}): targets must be an integer tensor of dtype u8, u32 or i64, got {:?}",
             targets.dtype()
         )
     }
@@ -59,13 +59,13 @@ pub(crate) fn check_inputs(
     };
     same_device(targets, "targets")?;
     if let Some(w) = &cfg.class_weights {
-        if w.dims() != [classes] {
+        if w.len() != classes {
             bail!(
-                "{OP_NAME}({name}): class_weights must have shape [C] = [{classes}], got {:?}",
-                w.dims()
+                "{OP_NAME}({name}): class_weights must have shape [C] = [{classes}], got [{}]",
+                w.len()
             )
         }
-        same_device(w, "class_weights")?;
+        same_device(w.tensor(), "class_weights")?;
     }
     if let Some(r) = row_scale {
         if r.dims() != [rows] {
@@ -99,15 +99,20 @@ impl MarginSoftmaxLoss {
     /// - `input`: f32, f64, f16 or bf16. For the cosine heads, cos θ (clamped to [−1, 1]); for
     ///   RBF, squared distances (clamped to ≥ 0); for Softmax, logits. Any layout: row-contiguous
     ///   views (e.g. `narrow` on either dimension) are read in place, others copied once.
-    /// - `targets`: u32 or i64 class indices in [0, C), or `ignore_index`.
+    /// - `targets`: u8, u32 or i64 class indices in [0, C), or `ignore_index` (the default −100
+    ///   only matches i64 targets: see [`MarginSoftmaxLoss::ignore_index`]).
     /// - Returns f32 (f64 for f64 input): shape [B] for [`Reduction::None`], a scalar otherwise.
     ///   The gradient into `input` has the input's dtype.
     ///
     /// # Errors
     /// An `Err` that names the op and the problem, for: an invalid hyper-parameter (see the
-    /// setters of [`MarginSoftmaxLoss`]); input rank ≠ 2, C = 0, or a non-float input; targets
-    /// that are not u32 / i64, not of shape [B], or hold a value outside [0, C) that is not
-    /// `ignore_index`; class weights not of shape [C]; tensors on different devices.
+    /// setters of [`MarginSoftmaxLoss`]), or one that does not round to a finite, normal (or
+    /// zero) value of the accumulation dtype of this input (f32 for f32 / f16 / bf16 input:
+    /// s = 1e39 or a class weight of 1e39 overflows it, s = 1e−45 or γ = 1e−40 underflows it;
+    /// also 1/γ for RBF, 1 + λ for SphereFace, 1/cap and Σ_j w_j); input rank ≠ 2, C = 0, or a
+    /// non-float input; targets that are not u8 / u32 / i64, not of shape [B], or hold a value
+    /// outside [0, C) that is not `ignore_index`; class weights not of shape [C]; tensors on
+    /// different devices.
     pub fn loss(&self, input: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (rows, _) = check_inputs(self, input, targets, None)?;
         let scale = fixed_row_scale(self, rows, input)?;
@@ -116,7 +121,16 @@ impl MarginSoftmaxLoss {
 
     /// As [`Self::loss`], with a per-row scale `row_scale` [B] (any float dtype) that replaces the
     /// head's fixed `s` for each row: z_ij = r_i·u_ij. This is the original SphereFace, where r_i
-    /// is the feature norm ‖f_i‖. The result back-propagates into `row_scale` too.
+    /// is the feature norm ‖f_i‖, or one learnable s broadcast to every row
+    /// (`s.broadcast_as(b)`). Any layout (a strided column view, a broadcast): the result
+    /// back-propagates into `row_scale`, hence into the tensor it is a view of.
+    ///
+    /// The scale's *values* are not checked (that would read them back from the device: a
+    /// synchronization per call). They enter the formulas as they are: a NaN scale gives that
+    /// row a NaN loss and NaN gradients; r = 0 gives every logit 0 (the loss of a uniform
+    /// softmax, ln C without the other options, and a zero input gradient); a negative r flips
+    /// the sign of every logit, margin included, so minimizing the loss pushes the target's
+    /// cosine down.
     ///
     /// # Errors
     /// As [`Self::loss`], and for a `row_scale` that is not a float tensor of shape [B].
@@ -127,7 +141,11 @@ impl MarginSoftmaxLoss {
         row_scale: &Tensor,
     ) -> Result<Tensor> {
         check_inputs(self, input, targets, Some(row_scale))?;
-        let scale = row_scale.to_dtype(accumulation_dtype(input.dtype()))?;
+        // `contiguous` is a differentiable copy where needed (a strided or broadcast view): the
+        // gradient reaches the view's base through it.
+        let scale = row_scale
+            .to_dtype(accumulation_dtype(input.dtype()))?
+            .contiguous()?;
         self.loss_impl(input, targets, &scale)
     }
 
@@ -164,8 +182,9 @@ impl MarginSoftmaxLoss {
         Ok((loss, grad))
     }
 
-    /// As [`Self::loss_and_grad`] with a per-row scale (see [`Self::loss_with_row_scale`]);
-    /// also returns d(loss)/d(row_scale), shape [B], in the accumulation dtype (f32, or f64).
+    /// As [`Self::loss_and_grad`] with a per-row scale (see [`Self::loss_with_row_scale`]: any
+    /// layout, values not checked); also returns d(loss)/d(row_scale), shape [B], in the
+    /// accumulation dtype (f32, or f64), one entry per row (for a broadcast scale, sum it).
     ///
     /// # Errors
     /// As [`Self::loss_with_row_scale`].
@@ -225,12 +244,19 @@ fn reduce(reduction: Reduction, stats: &Tensor) -> Result<Tensor> {
         Reduction::None => Ok(per_row),
         Reduction::Sum => per_row.sum_all(),
         Reduction::Mean => {
-            // Σ w over rows not ignored; the weights do not depend on the input, so this
+            // Σ w_y over rows not ignored; the weights do not depend on the input, so this
             // branch carries no gradient.
             let denominator = stats.narrow(1, STAT_WEIGHT, 1)?.detach().sum_all()?;
-            let is_zero = denominator.eq(0.0)?.to_dtype(denominator.dtype())?;
-            // An all-ignored batch has Σ ℓ = 0 and Σ w = 0: divide by 1 instead, giving 0.
-            per_row.sum_all()?.div(&(denominator + is_zero)?)
+            mean_of_sum(&per_row.sum_all()?, &denominator)
         }
     }
+}
+
+/// Σ ℓ / Σ w, or 0 (with a zero gradient) where Σ w = 0: an all-ignored or empty batch, or one
+/// whose targets all have weight 0 (the spec's choice; PyTorch gives NaN). The quotient is
+/// selected, not multiplied by a mask, so that an infinite Σ ℓ cannot make it 0·∞ = NaN.
+pub(crate) fn mean_of_sum(sum: &Tensor, denominator: &Tensor) -> Result<Tensor> {
+    let is_zero = denominator.eq(0.0)?;
+    let safe = (denominator + is_zero.to_dtype(denominator.dtype())?)?;
+    is_zero.where_cond(&sum.zeros_like()?, &sum.div(&safe)?)
 }

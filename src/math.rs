@@ -239,8 +239,9 @@ pub(crate) enum Margin<A> {
         m3: A,
         fallback_shift: A,
         easy: bool,
-        /// Exact mode: c clamped to ±(1 − 1e−5) so that sin θ ≥ 4.5e−3.
-        cos_limit: A,
+        /// Exact mode: the derivative's denominator is max(sin θ, sin_floor), sin_floor = sin θ_ε
+        /// with cos θ_ε = 1 − 1e−5 (≈ 4.47e−3). The value is never clamped.
+        sin_floor: A,
         exact: bool,
     },
     /// SphereFace: φ(c) = (λ·c + (−1)^k·T_m(c) − 2k)/(1 + λ), k = #{j < m : c ≤ cos(jπ/m)}.
@@ -261,11 +262,7 @@ impl<A: Acc> Margin<A> {
             m3: A::of(m3),
             fallback_shift: A::of(m3 + m2 * m2.sin()),
             easy,
-            cos_limit: A::of(if exact {
-                1.0 - EXACT_MARGIN_COS_EPS
-            } else {
-                1.0
-            }),
+            sin_floor: A::of(exact_sin_floor()),
             exact,
         };
         match *head {
@@ -305,11 +302,12 @@ impl<A: Acc> Margin<A> {
                 m3,
                 fallback_shift,
                 easy,
-                cos_limit,
+                sin_floor,
                 exact,
             } => {
-                let c = clamp(x, -cos_limit, cos_limit);
-                let pass = inside(x, -cos_limit, cos_limit);
+                // The same value in both gradient modes (a mode never changes the loss).
+                let c = clamp(x, -one, one);
+                let pass = inside(x, -one, one);
                 if easy && c <= A::zero() {
                     return (c, pass);
                 }
@@ -323,9 +321,15 @@ impl<A: Acc> Margin<A> {
                 if !exact {
                     return (value, pass);
                 }
-                // d cos(m1·θ + m2)/dc = m1·sin(m1·θ + m2)/sin θ; sin θ ≥ 4.5e−3 after the clamp.
+                // d cos(m1·θ + m2)/dc = m1·sin(m1·θ + m2)/sin θ, with the denominator bounded
+                // below by sin θ_ε (only the derivative: the value above is unclamped).
                 let sin_theta = ((one - c) * (one + c)).sqrt();
-                (value, pass * m1 * angle.sin() / sin_theta)
+                let denominator = if sin_theta > sin_floor {
+                    sin_theta
+                } else {
+                    sin_floor
+                };
+                (value, pass * m1 * angle.sin() / denominator)
             }
             Margin::Sphere {
                 m,
@@ -353,6 +357,46 @@ impl<A: Acc> Margin<A> {
     }
 }
 
+/// sin θ_ε with cos θ_ε = 1 − [`EXACT_MARGIN_COS_EPS`]: the floor of the exact-mode ArcFace /
+/// Combined derivative's denominator sin θ.
+pub(crate) fn exact_sin_floor() -> f64 {
+    let c = 1.0 - EXACT_MARGIN_COS_EPS;
+    ((1.0 - c) * (1.0 + c)).sqrt()
+}
+
+/// Logit soft-capping z = cap·tanh(z_raw/cap) (Gemma-2) and its derivative sech²(z_raw/cap),
+/// both from one expm1: with a = z_raw/cap and e = expm1(−2|a|) ∈ [−1, 0],
+/// tanh|a| = −e/(2 + e) and sech² a = 4·(1 + e)/(2 + e)². Accurate near a = 0 (no 1 − e² cancels)
+/// and finite for every a: a = ±∞ gives (±cap, 0), a masked logit's limit. Mirrors `softcap` in
+/// kernels/heads.cuh.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SoftCap<A> {
+    cap: A,
+    inv_cap: A,
+}
+
+impl<A: Acc> SoftCap<A> {
+    pub fn new(cfg: &MarginSoftmaxLoss) -> Option<Self> {
+        cfg.logit_softcap.map(|cap| Self {
+            cap: A::of(cap),
+            inv_cap: A::of(1.0 / cap),
+        })
+    }
+
+    /// (z, dz/dz_raw).
+    #[inline(always)]
+    pub fn apply(&self, z_raw: A) -> (A, A) {
+        let a = z_raw * self.inv_cap;
+        let two = A::one() + A::one();
+        let e = (-(a.abs() * two)).exp_m1();
+        let two_plus_e = two + e;
+        let t = -e / two_plus_e;
+        let t = if a < A::zero() { -t } else { t };
+        let d = (two + two) * (A::one() + e) / (two_plus_e * two_plus_e);
+        (self.cap * t, d)
+    }
+}
+
 /// (T_m(c), U_{m−1}(c)): cos(mθ) and its derivative's factor, d T_m/dc = m·U_{m−1}, without
 /// acos, finite at c = ±1.
 fn chebyshev<A: Acc>(m: u32, c: A) -> (A, A) {
@@ -374,50 +418,70 @@ pub(crate) struct Criterion<A> {
     poly: Vec<A>,
     z_loss: A,
     classes: A,
+    /// W = Σ_j w_j for the smoothing term: the class weights' sum, or C without them.
+    total_weight: A,
 }
 
 /// What the forward pass learns about one (non-ignored) row.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct RowLoss<A> {
-    /// w_y·ℓ.
+    /// ℓ, class weights included.
     pub loss: A,
-    /// g_j = a·p_j + k for j ≠ y (weight included).
+    /// g_j = a·p_j + k·w_j for j ≠ y (w_j = 1 without class weights; k = 0 without smoothing).
     pub a: A,
     pub k: A,
     /// g_y, formed from 1 − p_y so that it does not cancel when p_y → 1.
     pub g_target: A,
 }
 
+/// Whether the smoothing term reads the class weights per class: only with both class weights
+/// and label smoothing (without smoothing only w_y enters, a per-row constant).
+pub(crate) fn weighted_smoothing(cfg: &MarginSoftmaxLoss) -> bool {
+    cfg.class_weights.is_some() && cfg.label_smoothing > 0.0
+}
+
 impl<A: Acc> Criterion<A> {
     pub fn new(cfg: &MarginSoftmaxLoss, classes: usize) -> Self {
+        let total_weight = match &cfg.class_weights {
+            Some(w) if weighted_smoothing(cfg) => w.total(),
+            _ => classes as f64,
+        };
         Self {
             smoothing: A::of(cfg.label_smoothing),
             focal_gamma: A::of(cfg.focal_gamma),
             poly: cfg.poly.iter().map(|&e| A::of(e)).collect(),
             z_loss: A::of(cfg.z_loss),
             classes: A::of(classes as f64),
+            total_weight: A::of(total_weight),
         }
     }
 
     /// The row's loss and gradient constants from its logits' max M and ln Σ_j exp(z_j − M)
     /// (lse = M + ln Σ, kept apart so that log p_y = (z_y − M) − ln Σ does not inherit the
-    /// rounding of a large lse), the target logit z_y, Σ_j z_j and the class weight w = w_y.
+    /// rounding of a large lse), the target logit z_y, S = Σ_j w_j·z_j (every class, the target
+    /// included; w_j = 1 without class weights, and only read with smoothing) and w = w_y.
     ///
-    /// With ε = smoothing, q_j = (1 − ε)·[j = y] + ε/C, p_t = (1 − ε)·p_y + ε/C:
-    ///   ℓ_CE = lse − (1 − ε)·z_y − (ε/C)·Σ_j z_j = (1 − ε)·(−log p_y) + ε·(lse − mean_j z_j)
-    ///   F = (1 − p_t)^γ,   ℓ = w·[F·ℓ_CE + Σ_k ε_k·(1 − p_t)^(k + γ) + λ_z·lse²]
-    /// With D = dℓ/dp_t (before w) = −γ·(1 − p_t)^(γ − 1)·ℓ_CE − Σ_k ε_k·(k + γ)·(1 − p_t)^(k + γ − 1)
-    /// and ∂p_t/∂z_j = (1 − ε)·p_y·([j = y] − p_j):
-    ///   g_j = w·[F·(p_j − q_j) + D·∂p_t/∂z_j + 2·λ_z·lse·p_j]
-    ///   ⇒ A = w·(F − D·(1 − ε)·p_y + 2·λ_z·lse),   K = −w·F·ε/C,
-    ///     G = w·[F·(ε·(C − 1)/C − (1 − p_y)) + D·(1 − ε)·p_y·(1 − p_y) + 2·λ_z·lse·p_y].
+    /// With ε = smoothing, W = Σ_j w_j (C without weights), p_t = (1 − ε)·p_y + ε/C (PyTorch's
+    /// `cross_entropy(weight, label_smoothing)` for ℓ_CE; the focal factor multiplies it, the Poly
+    /// and z-loss terms take w_y):
+    ///   ℓ_CE = (1 − ε)·w·(lse − z_y) + (ε/C)·Σ_j w_j·(lse − z_j) = (1 − ε)·w·(−log p_y) + (ε/C)·(W·lse − S)
+    ///   F = (1 − p_t)^γ,   ℓ = F·ℓ_CE + w·[Σ_k ε_k·(1 − p_t)^(k + γ) + λ_z·lse²]
+    /// With D = dℓ/dp_t = −γ·(1 − p_t)^(γ − 1)·ℓ_CE − w·Σ_k ε_k·(k + γ)·(1 − p_t)^(k + γ − 1),
+    /// ∂p_t/∂z_j = (1 − ε)·p_y·([j = y] − p_j) and ∂ℓ_CE/∂z_j = (1 − ε)·w·(p_j − [j = y]) + (ε/C)·(W·p_j − w_j):
+    ///   g_j = A·p_j + K·w_j (j ≠ y),
+    ///   A = F·((1 − ε)·w + ε·W/C) − D·(1 − ε)·p_y + 2·w·λ_z·lse,   K = −F·ε/C,
+    ///   G = F·[(ε/C)·((W − w)·p_y − w·(1 − p_y)) − (1 − ε)·w·(1 − p_y)] + D·(1 − ε)·p_y·(1 − p_y)
+    ///       + 2·w·λ_z·lse·p_y.
     /// 1 − p_y = −expm1(log p_y), and (1 − p_t)^(γ − 1)·ℓ_CE is formed as
-    /// (1 − p_t)^γ·(ℓ_CE/(1 − p_t)), whose last factor → 1 as p_t → 1 without smoothing: finite
-    /// for every γ ≥ 0.
-    pub fn row(&self, max: A, log_sum: A, z_target: A, sum_z: A, weight: A) -> RowLoss<A> {
+    /// (1 − p_t)^γ·(ℓ_CE/(1 − p_t)), whose last factor → w as p_t → 1 without smoothing: finite
+    /// for every γ ≥ 0. D·p_y is 0 where p_y = 0 (a −∞ target logit: ℓ = +∞, D = −∞, but the
+    /// gradient's limit is finite, p − onehot as PyTorch gives).
+    pub fn row(&self, max: A, log_sum: A, z_target: A, sum_wz: A, weight: A) -> RowLoss<A> {
         let one = A::one();
         let zero = A::zero();
         let eps = self.smoothing;
+        let classes = self.classes;
+        let total = self.total_weight;
         let lse = max + log_sum;
         let log_py = match (z_target - max) - log_sum {
             // Rounding can make it positive; NaN (from NaN input) must pass through, which
@@ -427,13 +491,15 @@ impl<A: Acc> Criterion<A> {
         };
         let p_y = log_py.exp();
         let one_minus_py = -log_py.exp_m1();
+        let keep = one - eps;
         let (ce, one_minus_pt) = if eps > zero {
-            let lse_minus_mean = (max - sum_z / self.classes) + log_sum;
-            let ce = (one - eps) * -log_py + eps * lse_minus_mean;
-            let spread = eps * (self.classes - one) / self.classes;
-            (ce, (one - eps) * one_minus_py + spread)
+            // Σ_j w_j·(lse − z_j) = (W·M − S) + W·ln Σ.
+            let smooth = (total * max - sum_wz) + total * log_sum;
+            let ce = keep * weight * -log_py + eps / classes * smooth;
+            let spread = eps * (classes - one) / classes;
+            (ce, keep * one_minus_py + spread)
         } else {
-            (-log_py, one_minus_py)
+            (weight * -log_py, one_minus_py)
         };
         let gamma = self.focal_gamma;
         let focal = if gamma > zero {
@@ -441,12 +507,12 @@ impl<A: Acc> Criterion<A> {
         } else {
             one
         };
-        // ℓ_CE/(1 − p_t): → 1 as p_t → 1 without smoothing; with smoothing 1 − p_t ≥ ε(C−1)/C,
+        // ℓ_CE/(1 − p_t): → w as p_t → 1 without smoothing; with smoothing 1 − p_t ≥ ε(C−1)/C,
         // and 1 − p_t = 0 only for C = 1, where ℓ_CE ≡ 0.
         let ce_ratio = if one_minus_pt > zero {
             ce / one_minus_pt
         } else {
-            one
+            weight
         };
         let mut loss = focal * ce;
         // Without focusing (γ = 0) this term is 0, also where ℓ_CE = +∞ (smoothing with a
@@ -456,22 +522,28 @@ impl<A: Acc> Criterion<A> {
         } else {
             zero
         };
+        let mut poly = zero;
         for (i, &coef) in self.poly.iter().enumerate() {
             let power = A::of((i + 1) as f64) + gamma;
-            loss += coef * one_minus_pt.powf(power);
-            d_pt -= coef * power * one_minus_pt.powf(power - one);
+            poly += coef * one_minus_pt.powf(power);
+            d_pt -= weight * coef * power * one_minus_pt.powf(power - one);
         }
-        loss += self.z_loss * lse * lse;
-        let z_term = (self.z_loss + self.z_loss) * lse;
-        let keep = one - eps;
+        loss += weight * (poly + self.z_loss * lse * lse);
+        let z_term = (self.z_loss + self.z_loss) * weight * lse;
+        // D·(1 − ε)·p_y, 0 where p_y = 0 whatever D is.
+        let d_py = times_nonzero(p_y, d_pt * keep);
+        let smooth_target = if eps > zero {
+            eps / classes * ((total - weight) * p_y - weight * one_minus_py)
+        } else {
+            zero
+        };
         RowLoss {
-            loss: weight * loss,
-            a: weight * (focal - d_pt * keep * p_y + z_term),
-            k: -weight * focal * eps / self.classes,
-            g_target: weight
-                * (focal * (eps * (self.classes - one) / self.classes - one_minus_py)
-                    + d_pt * keep * p_y * one_minus_py
-                    + z_term * p_y),
+            loss,
+            a: focal * (keep * weight + eps * total / classes) - d_py + z_term,
+            k: -focal * eps / classes,
+            g_target: focal * (smooth_target - keep * weight * one_minus_py)
+                + d_py * one_minus_py
+                + z_term * p_y,
         }
     }
 }

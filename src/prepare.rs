@@ -36,12 +36,13 @@ pub(crate) fn validate_targets(
         .collect()
 }
 
-/// The class weights in the accumulation type, or `None` (all 1).
+/// The class weights in the accumulation type, or `None` (all 1), from the host copy taken when
+/// they were set (no device read).
 pub(crate) fn read_weights<A: Acc>(cfg: &MarginSoftmaxLoss) -> Result<Option<Vec<A>>> {
-    cfg.class_weights
+    Ok(cfg
+        .class_weights
         .as_ref()
-        .map(|w| w.to_dtype(A::DTYPE)?.to_vec1::<A>())
-        .transpose()
+        .map(|w| w.values().iter().map(|&v| A::of(v)).collect()))
 }
 
 pub(crate) fn weight_of<A: Acc>(weights: &Option<Vec<A>>, target: usize) -> A {
@@ -49,7 +50,8 @@ pub(crate) fn weight_of<A: Acc>(weights: &Option<Vec<A>>, target: usize) -> A {
 }
 
 /// The factor the fused paths fold into the gradient: 1/Σ_{rows not ignored} w_y for the mean
-/// (0 when that sum is 0: an all-ignored batch), else 1. Shared with the CUDA path, which
+/// (0 when that sum is 0: an all-ignored batch, or every target on a zero-weight class, whose
+/// loss is 0 by the spec), else 1. Shared with the CUDA path, which
 /// computes it on the host from the same validated targets and weights.
 pub(crate) fn upstream_factor<A: Acc>(
     targets: &[Option<usize>],
@@ -79,6 +81,7 @@ pub(crate) fn kernel_upstream<A: Acc>(
     mean: bool,
 ) -> Result<f64> {
     let weights = if mean { read_weights::<A>(cfg)? } else { None };
+    // (The weights come from the host copy taken when they were set: no device read.)
     Ok(<A as candle_core::WithDType>::to_f64(upstream_factor(
         targets, &weights, mean,
     )))

@@ -172,7 +172,7 @@ impl Opts {
         if self.weights {
             let mut r = rng(seed ^ 0x5eed_0003);
             let w: Vec<f64> = (0..c).map(|_| r.random_range(0.5..2.0)).collect();
-            cfg = cfg.class_weights(Tensor::from_vec(w, c, dev)?.to_dtype(weight_dtype)?);
+            cfg = cfg.class_weights(Tensor::from_vec(w, c, dev)?.to_dtype(weight_dtype)?)?;
         }
         Ok(cfg)
     }

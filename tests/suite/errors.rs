@@ -226,12 +226,8 @@ pub fn invalid_inputs(dev: &Device) {
             "weights shape [C+1]",
             Tensor::ones(c + 1, DType::F32, dev).unwrap(),
         ),
-        (
-            "weights shape [1, C]",
-            Tensor::ones((1, c), DType::F32, dev).unwrap(),
-        ),
     ] {
-        let cfg = arc.clone().class_weights(w);
+        let cfg = arc.clone().class_weights(w).unwrap();
         expect_err(
             &mut f,
             name,
@@ -239,22 +235,59 @@ pub fn invalid_inputs(dev: &Device) {
             &x,
             &t_ok,
             None,
-            &["class_weights", "shape|rank"],
+            &["class_weights", "shape"],
         );
     }
-    let cfg = arc
+    // Rank, dtype and values are checked once, when the weights are set.
+    let set_err = |f: &mut Failures, label: &str, w: Tensor, keys: &[&str]| match arc
         .clone()
-        .class_weights(Tensor::ones(c, DType::U32, dev).unwrap());
-    expect_err(
+        .class_weights(w)
+    {
+        Ok(_) => f.0.push(format!("[{label}] class_weights: Ok, want Err")),
+        Err(e) => {
+            let msg = e.to_string();
+            for key in ["margin_softmax_ce"].iter().chain(keys) {
+                if !msg.contains(key) {
+                    f.0.push(format!("[{label}] message lacks \"{key}\": {msg}"));
+                }
+            }
+        }
+    };
+    set_err(
+        &mut f,
+        "weights shape [1, C]",
+        Tensor::ones((1, c), DType::F32, dev).unwrap(),
+        &["class_weights", "rank"],
+    );
+    set_err(
         &mut f,
         "weights dtype u32",
-        &cfg,
-        &x,
-        &t_ok,
-        None,
-        &["class_weights"],
+        Tensor::ones(c, DType::U32, dev).unwrap(),
+        &["class_weights", "float"],
     );
-
+    for (label, bad, shown) in [
+        ("weights negative", -0.5f64, "-0.5"),
+        ("weights NaN", f64::NAN, "NaN"),
+        ("weights +inf", f64::INFINITY, "inf"),
+        ("weights -inf", f64::NEG_INFINITY, "-inf"),
+    ] {
+        for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+            // The first bad entry is named: class 2 (class 4 is bad too).
+            let mut w = vec![1.0f64; c];
+            w[2] = bad;
+            w[4] = -7.0;
+            let w = Tensor::from_vec(w, c, dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            set_err(
+                &mut f,
+                &format!("{label} {}", dtype_name(dtype)),
+                w,
+                &["class_weights", "finite and >= 0", "class 2", shown],
+            );
+        }
+    }
     // Row scale.
     for (name, r) in [
         (

@@ -79,13 +79,29 @@ fn parity_inner(
     inputs_parity(label, &cfg, &input, &targets, row_scale.as_ref(), f)
 }
 
-/// Parity of all entry points on given tensors (shared with the edge-value tests).
+/// Parity of all entry points on given tensors (shared with the edge-value tests), against the
+/// reference run in the input's dtype.
 pub fn inputs_parity(
     label: &str,
     cfg: &candle_margin_softmax::MarginSoftmaxLoss,
     input: &Tensor,
     targets: &Tensor,
     row_scale: Option<&Tensor>,
+    f: &mut Failures,
+) -> Result<()> {
+    inputs_parity_vs(label, cfg, input, targets, row_scale, false, f)
+}
+
+/// As [`inputs_parity`]; with `f64_oracle` the reference runs in f64 on the same (already
+/// rounded) values: for edge rows where the naive reference itself loses precision in f32 (e.g.
+/// a smoothed ℓ_CE of ~10 multiplying a rounded 1 − p_y in the focal gradient).
+pub fn inputs_parity_vs(
+    label: &str,
+    cfg: &candle_margin_softmax::MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    row_scale: Option<&Tensor>,
+    f64_oracle: bool,
     f: &mut Failures,
 ) -> Result<()> {
     let dtype = input.dtype();
@@ -115,7 +131,12 @@ pub fn inputs_parity(
     let fused = autograd(Side::Fused, cfg, input, targets, row_scale)?;
     // The reference always runs on the CPU (on the same values), whatever device the fused op
     // runs on; `compare` reads both sides back to the host.
-    let refr = reference_on_cpu(cfg, input, targets, row_scale)?;
+    let refr = if f64_oracle {
+        let r64 = row_scale.map(|r| r.to_dtype(DType::F64)).transpose()?;
+        reference_on_cpu(cfg, &input.to_dtype(DType::F64)?, targets, r64.as_ref())?
+    } else {
+        reference_on_cpu(cfg, input, targets, row_scale)?
+    };
 
     let want_loss_dims: &[usize] = if cfg.reduction == Reduction::None {
         &[b]
