@@ -470,10 +470,10 @@ impl MarginSoftmaxLoss {
         if !(z.is_finite() && z >= 0.0) {
             bail!("{OP_NAME}({name}): z_loss must be finite and >= 0, got {z}")
         }
-        if let Some(cap) = self.logit_softcap {
-            if !(cap.is_finite() && cap > 0.0) {
-                bail!("{OP_NAME}({name}): logit_softcap must be finite and > 0, got {cap}")
-            }
+        if let Some(cap) = self.logit_softcap
+            && !(cap.is_finite() && cap > 0.0)
+        {
+            bail!("{OP_NAME}({name}): logit_softcap must be finite and > 0, got {cap}")
         }
         Ok(())
     }

@@ -61,13 +61,17 @@ pub(crate) fn read_targets(
 ) -> Result<Vec<Option<usize>>> {
     let name = cfg.head.name();
     let values: Vec<i64> = match storage {
+        CpuStorage::U8(_) => contiguous::<u8>(storage, layout, "targets", name)?
+            .iter()
+            .map(|&t| t as i64)
+            .collect(),
         CpuStorage::U32(_) => contiguous::<u32>(storage, layout, "targets", name)?
             .iter()
             .map(|&t| t as i64)
             .collect(),
         CpuStorage::I64(_) => contiguous::<i64>(storage, layout, "targets", name)?.to_vec(),
         other => bail!(
-            "{OP_NAME}({name}): targets must be u32 or i64, got {:?}",
+            "{OP_NAME}({name}): targets must be u8, u32 or i64, got {:?}",
             other.dtype()
         ),
     };

@@ -71,7 +71,8 @@ pub fn loss_with_row_scale(
 }
 
 /// The logits z [B, C] (accumulation dtype) the head produces from `input`, with the margin on
-/// each row's target column, scaled by s (or by `row_scale` when given). For inspection and tests.
+/// each row's target column, scaled by s (or by `row_scale` when given), soft-capped when the
+/// loss has `logit_softcap`: what the criterion sees. For inspection and tests.
 /// Rows whose target is `ignore_index` get no margin (every column is treated as a non-target),
 /// and their input is used as is.
 pub fn logits(
@@ -87,7 +88,7 @@ pub fn logits(
         Some(r) => r.to_dtype(acc)?,
         None => fixed_row_scale(cfg, input.dim(0)?, input)?,
     };
-    head_logits(cfg, &input.to_dtype(acc)?, &scale, &t)
+    soft_cap(cfg, head_logits(cfg, &input.to_dtype(acc)?, &scale, &t)?)
 }
 
 /// The validated targets, as device tensors.

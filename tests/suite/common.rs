@@ -109,6 +109,14 @@ pub struct Opts {
     pub ignore: bool,
     pub reduction: Reduction,
     pub detached: bool,
+    /// Logit soft-capping, relative to the head: cap = softcap·max(s, 5) (see [`softcap_of`]).
+    pub softcap: Option<f64>,
+}
+
+/// The soft-capping cap of `opts.softcap = Some(rel)` for `head`: rel·max(s, 5), so that the cap
+/// bites for every head (scaled cosines reach ±s, softmax logits here are N(0, 3)).
+pub fn softcap_of(head: &Head, rel: f64) -> f64 {
+    rel * head.scale().max(5.0)
 }
 
 impl Default for Opts {
@@ -122,6 +130,7 @@ impl Default for Opts {
             ignore: false,
             reduction: Reduction::Mean,
             detached: false,
+            softcap: None,
         }
     }
 }
@@ -150,6 +159,12 @@ impl Opts {
         self
     }
 
+    /// Soft-capping at 0.4·max(s, 5).
+    pub fn with_softcap(mut self) -> Self {
+        self.softcap = Some(0.4);
+        self
+    }
+
     pub fn cfg(
         &self,
         head: Head,
@@ -169,6 +184,9 @@ impl Opts {
             } else {
                 MarginGrad::Exact
             });
+        if let Some(rel) = self.softcap {
+            cfg = cfg.logit_softcap(softcap_of(&head, rel));
+        }
         if self.weights {
             let mut r = rng(seed ^ 0x5eed_0003);
             let w: Vec<f64> = (0..c).map(|_| r.random_range(0.5..2.0)).collect();
@@ -225,6 +243,95 @@ pub fn options_alone() -> Vec<(&'static str, Opts)> {
         ("none", d().with_reduction(Reduction::None)),
         ("sum", d().with_reduction(Reduction::Sum)),
         ("detached", d().with_detached()),
+        ("softcap", d().with_softcap()),
+        (
+            "weights_smoothing",
+            Opts {
+                weights: true,
+                smoothing: 0.1,
+                ..d()
+            },
+        ),
+    ]
+}
+
+/// Class weights with label smoothing (PyTorch's semantics), with ignored rows: alone and with
+/// focal, Poly, z-loss and all three, each with every reduction.
+pub fn weighted_smoothing_options() -> Vec<(String, Opts)> {
+    let base = Opts {
+        weights: true,
+        smoothing: 0.15,
+        ignore: true,
+        ..Opts::default()
+    };
+    let extras: [(&str, Opts); 5] = [
+        ("", base.clone()),
+        (
+            "+focal",
+            Opts {
+                focal: 2.0,
+                ..base.clone()
+            },
+        ),
+        (
+            "+poly",
+            Opts {
+                poly: vec![1.0, -0.3],
+                ..base.clone()
+            },
+        ),
+        (
+            "+zloss",
+            Opts {
+                z: 1e-3,
+                ..base.clone()
+            },
+        ),
+        (
+            "+focal+poly+zloss",
+            Opts {
+                focal: 0.5,
+                poly: vec![1.0],
+                z: 1e-3,
+                ..base.clone()
+            },
+        ),
+    ];
+    let mut out = Vec::new();
+    for (en, opts) in extras {
+        for (rn, red) in [
+            ("mean", Reduction::Mean),
+            ("sum", Reduction::Sum),
+            ("none", Reduction::None),
+        ] {
+            out.push((
+                format!("weights_smoothing{en}_{rn}"),
+                opts.clone().with_reduction(red),
+            ));
+        }
+    }
+    out
+}
+
+/// Soft-capping alone, with every option (weights + smoothing included) and with Detached
+/// margins.
+pub fn softcap_options() -> Vec<(&'static str, Opts)> {
+    vec![
+        ("softcap", Opts::default().with_softcap()),
+        ("softcap_combo", Opts::combo().with_softcap()),
+        (
+            "softcap_combo_sum",
+            Opts::combo().with_softcap().with_reduction(Reduction::Sum),
+        ),
+        (
+            "softcap_detached_focal",
+            Opts {
+                focal: 0.5,
+                ..Opts::default()
+            }
+            .with_softcap()
+            .with_detached(),
+        ),
     ]
 }
 

@@ -545,6 +545,26 @@ pub fn invalid_hyper_parameters(dev: &Device) {
             base(Head::arcface()).z_loss(f64::INFINITY),
             &["z_loss"],
         ),
+        (
+            "logit_softcap 0",
+            base(Head::arcface()).logit_softcap(0.0),
+            &["logit_softcap", "> 0"],
+        ),
+        (
+            "logit_softcap < 0",
+            base(Head::softmax()).logit_softcap(-30.0),
+            &["logit_softcap", "> 0"],
+        ),
+        (
+            "logit_softcap NaN",
+            base(Head::rbf()).logit_softcap(f64::NAN),
+            &["logit_softcap"],
+        ),
+        (
+            "logit_softcap inf",
+            base(Head::rbf()).logit_softcap(f64::INFINITY),
+            &["logit_softcap"],
+        ),
     ];
     for (name, cfg, keys) in cases {
         expect_err(&mut f, name, &cfg, &x, &t, None, keys);
@@ -627,6 +647,172 @@ pub fn valid_boundaries(dev: &Device) {
         }
     }
     f.finish("errors: valid boundary values accepted");
+}
+
+/// Hyper-parameters valid as f64 but not representable in the f32 accumulation of f32 / f16 /
+/// bf16 input (overflow to ∞, or a subnormal that a GPU flushes to 0) give an `Err` naming the op
+/// and the value for those inputs, on every entry point, and are accepted for f64 input (whose
+/// accumulation holds them) with a finite result.
+pub fn unrepresentable_hyper_parameters(dev: &Device) {
+    let mut f = Failures::default();
+    let (b, c) = (3usize, 5usize);
+    let t = targets_i64(&[0, 4, -100], dev).unwrap();
+    let weights = |v: f64| {
+        let mut w = vec![1.0f64; c];
+        w[3] = v;
+        Tensor::from_vec(w, c, dev).unwrap()
+    };
+    let base = MarginSoftmaxLoss::new;
+    let cases: Vec<(&str, MarginSoftmaxLoss, &str)> = vec![
+        ("s = 1e39", base(Head::Softmax { s: 1e39 }), "scale s"),
+        ("s = 1e-45", base(Head::Softmax { s: 1e-45 }), "scale s"),
+        (
+            "arcface s = 1e-40",
+            base(Head::ArcFace {
+                s: 1e-40,
+                m: 0.5,
+                easy_margin: false,
+            }),
+            "scale s",
+        ),
+        (
+            "sphereface lambda = 1e300",
+            base(Head::sphereface(1e300)),
+            "lambda",
+        ),
+        (
+            "rbf gamma = 1e-40",
+            base(Head::Rbf {
+                s: 35.0,
+                gamma: 1e-40,
+            }),
+            "gamma",
+        ),
+        (
+            "rbf gamma = 1e39",
+            base(Head::Rbf {
+                s: 35.0,
+                gamma: 1e39,
+            }),
+            "gamma",
+        ),
+        (
+            "combined m3 = 1e-42",
+            base(Head::Combined {
+                s: 64.0,
+                m1: 1.0,
+                m2: 0.3,
+                m3: 1e-42,
+            }),
+            "m3",
+        ),
+        (
+            "focal gamma = 1e-40",
+            base(Head::arcface()).focal_gamma(1e-40),
+            "focal_gamma",
+        ),
+        (
+            "z_loss = 1e39",
+            base(Head::arcface()).z_loss(1e39),
+            "z_loss",
+        ),
+        (
+            "z_loss = 1e-39",
+            base(Head::arcface()).z_loss(1e-39),
+            "z_loss",
+        ),
+        (
+            "poly eps_2 = 1e40",
+            base(Head::arcface()).poly(&[1.0, 1e40]),
+            "eps_2",
+        ),
+        (
+            "label_smoothing = 1e-40",
+            base(Head::arcface()).label_smoothing(1e-40),
+            "label_smoothing",
+        ),
+        (
+            "softcap = 1e39",
+            base(Head::arcface()).logit_softcap(1e39),
+            "logit_softcap",
+        ),
+        (
+            "softcap = 1e-39",
+            base(Head::arcface()).logit_softcap(1e-39),
+            "logit_softcap",
+        ),
+        (
+            "class weight 1e39",
+            base(Head::arcface()).class_weights(weights(1e39)).unwrap(),
+            "class weight",
+        ),
+        (
+            "class weight 1e-40",
+            base(Head::arcface()).class_weights(weights(1e-40)).unwrap(),
+            "class weight",
+        ),
+        (
+            "class weights summing past f32::MAX",
+            base(Head::arcface())
+                .class_weights(Tensor::from_vec(vec![3e38f64; c], c, dev).unwrap())
+                .unwrap(),
+            "sum of the class weights",
+        ),
+    ];
+    for (name, cfg, key) in &cases {
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let x = cos_input(dev, b, c).to_dtype(dt).unwrap();
+            let label = format!("{name} {}", dtype_name(dt));
+            expect_err(
+                &mut f,
+                &label,
+                cfg,
+                &x,
+                &t,
+                None,
+                &[key, "not representable", "F32"],
+            );
+        }
+        // f64 holds every one of them (the weights' sum too): accepted for f64 input.
+        let x = cos_input(dev, b, c).to_dtype(DType::F64).unwrap();
+        match cfg.loss_and_grad(&x, &t) {
+            Ok(_) => {}
+            Err(e) => f.0.push(format!("[{name} f64] unexpected Err: {e}")),
+        }
+    }
+    // Values f64 itself cannot hold are rejected for f64 input too.
+    let x = cos_input(dev, b, c).to_dtype(DType::F64).unwrap();
+    for (name, cfg, key) in [
+        (
+            "f64 s = 1e-320",
+            base(Head::Softmax { s: 1e-320 }),
+            "scale s",
+        ),
+        (
+            "f64 rbf gamma = 1e-310",
+            base(Head::Rbf {
+                s: 35.0,
+                gamma: 1e-310,
+            }),
+            "gamma",
+        ),
+    ] {
+        expect_err(
+            &mut f,
+            name,
+            &cfg,
+            &x,
+            &t,
+            None,
+            &[key, "not representable", "F64"],
+        );
+    }
+    f.finish("errors: hyper-parameters not representable in the accumulation dtype");
+}
+
+#[test]
+fn errors_unrepresentable_hyper_parameters() {
+    unrepresentable_hyper_parameters(&device());
 }
 
 #[test]

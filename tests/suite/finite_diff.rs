@@ -245,6 +245,7 @@ fn fd_option_sets() -> Vec<(String, Opts)> {
         "combo_sum".into(),
         Opts::combo().with_reduction(Reduction::Sum),
     ));
+    v.push(("softcap_combo".into(), Opts::combo().with_softcap()));
     v.push((
         "all_polyN_focal0.5".into(),
         Opts {
@@ -336,6 +337,8 @@ pub fn row_scale(dev: &Device) {
         ("plain", Opts::default()),
         ("combo", Opts::combo()),
         ("combo_none", Opts::combo().with_reduction(Reduction::None)),
+        ("softcap", Opts::default().with_softcap()),
+        ("softcap_combo", Opts::combo().with_softcap()),
         (
             "focal_polyN_z",
             Opts {

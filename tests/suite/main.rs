@@ -11,3 +11,4 @@ mod finite_diff;
 mod kernels;
 mod parity;
 mod props;
+mod semantics;

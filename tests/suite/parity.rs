@@ -360,6 +360,62 @@ pub fn row_scale_grid(
     }
 }
 
+/// Class weights with label smoothing against the reference's PyTorch composition: every head
+/// variant, alone and with focal / Poly / z-loss, ignored rows, every reduction.
+pub fn weighted_smoothing_grid(
+    dev: &Device,
+    heads: &[(&'static str, Head)],
+    shapes: &[(usize, usize)],
+    dtypes: &[DType],
+    f: &mut Failures,
+) {
+    for &(hn, head) in heads {
+        for (on, opts) in weighted_smoothing_options() {
+            for &shape in shapes {
+                for &dt in dtypes {
+                    let name = format!("{hn}+{on}");
+                    parity_case(dev, &name, head, &opts, shape, dt, false, f);
+                }
+            }
+        }
+    }
+}
+
+/// Logit soft-capping: every head variant, alone and with every option, with and without a
+/// per-row scale.
+pub fn softcap_grid(
+    dev: &Device,
+    heads: &[(&'static str, Head)],
+    shapes: &[(usize, usize)],
+    dtypes: &[DType],
+    f: &mut Failures,
+) {
+    for &(hn, head) in heads {
+        for (on, opts) in softcap_options() {
+            for &shape in shapes {
+                for &dt in dtypes {
+                    for row_scale in [false, true] {
+                        let name = format!("{hn}+{on}");
+                        parity_case(dev, &name, head, &opts, shape, dt, row_scale, f);
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub fn small_weighted_smoothing(dev: &Device) {
+    let mut f = Failures::default();
+    weighted_smoothing_grid(dev, &head_variants(), &SMALL, &ALL_DTYPES, &mut f);
+    f.finish("parity: class weights + label smoothing (PyTorch), every head, small shapes");
+}
+
+pub fn small_softcap(dev: &Device) {
+    let mut f = Failures::default();
+    softcap_grid(dev, &head_variants(), &SMALL, &ALL_DTYPES, &mut f);
+    f.finish("parity: logit soft-capping, every head, small shapes");
+}
+
 pub fn small_heads(dev: &Device) {
     let mut f = Failures::default();
     heads_alone(dev, &SMALL, &ALL_DTYPES, &mut f);
@@ -390,6 +446,8 @@ pub fn medium(dev: &Device) {
     combo_every_head(dev, &head_variants(), &[MEDIUM], &ALL_DTYPES, true, &mut f);
     options_alone_grid(dev, &[MEDIUM], &ALL_DTYPES, &mut f);
     row_scale_grid(dev, &[MEDIUM], &ALL_DTYPES, true, &mut f);
+    weighted_smoothing_grid(dev, &main_heads(), &[MEDIUM], &FULL_DTYPES, &mut f);
+    softcap_grid(dev, &main_heads(), &[MEDIUM], &FULL_DTYPES, &mut f);
     f.finish("parity: 37x1000");
 }
 
@@ -419,6 +477,16 @@ pub fn large_row_scale(dev: &Device) {
     row_scale_grid(dev, &[LARGE], &FULL_DTYPES, true, &mut f);
     row_scale_grid(dev, &[LARGE], &[DType::F16, DType::BF16], false, &mut f);
     f.finish("parity: 64x10000, row scale");
+}
+
+#[test]
+fn parity_small_weighted_smoothing() {
+    small_weighted_smoothing(&device());
+}
+
+#[test]
+fn parity_small_softcap() {
+    small_softcap(&device());
 }
 
 #[test]

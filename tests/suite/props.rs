@@ -1,5 +1,6 @@
 //! Property tests (f64): a random head with hyper-parameters anywhere in their valid ranges,
-//! random criterion options and targets (some ignored), small shapes (B in 0..12, C in 1..50).
+//! random criterion options (soft-capping and class weights with smoothing included) and targets
+//! (some ignored), small shapes (B in 0..12, C in 1..50).
 //! - the fused `loss` (and its autograd gradient) and `loss_and_grad` match `reference` at 1e-9
 //!   norm-wise relative, and the loss is finite;
 //! - determinism: two calls give bitwise-equal results.
@@ -42,6 +43,8 @@ struct Crit {
     reduction: Reduction,
     detached: bool,
     row_scale: bool,
+    /// Soft-capping relative to the head (see `softcap_of`).
+    softcap: Option<f64>,
 }
 
 fn crit_strategy() -> impl Strategy<Value = Crit> {
@@ -68,9 +71,10 @@ fn crit_strategy() -> impl Strategy<Value = Crit> {
         ],
         any::<bool>(),
         any::<bool>(),
+        prop_oneof![Just(None), (0.05f64..2.0).prop_map(Some)],
     )
         .prop_map(
-            |(smoothing, focal, poly, z, weights, ignore, reduction, detached, row_scale)| Crit {
+            |(
                 smoothing,
                 focal,
                 poly,
@@ -80,6 +84,18 @@ fn crit_strategy() -> impl Strategy<Value = Crit> {
                 reduction,
                 detached,
                 row_scale,
+                softcap,
+            )| Crit {
+                smoothing,
+                focal,
+                poly,
+                z,
+                weights,
+                ignore,
+                reduction,
+                detached,
+                row_scale,
+                softcap,
             },
         )
 }
@@ -94,6 +110,7 @@ fn opts_of(c: &Crit) -> Opts {
         ignore: c.ignore,
         reduction: c.reduction,
         detached: c.detached,
+        softcap: c.softcap,
     }
 }
 
