@@ -59,7 +59,8 @@ impl<A: Acc> Online<A> {
     }
 
     /// Absorbs the entries `xs`, which start at column `first`, in chunks of [`CHUNK`]: the
-    /// chunk's logits first (the tail padded with z = −∞, v = w = 0, which add nothing), then one
+    /// chunk's logits first (the tail padded with z = −∞ and v = 0, and w = 0 when the weights
+    /// are read, which add nothing; w stays 1 otherwise), then one
     /// rescale of the running sums at most, then the exps, summed in [`LANES`] independent
     /// partial sums so that the loops vectorize. Soft-capping and class weights are decided once
     /// per chunk, so the plain path's loops carry no extra work.
@@ -89,11 +90,11 @@ impl<A: Acc> Online<A> {
             if let Some(weights) = pass.weights {
                 let start = first + c * CHUNK;
                 w[..chunk.len()].copy_from_slice(&weights[start..start + chunk.len()]);
+                w[chunk.len()..].fill(A::zero());
             }
             for i in chunk.len()..CHUNK {
                 v[i] = A::zero();
                 z[i] = A::neg_infinity();
-                w[i] = A::zero();
             }
             let mut lane_max = [A::neg_infinity(); LANES];
             for block in z.chunks_exact(LANES) {
