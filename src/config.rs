@@ -238,7 +238,7 @@ pub enum MarginGrad {
 
 /// Per-class weights w (shape [C]), checked once when they are set: every entry finite and ≥ 0.
 ///
-/// Made by [`ClassWeights::new`] (or [`MarginSoftmaxLoss::class_weights`]), which reads the
+/// Made by [[`ClassWeights::new`]] (or [`MarginSoftmaxLoss::class_weights`]), which reads the
 /// tensor to the host once (on a GPU, one synchronization when the weights are set, none per
 /// step) and keeps a snapshot: a later in-place change of the tensor (e.g. `Var::set`) is not
 /// seen; set the weights again instead. The weights are constants of the loss: a `Var` passed
@@ -414,11 +414,11 @@ impl MarginSoftmaxLoss {
         self
     }
     /// Per-class weights, shape [C] (checked against the input at each call), float dtype,
-    /// every entry finite and ≥ 0: checked here, once (see [`ClassWeights::new`]). They are
+    /// every entry finite and ≥ 0: checked here, once (see [[`ClassWeights::new`]]). They are
     /// constants of the loss: a `Var` gets no gradient.
     ///
     /// # Errors
-    /// As [`ClassWeights::new`].
+    /// As [[`ClassWeights::new`]].
     pub fn class_weights(mut self, weights: Tensor) -> Result<Self> {
         self.class_weights = Some(ClassWeights::new(&weights)?);
         Ok(self)

@@ -47,8 +47,8 @@ pub mod reference;
 pub use emu::kernel_emu;
 
 pub use config::{
-    EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, Reduction, SPHEREFACE_MAX_M,
-    SphereFaceLambda,
+    ClassWeights, EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, Reduction,
+    SPHEREFACE_MAX_M, SphereFaceLambda,
 };
 
 #[doc = include_str!("../README.md")]

@@ -677,6 +677,63 @@ pub fn row_scale_layouts(dev: &Device) {
     f.finish("semantics: row scale in any layout");
 }
 
+/// What unchecked row-scale values do, as documented on `loss_with_row_scale` (Softmax head,
+/// z = r·x): a NaN scale makes its row's loss and gradient NaN and leaves the other rows alone;
+/// r = 0 gives the uniform softmax's ln C and a zero input gradient; r = −2 on x gives what r = 2
+/// gives on −x.
+pub fn row_scale_values(dev: &Device) {
+    let mut f = Failures::default();
+    let (b, c) = (4usize, 6usize);
+    let t: Vec<i64> = vec![1, 2, 3, 0];
+    let mut r = rng(seed_of("row scale values"));
+    let x = gen_input(&mut r, &Head::softmax(), b, c, &t);
+    for dt in [DType::F64, DType::F32] {
+        let label = format!("row scale values {}", dtype_name(dt));
+        let run = |f: &mut Failures| -> Result<()> {
+            let cfg = MarginSoftmaxLoss::new(Head::softmax()).reduction(Reduction::None);
+            let input = input_tensor(&x, b, c, dt, dev)?;
+            let targets = targets_i64(&t, dev)?;
+            let acc = acc_dtype(dt);
+            let scale = Tensor::new(&[f64::NAN, 0.0, -2.0, 5.0], dev)?.to_dtype(acc)?;
+            let (loss, dx, dr) = cfg.loss_and_grad_with_row_scale(&input, &targets, &scale)?;
+            let (loss, dx, dr) = (vec_f64(&loss)?, vec_f64(&dx)?, vec_f64(&dr)?);
+            if !(loss[0].is_nan() && dx[..c].iter().all(|v| v.is_nan()) && dr[0].is_nan()) {
+                f.0.push(format!(
+                    "[{label}] NaN scale: loss {}, dx {:?}",
+                    loss[0],
+                    &dx[..c]
+                ));
+            }
+            if !(loss[3].is_finite() && dx[3 * c..].iter().all(|v| v.is_finite())) {
+                f.0.push(format!("[{label}] a NaN scale leaked into row 3"));
+            }
+            let ln_c = (c as f64).ln();
+            if (loss[1] - ln_c).abs() > 1e-6 || dx[c..2 * c].iter().any(|&v| v != 0.0) {
+                f.0.push(format!(
+                    "[{label}] r = 0: loss {} (want ln C = {ln_c}), dx {:?}",
+                    loss[1],
+                    &dx[c..2 * c]
+                ));
+            }
+            let flipped: Vec<f64> = x.iter().map(|v| -v).collect();
+            let minus = input_tensor(&flipped, b, c, dt, dev)?;
+            let two = Tensor::new(&[2.0f64; 4], dev)?.to_dtype(acc)?;
+            let want = vec_f64(&cfg.loss_with_row_scale(&minus, &targets, &two)?)?;
+            if (loss[2] - want[2]).abs() > 1e-6 * want[2].abs().max(1.0) {
+                f.0.push(format!(
+                    "[{label}] r = -2: loss {}, want {}",
+                    loss[2], want[2]
+                ));
+            }
+            Ok(())
+        };
+        if let Err(e) = run(&mut f) {
+            f.err(&label, e);
+        }
+    }
+    f.finish("semantics: unchecked row-scale values");
+}
+
 /// u8 targets (candle's MNIST labels) give bitwise the results of the same i64 targets on every
 /// entry point; an ignored row uses an `ignore_index` in u8's range (255).
 pub fn u8_targets(dev: &Device) {
@@ -793,6 +850,11 @@ fn semantics_zero_total_weight() {
 #[test]
 fn semantics_row_scale_layouts() {
     row_scale_layouts(&device());
+}
+
+#[test]
+fn semantics_row_scale_values() {
+    row_scale_values(&device());
 }
 
 #[test]
