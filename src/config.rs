@@ -210,7 +210,7 @@ impl SphereFaceLambda {
 /// How the per-row losses are combined.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Reduction {
-    /// Per-row losses, shape [B]; ignored rows hold 0.
+    /// Per-row losses, shape \[B\]; ignored rows hold 0.
     None,
     /// Σ_i ℓ_i, a scalar.
     Sum,
@@ -236,7 +236,7 @@ pub enum MarginGrad {
     Detached,
 }
 
-/// Per-class weights w (shape [C]), checked once when they are set: every entry finite and ≥ 0.
+/// Per-class weights w (shape \[C\]), checked once when they are set: every entry finite and ≥ 0.
 ///
 /// Made by [[`ClassWeights::new`]] (or [`MarginSoftmaxLoss::class_weights`]), which reads the
 /// tensor to the host once (on a GPU, one synchronization when the weights are set, none per
@@ -413,7 +413,7 @@ impl MarginSoftmaxLoss {
         self.z_loss = lambda;
         self
     }
-    /// Per-class weights, shape [C] (checked against the input at each call), float dtype,
+    /// Per-class weights, shape \[C\] (checked against the input at each call), float dtype,
     /// every entry finite and ≥ 0: checked here, once (see [[`ClassWeights::new`]]). They are
     /// constants of the loss: a `Var` gets no gradient.
     ///

@@ -1,7 +1,7 @@
 //! The CPU bodies of the op. Rows run in parallel (rayon); each row is read once by the forward
 //! pass (online max / sum-exp) and once more by the backward pass, which writes the gradient.
 //! The fused `forward_backward` runs both passes on a row back to back, while it is in cache.
-//! Nothing of size [B, C] is allocated besides the gradient.
+//! Nothing of size \[B, C\] is allocated besides the gradient.
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
 use num_traits::{Float, One, Zero};
@@ -386,7 +386,7 @@ fn forward_typed<T: Element>(
     Ok(T::Acc::to_cpu_storage_owned(stats))
 }
 
-/// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
+/// The backward op: d(loss)/d(input) \[B, C\] in the input dtype, from the input, the targets and
 /// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in).
 pub(crate) fn backward(
     cfg: &MarginSoftmaxLoss,
@@ -439,8 +439,8 @@ fn backward_typed<T: Element>(
     Ok(T::to_cpu_storage_owned(grad))
 }
 
-/// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
-/// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
+/// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) \[B, C\],
+/// d(loss)/d(row scale) \[B\]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
 /// Σ_i ℓ_i.
 pub(crate) fn forward_backward(
     cfg: &MarginSoftmaxLoss,

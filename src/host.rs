@@ -1,4 +1,4 @@
-//! Reading candle CPU storage as the op's backends need it: the rows of a [B, C] input whose rows
+//! Reading candle CPU storage as the op's backends need it: the rows of a \[B, C\] input whose rows
 //! are each contiguous, contiguous 1-D / 2-D tensors, and the validated targets. Shared by the CPU
 //! bodies (`src/cpu.rs`) and the emulated kernels (`src/emu.rs`), which both take CPU storage.
 
@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 use crate::config::{MarginSoftmaxLoss, OP_NAME};
 use crate::prepare::validate_targets;
 
-/// Read access to the rows of a [B, C] input whose rows are each contiguous.
+/// Read access to the rows of a \[B, C\] input whose rows are each contiguous.
 pub(crate) struct Rows<'a, T> {
     data: &'a [T],
     offset: usize,

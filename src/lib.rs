@@ -1,6 +1,6 @@
 //! Fused margin and kernel softmax cross-entropy losses for candle.
 //!
-//! One op computes, in a single pass over each row of a [B, C] input, the head's transform
+//! One op computes, in a single pass over each row of a \[B, C\] input, the head's transform
 //! (a margin on the target's cosine, or a distance → RBF score), the softmax cross-entropy and
 //! every criterion option (label smoothing, focal, PolyLoss, z-loss, class weights,
 //! `ignore_index`), and saves per-row statistics so that the backward pass reads each row once
@@ -21,7 +21,7 @@
 //! # Ok(()) }
 //! ```
 //!
-//! See [`Head`] for the heads and [`MarginSoftmaxLoss`] for the options; [`reference`] holds the
+//! See [`Head`] for the heads and [`MarginSoftmaxLoss`] for the options; [`reference`](mod@reference) holds the
 //! same losses composed from plain candle ops.
 
 mod config;

@@ -93,7 +93,7 @@ fn rows_are_contiguous(t: &Tensor) -> bool {
 }
 
 impl MarginSoftmaxLoss {
-    /// The loss of `input` [B, C] against `targets` [B], differentiable with respect to `input`
+    /// The loss of `input` \[B, C\] against `targets` \[B\], differentiable with respect to `input`
     /// through candle autograd.
     ///
     /// - `input`: f32, f64, f16 or bf16. For the cosine heads, cos θ (clamped to [−1, 1]); for
@@ -101,7 +101,7 @@ impl MarginSoftmaxLoss {
     ///   views (e.g. `narrow` on either dimension) are read in place, others copied once.
     /// - `targets`: u8, u32 or i64 class indices in [0, C), or `ignore_index` (the default −100
     ///   only matches i64 targets: see [`MarginSoftmaxLoss::ignore_index`]).
-    /// - Returns f32 (f64 for f64 input): shape [B] for [`Reduction::None`], a scalar otherwise.
+    /// - Returns f32 (f64 for f64 input): shape \[B\] for [`Reduction::None`], a scalar otherwise.
     ///   The gradient into `input` has the input's dtype.
     ///
     /// # Errors
@@ -110,8 +110,8 @@ impl MarginSoftmaxLoss {
     /// zero) value of the accumulation dtype of this input (f32 for f32 / f16 / bf16 input:
     /// s = 1e39 or a class weight of 1e39 overflows it, s = 1e−45 or γ = 1e−40 underflows it;
     /// also 1/γ for RBF, 1 + λ for SphereFace, 1/cap and Σ_j w_j); input rank ≠ 2, C = 0, or a
-    /// non-float input; targets that are not u8 / u32 / i64, not of shape [B], or hold a value
-    /// outside [0, C) that is not `ignore_index`; class weights not of shape [C]; tensors on
+    /// non-float input; targets that are not u8 / u32 / i64, not of shape \[B\], or hold a value
+    /// outside [0, C) that is not `ignore_index`; class weights not of shape \[C\]; tensors on
     /// different devices.
     pub fn loss(&self, input: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let (rows, _) = check_inputs(self, input, targets, None)?;
@@ -119,7 +119,7 @@ impl MarginSoftmaxLoss {
         self.loss_impl(input, targets, &scale)
     }
 
-    /// As [`Self::loss`], with a per-row scale `row_scale` [B] (any float dtype) that replaces the
+    /// As [`Self::loss`], with a per-row scale `row_scale` \[B\] (any float dtype) that replaces the
     /// head's fixed `s` for each row: z_ij = r_i·u_ij. This is the original SphereFace, where r_i
     /// is the feature norm ‖f_i‖, or one learnable s broadcast to every row
     /// (`s.broadcast_as(b)`). Any layout (a strided column view, a broadcast): the result
@@ -133,7 +133,7 @@ impl MarginSoftmaxLoss {
     /// cosine down.
     ///
     /// # Errors
-    /// As [`Self::loss`], and for a `row_scale` that is not a float tensor of shape [B].
+    /// As [`Self::loss`], and for a `row_scale` that is not a float tensor of shape \[B\].
     pub fn loss_with_row_scale(
         &self,
         input: &Tensor,
@@ -163,7 +163,7 @@ impl MarginSoftmaxLoss {
     /// The loss and d(loss)/d(input) in one call, without autograd: the training-step
     /// primitive. Each row is read, its statistics formed, and its gradient written while the
     /// row is still in cache. With [`Reduction::None`], the gradient is that of Σ_i ℓ_i (an
-    /// upstream gradient of ones). Returns (loss as in [`Self::loss`], gradient [B, C] in the
+    /// upstream gradient of ones). Returns (loss as in [`Self::loss`], gradient \[B, C\] in the
     /// input's dtype). Neither output is attached to the autograd graph.
     ///
     /// On a CUDA device (feature `cuda`) a row that fits in shared memory next to the kernel's
@@ -183,7 +183,7 @@ impl MarginSoftmaxLoss {
     }
 
     /// As [`Self::loss_and_grad`] with a per-row scale (see [`Self::loss_with_row_scale`]: any
-    /// layout, values not checked); also returns d(loss)/d(row_scale), shape [B], in the
+    /// layout, values not checked); also returns d(loss)/d(row_scale), shape \[B\], in the
     /// accumulation dtype (f32, or f64), one entry per row (for a broadcast scale, sum it).
     ///
     /// # Errors
@@ -220,7 +220,7 @@ impl MarginSoftmaxLoss {
     }
 }
 
-/// A [B] tensor holding the head's fixed s: the op always takes a per-row scale, so the fixed
+/// A \[B\] tensor holding the head's fixed s: the op always takes a per-row scale, so the fixed
 /// and per-row cases share one code path (B extra floats read).
 pub(crate) fn fixed_row_scale(
     cfg: &MarginSoftmaxLoss,
@@ -231,7 +231,7 @@ pub(crate) fn fixed_row_scale(
     Tensor::full(cfg.head.scale(), rows, input.device())?.to_dtype(dtype)
 }
 
-/// Per-row losses [B] from the op's statistics, reduced with plain candle ops (so the autograd
+/// Per-row losses \[B\] from the op's statistics, reduced with plain candle ops (so the autograd
 /// graph runs through the op's `bwd` for column 0 only).
 fn reduce(reduction: Reduction, stats: &Tensor) -> Result<Tensor> {
     let per_row = stats.narrow(1, op::STAT_LOSS, 1)?.squeeze(1)?;

@@ -6,7 +6,7 @@
 //!   a, k, g_y (see [`crate::math`]) and dℓ/dr. Only the
 //!   per-row constants are saved for the backward pass (Apex xentropy's idea, extended to the
 //!   criterion options), never probabilities.
-//! - [`MarginSoftmaxBackward`] (input, targets, row info [B, 6]) → d(loss)/d(input) [B, C]: one
+//! - [`MarginSoftmaxBackward`] (input, targets, row info [B, 6]) → d(loss)/d(input) \[B, C\]: one
 //!   more read of each row, one write.
 //! - [`forward_backward`]: both in one call, without autograd, returning two tensors (which a
 //!   `CustomOp` cannot), dispatched on the storage directly.

@@ -3,7 +3,7 @@
 //! Everything here is deliberately unfused and simple: the head and the criterion are written
 //! as a chain of ordinary candle ops (`where_cond`, `gather`, `exp`, `log`, `powf`, ...), and
 //! every gradient comes from candle's autograd (`loss.backward()`), with no `CustomOp` and no
-//! hand-written derivative. It is slow (many [B, C] temporaries) and is meant for tests and
+//! hand-written derivative. It is slow (many \[B, C\] temporaries) and is meant for tests and
 //! for reading, not for training. It computes what [`MarginSoftmaxLoss::loss`] promises:
 //!
 //! - Accumulation dtype: f32 for f32 / f16 / bf16 input (the input is upcast first with the
@@ -11,7 +11,7 @@
 //!   The loss comes back in that dtype; the gradient reaching `input` has the input's dtype.
 //! - Clamps follow PyTorch's `clamp`: the gradient passes where `lo <= x <= hi` (ties included)
 //!   and is 0 strictly outside. candle's own `clamp` (max then min) halves the gradient at a tie,
-//!   so [`clamp_torch`] is built from `where_cond` instead.
+//!   so `clamp_torch` is built from `where_cond` instead.
 //! - `acos`: candle has no `acos`. θ0 = acos(c) is computed on the host from detached values
 //!   (f64 `acos`), so the margin functions' values are computed from detached cosines (ArcFace
 //!   by the identity cos(θ + m) = c·cos m − sin θ·sin m, Combined from θ0), the same value in
@@ -46,7 +46,7 @@ use crate::loss::{check_inputs, fixed_row_scale, mean_of_sum};
 use crate::math::exact_sin_floor;
 use crate::prepare::validate_targets;
 
-/// The loss of `input` [B, C] against `targets` [B] with the head's fixed scale s, composed from
+/// The loss of `input` \[B, C\] against `targets` \[B\] with the head's fixed scale s, composed from
 /// plain candle ops; gradients by candle autograd. Same contract as [`MarginSoftmaxLoss::loss`].
 pub fn loss(cfg: &MarginSoftmaxLoss, input: &Tensor, targets: &Tensor) -> Result<Tensor> {
     check_inputs(cfg, input, targets, None)?;
@@ -55,7 +55,7 @@ pub fn loss(cfg: &MarginSoftmaxLoss, input: &Tensor, targets: &Tensor) -> Result
     loss_impl(cfg, input, &t, &scale)
 }
 
-/// As [`loss`], with a per-row scale r [B] (any float dtype) in place of s: z_ij = r_i·u_ij.
+/// As [`loss`], with a per-row scale r \[B\] (any float dtype) in place of s: z_ij = r_i·u_ij.
 /// Differentiable with respect to `input` and `row_scale`. Same contract as
 /// [`MarginSoftmaxLoss::loss_with_row_scale`].
 pub fn loss_with_row_scale(
@@ -70,7 +70,7 @@ pub fn loss_with_row_scale(
     loss_impl(cfg, input, &t, &scale)
 }
 
-/// The logits z [B, C] (accumulation dtype) the head produces from `input`, with the margin on
+/// The logits z \[B, C\] (accumulation dtype) the head produces from `input`, with the margin on
 /// each row's target column, scaled by s (or by `row_scale` when given), soft-capped when the
 /// loss has `logit_softcap`: what the criterion sees. For inspection and tests.
 /// Rows whose target is `ignore_index` get no margin (every column is treated as a non-target),
@@ -97,7 +97,7 @@ struct Targets {
     gather_index: Tensor,
     /// [B, 1] i64: the target, or −1 (matches no column) for ignored rows. For the margin mask.
     mask_index: Tensor,
-    /// [B] u8: 1 for rows that are not ignored.
+    /// \[B\] u8: 1 for rows that are not ignored.
     valid: Tensor,
 }
 
@@ -254,8 +254,8 @@ fn target_logit(cfg: &MarginSoftmaxLoss, x_y: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The head: z [B, C] = scale_i · u_ij, with the margin on the target column of valid rows.
-/// `x` is already in the accumulation dtype; `scale` is [B].
+/// The head: z \[B, C\] = scale_i · u_ij, with the margin on the target column of valid rows.
+/// `x` is already in the accumulation dtype; `scale` is \[B\].
 fn head_logits(cfg: &MarginSoftmaxLoss, x: &Tensor, scale: &Tensor, t: &Targets) -> Result<Tensor> {
     let (rows, classes) = x.dims2()?;
     let u = match cfg.head {
@@ -280,7 +280,7 @@ fn soft_cap(cfg: &MarginSoftmaxLoss, z: Tensor) -> Result<Tensor> {
     }
 }
 
-/// The per-row loss ℓ [B] from the logits z [B, C] and the row's target weight w_y [B] (1
+/// The per-row loss ℓ \[B\] from the logits z \[B, C\] and the row's target weight w_y \[B\] (1
 /// without class weights): ignored rows are NOT zeroed here.
 ///
 /// PyTorch's `cross_entropy(weight=w, label_smoothing=ε)` per row, composed as PyTorch composes
@@ -349,7 +349,7 @@ fn criterion(cfg: &MarginSoftmaxLoss, z: &Tensor, t: &Targets, w_y: &Tensor) -> 
     Ok(row)
 }
 
-/// w_{y_i} [B] (accumulation dtype, constant): the class weight of each row's target, 1 without
+/// w_{y_i} \[B\] (accumulation dtype, constant): the class weight of each row's target, 1 without
 /// class weights; ignored rows read class 0 (they are masked out by the callers).
 fn target_weights(
     cfg: &MarginSoftmaxLoss,
