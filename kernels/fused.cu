@@ -33,15 +33,13 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
 #pragma unroll
                     for (int i = 0; i < V; ++i) {
                         if (y < 0 || j0 + i == y) continue;
-                        const A u = head_u(p, to_acc(v[i]));
-                        online_push(s, r * u, u);
+                        push_entry(p, weights, s, r, to_acc(v[i]), j0 + i);
                     }
                 } else {
                     for (long long j = j0; j < p.classes; ++j) {
                         row_s[j] = xr[j];
                         if (y < 0 || j == y) continue;
-                        const A u = head_u(p, to_acc(xr[j]));
-                        online_push(s, r * u, u);
+                        push_entry(p, weights, s, r, to_acc(xr[j]), j);
                     }
                 }
             }
@@ -50,8 +48,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                 const T v = xr[j];
                 row_s[j] = v;
                 if (y < 0 || j == y) continue;
-                const A u = head_u(p, to_acc(v));
-                online_push(s, r * u, u);
+                push_entry(p, weights, s, r, to_acc(v), j);
             }
         }
         s = block_reduce_online<MS_BLOCK>(s);  // synchronizes: row_s is complete after it
@@ -79,7 +76,8 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
         T* gr = grad + row * p.classes;
         for (long long j = threadIdx.x; j < p.classes; j += MS_BLOCK) {
             gr[j] = y < 0 ? from_acc<T>(A(0))
-                          : from_acc<T>(grad_element(p, row_info, to_acc(row_s[j]), j == y));
+                          : from_acc<T>(grad_element(p, row_info, to_acc(row_s[j]), j == y,
+                                                     smoothing_weight(p, weights, j)));
         }
         __syncthreads();  // row_s and info are rewritten by the next row
     }
