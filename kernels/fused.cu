@@ -62,10 +62,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                 info[5] = r;
             } else {
                 const A weight = p.has_weights ? weights[y] : A(1);
-                A local[MS_ROWINFO_COLUMNS];
-                finalize_row(p, poly, weight, r, to_acc(row_s[y]), s, st, local);
-#pragma unroll
-                for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = local[c];
+                finalize_row(p, poly, weight, r, to_acc(row_s[y]), s, st, info);
             }
             grad_scale[row] = st[7] * A(p.upstream);
         }
@@ -83,17 +80,22 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
     }
 }
 
-#define MS_FUSED_ENTRY(T, SUFFIX)                                                                \
-    extern "C" __global__ void __launch_bounds__(MS_BLOCK) ms_fused_##SUFFIX(                    \
+// MIN_BLOCKS, the blocks per SM the entry is compiled for, bounds its registers by
+// 65536 / (MS_BLOCK * MIN_BLOCKS): 4 (64 registers) for the f32-accumulating entries, 2 (128) for
+// f64, whose pow is a real call: at the 64-register target ptxas picks for 256-thread blocks
+// without a hint, the values live across that call spill. The row in shared memory (up to
+// 47 KiB) already holds a large-C block to a few per SM.
+#define MS_FUSED_ENTRY(T, SUFFIX, MIN_BLOCKS)                                                    \
+    extern "C" __global__ void __launch_bounds__(MS_BLOCK, MIN_BLOCKS) ms_fused_##SUFFIX(        \
         const T* x, const int* targets, const AccOf<T>::type* scale,                             \
         const AccOf<T>::type* weights, const AccOf<T>::type* poly, MsParams p,                   \
         AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale) {                            \
         fused<T>(x, targets, scale, weights, poly, p, stats, grad, grad_scale);                  \
     }
 
-MS_FUSED_ENTRY(float, f32)
-MS_FUSED_ENTRY(double, f64)
-MS_FUSED_ENTRY(__half, f16)
+MS_FUSED_ENTRY(float, f32, 4)
+MS_FUSED_ENTRY(double, f64, 2)
+MS_FUSED_ENTRY(__half, f16, 4)
 #if __CUDA_ARCH__ >= 800
-MS_FUSED_ENTRY(__nv_bfloat16, bf16)
+MS_FUSED_ENTRY(__nv_bfloat16, bf16, 4)
 #endif

@@ -287,27 +287,30 @@ __device__ void finalize_row(const MsParams& p, const A* __restrict__ poly, A we
     const A w_target = p.weighted_smoothing ? weight : A(1);
     const A sum_wz_others = p.softcapped ? s.sum_wz : scale * s.sum_wv;
     const A sum_wz = sum_wz_others + times_nonzero(w_target, t.z);
-    const RowLoss<A> r = criterion_row(p, poly, s.max, log_sum, t.z, sum_wz, weight);
-    // dl/dr = sum_j g_j * v_j, with sum_{j != y} p_j * v_j = sum_exp_v / sum_exp. A term with
-    // an exactly zero coefficient adds 0: k = 0 without smoothing, while sum_wv = -inf with a
-    // masked logit.
-    const A d_scale = times_nonzero(r.a, s.sum_exp_v / s.sum_exp) +
-                      times_nonzero(r.k, s.sum_wv) + times_nonzero(r.g_target, t.v);
-    stats[0] = r.loss;
+    // sum_{j != y} p_j * v_j. It and the columns that need nothing from the criterion are
+    // formed and written before it: fewer values live across its pow calls (a real call in
+    // f64, around which ms_fused_f64 would otherwise spill).
+    const A p_others = s.sum_exp_v / s.sum_exp;
     stats[1] = s.max;
     stats[2] = log_sum;
     stats[3] = weight;
+    info[0] = s.max;
+    info[1] = log_sum;
+    info[5] = scale;
+    const RowLoss<A> r = criterion_row(p, poly, s.max, log_sum, t.z, sum_wz, weight);
+    // dl/dr = sum_j g_j * v_j. A term with an exactly zero coefficient adds 0: k = 0 without
+    // smoothing, while sum_wv = -inf with a masked logit.
+    const A d_scale = times_nonzero(r.a, p_others) + times_nonzero(r.k, s.sum_wv) +
+                      times_nonzero(r.g_target, t.v);
+    stats[0] = r.loss;
     stats[4] = r.a;
     stats[5] = r.k;
     stats[6] = r.g_target;
     stats[7] = d_scale;
     const A up = A(p.upstream);
-    info[0] = s.max;
-    info[1] = log_sum;
     info[2] = r.a * up;
     info[3] = r.k * up;
     info[4] = r.g_target * up;
-    info[5] = scale;
 }
 
 // d loss / d x_j of one element, from the row's backward info (see finalize_row) and the
