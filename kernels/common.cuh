@@ -1,5 +1,5 @@
 // Shared machinery of the kernels: dtype loads and stores, the accumulation type, the online
-// (max, sum-exp) state with its merge, and deterministic warp / block reductions of it.
+// softmax state with its merge, and deterministic warp / block reductions of it.
 //
 // With MS_HOST_CHECK defined, the per-row math (this file less the reductions, and heads.cuh)
 // compiles as plain host C++ for kernels/host_check/, which replays the kernels' algorithm on the
@@ -44,6 +44,7 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 #ifdef MS_HOST_CHECK
 template <typename A> inline A ms_exp(A x) { return std::exp(x); }
 template <typename A> inline A ms_expm1(A x) { return std::expm1(x); }
+template <typename A> inline A ms_abs(A x) { return std::fabs(x); }
 template <typename A> inline A ms_log(A x) { return std::log(x); }
 template <typename A> inline A ms_pow(A x, A y) { return std::pow(x, y); }
 template <typename A> inline A ms_acos(A x) { return std::acos(x); }
@@ -56,6 +57,8 @@ __device__ __forceinline__ float ms_exp(float x) { return expf(x); }
 __device__ __forceinline__ double ms_exp(double x) { return exp(x); }
 __device__ __forceinline__ float ms_expm1(float x) { return expm1f(x); }
 __device__ __forceinline__ double ms_expm1(double x) { return expm1(x); }
+__device__ __forceinline__ float ms_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double ms_abs(double x) { return fabs(x); }
 __device__ __forceinline__ float ms_log(float x) { return logf(x); }
 __device__ __forceinline__ double ms_log(double x) { return log(x); }
 __device__ __forceinline__ float ms_pow(float x, float y) { return powf(x, y); }
@@ -85,21 +88,25 @@ __device__ __forceinline__ bool aligned16(const void* ptr) {
     return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
 }
 
-// The running softmax statistics of a set of entries: max logit, sum exp(z - max),
-// sum exp(z - max) * u and sum u.
+// The running softmax statistics of a set of entries (src/cpu.rs's `Online`): max logit,
+// sum exp(z - max), sum exp(z - max) * v, sum w * v and sum w * z, where v = dz/dr is the
+// entry's derivative with respect to the row scale (the unscaled logit u, times sech^2 with
+// soft-capping) and w its weight in the smoothing term (1 unless weighted smoothing).
 template <typename A> struct Online {
     A max;
     A sum_exp;
-    A sum_exp_u;
-    A sum_u;
+    A sum_exp_v;
+    A sum_wv;
+    A sum_wz;
 };
 
 template <typename A> __device__ __forceinline__ Online<A> online_empty() {
     Online<A> s;
     s.max = neg_infinity<A>();
     s.sum_exp = A(0);
-    s.sum_exp_u = A(0);
-    s.sum_u = A(0);
+    s.sum_exp_v = A(0);
+    s.sum_wv = A(0);
+    s.sum_wz = A(0);
     return s;
 }
 
@@ -110,22 +117,24 @@ template <typename A> __device__ __forceinline__ A times_nonzero(A c, A v) {
     return c == A(0) ? A(0) : c * v;
 }
 
-// Adds one entry with logit z and unscaled logit u (rescaling the sums when the max grows).
-// z = -inf (a masked logit) has exp(z - max) = 0 and leaves max, sum exp and sum exp*u as they
-// are; it is skipped there because with an empty state (max = -inf) exp(z - max) would be
-// exp(-inf + inf) = NaN. NaN z still makes the sums NaN (z > max is false, z != -inf is true).
-template <typename A> __device__ __forceinline__ void online_push(Online<A>& s, A z, A u) {
+// Adds one entry with logit z, dz/dr = v and smoothing weight w (rescaling the sums when the max
+// grows). z = -inf (a masked logit) has exp(z - max) = 0 and leaves max, sum exp and sum exp*v
+// as they are; it is skipped there because with an empty state (max = -inf) exp(z - max) would
+// be exp(-inf + inf) = NaN. NaN z still makes the sums NaN (z > max is false, z != -inf is
+// true). A zero weight adds 0 to sum w*v and sum w*z, also for a masked logit.
+template <typename A> __device__ __forceinline__ void online_push(Online<A>& s, A z, A v, A w) {
     if (z > s.max) {
         const A rescale = ms_exp(s.max - z);
         s.sum_exp = s.sum_exp * rescale + A(1);
-        s.sum_exp_u = s.sum_exp_u * rescale + u;
+        s.sum_exp_v = s.sum_exp_v * rescale + v;
         s.max = z;
     } else if (z != neg_infinity<A>()) {
         const A e = ms_exp(z - s.max);
         s.sum_exp += e;
-        s.sum_exp_u += times_nonzero(e, u);
+        s.sum_exp_v += times_nonzero(e, v);
     }
-    s.sum_u += u;
+    s.sum_wv += times_nonzero(w, v);
+    s.sum_wz += times_nonzero(w, z);
 }
 
 // The statistics of the union of two disjoint sets. Not associative in floating point, so every
@@ -133,16 +142,17 @@ template <typename A> __device__ __forceinline__ void online_push(Online<A>& s, 
 template <typename A> __device__ __forceinline__ Online<A> online_merge(Online<A> a, Online<A> b) {
     Online<A> r;
     r.max = a.max > b.max ? a.max : b.max;
-    r.sum_u = a.sum_u + b.sum_u;
+    r.sum_wv = a.sum_wv + b.sum_wv;
+    r.sum_wz = a.sum_wz + b.sum_wz;
     if (r.max == neg_infinity<A>()) {  // both empty
         r.sum_exp = A(0);
-        r.sum_exp_u = A(0);
+        r.sum_exp_v = A(0);
         return r;
     }
     const A fa = ms_exp(a.max - r.max);
     const A fb = ms_exp(b.max - r.max);
     r.sum_exp = a.sum_exp * fa + b.sum_exp * fb;
-    r.sum_exp_u = a.sum_exp_u * fa + b.sum_exp_u * fb;
+    r.sum_exp_v = a.sum_exp_v * fa + b.sum_exp_v * fb;
     return r;
 }
 
@@ -153,8 +163,9 @@ template <typename A> __device__ __forceinline__ Online<A> warp_reduce_online(On
         Online<A> other;
         other.max = __shfl_xor_sync(0xffffffffu, s.max, offset);
         other.sum_exp = __shfl_xor_sync(0xffffffffu, s.sum_exp, offset);
-        other.sum_exp_u = __shfl_xor_sync(0xffffffffu, s.sum_exp_u, offset);
-        other.sum_u = __shfl_xor_sync(0xffffffffu, s.sum_u, offset);
+        other.sum_exp_v = __shfl_xor_sync(0xffffffffu, s.sum_exp_v, offset);
+        other.sum_wv = __shfl_xor_sync(0xffffffffu, s.sum_wv, offset);
+        other.sum_wz = __shfl_xor_sync(0xffffffffu, s.sum_wz, offset);
         s = online_merge(s, other);
     }
     return s;

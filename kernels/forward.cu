@@ -1,7 +1,8 @@
 // The forward pass, split so that few rows with very many classes still fill the GPU:
 //   ms_forward_partial: block (row, split) of MS_BLOCK threads reduces the non-target entries of
-//     one slice of a row to its online statistics (max, sum exp, sum exp*u, sum u), reading the
-//     slice once with 16-byte vector loads where the row is aligned;
+//     one slice of a row to its online statistics (max, sum exp, sum exp*v, sum w*v, sum w*z: see
+//     Online in common.cuh), reading the slice once with 16-byte vector loads where the row is
+//     aligned (and the class weights too with weighted smoothing);
 //   ms_forward_finalize: one thread per row (MS_FINALIZE_BLOCK rows per block) merges the
 //     target's logit and the row's partials in a fixed order (no floating-point atomics:
 //     bitwise reproducible) and applies the criterion.
@@ -21,7 +22,8 @@ __device__ __forceinline__ void split_range(const MsParams& p, int split, long l
 
 template <typename T>
 __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__ targets,
-                                const typename AccOf<T>::type* __restrict__ scale, MsParams p,
+                                const typename AccOf<T>::type* __restrict__ scale,
+                                const typename AccOf<T>::type* __restrict__ weights, MsParams p,
                                 typename AccOf<T>::type* __restrict__ partials) {
     typedef typename AccOf<T>::type A;
     constexpr int V = VecWidth<T>::value;
@@ -46,22 +48,19 @@ __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__
 #pragma unroll
                         for (int i = 0; i < V; ++i) {
                             if (j0 + i == y) continue;
-                            const A u = head_u(p, to_acc(v[i]));
-                            online_push(s, r * u, u);
+                            push_entry(p, weights, s, r, to_acc(v[i]), j0 + i);
                         }
                     } else {
                         for (long long j = j0; j < end; ++j) {
                             if (j == y) continue;
-                            const A u = head_u(p, to_acc(xr[j]));
-                            online_push(s, r * u, u);
+                            push_entry(p, weights, s, r, to_acc(xr[j]), j);
                         }
                     }
                 }
             } else {
                 for (long long j = start + threadIdx.x; j < end; j += MS_BLOCK) {
                     if (j == y) continue;
-                    const A u = head_u(p, to_acc(xr[j]));
-                    online_push(s, r * u, u);
+                    push_entry(p, weights, s, r, to_acc(xr[j]), j);
                 }
             }
         }
@@ -70,8 +69,9 @@ __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__
             A* out = partials + block * MS_PARTIAL_COLUMNS;
             out[0] = s.max;
             out[1] = s.sum_exp;
-            out[2] = s.sum_exp_u;
-            out[3] = s.sum_u;
+            out[2] = s.sum_exp_v;
+            out[3] = s.sum_wv;
+            out[4] = s.sum_wz;
         }
     }
 }
@@ -104,8 +104,9 @@ __device__ void forward_finalize(const T* __restrict__ x, const int* __restrict_
                 Online<A> part;
                 part.max = q[0];
                 part.sum_exp = q[1];
-                part.sum_exp_u = q[2];
-                part.sum_u = q[3];
+                part.sum_exp_v = q[2];
+                part.sum_wv = q[3];
+                part.sum_wz = q[4];
                 others = online_merge(others, part);
             }
             const A weight = p.has_weights ? weights[y] : A(1);
@@ -122,9 +123,9 @@ __device__ void forward_finalize(const T* __restrict__ x, const int* __restrict_
 
 #define MS_FORWARD_ENTRIES(T, SUFFIX)                                                            \
     extern "C" __global__ void __launch_bounds__(MS_BLOCK) ms_forward_partial_##SUFFIX(          \
-        const T* x, const int* targets, const AccOf<T>::type* scale, MsParams p,                 \
-        AccOf<T>::type* partials) {                                                              \
-        forward_partial<T>(x, targets, scale, p, partials);                                      \
+        const T* x, const int* targets, const AccOf<T>::type* scale,                             \
+        const AccOf<T>::type* weights, MsParams p, AccOf<T>::type* partials) {                   \
+        forward_partial<T>(x, targets, scale, weights, p, partials);                             \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(MS_FINALIZE_BLOCK) ms_forward_finalize_##SUFFIX( \
         const T* x, const int* targets, const AccOf<T>::type* scale,                             \

@@ -33,15 +33,13 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
 #pragma unroll
                     for (int i = 0; i < V; ++i) {
                         if (y < 0 || j0 + i == y) continue;
-                        const A u = head_u(p, to_acc(v[i]));
-                        online_push(s, r * u, u);
+                        push_entry(p, weights, s, r, to_acc(v[i]), j0 + i);
                     }
                 } else {
                     for (long long j = j0; j < p.classes; ++j) {
                         row_s[j] = xr[j];
                         if (y < 0 || j == y) continue;
-                        const A u = head_u(p, to_acc(xr[j]));
-                        online_push(s, r * u, u);
+                        push_entry(p, weights, s, r, to_acc(xr[j]), j);
                     }
                 }
             }
@@ -50,8 +48,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                 const T v = xr[j];
                 row_s[j] = v;
                 if (y < 0 || j == y) continue;
-                const A u = head_u(p, to_acc(v));
-                online_push(s, r * u, u);
+                push_entry(p, weights, s, r, to_acc(v), j);
             }
         }
         s = block_reduce_online<MS_BLOCK>(s);  // synchronizes: row_s is complete after it
@@ -65,10 +62,7 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                 info[5] = r;
             } else {
                 const A weight = p.has_weights ? weights[y] : A(1);
-                A local[MS_ROWINFO_COLUMNS];
-                finalize_row(p, poly, weight, r, to_acc(row_s[y]), s, st, local);
-#pragma unroll
-                for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = local[c];
+                finalize_row(p, poly, weight, r, to_acc(row_s[y]), s, st, info);
             }
             grad_scale[row] = st[7] * A(p.upstream);
         }
@@ -79,23 +73,29 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
         T* gr = grad + row * p.classes;
         for (long long j = threadIdx.x; j < p.classes; j += MS_BLOCK) {
             gr[j] = y < 0 ? from_acc<T>(A(0))
-                          : from_acc<T>(grad_element(p, row_info, to_acc(row_s[j]), j == y));
+                          : from_acc<T>(grad_element(p, row_info, to_acc(row_s[j]), j == y,
+                                                     smoothing_weight(p, weights, j)));
         }
         __syncthreads();  // row_s and info are rewritten by the next row
     }
 }
 
-#define MS_FUSED_ENTRY(T, SUFFIX)                                                                \
-    extern "C" __global__ void __launch_bounds__(MS_BLOCK) ms_fused_##SUFFIX(                    \
+// MIN_BLOCKS, the blocks per SM the entry is compiled for, bounds its registers by
+// 65536 / (MS_BLOCK * MIN_BLOCKS): 4 (64 registers) for the f32-accumulating entries, 2 (128) for
+// f64, whose pow is a real call: at the 64-register target ptxas picks for 256-thread blocks
+// without a hint, the values live across that call spill. The row in shared memory (up to
+// 47 KiB) already holds a large-C block to a few per SM.
+#define MS_FUSED_ENTRY(T, SUFFIX, MIN_BLOCKS)                                                    \
+    extern "C" __global__ void __launch_bounds__(MS_BLOCK, MIN_BLOCKS) ms_fused_##SUFFIX(        \
         const T* x, const int* targets, const AccOf<T>::type* scale,                             \
         const AccOf<T>::type* weights, const AccOf<T>::type* poly, MsParams p,                   \
         AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale) {                            \
         fused<T>(x, targets, scale, weights, poly, p, stats, grad, grad_scale);                  \
     }
 
-MS_FUSED_ENTRY(float, f32)
-MS_FUSED_ENTRY(double, f64)
-MS_FUSED_ENTRY(__half, f16)
+MS_FUSED_ENTRY(float, f32, 4)
+MS_FUSED_ENTRY(double, f64, 2)
+MS_FUSED_ENTRY(__half, f16, 4)
 #if __CUDA_ARCH__ >= 800
-MS_FUSED_ENTRY(__nv_bfloat16, bf16)
+MS_FUSED_ENTRY(__nv_bfloat16, bf16, 4)
 #endif

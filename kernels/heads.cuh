@@ -1,11 +1,14 @@
-// The one CUDA definition of each head's math and of the criterion; it mirrors src/math.rs
-// (the one Rust definition) line for line, so the two paths agree to rounding.
+// The one CUDA definition of each head's math and of the criterion; it mirrors src/math.rs and
+// the row functions of src/cpu.rs (the one Rust definition) line for line, so the two paths
+// agree to rounding.
 //
-// A row's logits are z_j = r * u_j (u the head's unscaled logit, r the row's scale). The
-// criterion's gradient with respect to the logits is
-//   g_j = A * p_j + K (j != y),   g_y = G,
-// with three per-row constants (see criterion_row), so the backward pass needs only those and
-// the row's max and ln sum exp(z - max): p_j = exp((z_j - max) - ln_sum).
+// A row's logits are z_j = r * u_j (u the head's unscaled logit, r the row's scale), or with
+// soft-capping z_j = cap * tanh(r * u_j / cap). The criterion's gradient with respect to the
+// logits is
+//   g_j = A * p_j + K * w_j (j != y),   g_y = G,
+// with three per-row constants (see criterion_row) and w_j the class weight where the smoothing
+// term reads it (weighted smoothing), else 1, so the backward pass needs only those and the
+// row's max and ln sum exp(z - max): p_j = exp((z_j - max) - ln_sum).
 #pragma once
 
 #include "common.cuh"
@@ -118,114 +121,212 @@ template <typename A> __device__ TargetTerm<A> target_term(const MsParams& p, A 
     return r;
 }
 
+// Logit soft-capping z = cap * tanh(z_raw / cap) and its derivative sech^2(z_raw / cap), both
+// from one expm1 (SoftCap::apply in src/math.rs): with a = z_raw / cap and
+// e = expm1(-2|a|) in [-1, 0], tanh|a| = -e / (2 + e) and sech^2 a = 4 * (1 + e) / (2 + e)^2.
+// Accurate near a = 0 and finite for every a: a = +-inf gives (+-cap, 0).
+template <typename A> __device__ __forceinline__ void softcap(const MsParams& p, A z_raw, A& z,
+                                                              A& dz) {
+    const A one = A(1);
+    const A a = z_raw * A(p.inv_softcap);
+    const A two = one + one;
+    const A e = ms_expm1(-(ms_abs(a) * two));
+    const A two_plus_e = two + e;
+    A t = -e / two_plus_e;
+    if (a < A(0)) t = -t;
+    dz = (two + two) * (one + e) / (two_plus_e * two_plus_e);
+    z = A(p.softcap) * t;
+}
+
+// A non-target entry's logit z and v = dz/dr from its unscaled logit u (the loop body of
+// Online::absorb in src/cpu.rs): z = r * u and v = u, soft-capped when p.softcapped.
+template <typename A> __device__ __forceinline__ void entry_logit(const MsParams& p, A r, A u, A& z,
+                                                                  A& v) {
+    z = r * u;
+    v = u;
+    if (p.softcapped) {
+        A dz;
+        softcap(p, z, z, dz);
+        // A masked logit (u = -inf) has sech^2 = 0: its dz/dr is 0, not NaN.
+        v = times_nonzero(dz, u);
+    }
+}
+
+// The weight w_j of class j in the smoothing term: the class weight with weighted smoothing, else
+// 1 (`weights` is then not read: it may be a dummy).
+template <typename A>
+__device__ __forceinline__ A smoothing_weight(const MsParams& p, const A* __restrict__ weights,
+                                              long long j) {
+    return p.weighted_smoothing ? weights[j] : A(1);
+}
+
+// Adds the non-target entry j with input x to the online state s of a row with scale r.
+template <typename A>
+__device__ __forceinline__ void push_entry(const MsParams& p, const A* __restrict__ weights,
+                                           Online<A>& s, A r, A x, long long j) {
+    A z, v;
+    entry_logit(p, r, head_u(p, x), z, v);
+    online_push(s, z, v, smoothing_weight(p, weights, j));
+}
+
+// The target entry's logit z_y, dz_y/dr and dz_y/dx * (1/r) (the margin's derivative times the
+// soft-capping's), for the target's input x (target_logit in src/cpu.rs).
+template <typename A> struct TargetLogit {
+    A z;
+    A v;
+    A dz;
+};
+
+template <typename A> __device__ TargetLogit<A> target_logit(const MsParams& p, A x, A scale) {
+    const TargetTerm<A> t = target_term(p, x);
+    TargetLogit<A> r;
+    r.z = scale * t.u;
+    if (p.softcapped) {
+        A dz;
+        softcap(p, r.z, r.z, dz);
+        r.v = times_nonzero(dz, t.u);
+        r.dz = dz * t.du;
+    } else {
+        r.v = t.u;
+        r.dz = t.du;
+    }
+    return r;
+}
+
 template <typename A> struct RowLoss {
-    A loss;      // w_y * l
-    A a;         // g_j = a * p_j + k for j != y (weight included)
-    A k;
+    A loss;      // l, class weights included
+    A a;         // g_j = a * p_j + k * w_j for j != y (w_j = 1 unless weighted smoothing;
+    A k;         // k = 0 without smoothing)
     A g_target;  // g_y, formed from 1 - p_y so that it does not cancel as p_y -> 1
 };
 
 // The row's loss and gradient constants from its logits' max and ln sum exp(z - max), the target
-// logit z_y, sum_j z_j and the class weight w = w_y. The derivation is written out above
-// Criterion::row in src/math.rs:
-//   l_CE = (1 - eps)*(-log p_y) + eps*(lse - mean_j z_j),  p_t = (1 - eps)*p_y + eps/C,
-//   F = (1 - p_t)^gamma,  l = w*[F*l_CE + sum_k eps_k*(1 - p_t)^(k + gamma) + lambda_z*lse^2],
-//   D = dl/dp_t = -gamma*(1 - p_t)^(gamma - 1)*l_CE - sum_k eps_k*(k + gamma)*(1 - p_t)^(k + gamma - 1),
-//   A = w*(F - D*(1 - eps)*p_y + 2*lambda_z*lse),  K = -w*F*eps/C,
-//   G = w*[F*(eps*(C - 1)/C - (1 - p_y)) + D*(1 - eps)*p_y*(1 - p_y) + 2*lambda_z*lse*p_y].
+// logit z_y, S = sum_j w_j * z_j (every class, the target included; w_j = 1 unless weighted
+// smoothing, and only read with smoothing) and the class weight w = w_y. The derivation is
+// written out above Criterion::row in src/math.rs; with W = p.total_weight (sum_j w_j, or C):
+//   l_CE = (1 - eps)*w*(-log p_y) + (eps/C)*(W*lse - S),  p_t = (1 - eps)*p_y + eps/C,
+//   F = (1 - p_t)^gamma,  l = F*l_CE + w*[sum_k eps_k*(1 - p_t)^(k + gamma) + lambda_z*lse^2],
+//   D = dl/dp_t = -gamma*(1 - p_t)^(gamma - 1)*l_CE - w*sum_k eps_k*(k + gamma)*(1 - p_t)^(k + gamma - 1),
+//   A = F*((1 - eps)*w + eps*W/C) - D*(1 - eps)*p_y + 2*w*lambda_z*lse,  K = -F*eps/C,
+//   G = F*[(eps/C)*((W - w)*p_y - w*(1 - p_y)) - (1 - eps)*w*(1 - p_y)]
+//       + D*(1 - eps)*p_y*(1 - p_y) + 2*w*lambda_z*lse*p_y.
 template <typename A>
 __device__ RowLoss<A> criterion_row(const MsParams& p, const A* __restrict__ poly, A max, A log_sum,
-                                    A z_target, A sum_z, A weight) {
+                                    A z_target, A sum_wz, A weight) {
     const A one = A(1), zero = A(0);
-    const A classes = A(p.classes);
     const A eps = A(p.smoothing);
+    const A classes = A(p.classes);
+    const A total = A(p.total_weight);
     const A lse = max + log_sum;
     A log_py = (z_target - max) - log_sum;
     if (log_py > zero) log_py = zero;  // rounding; NaN passes through
     const A p_y = ms_exp(log_py);
     const A one_minus_py = -ms_expm1(log_py);
+    const A keep = one - eps;
     A ce, one_minus_pt;
     if (eps > zero) {
-        const A lse_minus_mean = (max - sum_z / classes) + log_sum;
-        ce = (one - eps) * -log_py + eps * lse_minus_mean;
-        one_minus_pt = (one - eps) * one_minus_py + eps * (classes - one) / classes;
+        // sum_j w_j*(lse - z_j) = (W*M - S) + W*ln sum.
+        const A smooth = (total * max - sum_wz) + total * log_sum;
+        ce = keep * weight * -log_py + eps / classes * smooth;
+        const A spread = eps * (classes - one) / classes;
+        one_minus_pt = keep * one_minus_py + spread;
     } else {
-        ce = -log_py;
+        ce = weight * -log_py;
         one_minus_pt = one_minus_py;
     }
     const A gamma = A(p.focal_gamma);
     const A focal = gamma > zero ? ms_pow(one_minus_pt, gamma) : one;
-    // l_CE/(1 - p_t) -> 1 as p_t -> 1 without smoothing; with smoothing 1 - p_t >= eps(C-1)/C,
+    // l_CE/(1 - p_t) -> w as p_t -> 1 without smoothing; with smoothing 1 - p_t >= eps(C-1)/C,
     // and 1 - p_t = 0 only for C = 1, where l_CE = 0.
-    const A ce_ratio = one_minus_pt > zero ? ce / one_minus_pt : one;
+    const A ce_ratio = one_minus_pt > zero ? ce / one_minus_pt : weight;
     A loss = focal * ce;
     // Without focusing (gamma = 0) this term is 0, also where l_CE = +inf (smoothing with a
     // masked logit): 0 * inf would make every gradient NaN.
     A d_pt = gamma > zero ? -gamma * focal * ce_ratio : zero;
+    A poly_sum = zero;
     for (int i = 0; i < p.n_poly; ++i) {
         const A coef = poly[i];
         const A power = A(i + 1) + gamma;
-        loss += coef * ms_pow(one_minus_pt, power);
-        d_pt -= coef * power * ms_pow(one_minus_pt, power - one);
+        poly_sum += coef * ms_pow(one_minus_pt, power);
+        d_pt -= weight * coef * power * ms_pow(one_minus_pt, power - one);
     }
     const A z_loss = A(p.z_loss);
-    loss += z_loss * lse * lse;
-    const A z_term = (z_loss + z_loss) * lse;
-    const A keep = one - eps;
+    loss += weight * (poly_sum + z_loss * lse * lse);
+    const A z_term = (z_loss + z_loss) * weight * lse;
+    // D*(1 - eps)*p_y, 0 where p_y = 0 whatever D is.
+    const A d_py = times_nonzero(p_y, d_pt * keep);
+    const A smooth_target =
+        eps > zero ? eps / classes * ((total - weight) * p_y - weight * one_minus_py) : zero;
     RowLoss<A> r;
-    r.loss = weight * loss;
-    r.a = weight * (focal - d_pt * keep * p_y + z_term);
-    r.k = -weight * focal * eps / classes;
-    r.g_target = weight * (focal * (eps * (classes - one) / classes - one_minus_py) +
-                           d_pt * keep * p_y * one_minus_py + z_term * p_y);
+    r.loss = loss;
+    r.a = focal * (keep * weight + eps * total / classes) - d_py + z_term;
+    r.k = -focal * eps / classes;
+    r.g_target = focal * (smooth_target - keep * weight * one_minus_py) + d_py * one_minus_py +
+                 z_term * p_y;
     return r;
 }
 
-// Finishes one (non-ignored) row from the online statistics of its non-target entries: writes
-// the row's MS_STAT_COLUMNS statistics and returns its backward info
-// [max, ln_sum, a, k, g_y, scale] with `upstream` folded into a, k, g_y.
+// Finishes one (non-ignored) row from the online statistics of its non-target entries
+// (forward_row in src/cpu.rs): writes the row's MS_STAT_COLUMNS statistics and returns its
+// backward info [max, ln_sum, a, k, g_y, scale] with `upstream` folded into a, k, g_y. `weight`
+// is the target's class weight w_y (1 without class weights).
 template <typename A>
 __device__ void finalize_row(const MsParams& p, const A* __restrict__ poly, A weight, A scale,
                              A x_target, Online<A> others, A* __restrict__ stats, A* info) {
-    const TargetTerm<A> t = target_term(p, x_target);
-    const A z_target = scale * t.u;
+    const TargetLogit<A> t = target_logit(p, x_target, scale);
     Online<A> s;
-    s.max = z_target;
+    s.max = t.z;
     s.sum_exp = A(1);
-    s.sum_exp_u = A(0);
-    s.sum_u = A(0);
+    s.sum_exp_v = A(0);
+    s.sum_wv = A(0);
+    s.sum_wz = A(0);
     s = online_merge(s, others);
     const A log_sum = ms_log(s.sum_exp);
-    const A sum_z = scale * (s.sum_u + t.u);
-    const RowLoss<A> r = criterion_row(p, poly, s.max, log_sum, z_target, sum_z, weight);
-    // dl/dr = sum_j g_j * u_j, with sum_{j != y} p_j * u_j = sum_exp_u / sum_exp. A term with
-    // an exactly zero coefficient adds 0: k = 0 without smoothing, while sum_u = -inf with a
-    // masked logit.
-    const A d_scale = times_nonzero(r.a, s.sum_exp_u / s.sum_exp) + times_nonzero(r.k, s.sum_u) +
-                      times_nonzero(r.g_target, t.u);
-    stats[0] = r.loss;
+    // sum_j w_j * z_j, the target included (w_j = 1 unless weighted smoothing). Without
+    // soft-capping the CPU forms the others' share as r * sum w*v (= sum w*z up to rounding).
+    const A w_target = p.weighted_smoothing ? weight : A(1);
+    const A sum_wz_others = p.softcapped ? s.sum_wz : scale * s.sum_wv;
+    const A sum_wz = sum_wz_others + times_nonzero(w_target, t.z);
+    // sum_{j != y} p_j * v_j. It and the columns that need nothing from the criterion are
+    // formed and written before it: fewer values live across its pow calls (a real call in
+    // f64, around which ms_fused_f64 would otherwise spill).
+    const A p_others = s.sum_exp_v / s.sum_exp;
     stats[1] = s.max;
     stats[2] = log_sum;
     stats[3] = weight;
+    info[0] = s.max;
+    info[1] = log_sum;
+    info[5] = scale;
+    const RowLoss<A> r = criterion_row(p, poly, s.max, log_sum, t.z, sum_wz, weight);
+    // dl/dr = sum_j g_j * v_j. A term with an exactly zero coefficient adds 0: k = 0 without
+    // smoothing, while sum_wv = -inf with a masked logit.
+    const A d_scale = times_nonzero(r.a, p_others) + times_nonzero(r.k, s.sum_wv) +
+                      times_nonzero(r.g_target, t.v);
+    stats[0] = r.loss;
     stats[4] = r.a;
     stats[5] = r.k;
     stats[6] = r.g_target;
     stats[7] = d_scale;
     const A up = A(p.upstream);
-    info[0] = s.max;
-    info[1] = log_sum;
     info[2] = r.a * up;
     info[3] = r.k * up;
     info[4] = r.g_target * up;
-    info[5] = scale;
 }
 
-// d loss / d x_j of one element, from the row's backward info (see finalize_row).
+// d loss / d x_j of one element, from the row's backward info (see finalize_row) and the
+// element's smoothing weight w_j (backward_row in src/cpu.rs):
+//   dx_j = (a * p_j + k * w_j) * dz_j/dz_raw * r * du_j/dx_j (j != y),
+//   dx_y = g_y * r * dz_y/dx_y * (1/r),
+// with p_j = exp((z_j - max) - ln_sum) from the (capped) logit z_j.
 template <typename A>
-__device__ __forceinline__ A grad_element(const MsParams& p, const A* info, A x, bool is_target) {
+__device__ __forceinline__ A grad_element(const MsParams& p, const A* info, A x, bool is_target,
+                                          A w) {
     const A scale = info[5];
-    if (is_target) return info[4] * scale * target_term(p, x).du;
+    if (is_target) return info[4] * scale * target_logit(p, x, scale).dz;
     const A u = head_u(p, x);
-    const A prob = ms_exp((scale * u - info[0]) - info[1]);
-    return (info[2] * prob + info[3]) * scale * head_du(p, x, u);
+    A z = scale * u;
+    A dz = A(1);
+    if (p.softcapped) softcap(p, z, z, dz);
+    const A prob = ms_exp((z - info[0]) - info[1]);
+    return (info[2] * prob + info[3] * w) * dz * scale * head_du(p, x, u);
 }

@@ -1,5 +1,5 @@
 // The launch parameters shared by every kernel of the crate, passed by value.
-// Mirrored field for field by `MsParams` in src/cuda.rs (#[repr(C)]): change both together.
+// Mirrored field for field by `MsParams` in src/kernel_params.rs (#[repr(C)]): change both together.
 #pragma once
 
 #define MS_MAX_SPHERE_M 16
@@ -35,6 +35,9 @@ struct MsParams {
     int n_poly;            // number of PolyLoss coefficients (device array `poly`)
     int has_weights;       // 1: class weights in the device array `weights`
     int splits;            // blocks per row in the split forward (ms_forward_partial)
+    int weighted_smoothing;  // 1: class weights and label smoothing, the smoothing term reads
+                             // weights[j] for every class j (else every w_j = 1 there)
+    int softcapped;        // 1: logit soft-capping z = softcap*tanh(z/softcap)
     double neg_inv_gamma;  // RBF: -1/gamma
     double additive_m;     // CosFace m
     double m1, m2, m3;     // angular margins (ArcFace: 1, m, 0)
@@ -43,8 +46,11 @@ struct MsParams {
     double lambda;         // SphereFace lambda
     double thresholds[MS_MAX_SPHERE_M];  // cos(j*pi/m), j = 1..m-1 at [1..m-1]
     double smoothing;      // label smoothing epsilon
+    double total_weight;   // W = sum_j w_j with weighted_smoothing, else C
     double focal_gamma;
     double z_loss;
+    double softcap;        // the cap (0 unless softcapped)
+    double inv_softcap;    // 1/cap in f64 (0 unless softcapped)
     double upstream;       // gradient factor of the fused paths (1, or 1/sum w for Mean)
 };
 
@@ -54,6 +60,6 @@ struct MsParams {
 // Per-row input of the backward kernel [B, MS_ROWINFO_COLUMNS]:
 // max, ln sum, a, k, g_y (upstream folded in), scale.
 #define MS_ROWINFO_COLUMNS 6
-// Online state of one partial row (ms_forward_partial): max, sum exp(z - max),
-// sum exp(z - max)*u, sum u, over the non-target entries.
-#define MS_PARTIAL_COLUMNS 4
+// Online state of one partial row (ms_forward_partial), over the non-target entries: max,
+// sum exp(z - max), sum exp(z - max)*v, sum w*v, sum w*z (v = dz/dr; w the smoothing weight).
+#define MS_PARTIAL_COLUMNS 5

@@ -212,7 +212,7 @@ fn with_weights<A: CudaAcc, R>(
     f: impl FnOnce(&CudaView<'_, A>) -> Result<R>,
 ) -> Result<R> {
     let name = cfg.head.name();
-    let Some(weights) = &cfg.class_weights else {
+    let Some(weights) = cfg.class_weights.as_ref().map(|w| w.tensor()) else {
         let dummy = dev.alloc_zeros::<A>(1)?;
         return f(&dummy.slice(..));
     };
@@ -273,10 +273,14 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         })
     }
 
-    /// `ms_forward_partial`: the online state of each (row, split) [rows, splits, 4].
-    fn partial(&self, plan: &ForwardPlan) -> Result<CudaSlice<T::Acc>> {
+    /// `ms_forward_partial`: the online state of each (row, split) [rows, splits, 5].
+    fn partial(
+        &self,
+        plan: &ForwardPlan,
+        weights: &CudaView<'_, T::Acc>,
+    ) -> Result<CudaSlice<T::Acc>> {
         let func = kernel!(self.dev, T, FORWARD, "ms_forward_partial")?;
-        // SAFETY: ms_forward_partial writes all rows·splits·4 entries (each block its own 4)
+        // SAFETY: ms_forward_partial writes all rows·splits·5 entries (each block its own 5)
         // before anything reads them; the buffer is only ever passed to ms_forward_finalize.
         let mut partials = unsafe { self.dev.alloc::<T::Acc>(plan.partials_len) }?;
         {
@@ -284,13 +288,16 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             b.arg(&self.x);
             b.arg(&self.targets);
             b.arg(&self.scale);
+            b.arg(weights);
             b.arg(&plan.params);
             b.arg(&mut partials);
             // SAFETY: the arguments match `ms_forward_partial_T(const T* x, const int*
-            // targets, const ACC* scale, MsParams p, ACC* partials)` in kernels/forward.cu;
-            // x holds rows·row_stride elements from its first (the layout's row stride and
-            // offset, checked by candle against the storage), targets and scale B each,
-            // partials rows·splits·4, and p describes exactly these shapes.
+            // targets, const ACC* scale, const ACC* weights, MsParams p, ACC* partials)` in
+            // kernels/forward.cu; x holds rows·row_stride elements from its first (the layout's
+            // row stride and offset, checked by candle against the storage), targets and scale
+            // B each, weights C elements when p.has_weights (else one, never read:
+            // p.weighted_smoothing needs class weights), partials rows·splits·5, and p
+            // describes exactly these shapes.
             unsafe { b.launch(config(&plan.partial)) }.w()?;
         }
         Ok(partials)
@@ -338,7 +345,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             // targets, const ACC* scale, const ACC* weights, const ACC* poly, MsParams p,
             // const ACC* partials, ACC* stats, ACC* row_info, ACC* grad_scale)` in
             // kernels/forward.cu; weights holds C elements when p.has_weights (else one), poly
-            // max(n_poly, 1), partials the rows·splits·4 written by ms_forward_partial with
+            // max(n_poly, 1), partials the rows·splits·5 written by ms_forward_partial with
             // the same p, stats rows·8, and row_info / grad_scale are rows·6 / rows buffers or
             // null (0), which the kernel then does not write.
             unsafe { b.launch(config(&plan.finalize)) }.w()?;
@@ -352,13 +359,17 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         p: &MsParams,
         launch: &Launch,
         row_info: &CudaView<'_, T::Acc>,
+        weights: &CudaView<'_, T::Acc>,
     ) -> Result<CudaSlice<T>> {
         backward_launch(
             self.dev,
             self.shape,
-            &self.x,
-            &self.targets,
-            row_info,
+            BackwardArgs {
+                x: &self.x,
+                targets: &self.targets,
+                row_info,
+                weights,
+            },
             p,
             launch,
         )
@@ -417,16 +428,28 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
     }
 }
 
+/// The buffers `ms_backward` reads.
+struct BackwardArgs<'v, 'a, T: CudaElement> {
+    x: &'v CudaView<'a, T>,
+    targets: &'v CudaSlice<i32>,
+    row_info: &'v CudaView<'a, T::Acc>,
+    weights: &'v CudaView<'a, T::Acc>,
+}
+
 fn backward_launch<T: CudaElement>(
     dev: &CudaDevice,
     shape: RowShape,
-    x: &CudaView<'_, T>,
-    targets: &CudaSlice<i32>,
-    row_info: &CudaView<'_, T::Acc>,
+    args: BackwardArgs<'_, '_, T>,
     p: &MsParams,
     launch: &Launch,
 ) -> Result<CudaSlice<T>> {
     let RowShape { rows, classes, .. } = shape;
+    let BackwardArgs {
+        x,
+        targets,
+        row_info,
+        weights,
+    } = args;
     let func = kernel!(dev, T, BACKWARD, "ms_backward")?;
     // SAFETY: ms_backward is grid-stride in both dimensions and writes all C elements of every
     // row (ignored rows: zeros).
@@ -436,11 +459,14 @@ fn backward_launch<T: CudaElement>(
         b.arg(x);
         b.arg(targets);
         b.arg(row_info);
+        b.arg(weights);
         b.arg(p);
         b.arg(&mut grad);
         // SAFETY: the arguments match `ms_backward_T(const T* x, const int* targets, const ACC*
-        // row_info, MsParams p, T* grad)` in kernels/backward.cu; x holds rows·row_stride
-        // elements from its first, targets rows, row_info rows·6, grad rows·C.
+        // row_info, const ACC* weights, MsParams p, T* grad)` in kernels/backward.cu; x holds
+        // rows·row_stride elements from its first, targets rows, row_info rows·6, weights C
+        // when p.has_weights (else one, never read: p.weighted_smoothing needs class weights),
+        // grad rows·C.
         unsafe { b.launch(config(launch)) }.w()?;
     }
     Ok(grad)
@@ -489,7 +515,7 @@ fn forward_typed<T: CudaElement>(
     let inputs = Inputs::<T>::new(cfg, shape, x, &targets, scale)?;
     let plan = Planner::DEVICE.forward(cfg, shape, 1.0)?;
     let stats = with_weights::<T::Acc, _>(cfg, dev, |weights| {
-        let partials = inputs.partial(&plan)?;
+        let partials = inputs.partial(&plan, weights)?;
         inputs.finalize(&plan, weights, &partials, None)
     })?;
     Ok(CudaStorage::wrap_cuda_slice(stats, dev.clone()))
@@ -534,15 +560,20 @@ fn backward_typed<T: CudaElement>(
     let x_view = input_view::<T>(x.0, x.1, name)?;
     let targets = upload_targets(dev, &targets)?;
     let plan = Planner::DEVICE.backward(cfg, shape, std::mem::size_of::<T>())?;
-    let grad = backward_launch::<T>(
-        dev,
-        shape,
-        &x_view,
-        &targets,
-        &info,
-        &plan.params,
-        &plan.backward,
-    )?;
+    let grad = with_weights::<T::Acc, _>(cfg, dev, |weights| {
+        backward_launch::<T>(
+            dev,
+            shape,
+            BackwardArgs {
+                x: &x_view,
+                targets: &targets,
+                row_info: &info,
+                weights,
+            },
+            &plan.params,
+            &plan.backward,
+        )
+    })?;
     Ok(CudaStorage::wrap_cuda_slice(grad, dev.clone()))
 }
 
@@ -594,7 +625,7 @@ fn forward_backward_typed<T: CudaElement>(
     let out = with_weights::<T::Acc, _>(cfg, dev, |weights| match &plan {
         LossAndGradPlan::Fused { params, fused } => inputs.fused(params, fused, weights),
         LossAndGradPlan::Split { forward, backward } => {
-            let partials = inputs.partial(forward)?;
+            let partials = inputs.partial(forward, weights)?;
             // SAFETY: ms_forward_finalize writes all rows·6 row-info entries and all rows
             // scale-gradient entries when given these buffers.
             let (mut row_info, mut grad_scale) = unsafe {
@@ -608,7 +639,7 @@ fn forward_backward_typed<T: CudaElement>(
                 grad_scale: &mut grad_scale,
             };
             let stats = inputs.finalize(forward, weights, &partials, Some(for_backward))?;
-            let grad = inputs.backward(&forward.params, backward, &row_info.slice(..))?;
+            let grad = inputs.backward(&forward.params, backward, &row_info.slice(..), weights)?;
             Ok(LossAndGrad {
                 stats,
                 grad,

@@ -80,8 +80,15 @@ pub mod kernel_emu {
     }
 }
 
-type Partial<T, A> =
-    unsafe extern "C" fn(*const Launch, *const T, *const i32, *const A, *const MsParams, *mut A);
+type Partial<T, A> = unsafe extern "C" fn(
+    *const Launch,
+    *const T,
+    *const i32,
+    *const A,
+    *const A,
+    *const MsParams,
+    *mut A,
+);
 type Finalize<T, A> = unsafe extern "C" fn(
     *const Launch,
     *const T,
@@ -95,8 +102,15 @@ type Finalize<T, A> = unsafe extern "C" fn(
     *mut A,
     *mut A,
 );
-type Backward<T, A> =
-    unsafe extern "C" fn(*const Launch, *const T, *const i32, *const A, *const MsParams, *mut T);
+type Backward<T, A> = unsafe extern "C" fn(
+    *const Launch,
+    *const T,
+    *const i32,
+    *const A,
+    *const A,
+    *const MsParams,
+    *mut T,
+);
 type Fused<T, A> = unsafe extern "C" fn(
     *const Launch,
     *const T,
@@ -133,6 +147,7 @@ macro_rules! emu_element {
                 x: *const $t,
                 targets: *const i32,
                 scale: *const $acc,
+                weights: *const $acc,
                 p: *const MsParams,
                 partials: *mut $acc,
             );
@@ -154,6 +169,7 @@ macro_rules! emu_element {
                 x: *const $t,
                 targets: *const i32,
                 row_info: *const $acc,
+                weights: *const $acc,
                 p: *const MsParams,
                 grad: *mut $t,
             );
@@ -239,15 +255,16 @@ struct Inputs<'a, T: EmuElement> {
     /// alignment a device pointer would have).
     x: &'a [T],
     targets: Vec<i32>,
+    /// The class weights (C, or one unused element when there are none): every kernel may read
+    /// them (the backward with weighted smoothing only).
+    weights: Vec<T::Acc>,
     /// The forward's further inputs (the backward reads none).
     forward: Option<ForwardInputs<'a, T::Acc>>,
 }
 
-/// The row scale (B), the class weights (C, or one unused element when there are none) and the
-/// PolyLoss coefficients (or one unused element).
+/// The row scale (B) and the PolyLoss coefficients (or one unused element).
 struct ForwardInputs<'a, A> {
     scale: &'a [A],
-    weights: Vec<A>,
     poly: Vec<A>,
 }
 
@@ -270,22 +287,21 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             .map(|scale| -> Result<_> {
                 Ok(ForwardInputs {
                     scale: contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?,
-                    weights: read_weights::<T::Acc>(cfg)?.unwrap_or_else(|| vec![T::Acc::zero()]),
                     poly: kernel_poly::<T::Acc>(cfg),
                 })
             })
             .transpose()?;
-        let forward_fits = forward.as_ref().is_none_or(|f| {
-            f.scale.len() == shape.rows
-                && (cfg.class_weights.is_none() || f.weights.len() == shape.classes)
-        });
-        if x.len() < last_row_end || targets.len() != shape.rows || !forward_fits {
+        let weights = read_weights::<T::Acc>(cfg)?.unwrap_or_else(|| vec![T::Acc::zero()]);
+        let forward_fits = forward.as_ref().is_none_or(|f| f.scale.len() == shape.rows);
+        let weights_fit = cfg.class_weights.is_none() || weights.len() == shape.classes;
+        if x.len() < last_row_end || targets.len() != shape.rows || !forward_fits || !weights_fit {
             bail!("{OP_NAME}({name}): internal error: the buffers do not match the shape {shape:?}")
         }
         Ok(Self {
             shape,
             x,
             targets: kernel_targets(targets),
+            weights,
             forward,
         })
     }
@@ -316,16 +332,18 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             None => (std::ptr::null_mut(), std::ptr::null_mut()),
         };
         // SAFETY: the arguments match `ms_forward_partial_T(const T* x, const int* targets,
-        // const ACC* scale, MsParams p, ACC* partials)` (capi.cpp runs the launch and returns
-        // when it is done); x holds rows·row_stride elements from its first up to the last row's
-        // end and targets / scale rows each (checked in `new`), partials the plan's length, and
-        // plan.params describes exactly this shape.
+        // const ACC* scale, const ACC* weights, MsParams p, ACC* partials)` (capi.cpp runs the
+        // launch and returns when it is done); x holds rows·row_stride elements from its first
+        // up to the last row's end and targets / scale rows each, weights C elements when
+        // p.has_weights (else one, never read: weighted_smoothing needs class weights) (checked
+        // in `new`), partials the plan's length, and plan.params describes exactly this shape.
         unsafe {
             (T::KERNELS.partial)(
                 &plan.partial,
                 self.x.as_ptr(),
                 self.targets.as_ptr(),
                 f.scale.as_ptr(),
+                self.weights.as_ptr(),
                 &plan.params,
                 partials.as_mut_ptr(),
             )
@@ -340,7 +358,7 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
                 self.x.as_ptr(),
                 self.targets.as_ptr(),
                 f.scale.as_ptr(),
-                f.weights.as_ptr(),
+                self.weights.as_ptr(),
                 f.poly.as_ptr(),
                 &plan.params,
                 partials.as_ptr(),
@@ -364,14 +382,15 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
         }
         let mut grad = poisoned_elements::<T>(rows * classes);
         // SAFETY: the arguments match `ms_backward_T(const T* x, const int* targets, const ACC*
-        // row_info, MsParams p, T* grad)`; x and targets as in `forward`, row_info rows·6
-        // (checked above), grad rows·C.
+        // row_info, const ACC* weights, MsParams p, T* grad)`; x, targets and weights as in
+        // `forward`, row_info rows·6 (checked above), grad rows·C.
         unsafe {
             (T::KERNELS.backward)(
                 launch,
                 self.x.as_ptr(),
                 self.targets.as_ptr(),
                 row_info.as_ptr(),
+                self.weights.as_ptr(),
                 params,
                 grad.as_mut_ptr(),
             )
@@ -398,7 +417,7 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
                 self.x.as_ptr(),
                 self.targets.as_ptr(),
                 f.scale.as_ptr(),
-                f.weights.as_ptr(),
+                self.weights.as_ptr(),
                 f.poly.as_ptr(),
                 params,
                 out.stats.as_mut_ptr(),

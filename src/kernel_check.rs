@@ -89,8 +89,21 @@ fn heads() -> Vec<Head> {
 }
 
 fn option_sets(classes: usize) -> Vec<(&'static str, MarginSoftmaxLoss)> {
-    let weights: Vec<f64> = (0..classes).map(|j| 0.5 + (j % 5) as f64 * 0.3).collect();
+    // Class weights, one of them 0 (a zero weight must add 0 to the smoothing sums, not NaN).
+    let weights: Vec<f64> = (0..classes)
+        .map(|j| {
+            if j == 3 {
+                0.0
+            } else {
+                0.5 + (j % 5) as f64 * 0.3
+            }
+        })
+        .collect();
     let weights = Tensor::new(weights.as_slice(), &Device::Cpu).expect("weights tensor");
+    let weighted = |cfg: MarginSoftmaxLoss| {
+        cfg.class_weights(weights.clone())
+            .expect("valid class weights")
+    };
     let base = |head| {
         MarginSoftmaxLoss::new(head)
             .reduction(Reduction::None)
@@ -103,14 +116,38 @@ fn option_sets(classes: usize) -> Vec<(&'static str, MarginSoftmaxLoss)> {
         ("focal 0.5", base(Head::softmax()).focal_gamma(0.5)),
         ("poly", base(Head::softmax()).poly(&[1.0, -0.4, 0.2])),
         ("z-loss", base(Head::softmax()).z_loss(1e-3)),
+        ("weights", weighted(base(Head::softmax()))),
+        (
+            "weights + smoothing",
+            weighted(base(Head::softmax()).label_smoothing(0.2)),
+        ),
+        ("soft-capping", base(Head::softmax()).logit_softcap(10.0)),
+        (
+            "soft-capping + smoothing",
+            base(Head::softmax())
+                .logit_softcap(7.0)
+                .label_smoothing(0.1),
+        ),
         (
             "everything",
-            base(Head::softmax())
-                .label_smoothing(0.1)
-                .focal_gamma(1.5)
-                .poly(&[1.0])
-                .z_loss(1e-4)
-                .class_weights(weights),
+            weighted(
+                base(Head::softmax())
+                    .label_smoothing(0.1)
+                    .focal_gamma(1.5)
+                    .poly(&[1.0])
+                    .z_loss(1e-4),
+            ),
+        ),
+        (
+            "everything + soft-capping",
+            weighted(
+                base(Head::softmax())
+                    .label_smoothing(0.1)
+                    .focal_gamma(1.5)
+                    .poly(&[1.0, -0.4])
+                    .z_loss(1e-4)
+                    .logit_softcap(12.0),
+            ),
         ),
     ]
 }
@@ -177,7 +214,7 @@ fn check(cfg: &MarginSoftmaxLoss, dtype: DType, rows: usize, classes: usize, spl
     let stats = flat(&stats);
     let grad = flat(&grad);
     let weights: Vec<f64> = match &cfg.class_weights {
-        Some(w) => w.to_dtype(DType::F64).and_then(|w| w.to_vec1()).expect("w"),
+        Some(w) => w.values().to_vec(),
         None => vec![1.0],
     };
     let params = MsParams::new(cfg, rows, classes, classes, splits, 1.0);

@@ -7,7 +7,7 @@
 #![cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
 
 use crate::config::{Head, MarginGrad, MarginSoftmaxLoss, SPHEREFACE_MAX_M};
-use crate::math::Margin;
+use crate::math::{Margin, weighted_smoothing};
 
 /// `MS_MAX_SPHERE_M` of kernels/params.cuh.
 pub(crate) const MAX_SPHERE_M: usize = 16;
@@ -38,6 +38,8 @@ pub(crate) struct MsParams {
     pub n_poly: i32,
     pub has_weights: i32,
     pub splits: i32,
+    pub weighted_smoothing: i32,
+    pub softcapped: i32,
     pub neg_inv_gamma: f64,
     pub additive_m: f64,
     pub m1: f64,
@@ -48,20 +50,27 @@ pub(crate) struct MsParams {
     pub lambda: f64,
     pub thresholds: [f64; MAX_SPHERE_M],
     pub smoothing: f64,
+    pub total_weight: f64,
     pub focal_gamma: f64,
     pub z_loss: f64,
+    pub softcap: f64,
+    pub inv_softcap: f64,
     pub upstream: f64,
 }
 
-// The C struct: 3 long long, 8 int, 8 double, double[16], 4 double, no padding anywhere.
-const _: () = assert!(std::mem::size_of::<MsParams>() == 3 * 8 + 8 * 4 + 8 * 8 + 16 * 8 + 4 * 8);
+// The C struct: 3 long long, 10 int, 8 double, double[16], 7 double, no padding anywhere.
+const _: () = assert!(std::mem::size_of::<MsParams>() == 3 * 8 + 10 * 4 + 8 * 8 + 16 * 8 + 7 * 8);
 const _: () = assert!(std::mem::align_of::<MsParams>() == 8);
 
 impl MsParams {
     /// The parameters for `cfg` on a [rows, classes] input whose rows start `row_stride`
     /// elements apart, with `splits` blocks per row in the split forward and the gradient factor
     /// `upstream` (1, or 1/Σ w for the fused paths' mean). `has_weights` is
-    /// `cfg.class_weights.is_some()`. The caller checks that the counts fit the i32 fields.
+    /// `cfg.class_weights.is_some()`; `weighted_smoothing` is [`weighted_smoothing`], and then
+    /// `total_weight` is Σ_j w_j (else C), as in [`crate::math::Criterion::new`]; `softcapped`,
+    /// `softcap` and `inv_softcap` (1/cap in f64, as [`crate::math::SoftCap`] forms it) come
+    /// from `cfg.logit_softcap` (all 0 without capping). The caller checks that the counts fit
+    /// the i32 fields.
     pub(crate) fn new(
         cfg: &MarginSoftmaxLoss,
         rows: usize,
@@ -75,6 +84,12 @@ impl MsParams {
             Head::Rbf { gamma, .. } => (TRANSFORM_RBF, -1.0 / gamma),
             _ => (TRANSFORM_COSINE, 0.0),
         };
+        let weighted = weighted_smoothing(cfg);
+        let total_weight = match &cfg.class_weights {
+            Some(w) if weighted => w.total(),
+            _ => classes as f64,
+        };
+        let softcap = cfg.logit_softcap.unwrap_or(0.0);
         let mut p = MsParams {
             rows: rows as i64,
             classes: classes as i64,
@@ -87,6 +102,8 @@ impl MsParams {
             n_poly: cfg.poly.len() as i32,
             has_weights: i32::from(cfg.class_weights.is_some()),
             splits: splits as i32,
+            weighted_smoothing: i32::from(weighted),
+            softcapped: i32::from(cfg.logit_softcap.is_some()),
             neg_inv_gamma,
             additive_m: 0.0,
             m1: 1.0,
@@ -97,8 +114,11 @@ impl MsParams {
             lambda: 0.0,
             thresholds: [0.0; MAX_SPHERE_M],
             smoothing: cfg.label_smoothing,
+            total_weight,
             focal_gamma: cfg.focal_gamma,
             z_loss: cfg.z_loss,
+            softcap,
+            inv_softcap: cfg.logit_softcap.map_or(0.0, |cap| 1.0 / cap),
             upstream,
         };
         // The one Rust definition of the margin, in f64; the kernels round to their ACC type

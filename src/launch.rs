@@ -26,15 +26,16 @@ pub(crate) const FINALIZE_BLOCK: u32 = 128;
 /// Every kernel is grid-stride, so any cap is correct; tests lower it ([`Planner::grid_cap`]) to
 /// run the grid-stride loops on small inputs.
 pub(crate) const MAX_GRID: usize = 65_535;
-/// Columns of one (row, split)'s partial state (`MS_PARTIAL_COLUMNS`): max, Σ exp, Σ exp·u, Σ u.
-pub(crate) const PARTIAL_COLUMNS: usize = 4;
+/// Columns of one (row, split)'s partial state (`MS_PARTIAL_COLUMNS`): max, Σ exp, Σ exp·v,
+/// Σ w·v, Σ w·z (v = ∂z/∂r, w the smoothing weight; see `Online` in kernels/common.cuh).
+pub(crate) const PARTIAL_COLUMNS: usize = 5;
 
 /// The shared memory one block of `ms_fused` may use in all (static + dynamic): the default
 /// per-block limit of every CUDA GPU, so no opt-in attribute is needed.
 const FUSED_SMEM_LIMIT: usize = 48 * 1024;
 /// Room kept for the static shared memory of `ms_fused` (today the block reduction's
-/// MS_BLOCK / 32 = 8 warp states and the 6 row-info values: 152 bytes for f32 / f16 / bf16, 304
-/// for f64), checked at run time against the loaded kernel by the CUDA backend.
+/// MS_BLOCK / 32 = 8 warp states of 5 values and the 6 row-info values: 184 bytes for f32 / f16 /
+/// bf16, 368 for f64), checked at run time against the loaded kernel by the CUDA backend.
 pub(crate) const FUSED_STATIC_RESERVE: usize = 2048;
 
 /// The widest row `loss_and_grad` runs through `ms_fused` for elements of `size` bytes: the row

@@ -44,9 +44,10 @@ extern "C" void ms_emu_abi(unsigned long long out[9]) {
     extern "C" void ms_emu_forward_partial_##SUFFIX(const EmuLaunch* l, const T* x,              \
                                                     const int* targets,                          \
                                                     const AccOf<T>::type* scale,                 \
+                                                    const AccOf<T>::type* weights,               \
                                                     const MsParams* p,                           \
                                                     AccOf<T>::type* partials) {                  \
-        launch(l, ms_forward_partial_##SUFFIX, x, targets, scale, *p, partials);                 \
+        launch(l, ms_forward_partial_##SUFFIX, x, targets, scale, weights, *p, partials);        \
     }                                                                                            \
     extern "C" void ms_emu_forward_finalize_##SUFFIX(                                            \
         const EmuLaunch* l, const T* x, const int* targets, const AccOf<T>::type* scale,         \
@@ -57,9 +58,10 @@ extern "C" void ms_emu_abi(unsigned long long out[9]) {
                stats, row_info, grad_scale);                                                     \
     }                                                                                            \
     extern "C" void ms_emu_backward_##SUFFIX(const EmuLaunch* l, const T* x, const int* targets, \
-                                             const AccOf<T>::type* row_info, const MsParams* p,  \
+                                             const AccOf<T>::type* row_info,                     \
+                                             const AccOf<T>::type* weights, const MsParams* p,   \
                                              T* grad) {                                          \
-        launch(l, ms_backward_##SUFFIX, x, targets, row_info, *p, grad);                         \
+        launch(l, ms_backward_##SUFFIX, x, targets, row_info, weights, *p, grad);                \
     }                                                                                            \
     extern "C" void ms_emu_fused_##SUFFIX(                                                       \
         const EmuLaunch* l, const T* x, const int* targets, const AccOf<T>::type* scale,         \

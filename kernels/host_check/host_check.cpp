@@ -27,14 +27,15 @@ static void replay_row(const MsParams* p, const A* poly, const A* weights, const
         Online<A> part = online_empty<A>();
         for (long long j = start; j < end; ++j) {
             if (j == target) continue;
-            const A u = head_u(*p, x[j]);
-            online_push(part, scale * u, u);
+            push_entry(*p, weights, part, scale, x[j], j);
         }
         others = online_merge(others, part);
     }
     const A weight = p->has_weights ? weights[target] : A(1);
     finalize_row(*p, poly, weight, scale, x[target], others, stats, info);
-    for (long long j = 0; j < classes; ++j) grad[j] = grad_element(*p, info, x[j], j == target);
+    for (long long j = 0; j < classes; ++j) {
+        grad[j] = grad_element(*p, info, x[j], j == target, smoothing_weight(*p, weights, j));
+    }
 }
 
 extern "C" void ms_host_replay_row_f32(const MsParams* p, const float* poly, const float* weights,

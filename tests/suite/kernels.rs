@@ -146,6 +146,8 @@ kernel_tests!(
         row_alignment,
         deterministic,
         reduction_variants,
+        softcap_and_weighted_smoothing,
+        softcap_weighted_smoothing_paths,
     ],
     gpu_only: [
         parity_large_heads,
@@ -453,6 +455,260 @@ fn row_alignment(dut: &Dut) {
         }
     }
     f.finish("kernels: rows at every alignment");
+}
+
+// ---- Logit soft-capping and class weights with label smoothing. ----
+
+/// The soft-capping and weighted-smoothing configurations of the kernel checks: soft-capping
+/// alone, class weights with smoothing alone (the smoothing term then reads every class's
+/// weight: the kernels read the weights per element), and both with every other option
+/// (focal, Poly, z-loss, ignored rows). The cap is below the head's logit range, so that it
+/// bends the logits (and saturates some of them).
+fn capped_configs(head: Head) -> Vec<(&'static str, Opts, Option<f64>)> {
+    let cap = match head {
+        Head::Softmax { .. } => 5.0,
+        Head::Rbf { .. } => 20.0,
+        _ => 30.0,
+    };
+    vec![
+        ("softcap", Opts::default(), Some(cap)),
+        (
+            "weights+smoothing",
+            Opts {
+                weights: true,
+                smoothing: 0.15,
+                ..Opts::default()
+            },
+            None,
+        ),
+        ("combo+softcap", Opts::combo(), Some(cap)),
+    ]
+}
+
+/// One soft-capping / weighted-smoothing case on the device against the CPU op (and, with
+/// `reference`, against the CPU reference): `loss` + autograd (the split forward, then
+/// `ms_backward` alone) and `loss_and_grad` (`ms_fused` or the split path, by C), with or
+/// without a per-row scale (then d(loss)/d(row scale) too).
+#[allow(clippy::too_many_arguments)]
+fn capped_case(
+    dut: &Dut,
+    label: &str,
+    head: Head,
+    (opts, cap): (&Opts, Option<f64>),
+    (b, c): (usize, usize),
+    dtype: DType,
+    with_row_scale: bool,
+    reference: bool,
+    f: &mut Failures,
+) -> Result<()> {
+    let seed = seed_of(label);
+    let mut r = rng(seed);
+    let t = gen_targets(&mut r, b, c, opts.ignore);
+    let x = gen_input(&mut r, &head, b, c, &t);
+    let rs = gen_row_scale(&mut r, b);
+    let cpu = Device::Cpu;
+    let mut cfg_cpu = opts.cfg(head, c, dtype, &cpu, seed)?;
+    cfg_cpu.logit_softcap = cap;
+    let dev = &dut.dev;
+    let cfg_dev = cfg_on(&cfg_cpu, dev)?;
+    let input_cpu = input_tensor(&x, b, c, dtype, &cpu)?;
+    let targets_cpu = targets_i64(&t, &cpu)?;
+    let scale_cpu = if with_row_scale {
+        Some(Tensor::from_vec(rs.clone(), b, &cpu)?.to_dtype(acc_dtype(dtype))?)
+    } else {
+        None
+    };
+    let input_dev = input_cpu.to_device(dev)?;
+    let targets_dev = targets_cpu.to_device(dev)?;
+    let scale_dev = scale_cpu.as_ref().map(|s| s.to_device(dev)).transpose()?;
+    let (tl, tg) = tols(dtype);
+    let s_eff = if with_row_scale {
+        rs.iter().fold(1.0f64, |m, v| m.max(*v))
+    } else {
+        head.scale()
+    };
+    let bn = b.max(1) as f64;
+
+    let want = dut.host(|| {
+        autograd(
+            Side::Fused,
+            &cfg_cpu,
+            &input_cpu,
+            &targets_cpu,
+            scale_cpu.as_ref(),
+        )
+    })?;
+    let got = dut.run(|_| {
+        autograd(
+            Side::Fused,
+            &cfg_dev,
+            &input_dev,
+            &targets_dev,
+            scale_dev.as_ref(),
+        )
+    })?;
+    f.check(
+        label,
+        compare("loss vs CPU op", &got.loss, &want.loss, tl, s_eff),
+    );
+    f.check(
+        label,
+        compare(
+            "autograd dinput vs CPU op",
+            &got.dx,
+            &want.dx,
+            tg,
+            s_eff / bn,
+        ),
+    );
+    if let (Some(g), Some(w)) = (&got.dr, &want.dr) {
+        f.check(
+            label,
+            compare("autograd drow_scale vs CPU op", g, w, tl, 1.0 / bn),
+        );
+    }
+    let loss_and_grad = |cfg: &MarginSoftmaxLoss,
+                         input: &Tensor,
+                         targets: &Tensor,
+                         scale: Option<&Tensor>|
+     -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        match scale {
+            Some(rs) => {
+                let (l, g, gr) = cfg.loss_and_grad_with_row_scale(input, targets, rs)?;
+                Ok((l, g, Some(gr)))
+            }
+            None => {
+                let (l, g) = cfg.loss_and_grad(input, targets)?;
+                Ok((l, g, None))
+            }
+        }
+    };
+    let (want_l, want_g, want_r) =
+        dut.host(|| loss_and_grad(&cfg_cpu, &input_cpu, &targets_cpu, scale_cpu.as_ref()))?;
+    let (got_l, got_g, got_r) =
+        dut.run(|_| loss_and_grad(&cfg_dev, &input_dev, &targets_dev, scale_dev.as_ref()))?;
+    f.check(
+        label,
+        compare("loss_and_grad loss vs CPU op", &got_l, &want_l, tl, s_eff),
+    );
+    f.check(
+        label,
+        compare(
+            "loss_and_grad dinput vs CPU op",
+            &got_g,
+            &want_g,
+            tg,
+            s_eff / bn,
+        ),
+    );
+    if let (Some(g), Some(w)) = (&got_r, &want_r) {
+        f.check(
+            label,
+            compare("loss_and_grad drow_scale vs CPU op", g, w, tl, 1.0 / bn),
+        );
+    }
+    if reference {
+        dut.run(|_| {
+            parity::inputs_parity(
+                label,
+                &cfg_dev,
+                &input_dev,
+                &targets_dev,
+                scale_dev.as_ref(),
+                f,
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Soft-capping, class weights with smoothing, and both with every option, on small rows (the
+/// fused kernel for `loss_and_grad`, the split forward and `ms_backward` for `loss` + autograd):
+/// every head kind, every dtype, with and without a per-row scale, against the CPU op and the
+/// CPU reference.
+fn softcap_and_weighted_smoothing(dut: &Dut) {
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        for (hn, head) in [
+            ("arcface", Head::arcface()),
+            ("softmax", Head::softmax()),
+            ("rbf", Head::rbf()),
+        ] {
+            for (cn, opts, cap) in capped_configs(head) {
+                for with_row_scale in [false, true] {
+                    let label = format!(
+                        "{hn}+{cn} 5x37 {} row scale {with_row_scale}",
+                        dtype_name(dtype)
+                    );
+                    if let Err(e) = capped_case(
+                        dut,
+                        &label,
+                        head,
+                        (&opts, cap),
+                        (5, 37),
+                        dtype,
+                        with_row_scale,
+                        true,
+                        &mut f,
+                    ) {
+                        f.err(&label, e);
+                    }
+                }
+            }
+        }
+    }
+    f.finish("kernels: soft-capping and weighted smoothing");
+}
+
+/// The same configurations across the fused / split boundary of `loss_and_grad` (C at the fused
+/// limit and one past it: 3 blocks per row in the split forward), with several splits per row
+/// and a ragged last split (C = 12289: 4 splits), and through the grid-stride loops (grid cap
+/// 3), every dtype, against the CPU op.
+fn softcap_weighted_smoothing_paths(dut: &Dut) {
+    let mut f = Failures::default();
+    let capped = dut.with_grid_cap(3);
+    for dtype in parity::ALL_DTYPES {
+        let limit = fused_limit(dtype);
+        let cases = [
+            (dut, "arcface", Head::arcface(), (3usize, limit)),
+            (dut, "arcface", Head::arcface(), (3, limit + 1)),
+            (dut, "rbf", Head::rbf(), (2, 12_289)),
+            (&capped, "softmax capped grid", Head::softmax(), (11, 37)),
+            (
+                &capped,
+                "softmax capped grid",
+                Head::softmax(),
+                (5, limit + 1),
+            ),
+        ];
+        for (d, hn, head, (b, c)) in cases {
+            for (cn, opts, cap) in capped_configs(head) {
+                if cn == "softcap" {
+                    continue; // the small grid has it alone; here with the other options
+                }
+                for with_row_scale in [false, true] {
+                    let label = format!(
+                        "{hn}+{cn} {b}x{c} {} row scale {with_row_scale}",
+                        dtype_name(dtype)
+                    );
+                    if let Err(e) = capped_case(
+                        d,
+                        &label,
+                        head,
+                        (&opts, cap),
+                        (b, c),
+                        dtype,
+                        with_row_scale,
+                        false,
+                        &mut f,
+                    ) {
+                        f.err(&label, e);
+                    }
+                }
+            }
+        }
+    }
+    f.finish("kernels: soft-capping and weighted smoothing on every path");
 }
 
 // ---- GPU-sized shapes. ----
