@@ -66,8 +66,11 @@ MARGIN_NONE, MARGIN_ADDITIVE, MARGIN_ANGULAR, MARGIN_SPHERE = 0, 1, 2, 3
 STAT_COLUMNS = 8  # MS_STAT_COLUMNS: loss, max, ln sum, w_y, a, k, g_y, dloss/dscale
 STAT_LOSS, STAT_WEIGHT = 0, 3  # src/op.rs
 ROWINFO_COLUMNS = 6  # MS_ROWINFO_COLUMNS
-PARTIAL_COLUMNS = 4  # MS_PARTIAL_COLUMNS
+PARTIAL_COLUMNS = 5  # MS_PARTIAL_COLUMNS
 EXACT_MARGIN_COS_EPS = 1e-5  # src/config.rs
+# sin(theta_eps), cos(theta_eps) = 1 - EXACT_MARGIN_COS_EPS: the floor of the exact-mode ArcFace /
+# Combined derivative's denominator sin(theta) (src/math.rs exact_sin_floor).
+SIN_FLOOR = math.sqrt((1.0 - (1.0 - EXACT_MARGIN_COS_EPS)) * (1.0 + (1.0 - EXACT_MARGIN_COS_EPS)))
 
 _MS_FIELDS = [
     ("rows", ctypes.c_int64),
@@ -81,32 +84,37 @@ _MS_FIELDS = [
     ("n_poly", ctypes.c_int32),
     ("has_weights", ctypes.c_int32),
     ("splits", ctypes.c_int32),
+    ("weighted_smoothing", ctypes.c_int32),
+    ("softcapped", ctypes.c_int32),
     ("neg_inv_gamma", ctypes.c_double),
     ("additive_m", ctypes.c_double),
     ("m1", ctypes.c_double),
     ("m2", ctypes.c_double),
     ("m3", ctypes.c_double),
     ("fallback_shift", ctypes.c_double),
-    ("cos_limit", ctypes.c_double),
+    ("sin_floor", ctypes.c_double),
     ("lambda", ctypes.c_double),  # a Python keyword: use getattr / setattr
     ("thresholds", ctypes.c_double * MS_MAX_SPHERE_M),
     ("smoothing", ctypes.c_double),
+    ("total_weight", ctypes.c_double),
     ("focal_gamma", ctypes.c_double),
     ("z_loss", ctypes.c_double),
+    ("softcap", ctypes.c_double),
+    ("inv_softcap", ctypes.c_double),
     ("upstream", ctypes.c_double),
 ]
 
 
 class MsParams(ctypes.Structure):
-    """`struct MsParams` of kernels/params.cuh: 3 int64, 8 int32, 8 float64, float64[16],
-    4 float64 = 280 bytes, alignment 8, no padding (checked below, and against the C compiler,
+    """`struct MsParams` of kernels/params.cuh: 3 int64, 10 int32, 8 float64, float64[16],
+    7 float64 = 312 bytes, alignment 8, no padding (checked below, and against the C compiler,
     nvcc's PTX and the device in --selftest-params / the GPU preflight)."""
 
     _fields_ = _MS_FIELDS
 
 
-MS_PARAMS_SIZE = 3 * 8 + 8 * 4 + 8 * 8 + MS_MAX_SPHERE_M * 8 + 4 * 8
-assert MS_PARAMS_SIZE == 280
+MS_PARAMS_SIZE = 3 * 8 + 10 * 4 + 8 * 8 + MS_MAX_SPHERE_M * 8 + 7 * 8
+assert MS_PARAMS_SIZE == 312
 assert ctypes.sizeof(MsParams) == MS_PARAMS_SIZE, ctypes.sizeof(MsParams)
 assert ctypes.alignment(MsParams) == 8, ctypes.alignment(MsParams)
 
@@ -120,21 +128,24 @@ def ms_field_layout() -> List[Tuple[str, int, int]]:
 EXPECTED_OFFSETS = {
     "rows": 0, "classes": 8, "row_stride": 16, "transform": 24, "margin": 28, "exact": 32,
     "easy": 36, "sphere_m": 40, "n_poly": 44, "has_weights": 48, "splits": 52,
-    "neg_inv_gamma": 56, "additive_m": 64, "m1": 72, "m2": 80, "m3": 88, "fallback_shift": 96,
-    "cos_limit": 104, "lambda": 112, "thresholds": 120, "smoothing": 248, "focal_gamma": 256,
-    "z_loss": 264, "upstream": 272,
+    "weighted_smoothing": 56, "softcapped": 60, "neg_inv_gamma": 64, "additive_m": 72, "m1": 80,
+    "m2": 88, "m3": 96, "fallback_shift": 104, "sin_floor": 112, "lambda": 120, "thresholds": 128,
+    "smoothing": 256, "total_weight": 264, "focal_gamma": 272, "z_loss": 280, "softcap": 288,
+    "inv_softcap": 296, "upstream": 304,
 }
 assert {n: o for n, o, _ in ms_field_layout()} == EXPECTED_OFFSETS
 
 # The kernels' argument lists ('p': a device pointer, 8 bytes; 'S': MsParams by value), from
 # kernels/forward.cu, backward.cu, fused.cu and the launches of src/cuda.rs.
 ENTRY_SIGNATURES = {
-    # (const T* x, const int* targets, const ACC* scale, MsParams p, ACC* partials)
-    "ms_forward_partial": "pppSp",
+    # (const T* x, const int* targets, const ACC* scale, const ACC* weights, MsParams p,
+    #  ACC* partials)
+    "ms_forward_partial": "ppppSp",
     # (x, targets, scale, weights, poly, MsParams p, partials, stats, row_info, grad_scale)
     "ms_forward_finalize": "pppppSpppp",
-    # (const T* x, const int* targets, const ACC* row_info, MsParams p, T* grad)
-    "ms_backward": "pppSp",
+    # (const T* x, const int* targets, const ACC* row_info, const ACC* weights, MsParams p,
+    #  T* grad)
+    "ms_backward": "ppppSp",
     # (x, targets, scale, weights, poly, MsParams p, stats, grad, grad_scale)
     "ms_fused": "pppppSppp",
 }
@@ -207,6 +218,8 @@ class LossCfg:
     n_poly: int = 0
     has_weights: bool = False
     margin_grad: str = "exact"  # exact | detached (MarginGrad; the crate's default is Exact)
+    softcap: Optional[float] = None  # logit soft-capping cap (None: off)
+    total_weight: Optional[float] = None  # sum of the class weights (weights with smoothing)
 
 
 def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: int, upstream: float) -> MsParams:
@@ -238,17 +251,25 @@ def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: 
     p.n_poly = cfg.n_poly
     p.has_weights = int(cfg.has_weights)
     p.splits = splits
+    weighted = cfg.has_weights and cfg.label_smoothing > 0.0
+    if weighted and cfg.total_weight is None:
+        raise ValueError("class weights with label smoothing need total_weight (the weights' sum)")
+    p.weighted_smoothing = int(weighted)
+    p.softcapped = int(cfg.softcap is not None)
     p.neg_inv_gamma = neg_inv_gamma
     p.additive_m = 0.0
     p.m1, p.m2, p.m3 = 1.0, 0.0, 0.0
     p.fallback_shift = 0.0
-    p.cos_limit = 1.0
+    p.sin_floor = 0.0
     setattr(p, "lambda", 0.0)
     for j in range(MS_MAX_SPHERE_M):
         p.thresholds[j] = 0.0
     p.smoothing = cfg.label_smoothing
+    p.total_weight = cfg.total_weight if weighted else float(classes)
     p.focal_gamma = cfg.focal_gamma
     p.z_loss = cfg.z_loss
+    p.softcap = cfg.softcap if cfg.softcap is not None else 0.0
+    p.inv_softcap = 1.0 / cfg.softcap if cfg.softcap is not None else 0.0
     p.upstream = upstream
 
     def angular(m1: float, m2: float, m3: float, easy: bool) -> None:
@@ -256,7 +277,7 @@ def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: 
         p.m1, p.m2, p.m3 = m1, m2, m3
         p.fallback_shift = m3 + m2 * math.sin(m2)
         p.easy = int(easy)
-        p.cos_limit = 1.0 - EXACT_MARGIN_COS_EPS if exact else 1.0
+        p.sin_floor = SIN_FLOOR  # used by the exact mode's derivative only
         p.exact = int(exact)
 
     if h.kind == "cosface":
@@ -304,11 +325,11 @@ def params_kernel_arg(p: MsParams):
 
     CuPy (cupy/cuda/function.pyx, `_pointer`) passes a size-1 numpy.ndarray by value: its data
     pointer goes into cuLaunchKernel's kernelParams, and the driver copies as many bytes as the
-    kernel's parameter declares (280 here: `.param .align 8 .b8 ..._param_5[280]` in the PTX).
+    kernel's parameter declares (312 here: `.param .align 8 .b8 ..._param_5[312]` in the PTX).
     This is the documented way to pass a structure (CuPy user guide, "Custom user structures";
     examples/custom_struct/complex_struct.py). A numpy *scalar* (np.void) does not work: CuPy
     stores scalars in a small fixed buffer. The dtype is numpy's view of the ctypes structure
-    (same fields, offsets, itemsize 280, alignment 8); the array is freshly allocated (aligned)."""
+    (same fields, offsets, itemsize 312, alignment 8); the array is freshly allocated (aligned)."""
     if PARAM_PASSING[0] == "cpointer":
         from cupy.cuda import function
 
@@ -327,8 +348,9 @@ def params_kernel_arg(p: MsParams):
 
 def describe_params(p: MsParams) -> str:
     keys = ["rows", "classes", "row_stride", "transform", "margin", "exact", "easy", "sphere_m", "n_poly",
-            "has_weights", "splits", "neg_inv_gamma", "additive_m", "m1", "m2", "m3", "fallback_shift",
-            "cos_limit", "lambda", "smoothing", "focal_gamma", "z_loss", "upstream"]
+            "has_weights", "splits", "weighted_smoothing", "softcapped", "neg_inv_gamma", "additive_m", "m1",
+            "m2", "m3", "fallback_shift", "sin_floor", "lambda", "smoothing", "total_weight", "focal_gamma",
+            "z_loss", "softcap", "inv_softcap", "upstream"]
     parts = [f"{k}={getattr(p, k)!r}" for k in keys]
     th = [p.thresholds[j] for j in range(MS_MAX_SPHERE_M)]
     if any(th):
@@ -580,7 +602,7 @@ def ptx_entries(ptx_text: str) -> Dict[str, List[str]]:
 
 
 def check_ptx_signatures(ptx_paths: Dict[str, Path], suffixes: List[str]) -> List[str]:
-    """The PTX's kernel parameter lists against ENTRY_SIGNATURES (MsParams: 280 bytes, align 8)."""
+    """The PTX's kernel parameter lists against ENTRY_SIGNATURES (MsParams: 312 bytes, align 8)."""
     problems = []
     by_module = {stem: ptx_entries(path.read_text()) for stem, path in ptx_paths.items()}
     for root, sig in ENTRY_SIGNATURES.items():
@@ -672,15 +694,17 @@ def selftest_params(args) -> int:
     # Spot checks of the values (src/kernel_params.rs / src/math.rs).
     arc = built[2][1]
     exp = dict(transform=TRANSFORM_COSINE, margin=MARGIN_ANGULAR, exact=1, easy=0, m1=1.0, m2=0.5, m3=0.0,
-               fallback_shift=0.5 * math.sin(0.5), cos_limit=1.0 - 1e-5)
+               fallback_shift=0.5 * math.sin(0.5), sin_floor=SIN_FLOOR)
     for k, v in exp.items():
         if getattr(arc, k) != v:
             failures.append(f"arcface_exact.{k} = {getattr(arc, k)}, want {v}")
-    if built[3][1].cos_limit != 1.0 or built[3][1].exact != 0:
-        failures.append("arcface_detached: cos_limit must be 1 and exact 0")
+    if built[3][1].sin_floor != SIN_FLOOR or built[3][1].exact != 0:
+        failures.append("arcface_detached: sin_floor must be sin(theta_eps) and exact 0")
     sm = built[0][1]
-    if (sm.transform, sm.margin, sm.exact, sm.cos_limit) != (TRANSFORM_IDENTITY, MARGIN_NONE, 1, 1.0):
-        failures.append("softmax: transform/margin/exact/cos_limit wrong")
+    if (sm.transform, sm.margin, sm.exact, sm.sin_floor) != (TRANSFORM_IDENTITY, MARGIN_NONE, 1, 0.0):
+        failures.append("softmax: transform/margin/exact/sin_floor wrong")
+    if (sm.weighted_smoothing, sm.softcapped, sm.total_weight, sm.softcap) != (0, 0, 32000.0, 0.0):
+        failures.append("softmax: weighted_smoothing/softcapped/total_weight/softcap wrong")
     if built[8][1].transform != TRANSFORM_RBF or built[8][1].neg_inv_gamma != -1.0 / 16.0:
         failures.append("rbf: transform 2 with neg_inv_gamma = -1/16 expected")
     sph = built[7][1]
@@ -974,12 +998,12 @@ class OursStep:
                 partials = new(b * self.splits * PARTIAL_COLUMNS, dtype=self.acc)
                 row_info = new(b * ROWINFO_COLUMNS, dtype=self.acc)
                 self._launch(self.f_partial, (b * self.splits, 1, 1), (BLOCK, 1, 1),
-                             (x, y32, self.scale, self.parg, partials), root="ms_forward_partial")
+                             (x, y32, self.scale, self.weights, self.parg, partials), root="ms_forward_partial")
                 self._launch(self.f_finalize, (div_ceil(b, FINALIZE_BLOCK), 1, 1), (FINALIZE_BLOCK, 1, 1),
                              (x, y32, self.scale, self.weights, self.poly, self.parg, partials, stats, row_info,
                               grad_scale), root="ms_forward_finalize")
                 self._launch(self.f_backward, self.grid_backward, (BLOCK, 1, 1),
-                             (x, y32, row_info, self.parg, grad), root="ms_backward")
+                             (x, y32, row_info, self.weights, self.parg, grad), root="ms_backward")
         st = stats.view(b, STAT_COLUMNS)
         loss = st[:, STAT_LOSS].sum() / st[:, STAT_WEIGHT].sum()
         return loss, grad
@@ -1045,15 +1069,19 @@ def reference_rows(problem: Problem, mode: str, x, y):
         return lse - (1.0 - eps) * zy - (eps / z.shape[1]) * z.sum(dim=1)
     s, m = ARCFACE_S, ARCFACE_M
     c = x.clamp(-1.0, 1.0)  # PyTorch clamp: the gradient passes on the closed interval
+    cy = c.gather(1, y[:, None]).squeeze(1)
+    # The paper's value in both modes (a gradient mode never changes the loss), from the detached
+    # cosine; the gradient comes from a value-0 carrier: phi'(c) = 1 (detached, and the fallback
+    # branch), or sin(theta + m) / max(sin theta, sin theta_eps) (exact).
+    theta0 = torch.acos(cy.detach())
+    fallback = theta0 + m > math.pi
+    value = torch.where(fallback, cy.detach() - m * math.sin(m), torch.cos(theta0 + m))
     if mode == "exact":
-        lim = 1.0 - EXACT_MARGIN_COS_EPS
-        cy = x.gather(1, y[:, None]).squeeze(1).clamp(-lim, lim)
+        theta = theta0 + (torch.cos(theta0) - cy) / torch.clamp(torch.sin(theta0), min=SIN_FLOOR)
+        slope = torch.where(fallback, cy, torch.cos(theta + m))
     else:
-        cy = c.gather(1, y[:, None]).squeeze(1)
-    theta = torch.acos(cy)
-    phi = torch.where(theta + m > math.pi, cy - m * math.sin(m), torch.cos(theta + m))
-    if mode == "detached":
-        phi = cy + (phi - cy).detach()  # the margin as a constant shift in backward
+        slope = cy
+    phi = value + (slope - slope.detach())
     z = (s * c).scatter(1, y[:, None], (s * phi)[:, None])
     lse = torch.logsumexp(z, dim=1)
     return lse - s * phi
@@ -1589,7 +1617,7 @@ def main_gpu(args) -> int:
             kernels = None
         else:
             print("  MsParams ABI probe: the device's sizeof/alignof/offsetof match ctypes and the kernel "
-                  f"received the 280 bytes unchanged (passed as: {PARAM_PASSING[0]})")
+                  f"received the {MS_PARAMS_SIZE} bytes unchanged (passed as: {PARAM_PASSING[0]})")
     results: List[dict] = []
     t_start = time.perf_counter()
     if kernels is not None and not args.no_preflight:

@@ -131,6 +131,16 @@ fn read_targets(
     }
     let dev = storage.device();
     let values: Vec<i64> = match storage.dtype() {
+        DType::U8 => dev
+            .clone_dtoh(&view(
+                storage.as_cuda_slice::<u8>()?,
+                start..end,
+                "targets",
+                name,
+            )?)?
+            .into_iter()
+            .map(i64::from)
+            .collect(),
         DType::U32 => dev
             .clone_dtoh(&view(
                 storage.as_cuda_slice::<u32>()?,
@@ -147,7 +157,7 @@ fn read_targets(
             "targets",
             name,
         )?)?,
-        other => bail!("{OP_NAME}({name}): targets must be u32 or i64, got {other:?}"),
+        other => bail!("{OP_NAME}({name}): targets must be u8, u32 or i64, got {other:?}"),
     };
     validate_targets(&values, cfg, classes)
 }

@@ -17,7 +17,7 @@ use candle_margin_softmax::{Head, MarginSoftmaxLoss, Reduction};
 
 use crate::common::*;
 use crate::parity;
-use crate::{edge, errors, finite_diff};
+use crate::{edge, errors, finite_diff, semantics};
 
 /// The device the kernels run on.
 pub struct Dut {
@@ -134,8 +134,11 @@ kernel_tests!(
         parity_small_options,
         parity_small_combo,
         parity_small_row_scale,
+        parity_small_weighted_smoothing,
+        parity_small_softcap,
         parity_medium,
         edge_cases,
+        semantics,
         edge_empty_batch,
         finite_differences,
         error_messages,
@@ -182,6 +185,28 @@ fn parity_small_combo(dut: &Dut) {
 
 fn parity_small_row_scale(dut: &Dut) {
     dut.run(parity::small_row_scale);
+}
+
+fn parity_small_weighted_smoothing(dut: &Dut) {
+    dut.run(parity::small_weighted_smoothing);
+}
+
+fn parity_small_softcap(dut: &Dut) {
+    dut.run(parity::small_softcap);
+}
+
+/// Issue 8's semantics, each against its own f64 oracle (tests/suite/semantics.rs).
+fn semantics(dut: &Dut) {
+    dut.run(|dev| {
+        semantics::weighted_smoothing_is_pytorch(dev);
+        semantics::softcap_formula(dev);
+        semantics::exact_mode_keeps_the_loss(dev);
+        semantics::neg_inf_target(dev);
+        semantics::zero_total_weight(dev);
+        semantics::row_scale_layouts(dev);
+        semantics::row_scale_values(dev);
+        semantics::u8_targets(dev);
+    });
 }
 
 fn parity_medium(dut: &Dut) {
@@ -235,6 +260,7 @@ fn error_messages(dut: &Dut) {
     dut.run(|dev| {
         errors::invalid_inputs(dev);
         errors::invalid_hyper_parameters(dev);
+        errors::unrepresentable_hyper_parameters(dev);
         errors::valid_boundaries(dev);
     });
 }
