@@ -129,34 +129,20 @@ fn read_targets(
     if start == end {
         return Ok(Vec::new());
     }
-    let dev = storage.device();
-    let values: Vec<i64> = match storage.dtype() {
-        DType::U8 => dev
-            .clone_dtoh(&view(
-                storage.as_cuda_slice::<u8>()?,
-                start..end,
-                "targets",
-                name,
-            )?)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        DType::U32 => dev
-            .clone_dtoh(&view(
-                storage.as_cuda_slice::<u32>()?,
-                start..end,
-                "targets",
-                name,
-            )?)?
-            .into_iter()
-            .map(i64::from)
-            .collect(),
-        DType::I64 => dev.clone_dtoh(&view(
-            storage.as_cuda_slice::<i64>()?,
-            start..end,
-            "targets",
-            name,
-        )?)?,
+    // The targets' values, copied to the host and widened to i64.
+    fn widened<T: CudaDType + DeviceRepr + Into<i64>>(
+        storage: &CudaStorage,
+        range: std::ops::Range<usize>,
+        name: &str,
+    ) -> Result<Vec<i64>> {
+        let slice = view(storage.as_cuda_slice::<T>()?, range, "targets", name)?;
+        let host = storage.device().clone_dtoh(&slice)?;
+        Ok(host.into_iter().map(Into::into).collect())
+    }
+    let values = match storage.dtype() {
+        DType::U8 => widened::<u8>(storage, start..end, name)?,
+        DType::U32 => widened::<u32>(storage, start..end, name)?,
+        DType::I64 => widened::<i64>(storage, start..end, name)?,
         other => bail!("{OP_NAME}({name}): targets must be u8, u32 or i64, got {other:?}"),
     };
     validate_targets(&values, cfg, classes)

@@ -691,51 +691,93 @@ fn bitwise_eq(a: &Tensor, b: &Tensor) -> Result<bool> {
     Ok(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()))
 }
 
-/// u32 and i64 targets give bitwise identical results (with ignored rows: ignore_index -100 for
-/// i64, u32::MAX for u32).
-pub fn u32_vs_i64(dev: &Device) {
+/// u8 (candle's MNIST labels) and u32 targets give bitwise the results of the same i64 targets on
+/// every entry point and in the reference (ignored rows: ignore_index −100 for i64, and a value
+/// of the narrow type's range for the others: 255, `u32::MAX`); an out-of-range u8 target is an
+/// error naming the row.
+pub fn target_dtypes(dev: &Device) {
     let mut f = Failures::default();
     let (b, c) = (9usize, 23usize);
     for (hn, head) in main_heads() {
-        for (on, opts) in [("plain", Opts::default()), ("combo", Opts::combo())] {
+        for (on, opts) in [
+            ("plain", Opts::default()),
+            ("combo", Opts::combo()),
+            ("combo_softcap", Opts::combo().with_softcap()),
+        ] {
             for dt in [DType::F64, DType::F32, DType::BF16] {
-                let label = format!("u32 vs i64 {hn}+{on} {}", dtype_name(dt));
+                let label = format!("target dtypes {hn}+{on} {}", dtype_name(dt));
                 let mut run = || -> Result<()> {
                     let mut r = rng(seed_of(&label));
                     let t = gen_targets(&mut r, b, c, opts.ignore);
                     let x = gen_input(&mut r, &head, b, c, &t);
                     let input = input_tensor(&x, b, c, dt, dev)?;
                     let cfg_i = opts.cfg(head, c, dt, dev, 11)?;
-                    let cfg_u = cfg_i.clone().ignore_index(Some(u32::MAX as i64));
                     let ti = targets_i64(&t, dev)?;
-                    let tu: Vec<u32> = t
-                        .iter()
-                        .map(|&v| if v == IGNORE { u32::MAX } else { v as u32 })
-                        .collect();
-                    let tu = Tensor::from_vec(tu, b, dev)?;
+                    let narrow = |ignored: i64| -> Vec<i64> {
+                        t.iter()
+                            .map(|&v| if v == IGNORE { ignored } else { v })
+                            .collect()
+                    };
+                    let tu =
+                        Tensor::from_vec(narrow(u32::MAX as i64), b, dev)?.to_dtype(DType::U32)?;
+                    let t8 = Tensor::from_vec(narrow(255), b, dev)?.to_dtype(DType::U8)?;
                     let rs = Tensor::from_vec(gen_row_scale(&mut r, b), b, dev)?
                         .to_dtype(acc_dtype(dt))?;
-                    let ai = autograd(Side::Fused, &cfg_i, &input, &ti, Some(&rs))?;
-                    let au = autograd(Side::Fused, &cfg_u, &input, &tu, Some(&rs))?;
-                    let (li, gi) = cfg_i.loss_and_grad(&input, &ti)?;
-                    let (lu, gu) = cfg_u.loss_and_grad(&input, &tu)?;
-                    for (what, p, q) in [
-                        ("loss", &ai.loss, &au.loss),
-                        ("autograd dinput", &ai.dx, &au.dx),
-                        (
-                            "autograd drow_scale",
-                            ai.dr.as_ref().unwrap(),
-                            au.dr.as_ref().unwrap(),
-                        ),
-                        ("loss_and_grad loss", &li, &lu),
-                        ("loss_and_grad dinput", &gi, &gu),
-                    ] {
-                        if !bitwise_eq(p, q)? {
-                            f.0.push(format!(
-                                "[{label}] {what}: u32 and i64 targets differ: {:?} vs {:?}",
-                                vec_f64(q)?.iter().take(8).collect::<Vec<_>>(),
-                                vec_f64(p)?.iter().take(8).collect::<Vec<_>>()
-                            ));
+                    let results = |cfg: &MarginSoftmaxLoss,
+                                   targets: &Tensor|
+                     -> Result<Vec<Tensor>> {
+                        let a = autograd(Side::Fused, cfg, &input, targets, Some(&rs))?;
+                        let (l, g) = cfg.loss_and_grad(&input, targets)?;
+                        let (_, _, gr) = cfg.loss_and_grad_with_row_scale(&input, targets, &rs)?;
+                        let reference =
+                            crate::parity::reference_on_cpu(cfg, &input, targets, None)?;
+                        Ok(vec![
+                            a.loss,
+                            a.dx,
+                            a.dr.expect("row-scale gradient"),
+                            l,
+                            g,
+                            gr,
+                            reference.loss,
+                            reference.dx,
+                        ])
+                    };
+                    let names = [
+                        "loss",
+                        "autograd dinput",
+                        "autograd drow_scale",
+                        "loss_and_grad loss",
+                        "loss_and_grad dinput",
+                        "loss_and_grad_with_row_scale drow_scale",
+                        "reference loss",
+                        "reference dinput",
+                    ];
+                    let want = results(&cfg_i, &ti)?;
+                    for (tn, targets, ignore) in [("u32", &tu, u32::MAX as i64), ("u8", &t8, 255)] {
+                        let got = results(&cfg_i.clone().ignore_index(Some(ignore)), targets)?;
+                        for ((what, p), q) in names.iter().zip(&want).zip(&got) {
+                            if !bitwise_eq(p, q)? {
+                                f.0.push(format!(
+                                    "[{label}] {what}: {tn} and i64 targets differ: {:?} vs {:?}",
+                                    vec_f64(q)?.iter().take(8).collect::<Vec<_>>(),
+                                    vec_f64(p)?.iter().take(8).collect::<Vec<_>>()
+                                ));
+                            }
+                        }
+                    }
+                    let mut bad = narrow(255);
+                    bad[2] = 200;
+                    let bad = Tensor::from_vec(bad, b, dev)?.to_dtype(DType::U8)?;
+                    match cfg_i.clone().ignore_index(Some(255)).loss(&input, &bad) {
+                        Ok(_) => {
+                            f.0.push(format!("[{label}] u8 target 200 of C = {c}: Ok, want Err"))
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            let named = ["margin_softmax_ce", "row 2", "200"];
+                            if !named.iter().all(|k| msg.contains(k)) {
+                                f.0.push(format!("[{label}] unclear error: {msg}"));
+                            }
                         }
                     }
                     Ok(())
@@ -746,7 +788,7 @@ pub fn u32_vs_i64(dev: &Device) {
             }
         }
     }
-    f.finish("edge: u32 vs i64 targets");
+    f.finish("edge: u8, u32 and i64 targets");
 }
 
 /// The float64 oracle of a Softmax-head row with logits z_j = r·x_j (x_j = −∞ masked) and target
@@ -929,8 +971,8 @@ fn edge_non_contiguous() {
 }
 
 #[test]
-fn edge_u32_vs_i64() {
-    u32_vs_i64(&device());
+fn edge_target_dtypes() {
+    target_dtypes(&device());
 }
 
 #[test]

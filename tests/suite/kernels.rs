@@ -205,7 +205,6 @@ fn semantics(dut: &Dut) {
         semantics::zero_total_weight(dev);
         semantics::row_scale_layouts(dev);
         semantics::row_scale_values(dev);
-        semantics::u8_targets(dev);
     });
 }
 
@@ -239,7 +238,7 @@ fn edge_cases(dut: &Dut) {
         edge::focal_confident(dev);
         edge::one_class(dev);
         edge::non_contiguous(dev);
-        edge::u32_vs_i64(dev);
+        edge::target_dtypes(dev);
         edge::neg_inf_logit(dev);
     });
 }

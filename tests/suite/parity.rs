@@ -231,15 +231,44 @@ pub fn reference_on_cpu(
     )
 }
 
-/// Every head variant alone (default criterion: Mean cross-entropy).
-pub fn heads_alone(dev: &Device, shapes: &[(usize, usize)], dtypes: &[DType], f: &mut Failures) {
-    for (hn, head) in head_variants() {
-        for &shape in shapes {
-            for &dt in dtypes {
-                parity_case(dev, hn, head, &Opts::default(), shape, dt, false, f);
+/// Every (head, option set) pair over the shapes and dtypes, without and / or with a per-row
+/// scale; a case is labelled `head+options` (`head` for an unnamed option set).
+#[allow(clippy::too_many_arguments)]
+pub fn grid(
+    dev: &Device,
+    heads: &[(&str, Head)],
+    option_sets: &[(String, Opts)],
+    shapes: &[(usize, usize)],
+    dtypes: &[DType],
+    row_scales: &[bool],
+    f: &mut Failures,
+) {
+    for &(hn, head) in heads {
+        for (on, opts) in option_sets {
+            let name = if on.is_empty() {
+                hn.to_string()
+            } else {
+                format!("{hn}+{on}")
+            };
+            for &shape in shapes {
+                for &dt in dtypes {
+                    for &row_scale in row_scales {
+                        parity_case(dev, &name, head, opts, shape, dt, row_scale, f);
+                    }
+                }
             }
         }
     }
+}
+
+fn named(sets: Vec<(&str, Opts)>) -> Vec<(String, Opts)> {
+    sets.into_iter().map(|(n, o)| (n.to_string(), o)).collect()
+}
+
+/// Every head variant alone (default criterion: Mean cross-entropy).
+pub fn heads_alone(dev: &Device, shapes: &[(usize, usize)], dtypes: &[DType], f: &mut Failures) {
+    let plain = named(vec![("", Opts::default())]);
+    grid(dev, &head_variants(), &plain, shapes, dtypes, &[false], f);
 }
 
 /// Every criterion option alone, with ArcFace and with RBF.
@@ -249,16 +278,16 @@ pub fn options_alone_grid(
     dtypes: &[DType],
     f: &mut Failures,
 ) {
-    for (hn, head) in [("arcface", Head::arcface()), ("rbf", Head::rbf())] {
-        for (on, opts) in options_alone() {
-            for &shape in shapes {
-                for &dt in dtypes {
-                    let name = format!("{hn}+{on}");
-                    parity_case(dev, &name, head, &opts, shape, dt, false, f);
-                }
-            }
-        }
-    }
+    let heads = [("arcface", Head::arcface()), ("rbf", Head::rbf())];
+    grid(
+        dev,
+        &heads,
+        &named(options_alone()),
+        shapes,
+        dtypes,
+        &[false],
+        f,
+    );
 }
 
 /// The combination (smoothing + focal + Poly-1 + z-loss + weights + ignore) for every head
@@ -277,16 +306,7 @@ pub fn combo_every_head(
         variants.push(("combo_sum", Opts::combo().with_reduction(Reduction::Sum)));
         variants.push(("combo_detached", Opts::combo().with_detached()));
     }
-    for &(hn, head) in heads {
-        for (on, opts) in &variants {
-            for &shape in shapes {
-                for &dt in dtypes {
-                    let name = format!("{hn}+{on}");
-                    parity_case(dev, &name, head, opts, shape, dt, false, f);
-                }
-            }
-        }
-    }
+    grid(dev, heads, &named(variants), shapes, dtypes, &[false], f);
 }
 
 /// The per-row scale: SphereFace (the original A-Softmax with feature norms r ∈ [5, 30]) with
@@ -348,16 +368,7 @@ pub fn row_scale_grid(
         ));
         variants.push(("detached", Opts::default().with_detached()));
     }
-    for &(hn, head) in &heads {
-        for (on, opts) in &variants {
-            for &shape in shapes {
-                for &dt in dtypes {
-                    let name = format!("{hn}+{on}");
-                    parity_case(dev, &name, head, opts, shape, dt, true, f);
-                }
-            }
-        }
-    }
+    grid(dev, &heads, &named(variants), shapes, dtypes, &[true], f);
 }
 
 /// Class weights with label smoothing against the reference's PyTorch composition: every head
@@ -369,16 +380,8 @@ pub fn weighted_smoothing_grid(
     dtypes: &[DType],
     f: &mut Failures,
 ) {
-    for &(hn, head) in heads {
-        for (on, opts) in weighted_smoothing_options() {
-            for &shape in shapes {
-                for &dt in dtypes {
-                    let name = format!("{hn}+{on}");
-                    parity_case(dev, &name, head, &opts, shape, dt, false, f);
-                }
-            }
-        }
-    }
+    let sets = weighted_smoothing_options();
+    grid(dev, heads, &sets, shapes, dtypes, &[false], f);
 }
 
 /// Logit soft-capping: every head variant, alone and with every option, with and without a
@@ -390,18 +393,8 @@ pub fn softcap_grid(
     dtypes: &[DType],
     f: &mut Failures,
 ) {
-    for &(hn, head) in heads {
-        for (on, opts) in softcap_options() {
-            for &shape in shapes {
-                for &dt in dtypes {
-                    for row_scale in [false, true] {
-                        let name = format!("{hn}+{on}");
-                        parity_case(dev, &name, head, &opts, shape, dt, row_scale, f);
-                    }
-                }
-            }
-        }
-    }
+    let sets = named(softcap_options());
+    grid(dev, heads, &sets, shapes, dtypes, &[false, true], f);
 }
 
 pub fn small_weighted_smoothing(dev: &Device) {

@@ -1,7 +1,8 @@
 //! The semantics of issue 8, each pinned by an oracle that does not share code with the op: the
 //! PyTorch formula of class weights with label smoothing and the soft-capping formula written out
 //! in f64 loops, the exact mode's forward equal to the detached mode's bit for bit, the −∞ target
-//! logit's finite gradient, a zero total weight, any layout of the row scale, and u8 targets.
+//! logit's finite gradient, a zero total weight, any layout of the row scale and its unchecked
+//! values (u8 targets: `edge::target_dtypes`).
 //! Every function takes `&Device` so that the kernel suite can run it through the kernels.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -734,94 +735,6 @@ pub fn row_scale_values(dev: &Device) {
     f.finish("semantics: unchecked row-scale values");
 }
 
-/// u8 targets (candle's MNIST labels) give bitwise the results of the same i64 targets on every
-/// entry point; an ignored row uses an `ignore_index` in u8's range (255).
-pub fn u8_targets(dev: &Device) {
-    let mut f = Failures::default();
-    let (b, c) = (9usize, 23usize);
-    for (hn, head) in main_heads() {
-        for (on, opts) in [
-            ("plain", Opts::default()),
-            ("combo", Opts::combo().with_softcap()),
-        ] {
-            for dt in [DType::F64, DType::F32, DType::BF16] {
-                let label = format!("u8 vs i64 {hn}+{on} {}", dtype_name(dt));
-                let run = |f: &mut Failures| -> Result<()> {
-                    let mut r = rng(seed_of(&label));
-                    let t = gen_targets(&mut r, b, c, opts.ignore);
-                    let x = gen_input(&mut r, &head, b, c, &t);
-                    let input = input_tensor(&x, b, c, dt, dev)?;
-                    let cfg_i = opts.cfg(head, c, dt, dev, 13)?;
-                    let cfg_u = cfg_i.clone().ignore_index(Some(255));
-                    let ti = targets_i64(&t, dev)?;
-                    let tu: Vec<u8> = t
-                        .iter()
-                        .map(|&v| if v == IGNORE { 255 } else { v as u8 })
-                        .collect();
-                    let tu = Tensor::from_vec(tu, b, dev)?;
-                    let rs = Tensor::from_vec(gen_row_scale(&mut r, b), b, dev)?
-                        .to_dtype(acc_dtype(dt))?;
-                    let ai = autograd(Side::Fused, &cfg_i, &input, &ti, Some(&rs))?;
-                    let au = autograd(Side::Fused, &cfg_u, &input, &tu, Some(&rs))?;
-                    let (li, gi) = cfg_i.loss_and_grad(&input, &ti)?;
-                    let (lu, gu) = cfg_u.loss_and_grad(&input, &tu)?;
-                    let (_, _, ri) = cfg_i.loss_and_grad_with_row_scale(&input, &ti, &rs)?;
-                    let (_, _, ru) = cfg_u.loss_and_grad_with_row_scale(&input, &tu, &rs)?;
-                    let refu = crate::parity::reference_on_cpu(&cfg_u, &input, &tu, None)?;
-                    let refi = crate::parity::reference_on_cpu(&cfg_i, &input, &ti, None)?;
-                    for (what, p, q) in [
-                        ("loss", &ai.loss, &au.loss),
-                        ("autograd dinput", &ai.dx, &au.dx),
-                        (
-                            "autograd drow_scale",
-                            ai.dr.as_ref().unwrap(),
-                            au.dr.as_ref().unwrap(),
-                        ),
-                        ("loss_and_grad loss", &li, &lu),
-                        ("loss_and_grad dinput", &gi, &gu),
-                        ("loss_and_grad drow_scale", &ri, &ru),
-                        ("reference loss", &refi.loss, &refu.loss),
-                        ("reference dinput", &refi.dx, &refu.dx),
-                    ] {
-                        let (p, q) = (vec_f64(p)?, vec_f64(q)?);
-                        if p.len() != q.len()
-                            || p.iter().zip(&q).any(|(a, b)| a.to_bits() != b.to_bits())
-                        {
-                            f.0.push(format!("[{label}] {what}: u8 and i64 targets differ"));
-                        }
-                    }
-                    // An out-of-range u8 target is an error naming the row.
-                    let mut bad = t
-                        .iter()
-                        .map(|&v| if v == IGNORE { 255 } else { v as u8 })
-                        .collect::<Vec<u8>>();
-                    bad[2] = 200;
-                    let bad = Tensor::from_vec(bad, b, dev)?;
-                    match cfg_u.loss(&input, &bad) {
-                        Ok(_) => {
-                            f.0.push(format!("[{label}] target 200 of C = {c}: Ok, want Err"))
-                        }
-                        Err(e) => {
-                            let msg = e.to_string();
-                            if !(msg.contains("margin_softmax_ce")
-                                && msg.contains("row 2")
-                                && msg.contains("200"))
-                            {
-                                f.0.push(format!("[{label}] unclear error: {msg}"));
-                            }
-                        }
-                    }
-                    Ok(())
-                };
-                if let Err(e) = run(&mut f) {
-                    f.err(&label, e);
-                }
-            }
-        }
-    }
-    f.finish("semantics: u8 targets");
-}
-
 #[test]
 fn semantics_weighted_smoothing_is_pytorch() {
     weighted_smoothing_is_pytorch(&device());
@@ -855,9 +768,4 @@ fn semantics_row_scale_layouts() {
 #[test]
 fn semantics_row_scale_values() {
     row_scale_values(&device());
-}
-
-#[test]
-fn semantics_u8_targets() {
-    u8_targets(&device());
 }
