@@ -317,7 +317,7 @@ impl<'a, T: Element> ForwardContext<'a, T> {
         Ok(Self {
             targets: read_targets(targets.0, targets.1, cfg, classes)?,
             scales: contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?,
-            weights: read_weights::<T::Acc>(cfg)?,
+            weights: read_weights::<T::Acc>(cfg),
             weighted_smoothing: weighted_smoothing(cfg),
             margin: Margin::new(&cfg.head, cfg.margin_grad),
             criterion: Criterion::new(cfg, classes),
@@ -414,7 +414,7 @@ fn backward_typed<T: Element>(
     let margin = Margin::<T::Acc>::new(&cfg.head, cfg.margin_grad);
     let cap = SoftCap::<T::Acc>::new(cfg);
     let weights = if weighted_smoothing(cfg) {
-        read_weights::<T::Acc>(cfg)?
+        read_weights::<T::Acc>(cfg)
     } else {
         None
     };

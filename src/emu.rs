@@ -291,7 +291,7 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
                 })
             })
             .transpose()?;
-        let weights = read_weights::<T::Acc>(cfg)?.unwrap_or_else(|| vec![T::Acc::zero()]);
+        let weights = read_weights::<T::Acc>(cfg).unwrap_or_else(|| vec![T::Acc::zero()]);
         let forward_fits = forward.as_ref().is_none_or(|f| f.scale.len() == shape.rows);
         let weights_fit = cfg.class_weights.is_none() || weights.len() == shape.classes;
         if x.len() < last_row_end || targets.len() != shape.rows || !forward_fits || !weights_fit {

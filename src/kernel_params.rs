@@ -7,7 +7,7 @@
 #![cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
 
 use crate::config::{Head, MarginGrad, MarginSoftmaxLoss, SPHEREFACE_MAX_M};
-use crate::math::{Margin, weighted_smoothing};
+use crate::math::{Margin, smoothing_total_weight, weighted_smoothing};
 
 /// `MS_MAX_SPHERE_M` of kernels/params.cuh.
 pub(crate) const MAX_SPHERE_M: usize = 16;
@@ -85,10 +85,7 @@ impl MsParams {
             _ => (TRANSFORM_COSINE, 0.0),
         };
         let weighted = weighted_smoothing(cfg);
-        let total_weight = match &cfg.class_weights {
-            Some(w) if weighted => w.total(),
-            _ => classes as f64,
-        };
+        let total_weight = smoothing_total_weight(cfg, classes);
         let softcap = cfg.logit_softcap.unwrap_or(0.0);
         let mut p = MsParams {
             rows: rows as i64,

@@ -440,12 +440,18 @@ pub(crate) fn weighted_smoothing(cfg: &MarginSoftmaxLoss) -> bool {
     cfg.class_weights.is_some() && cfg.label_smoothing > 0.0
 }
 
+/// W = Σ_j w_j of the smoothing term: the class weights' sum with [`weighted_smoothing`], else C
+/// (every w_j = 1). Shared by [`Criterion::new`] and the kernels' `MsParams::new`.
+pub(crate) fn smoothing_total_weight(cfg: &MarginSoftmaxLoss, classes: usize) -> f64 {
+    match &cfg.class_weights {
+        Some(w) if weighted_smoothing(cfg) => w.total(),
+        _ => classes as f64,
+    }
+}
+
 impl<A: Acc> Criterion<A> {
     pub fn new(cfg: &MarginSoftmaxLoss, classes: usize) -> Self {
-        let total_weight = match &cfg.class_weights {
-            Some(w) if weighted_smoothing(cfg) => w.total(),
-            _ => classes as f64,
-        };
+        let total_weight = smoothing_total_weight(cfg, classes);
         Self {
             smoothing: A::of(cfg.label_smoothing),
             focal_gamma: A::of(cfg.focal_gamma),
