@@ -1,20 +1,36 @@
 //! The CPU bodies of the op. Rows run in parallel (rayon); each row is read once by the forward
 //! pass (online max / sum-exp) and once more by the backward pass, which writes the gradient.
-//! The fused `forward_backward` runs both passes on a row back to back, while it is in cache.
-//! Nothing of size \[B, C\] is allocated besides the gradient.
+//! The fused `forward_backward` runs both passes on a row back to back, while it is in cache, and
+//! keeps each entry's exp from the forward pass (one exp per element, not two).
+//! Nothing of size \[B, C\] is allocated besides the gradient (and not even that with
+//! [`forward_backward_into`]).
+//!
+//! Every row function is `#[inline(always)]` and runs under [`Dispatch::run`], which compiles it
+//! once per SIMD level (baseline, AVX2 + FMA, AVX-512, NEON) and picks one at run time; the loops
+//! work on [`CHUNK`]-sized arrays so that LLVM vectorizes them at every level.
 
 use candle_core::{CpuStorage, Layout, Result, WithDType};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
 use crate::config::{Head, MarginSoftmaxLoss};
-use crate::host::{Rows, contiguous, read_targets, with_element};
+use crate::host::{HostElement, Rows, contiguous, contiguous_mut, read_targets, with_element};
 use crate::math::{
     Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, SoftCap, Transform,
     times_nonzero, weighted_smoothing,
 };
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
 use crate::prepare::{read_weights, upstream_factor, weight_of};
+use crate::simd::{Dispatch, RowKernel};
+
+/// A row task handed to rayon covers at least this many elements, so that small batches
+/// (256 × 1000) are not cut into per-row tasks whose dispatch costs more than their work.
+const MIN_ELEMENTS_PER_TASK: usize = 1 << 15;
+
+/// Rows per rayon task for rows of `classes` entries.
+fn rows_per_task(classes: usize) -> usize {
+    MIN_ELEMENTS_PER_TASK.div_ceil(classes.max(1)).max(1)
+}
 
 /// How many elements the online max / sum-exp takes per step: the chunk's logits are formed
 /// first, so the running max is rescaled at most once per chunk and the exps are independent.
@@ -47,6 +63,37 @@ struct RowPass<'a, A, H> {
     weights: Option<&'a [A]>,
 }
 
+/// What the fused path keeps of a row's forward pass for its gradient, in the thread's scratch:
+/// e_j = exp(z_j − m_c) for every entry but the target, m_c being the running max when entry j's
+/// chunk was absorbed (one per chunk, in order), and u_j where the transform costs an exp
+/// ([`Transform::CACHES_U`]). The gradient's p_j = e_j·exp(m_c − M − ln Σ): one exp per chunk
+/// instead of one per entry.
+struct RowCache<'s, A> {
+    e: &'s mut [A],
+    u: &'s mut [A],
+    chunk_max: &'s mut [A],
+    chunks: usize,
+}
+
+impl<'s, A: Acc> RowCache<'s, A> {
+    /// The scratch length a row of `classes` entries needs.
+    fn scratch_len<H: Transform<A>>(classes: usize) -> usize {
+        let u = if H::CACHES_U { classes } else { 0 };
+        classes + u + classes / CHUNK + 2
+    }
+
+    fn new<H: Transform<A>>(scratch: &'s mut [A], classes: usize) -> Self {
+        let (e, rest) = scratch.split_at_mut(classes);
+        let (u, chunk_max) = rest.split_at_mut(if H::CACHES_U { classes } else { 0 });
+        Self {
+            e,
+            u,
+            chunk_max,
+            chunks: 0,
+        }
+    }
+}
+
 impl<A: Acc> Online<A> {
     fn new(z_target: A) -> Self {
         Self {
@@ -64,20 +111,30 @@ impl<A: Acc> Online<A> {
     /// rescale of the running sums at most, then the exps, summed in [`LANES`] independent
     /// partial sums so that the loops vectorize. Soft-capping and class weights are decided once
     /// per chunk, so the plain path's loops carry no extra work.
+    #[inline(always)]
     fn absorb<T: Element<Acc = A>, H: Transform<A>>(
         &mut self,
         xs: &[T],
         first: usize,
         pass: &RowPass<'_, A, H>,
+        mut cache: Option<&mut RowCache<'_, A>>,
     ) {
         let scale = pass.scale;
+        let mut x = [A::zero(); CHUNK];
         let mut v = [A::zero(); CHUNK];
         let mut z = [A::zero(); CHUNK];
         let mut w = [A::one(); CHUNK];
         for (c, chunk) in xs.chunks(CHUNK).enumerate() {
-            for (i, x) in chunk.iter().enumerate() {
-                v[i] = pass.transform.u(x.load());
+            let start = first + c * CHUNK;
+            T::load_slice(chunk, &mut x[..chunk.len()]);
+            for i in 0..CHUNK {
+                v[i] = pass.transform.u(x[i]);
                 z[i] = scale * v[i];
+            }
+            if let Some(cache) = cache.as_deref_mut()
+                && H::CACHES_U
+            {
+                cache.u[start..start + chunk.len()].copy_from_slice(&v[..chunk.len()]);
             }
             if let Some(cap) = &pass.cap {
                 for i in 0..chunk.len() {
@@ -88,7 +145,6 @@ impl<A: Acc> Online<A> {
                 }
             }
             if let Some(weights) = pass.weights {
-                let start = first + c * CHUNK;
                 w[..chunk.len()].copy_from_slice(&weights[start..start + chunk.len()]);
                 w[chunk.len()..].fill(A::zero());
             }
@@ -116,6 +172,11 @@ impl<A: Acc> Online<A> {
             let mut e = [A::zero(); CHUNK];
             for (ei, &zi) in e.iter_mut().zip(z.iter()) {
                 *ei = A::exp_flushed(zi - max);
+            }
+            if let Some(cache) = cache.as_deref_mut() {
+                cache.e[start..start + chunk.len()].copy_from_slice(&e[..chunk.len()]);
+                cache.chunk_max[cache.chunks] = max;
+                cache.chunks += 1;
             }
             let mut sum_exp = [A::zero(); LANES];
             let mut sum_exp_v = [A::zero(); LANES];
@@ -181,6 +242,7 @@ fn target_logit<A: Acc, H: Transform<A>>(
 
 /// Everything a row's backward pass (and the caller) needs, in the order of the op's stats
 /// columns (see [`crate::op`]).
+#[inline(always)]
 fn forward_row<T: Element, H: Transform<T::Acc>>(
     row: &[T],
     target: Option<usize>,
@@ -188,6 +250,7 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
     pass: &RowPass<'_, T::Acc, H>,
     margin: &Margin<T::Acc>,
     criterion: &Criterion<T::Acc>,
+    mut cache: Option<&mut RowCache<'_, T::Acc>>,
 ) -> [T::Acc; STAT_COLUMNS] {
     let zero = T::Acc::zero();
     let Some(y) = target else {
@@ -197,8 +260,8 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
     let (z_target, v_target, _) =
         target_logit(row[y].load(), scale, pass.transform, margin, &pass.cap);
     let mut online = Online::new(z_target);
-    online.absorb(&row[..y], 0, pass);
-    online.absorb(&row[y + 1..], y + 1, pass);
+    online.absorb(&row[..y], 0, pass, cache.as_deref_mut());
+    online.absorb(&row[y + 1..], y + 1, pass, cache);
     let log_sum = online.sum_exp.ln();
     // Σ_j w_j·z_j, the target included (w_j = 1 unless the smoothing term reads the weights).
     let w_target = pass.weights.map_or(T::Acc::one(), |w| w[y]);
@@ -219,17 +282,43 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
     ]
 }
 
+/// The per-row constants of a backward pass: [M, ln Σ, a, k, g_y, r] with the upstream gradient
+/// already folded into a, k, g_y (the row-info layout of [`crate::op`]).
+#[derive(Clone, Copy)]
+struct RowGrad<A> {
+    max: A,
+    log_sum: A,
+    a: A,
+    k: A,
+    g_target: A,
+    scale: A,
+}
+
+impl<A: Acc> RowGrad<A> {
+    fn of(info: &[A]) -> Self {
+        Self {
+            max: info[0],
+            log_sum: info[1],
+            a: info[2],
+            k: info[3],
+            g_target: info[4],
+            scale: info[5],
+        }
+    }
+}
+
 /// dx_j = (a·p_j + k·w_j)·c_j·r·du_j/dx_j for j ≠ y and g_y·c_y·r·du_y/dx_y, with
 /// p_j = exp((z_j − M) − ln Σ), z_j = r·u_j (or cap·tanh(r·u_j/cap), whose derivative c_j =
 /// sech²(r·u_j/cap); c_j = 1 without capping) and w_j = 1 unless the smoothing term reads the
-/// class weights. `info` is [M, ln Σ, a, k, g_y, r] with the upstream gradient already folded
-/// into a, k, g_y.
+/// class weights. Recomputes every p_j from the input (the autograd backward, and the fused path
+/// with soft-capping).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn backward_row<T: Element, H: Transform<T::Acc>>(
     row: &[T],
     out: &mut [T],
     target: Option<usize>,
-    info: &[T::Acc],
+    grad: RowGrad<T::Acc>,
     transform: &H,
     margin: &Margin<T::Acc>,
     cap: &Option<SoftCap<T::Acc>>,
@@ -239,33 +328,126 @@ fn backward_row<T: Element, H: Transform<T::Acc>>(
         out.fill(T::store(T::Acc::zero()));
         return;
     };
-    let [max, log_sum, a, k, g_target, scale] =
-        [info[0], info[1], info[2], info[3], info[4], info[5]];
-    match (cap, weights) {
-        (None, None) => {
-            for (o, &x) in out.iter_mut().zip(row) {
-                let x = x.load();
-                let u = transform.u(x);
-                let p = T::Acc::exp_flushed((scale * u - max) - log_sum);
-                *o = T::store((a * p + k) * scale * transform.du(x, u));
+    let RowGrad {
+        max,
+        log_sum,
+        a,
+        k,
+        g_target,
+        scale,
+    } = grad;
+    let mut x = [T::Acc::zero(); CHUNK];
+    let mut g = [T::Acc::zero(); CHUNK];
+    for (c, (xs, os)) in row.chunks(CHUNK).zip(out.chunks_mut(CHUNK)).enumerate() {
+        let len = xs.len();
+        T::load_slice(xs, &mut x[..len]);
+        match (cap, weights) {
+            (None, None) => {
+                for i in 0..CHUNK {
+                    let u = transform.u(x[i]);
+                    let p = T::Acc::exp_flushed((scale * u - max) - log_sum);
+                    g[i] = (a * p + k) * scale * transform.du(x[i], u);
+                }
+            }
+            _ => {
+                for i in 0..len {
+                    let u = transform.u(x[i]);
+                    let (z, dz) = match cap {
+                        Some(cap) => cap.apply(scale * u),
+                        None => (scale * u, T::Acc::one()),
+                    };
+                    let p = T::Acc::exp_flushed((z - max) - log_sum);
+                    let w = weights.map_or(T::Acc::one(), |w| w[c * CHUNK + i]);
+                    g[i] = (a * p + k * w) * dz * scale * transform.du(x[i], u);
+                }
             }
         }
-        _ => {
-            for (j, (o, &x)) in out.iter_mut().zip(row).enumerate() {
-                let x = x.load();
-                let u = transform.u(x);
-                let (z, dz) = match cap {
-                    Some(cap) => cap.apply(scale * u),
-                    None => (scale * u, T::Acc::one()),
-                };
-                let p = T::Acc::exp_flushed((z - max) - log_sum);
-                let w = weights.map_or(T::Acc::one(), |w| w[j]);
-                *o = T::store((a * p + k * w) * dz * scale * transform.du(x, u));
-            }
-        }
+        T::store_slice(&g[..len], os);
     }
     let (_, _, dz_target) = target_logit(row[y].load(), scale, transform, margin, cap);
     out[y] = T::store(g_target * scale * dz_target);
+}
+
+/// The fused path's gradient for every entry but the target (which the caller writes), from the
+/// forward pass's [`RowCache`]: p_j = e_j·f_c with f_c = exp(m_c − M − ln Σ) per chunk, then as
+/// [`backward_row`] without soft-capping. p_j is flushed to 0 where it would be subnormal, as
+/// `exp_flushed` does in [`backward_row`] (and e_j is raised to e_min/f_c before the product, so
+/// that no product is subnormal: the CPU's subnormal arithmetic is slow).
+///
+/// `x` is the row; `None` reads it from `out`, the in-place case: each chunk is loaded before its
+/// gradient is stored.
+#[inline(always)]
+fn backward_row_cached<T: Element, H: Transform<T::Acc>>(
+    x: Option<&[T]>,
+    out: &mut [T],
+    y: usize,
+    grad: RowGrad<T::Acc>,
+    transform: &H,
+    weights: Option<&[T::Acc]>,
+    cache: &RowCache<'_, T::Acc>,
+) {
+    let RowGrad {
+        max,
+        log_sum,
+        a,
+        k,
+        scale,
+        ..
+    } = grad;
+    let zero = T::Acc::zero();
+    let e_min = T::Acc::EXP_SUBNORMAL_BELOW.exp();
+    let classes = out.len();
+    let mut xa = [zero; CHUNK];
+    let mut g = [zero; CHUNK];
+    let mut chunk = 0;
+    for (lo, hi) in [(0, y), (y + 1, classes)] {
+        let mut start = lo;
+        while start < hi {
+            let len = CHUNK.min(hi - start);
+            let f = T::Acc::exp_flushed((cache.chunk_max[chunk] - max) - log_sum);
+            chunk += 1;
+            // Below this e_j, p_j = e_j·f would be subnormal: it is 0. f = 0: every p_j is 0;
+            // a NaN f (a NaN row) reaches every p_j.
+            let e_floor = if f > zero {
+                e_min / f
+            } else if f == zero {
+                T::Acc::infinity()
+            } else {
+                zero
+            };
+            match x {
+                Some(x) => T::load_slice(&x[start..start + len], &mut xa[..len]),
+                None => T::load_slice(&out[start..start + len], &mut xa[..len]),
+            }
+            // Fixed-size copies, so that the loop below has no bounds checks and vectorizes.
+            let mut e = [zero; CHUNK];
+            e[..len].copy_from_slice(&cache.e[start..start + len]);
+            let mut u = [zero; CHUNK];
+            if H::CACHES_U {
+                u[..len].copy_from_slice(&cache.u[start..start + len]);
+            }
+            let mut w = [T::Acc::one(); CHUNK];
+            if let Some(weights) = weights {
+                w[..len].copy_from_slice(&weights[start..start + len]);
+            }
+            for i in 0..CHUNK {
+                let ui = if H::CACHES_U {
+                    u[i]
+                } else {
+                    transform.u(xa[i])
+                };
+                let ei = e[i];
+                // The product is formed from e_j raised to the floor, so that it is never
+                // subnormal even where it is discarded (a vectorized select computes both);
+                // a NaN e_j passes both tests and stays NaN.
+                let raised = if ei < e_floor { e_floor } else { ei };
+                let p = if ei < e_floor { zero } else { raised * f };
+                g[i] = (a * p + k * w[i]) * scale * transform.du(xa[i], ui);
+            }
+            T::store_slice(&g[..len], &mut out[start..start + len]);
+            start += len;
+        }
+    }
 }
 
 /// Calls `$body` with `$t` bound to the head's element transform, so the row loops are
@@ -293,7 +475,8 @@ macro_rules! with_transform {
 
 /// What a forward pass reads besides the rows' elements, prepared once per call.
 struct ForwardContext<'a, T: Element> {
-    rows: Rows<'a, T>,
+    rows: usize,
+    classes: usize,
     targets: Vec<Option<usize>>,
     scales: &'a [T::Acc],
     weights: Option<Vec<T::Acc>>,
@@ -305,24 +488,23 @@ struct ForwardContext<'a, T: Element> {
 }
 
 impl<'a, T: Element> ForwardContext<'a, T> {
+    /// For a \[rows, classes\] input with these targets and per-row scales.
     fn new(
         cfg: &MarginSoftmaxLoss,
-        x: (&'a CpuStorage, &Layout),
+        (rows, classes): (usize, usize),
         targets: (&CpuStorage, &Layout),
-        scale: (&'a CpuStorage, &Layout),
+        scales: &'a [T::Acc],
     ) -> Result<Self> {
-        let name = cfg.head.name();
-        let rows = Rows::<T>::new(x.0, x.1, name)?;
-        let classes = rows.classes;
         Ok(Self {
+            rows,
+            classes,
             targets: read_targets(targets.0, targets.1, cfg, classes)?,
-            scales: contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?,
+            scales,
             weights: read_weights::<T::Acc>(cfg),
             weighted_smoothing: weighted_smoothing(cfg),
             margin: Margin::new(&cfg.head, cfg.margin_grad),
             criterion: Criterion::new(cfg, classes),
             cap: SoftCap::new(cfg),
-            rows,
         })
     }
 
@@ -339,8 +521,15 @@ impl<'a, T: Element> ForwardContext<'a, T> {
         }
     }
 
-    /// Row i's statistics (see [`forward_row`]).
-    fn stats<H: Transform<T::Acc>>(&self, i: usize, transform: &H) -> [T::Acc; STAT_COLUMNS] {
+    /// Row i's statistics (see [`forward_row`]), reading the row from `row`.
+    #[inline(always)]
+    fn stats<H: Transform<T::Acc>>(
+        &self,
+        i: usize,
+        row: &[T],
+        transform: &H,
+        cache: Option<&mut RowCache<'_, T::Acc>>,
+    ) -> [T::Acc; STAT_COLUMNS] {
         let target = self.targets[i];
         let pass = RowPass {
             scale: self.scales[i],
@@ -349,12 +538,148 @@ impl<'a, T: Element> ForwardContext<'a, T> {
             weights: self.smoothing_weights(),
         };
         forward_row(
-            self.rows.row(i),
+            row,
             target,
             self.weight(target),
             &pass,
             &self.margin,
             &self.criterion,
+            cache,
+        )
+    }
+
+    /// Row i's statistics, and its gradient written into `out` (`x`: the row, or `None` when
+    /// `out` is the row itself, overwritten in place), the upstream factor folded in. Returns
+    /// (stats, dℓ/dr · upstream).
+    /// `scratch`: [`RowCache::scratch_len`] values.
+    #[inline(always)]
+    fn fused_row<H: Transform<T::Acc>>(
+        &self,
+        i: usize,
+        x: Option<&[T]>,
+        out: &mut [T],
+        transform: &H,
+        upstream: T::Acc,
+        scratch: &mut [T::Acc],
+    ) -> ([T::Acc; STAT_COLUMNS], T::Acc) {
+        let classes = out.len();
+        let target = self.targets[i];
+        let scale = self.scales[i];
+        let grad = |s: &[T::Acc; STAT_COLUMNS]| RowGrad {
+            max: s[1],
+            log_sum: s[2],
+            a: s[4] * upstream,
+            k: s[5] * upstream,
+            g_target: s[6] * upstream,
+            scale,
+        };
+        let (Some(y), None) = (target, self.cap) else {
+            // An ignored row, or soft-capping: the forward pass, then the recomputing backward
+            // (from a copy of the row when it is overwritten in place).
+            let copy;
+            let row = match x {
+                Some(x) => x,
+                None => {
+                    copy = out.to_vec();
+                    &copy[..]
+                }
+            };
+            let s = self.stats(i, row, transform, None);
+            backward_row(
+                row,
+                out,
+                target,
+                grad(&s),
+                transform,
+                &self.margin,
+                &self.cap,
+                self.smoothing_weights(),
+            );
+            return (s, s[7] * upstream);
+        };
+        {
+            let mut cache = RowCache::new::<H>(scratch, classes);
+            let row = x.unwrap_or(&*out);
+            let s = self.stats(i, row, transform, Some(&mut cache));
+            let g = grad(&s);
+            // The target's entry, read before the row may be overwritten.
+            let (_, _, dz_target) =
+                target_logit(row[y].load(), scale, transform, &self.margin, &None);
+            let target_grad = T::store(g.g_target * scale * dz_target);
+            backward_row_cached(x, out, y, g, transform, self.smoothing_weights(), &cache);
+            out[y] = target_grad;
+            (s, s[7] * upstream)
+        }
+    }
+}
+
+/// Row i's statistics.
+struct ForwardKernel<'c, 'a, T: Element, H> {
+    ctx: &'c ForwardContext<'a, T>,
+    row: &'c [T],
+    i: usize,
+    transform: &'c H,
+}
+
+impl<T: Element, H: Transform<T::Acc>> RowKernel for ForwardKernel<'_, '_, T, H> {
+    type Output = [T::Acc; STAT_COLUMNS];
+    #[inline(always)]
+    fn run(self) -> Self::Output {
+        self.ctx.stats(self.i, self.row, self.transform, None)
+    }
+}
+
+/// Row i's statistics and gradient (see [`ForwardContext::fused_row`]).
+struct FusedKernel<'c, 'a, T: Element, H> {
+    ctx: &'c ForwardContext<'a, T>,
+    i: usize,
+    x: Option<&'c [T]>,
+    out: &'c mut [T],
+    transform: &'c H,
+    upstream: T::Acc,
+    scratch: &'c mut [T::Acc],
+}
+
+impl<T: Element, H: Transform<T::Acc>> RowKernel for FusedKernel<'_, '_, T, H> {
+    type Output = ([T::Acc; STAT_COLUMNS], T::Acc);
+    #[inline(always)]
+    fn run(self) -> Self::Output {
+        self.ctx.fused_row(
+            self.i,
+            self.x,
+            self.out,
+            self.transform,
+            self.upstream,
+            self.scratch,
+        )
+    }
+}
+
+/// Row i's gradient from its row info (the autograd backward).
+struct BackwardKernel<'c, T: Element, H> {
+    row: &'c [T],
+    out: &'c mut [T],
+    target: Option<usize>,
+    grad: RowGrad<T::Acc>,
+    transform: &'c H,
+    margin: &'c Margin<T::Acc>,
+    cap: &'c Option<SoftCap<T::Acc>>,
+    weights: Option<&'c [T::Acc]>,
+}
+
+impl<T: Element, H: Transform<T::Acc>> RowKernel for BackwardKernel<'_, T, H> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        backward_row(
+            self.row,
+            self.out,
+            self.target,
+            self.grad,
+            self.transform,
+            self.margin,
+            self.cap,
+            self.weights,
         )
     }
 }
@@ -375,13 +700,26 @@ fn forward_typed<T: Element>(
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
 ) -> Result<CpuStorage> {
-    let ctx = ForwardContext::<T>::new(cfg, x, targets, scale)?;
-    let mut stats = vec![T::Acc::zero(); ctx.rows.rows * STAT_COLUMNS];
+    let name = cfg.head.name();
+    let rows = Rows::<T>::new(x.0, x.1, name)?;
+    let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+    let ctx = ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales)?;
+    let simd = Dispatch::current();
+    let mut stats = vec![T::Acc::zero(); rows.rows * STAT_COLUMNS];
     with_transform!(cfg.head, T::Acc, |transform| {
         stats
             .par_chunks_mut(STAT_COLUMNS)
+            .with_min_len(rows_per_task(rows.classes))
             .enumerate()
-            .for_each(|(i, out)| out.copy_from_slice(&ctx.stats(i, &transform)))
+            .for_each(|(i, out)| {
+                let kernel = ForwardKernel {
+                    ctx: &ctx,
+                    row: rows.row(i),
+                    i,
+                    transform: &transform,
+                };
+                out.copy_from_slice(&simd.run(kernel))
+            })
     });
     Ok(T::Acc::to_cpu_storage_owned(stats))
 }
@@ -418,22 +756,24 @@ fn backward_typed<T: Element>(
     } else {
         None
     };
+    let simd = Dispatch::current();
     let mut grad = vec![T::store(T::Acc::zero()); rows.rows * rows.classes];
     with_transform!(cfg.head, T::Acc, |transform| {
         grad.par_chunks_mut(rows.classes)
+            .with_min_len(rows_per_task(rows.classes))
             .enumerate()
             .for_each(|(i, out)| {
-                let info = &info[i * ROWINFO_COLUMNS..(i + 1) * ROWINFO_COLUMNS];
-                backward_row(
-                    rows.row(i),
+                let kernel = BackwardKernel {
+                    row: rows.row(i),
                     out,
-                    targets[i],
-                    info,
-                    &transform,
-                    &margin,
-                    &cap,
-                    weights.as_deref(),
-                );
+                    target: targets[i],
+                    grad: RowGrad::of(&info[i * ROWINFO_COLUMNS..(i + 1) * ROWINFO_COLUMNS]),
+                    transform: &transform,
+                    margin: &margin,
+                    cap: &cap,
+                    weights: weights.as_deref(),
+                };
+                simd.run(kernel)
             })
     });
     Ok(T::to_cpu_storage_owned(grad))
@@ -463,47 +803,117 @@ fn forward_backward_typed<T: Element>(
     scale: (&CpuStorage, &Layout),
     mean: bool,
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
-    let ctx = ForwardContext::<T>::new(cfg, x, targets, scale)?;
-    let (rows, classes) = (ctx.rows.rows, ctx.rows.classes);
-    let upstream = upstream_factor(&ctx.targets, &ctx.weights, mean);
-    let mut stats = vec![T::Acc::zero(); rows * STAT_COLUMNS];
-    let mut grad = vec![T::store(T::Acc::zero()); rows * classes];
-    let mut grad_scale = vec![T::Acc::zero(); rows];
-    with_transform!(cfg.head, T::Acc, |transform| {
-        stats
-            .par_chunks_mut(STAT_COLUMNS)
-            .zip(grad.par_chunks_mut(classes))
-            .zip(grad_scale.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, ((stat, out), d_scale))| {
-                let s = ctx.stats(i, &transform);
-                stat.copy_from_slice(&s);
-                let [_, max, log_sum, _, a, k, g_target, ds] = s;
-                let scale = ctx.scales[i];
-                let info = [
-                    max,
-                    log_sum,
-                    a * upstream,
-                    k * upstream,
-                    g_target * upstream,
-                    scale,
-                ];
-                backward_row(
-                    ctx.rows.row(i),
-                    out,
-                    ctx.targets[i],
-                    &info,
-                    &transform,
-                    &ctx.margin,
-                    &ctx.cap,
-                    ctx.smoothing_weights(),
-                );
-                *d_scale = ds * upstream;
-            })
-    });
+    let name = cfg.head.name();
+    let rows = Rows::<T>::new(x.0, x.1, name)?;
+    let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+    let ctx = ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales)?;
+    let mut grad = vec![T::store(T::Acc::zero()); rows.rows * rows.classes];
+    let (stats, grad_scale) = fused_rows(cfg, &ctx, FusedInput::Rows(&rows), &mut grad, mean);
     Ok((
         T::Acc::to_cpu_storage_owned(stats),
         T::to_cpu_storage_owned(grad),
         T::Acc::to_cpu_storage_owned(grad_scale),
     ))
+}
+
+/// The fused op writing the gradient into the caller's buffer `grad` (contiguous \[B, C\], the
+/// input's dtype), reading the rows from `input`, or with `None` from `grad` itself, which then
+/// holds the input and is overwritten (in place). The head's fixed scale. Returns the stats.
+pub(crate) fn forward_backward_into(
+    cfg: &MarginSoftmaxLoss,
+    grad: (&mut CpuStorage, &Layout),
+    input: Option<(&CpuStorage, &Layout)>,
+    targets: (&CpuStorage, &Layout),
+    mean: bool,
+) -> Result<CpuStorage> {
+    with_element!(
+        grad.0,
+        cfg.head.name(),
+        forward_backward_into_typed(cfg, grad, input, targets, mean)
+    )
+}
+
+fn forward_backward_into_typed<T: Element + HostElement>(
+    cfg: &MarginSoftmaxLoss,
+    grad: (&mut CpuStorage, &Layout),
+    input: Option<(&CpuStorage, &Layout)>,
+    targets: (&CpuStorage, &Layout),
+    mean: bool,
+) -> Result<CpuStorage> {
+    let name = cfg.head.name();
+    let (rows, classes) = grad.1.shape().dims2()?;
+    let scales = vec![T::Acc::of(cfg.head.scale()); rows];
+    let ctx = ForwardContext::<T>::new(cfg, (rows, classes), targets, &scales)?;
+    let out = contiguous_mut::<T>(grad.0, grad.1, "gradient buffer", name)?;
+    let (stats, _) = match input {
+        Some((storage, layout)) => {
+            let rows = Rows::<T>::new(storage, layout, name)?;
+            fused_rows(cfg, &ctx, FusedInput::Rows(&rows), out, mean)
+        }
+        None => fused_rows(cfg, &ctx, FusedInput::InPlace, out, mean),
+    };
+    Ok(T::Acc::to_cpu_storage_owned(stats))
+}
+
+/// Where the fused rows read their input: the context's rows, or the gradient buffer itself
+/// (overwritten in place).
+#[derive(Clone, Copy)]
+enum FusedInput<'c, 'a, T> {
+    Rows(&'c Rows<'a, T>),
+    InPlace,
+}
+
+/// [`RowCache::scratch_len`] for this transform.
+fn scratch_len_of<A: Acc, H: Transform<A>>(_: &H, classes: usize) -> usize {
+    RowCache::<A>::scratch_len::<H>(classes)
+}
+
+/// Runs the fused row kernel on every row, writing the gradient into `grad` (\[B, C\],
+/// contiguous); returns (stats, d(loss)/d(row scale)).
+fn fused_rows<T: Element>(
+    cfg: &MarginSoftmaxLoss,
+    ctx: &ForwardContext<'_, T>,
+    input: FusedInput<'_, '_, T>,
+    grad: &mut [T],
+    mean: bool,
+) -> (Vec<T::Acc>, Vec<T::Acc>) {
+    let (rows, classes) = (ctx.rows, ctx.classes);
+    let upstream = upstream_factor(&ctx.targets, &ctx.weights, mean);
+    let simd = Dispatch::current();
+    let mut stats = vec![T::Acc::zero(); rows * STAT_COLUMNS];
+    let mut grad_scale = vec![T::Acc::zero(); rows];
+    if classes == 0 {
+        return (stats, grad_scale);
+    }
+    with_transform!(cfg.head, T::Acc, |transform| {
+        let scratch_len = scratch_len_of::<T::Acc, _>(&transform, classes);
+        stats
+            .par_chunks_mut(STAT_COLUMNS)
+            .zip(grad.par_chunks_mut(classes))
+            .zip(grad_scale.par_iter_mut())
+            .with_min_len(rows_per_task(classes))
+            .enumerate()
+            .for_each(|(i, ((stat, out), d_scale))| {
+                let x = match input {
+                    FusedInput::Rows(rows) => Some(rows.row(i)),
+                    FusedInput::InPlace => None,
+                };
+                // The scratch is taken here, outside `simd.run`: code in a closure handed to
+                // `with_scratch` would not be compiled with the level's features.
+                let (s, ds) = T::Acc::with_scratch(scratch_len, |scratch| {
+                    simd.run(FusedKernel {
+                        ctx,
+                        i,
+                        x,
+                        out,
+                        transform: &transform,
+                        upstream,
+                        scratch,
+                    })
+                });
+                stat.copy_from_slice(&s);
+                *d_scale = ds;
+            })
+    });
+    (stats, grad_scale)
 }

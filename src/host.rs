@@ -39,6 +39,48 @@ impl<'a, T: WithDType> Rows<'a, T> {
     }
 }
 
+/// Mutable access to CPU storage of a known element type.
+pub(crate) trait HostElement: WithDType {
+    fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]>;
+}
+
+macro_rules! host_element {
+    ($t:ty, $variant:ident) => {
+        impl HostElement for $t {
+            fn slice_mut(storage: &mut CpuStorage) -> Option<&mut [Self]> {
+                match storage {
+                    CpuStorage::$variant(v) => Some(&mut v[..]),
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+host_element!(f32, F32);
+host_element!(f64, F64);
+host_element!(half::f16, F16);
+host_element!(half::bf16, BF16);
+
+/// The elements of a contiguous tensor's storage, writable.
+pub(crate) fn contiguous_mut<'a, T: HostElement>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+    what: &str,
+    name: &str,
+) -> Result<&'a mut [T]> {
+    let dtype = storage.dtype();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        bail!("{OP_NAME}({name}): {what} must be contiguous")
+    };
+    match T::slice_mut(storage) {
+        Some(v) => Ok(&mut v[start..end]),
+        None => bail!(
+            "{OP_NAME}({name}): {what} has dtype {dtype:?}, expected {:?}",
+            T::DTYPE
+        ),
+    }
+}
+
 /// A contiguous 1-D or 2-D tensor's elements.
 pub(crate) fn contiguous<'a, T: WithDType>(
     storage: &'a CpuStorage,

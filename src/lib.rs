@@ -42,9 +42,12 @@ mod math;
 mod op;
 mod prepare;
 pub mod reference;
+mod simd;
 
 #[cfg(feature = "kernel-emu")]
 pub use emu::kernel_emu;
+
+pub use simd::{SimdLevel, with_simd_level};
 
 pub use config::{
     ClassWeights, EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, Reduction,

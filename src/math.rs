@@ -33,6 +33,11 @@ pub(crate) trait Acc:
     const EXP_SUBNORMAL_BELOW: Self;
     fn of(v: f64) -> Self;
 
+    /// Calls `f` with a scratch slice of `len` values (contents unspecified), reused across
+    /// calls on this thread so that the CPU rows do not allocate (nor page-fault) per row.
+    /// Slices over [`SCRATCH_KEEP_MAX`] values are allocated for the call and freed after it.
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [Self]) -> R) -> R;
+
     /// exp(d) for d ≤ 0 in a sum or a probability whose other terms are ≥ 1 or whose result is
     /// rounded: flushes subnormal results to 0, which changes nothing there but avoids the
     /// CPU's slow subnormal arithmetic (scaled logits reach e^(−2s), far below e^(−87)).
@@ -54,10 +59,43 @@ pub(crate) fn times_nonzero<A: Acc>(c: A, v: A) -> A {
     if c == A::zero() { A::zero() } else { c * v }
 }
 
+/// The largest scratch (in values) a thread keeps between calls: 2²² (16 MiB of f32 per
+/// thread); the fused CPU path needs about 2·C per row.
+pub(crate) const SCRATCH_KEEP_MAX: usize = 1 << 22;
+
+macro_rules! thread_scratch {
+    ($t:ty, $name:ident, $with:ident) => {
+        thread_local! {
+            static $name: std::cell::RefCell<Vec<$t>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        fn $with<R>(len: usize, f: impl FnOnce(&mut [$t]) -> R) -> R {
+                if len > SCRATCH_KEEP_MAX {
+                    return f(&mut vec![0.0; len]);
+                }
+                $name.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut buf) => {
+                        if buf.len() < len {
+                            buf.resize(len, 0.0);
+                        }
+                        f(&mut buf[..len])
+                    }
+                    // Re-entered on this thread (not done by the crate): a fresh buffer.
+                    Err(_) => f(&mut vec![0.0; len]),
+                })
+        }
+    };
+}
+
+thread_scratch!(f32, SCRATCH_F32, with_scratch_f32);
+thread_scratch!(f64, SCRATCH_F64, with_scratch_f64);
+
 impl Acc for f32 {
     const EXP_SUBNORMAL_BELOW: f32 = -87.0;
     fn of(v: f64) -> Self {
         v as f32
+    }
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        with_scratch_f32(len, f)
     }
 
     /// A branch-free exp that LLVM can inline and vectorize (libm's `expf` is an opaque call):
@@ -94,6 +132,9 @@ impl Acc for f64 {
     fn of(v: f64) -> Self {
         v
     }
+    fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f64]) -> R) -> R {
+        with_scratch_f64(len, f)
+    }
 }
 
 /// An input element type and the accumulation type it is computed in.
@@ -101,13 +142,30 @@ pub(crate) trait Element: WithDType + Copy + Send + Sync + 'static {
     type Acc: Acc;
     fn load(self) -> Self::Acc;
     fn store(v: Self::Acc) -> Self;
+    /// `dst[i] = src[i].load()`, for equal lengths: the row kernels convert a chunk at a time so
+    /// that the conversion vectorizes (the `half` crate's slice conversions use F16C for f16).
+    #[inline(always)]
+    fn load_slice(src: &[Self], dst: &mut [Self::Acc]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s.load();
+        }
+    }
+    /// `dst[i] = Self::store(src[i])`, for equal lengths.
+    #[inline(always)]
+    fn store_slice(src: &[Self::Acc], dst: &mut [Self]) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = Self::store(s);
+        }
+    }
 }
 
 impl Element for f32 {
     type Acc = f32;
+    #[inline(always)]
     fn load(self) -> f32 {
         self
     }
+    #[inline(always)]
     fn store(v: f32) -> Self {
         v
     }
@@ -115,9 +173,11 @@ impl Element for f32 {
 
 impl Element for f64 {
     type Acc = f64;
+    #[inline(always)]
     fn load(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn store(v: f64) -> Self {
         v
     }
@@ -131,13 +191,25 @@ impl Element for f16 {
     fn store(v: f32) -> Self {
         f16::from_f32(v)
     }
+    #[inline(always)]
+    fn load_slice(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(dst);
+    }
+    #[inline(always)]
+    fn store_slice(src: &[f32], dst: &mut [Self]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
 }
 
 impl Element for bf16 {
     type Acc = f32;
+    #[inline(always)]
     fn load(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn store(v: f32) -> Self {
         bf16::from_f32(v)
     }
@@ -167,6 +239,9 @@ fn inside<A: Acc>(x: A, lo: A, hi: A) -> A {
 /// The per-element transform x → u of the non-target entries; monomorphized per head family so
 /// the row loops carry no branch on the head.
 pub(crate) trait Transform<A: Acc>: Copy + Send + Sync {
+    /// Whether the fused CPU path keeps u_j from the forward pass for the gradient, rather than
+    /// recomputing it: where u costs an exp (RBF).
+    const CACHES_U: bool = false;
     fn u(&self, x: A) -> A;
     /// du/dx, given x and u = self.u(x).
     fn du(&self, x: A, u: A) -> A;
@@ -209,6 +284,7 @@ pub(crate) struct RbfKernel<A> {
 }
 
 impl<A: Acc> Transform<A> for RbfKernel<A> {
+    const CACHES_U: bool = true;
     #[inline(always)]
     fn u(&self, x: A) -> A {
         let d2 = if x < A::zero() { A::zero() } else { x };

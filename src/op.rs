@@ -15,7 +15,9 @@
 //! [`crate::kernel_emu::emulated`], the CUDA kernels under the emulator (`src/emu.rs`).
 
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp3, InplaceOp2, InplaceOp3, Layout, Result, Shape, Storage, Tensor, bail,
+};
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
 use crate::cpu;
@@ -260,5 +262,106 @@ pub(crate) fn forward_backward(
         tensor(stats, (rows, STAT_COLUMNS)),
         tensor(grad, (rows, classes)),
         tensor(grad_scale, (rows, 1)).squeeze(1)?,
+    ))
+}
+
+/// The fused op writing the gradient into a caller's buffer (the destination of candle's
+/// in-place op), reading the input from a second tensor (`srcs` = [input, targets]) or, in
+/// place, from the buffer itself (`srcs` = [targets]). The per-row statistics come back through
+/// `stats`, since an in-place op returns nothing. CPU only: [`crate::MarginSoftmaxLoss`]'s
+/// entry points copy the gradient into the buffer on other devices.
+struct MarginSoftmaxInto {
+    cfg: MarginSoftmaxLoss,
+    mean: bool,
+    stats: std::sync::Mutex<Option<CpuStorage>>,
+}
+
+impl MarginSoftmaxInto {
+    fn keep(&self, stats: CpuStorage) {
+        *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+    }
+}
+
+impl InplaceOp3 for MarginSoftmaxInto {
+    fn name(&self) -> &'static str {
+        OP_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &mut CpuStorage,
+        grad_layout: &Layout,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        targets: &CpuStorage,
+        targets_layout: &Layout,
+    ) -> Result<()> {
+        let stats = cpu::forward_backward_into(
+            &self.cfg,
+            (grad, grad_layout),
+            Some((input, input_layout)),
+            (targets, targets_layout),
+            self.mean,
+        )?;
+        self.keep(stats);
+        Ok(())
+    }
+}
+
+impl InplaceOp2 for MarginSoftmaxInto {
+    fn name(&self) -> &'static str {
+        OP_NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &mut CpuStorage,
+        input_layout: &Layout,
+        targets: &CpuStorage,
+        targets_layout: &Layout,
+    ) -> Result<()> {
+        let stats = cpu::forward_backward_into(
+            &self.cfg,
+            (input, input_layout),
+            None,
+            (targets, targets_layout),
+            self.mean,
+        )?;
+        self.keep(stats);
+        Ok(())
+    }
+}
+
+/// The per-row statistics of the fused op, writing d(loss)/d(input) into `grad` (contiguous, the
+/// input's shape and dtype, on the CPU) for the configured reduction; with `grad = None` the
+/// input itself is overwritten with its gradient. The head's fixed scale.
+pub(crate) fn forward_backward_into(
+    cfg: &MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    grad: Option<&Tensor>,
+) -> Result<Tensor> {
+    let rows = input.dim(0)?;
+    let op = MarginSoftmaxInto {
+        cfg: cfg.clone(),
+        mean: cfg.reduction == Reduction::Mean,
+        stats: std::sync::Mutex::new(None),
+    };
+    match grad {
+        Some(grad) => grad.inplace_op3(input, targets, &op)?,
+        None => input.inplace_op2(targets, &op)?,
+    }
+    let stats = op.stats.into_inner().unwrap_or_else(|e| e.into_inner());
+    let Some(stats) = stats else {
+        bail!(
+            "{OP_NAME}({}): internal error: the in-place op produced no statistics",
+            cfg.head.name()
+        )
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cpu(stats),
+        (rows, STAT_COLUMNS),
+        BackpropOp::none(),
+        false,
     ))
 }

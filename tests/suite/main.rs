@@ -4,6 +4,7 @@
 //! `cuda` feature, through the emulated kernels with `kernel-emu`) reuses them.
 
 mod common;
+mod dispatch;
 mod edge;
 mod errors;
 mod finite_diff;
