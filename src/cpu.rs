@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, Layout, Result, WithDType};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
+use crate::alloc::zeroed_buffer;
 use crate::config::{Head, MarginSoftmaxLoss};
 use crate::host::{HostElement, Rows, contiguous, contiguous_mut, read_targets, with_element};
 use crate::math::{
@@ -757,7 +758,7 @@ fn backward_typed<T: Element>(
         None
     };
     let simd = Dispatch::current();
-    let mut grad = vec![T::store(T::Acc::zero()); rows.rows * rows.classes];
+    let mut grad = zeroed_buffer::<T>(rows.rows * rows.classes);
     with_transform!(cfg.head, T::Acc, |transform| {
         grad.par_chunks_mut(rows.classes)
             .with_min_len(rows_per_task(rows.classes))
@@ -807,7 +808,7 @@ fn forward_backward_typed<T: Element>(
     let rows = Rows::<T>::new(x.0, x.1, name)?;
     let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
     let ctx = ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales)?;
-    let mut grad = vec![T::store(T::Acc::zero()); rows.rows * rows.classes];
+    let mut grad = zeroed_buffer::<T>(rows.rows * rows.classes);
     let (stats, grad_scale) = fused_rows(cfg, &ctx, FusedInput::Rows(&rows), &mut grad, mean);
     Ok((
         T::Acc::to_cpu_storage_owned(stats),

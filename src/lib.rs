@@ -24,6 +24,7 @@
 //! See [`Head`] for the heads and [`MarginSoftmaxLoss`] for the options; [`reference`](mod@reference) holds the
 //! same losses composed from plain candle ops.
 
+mod alloc;
 mod config;
 mod cpu;
 #[cfg(feature = "cuda")]

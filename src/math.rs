@@ -142,6 +142,8 @@ pub(crate) trait Element: WithDType + Copy + Send + Sync + 'static {
     type Acc: Acc;
     fn load(self) -> Self::Acc;
     fn store(v: Self::Acc) -> Self;
+    /// `n` zeros from zeroed memory (`calloc`: the pages stay untouched until written).
+    fn zeroed_vec(n: usize) -> Vec<Self>;
     /// `dst[i] = src[i].load()`, for equal lengths: the row kernels convert a chunk at a time so
     /// that the conversion vectorizes (the `half` crate's slice conversions use F16C for f16).
     #[inline(always)]
@@ -161,6 +163,9 @@ pub(crate) trait Element: WithDType + Copy + Send + Sync + 'static {
 
 impl Element for f32 {
     type Acc = f32;
+    fn zeroed_vec(n: usize) -> Vec<Self> {
+        vec![0.0; n]
+    }
     #[inline(always)]
     fn load(self) -> f32 {
         self
@@ -173,6 +178,9 @@ impl Element for f32 {
 
 impl Element for f64 {
     type Acc = f64;
+    fn zeroed_vec(n: usize) -> Vec<Self> {
+        vec![0.0; n]
+    }
     #[inline(always)]
     fn load(self) -> f64 {
         self
@@ -185,6 +193,9 @@ impl Element for f64 {
 
 impl Element for f16 {
     type Acc = f32;
+    fn zeroed_vec(n: usize) -> Vec<Self> {
+        bytemuck::allocation::cast_vec(vec![0u16; n])
+    }
     fn load(self) -> f32 {
         self.to_f32()
     }
@@ -205,6 +216,9 @@ impl Element for f16 {
 
 impl Element for bf16 {
     type Acc = f32;
+    fn zeroed_vec(n: usize) -> Vec<Self> {
+        bytemuck::allocation::cast_vec(vec![0u16; n])
+    }
     #[inline(always)]
     fn load(self) -> f32 {
         self.to_f32()
