@@ -7,7 +7,8 @@
 //! and the spread (25th–75th percentile) per level, and the ratio scalar / level.
 //!
 //! Arguments after `--`: words filter the cases as in `cpu_summary` (`1024x32000`, `bf16`,
-//! `rbf`); `--cycles N` (default 15).
+//! `rbf`); `--cycles N` (default 15); `--pass NAME` runs one pass only (`loss`, `loss_and_grad`,
+//! `into_buffer`, `autograd`); `--level NAME` one level only (`Scalar`, `Avx2`, ...; for profiles).
 
 mod common;
 
@@ -26,17 +27,24 @@ fn quartiles(mut v: Vec<f64>) -> (f64, f64, f64) {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut cycles = 15;
+    let mut only_pass = None;
+    let mut only_level = None;
     let mut words = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--cycles" => cycles = it.next().and_then(|n| n.parse().ok()).unwrap_or(cycles),
+            "--pass" => only_pass = it.next().cloned(),
+            "--level" => only_level = it.next().cloned(),
             "--bench" => {}
             w if !w.starts_with('-') => words.push(w.to_string()),
             _ => {}
         }
     }
-    let levels = SimdLevel::available();
+    let levels: Vec<SimdLevel> = SimdLevel::available()
+        .into_iter()
+        .filter(|l| only_level.as_ref().is_none_or(|o| *o == format!("{l:?}")))
+        .collect();
     println!("levels: {levels:?}, {cycles} cycles, medians in ms [25th, 75th percentile]");
     println!(
         "{:<11} {:<5} {:<8} {:<14} {}",
@@ -65,7 +73,7 @@ fn main() -> Result<()> {
                 let p = problem(kind, shape, dtype)?;
                 let buffer = p.input.zeros_like()?;
                 type Step<'a> = Box<dyn Fn() -> Result<()> + 'a>;
-                let passes: [(&str, Step); 3] = [
+                let passes: [(&str, Step); 4] = [
                     (
                         "loss",
                         Box::new(|| {
@@ -81,6 +89,14 @@ fn main() -> Result<()> {
                         }),
                     ),
                     (
+                        "autograd",
+                        Box::new(|| {
+                            let loss = cfg.loss(p.var.as_tensor(), &p.targets)?;
+                            std::hint::black_box(loss.backward()?);
+                            Ok(())
+                        }),
+                    ),
+                    (
                         "into_buffer",
                         Box::new(|| {
                             let loss: Tensor =
@@ -91,6 +107,9 @@ fn main() -> Result<()> {
                     ),
                 ];
                 for (name, step) in &passes {
+                    if only_pass.as_ref().is_some_and(|p| p != name) {
+                        continue;
+                    }
                     let mut times = vec![Vec::new(); levels.len()];
                     for cycle in 0..=cycles {
                         for (l, &level) in levels.iter().enumerate() {
@@ -103,6 +122,7 @@ fn main() -> Result<()> {
                         }
                     }
                     let stats: Vec<_> = times.into_iter().map(quartiles).collect();
+                    // The first level shown (Scalar unless --level) is the ratios' base.
                     let scalar = stats[0].1;
                     let cells: String = stats
                         .iter()

@@ -142,12 +142,15 @@ def main():
     ap.add_argument("--cases", default="", help="comma-separated words filtering 'BxC dtype head'")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--pause-ms", type=float, default=2.0,
+                    help="busy wait before each timed step (see pause())")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     words = [w for w in args.cases.split(",") if w]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"numpy {np.__version__}, python {sys.version.split()[0]}, cycles {args.cycles}")
+          f"numpy {np.__version__}, python {sys.version.split()[0]}, cycles {args.cycles}, "
+          f"pause {args.pause_ms} ms")
     peer = Peer(args.threads)
     tmp = tempfile.mkdtemp()
     rows = []
@@ -195,10 +198,15 @@ def main():
                 "exp": lambda: torch.exp(x, out=floor_out),
             }
             times = {k: [] for k in ["lag", "into", "autograd", *providers, *floors]}
-            # Before each timed step a pause, so that the other side's idle worker threads
+            # Before each timed step a busy pause, so that the other side's idle worker threads
             # (PyTorch's OpenMP threads spin for a while after a parallel region, rayon's too)
-            # have gone to sleep and do not take a core from the step being timed.
-            pause = lambda: time.sleep(0.02)
+            # stop spinning and do not take a core from the step being timed. Busy, not
+            # sleeping: on this VM a sleep lets the vCPUs halt, and waking them costs the next
+            # step milliseconds (PyTorch's multi-threaded small steps most: 2 ms became 6 ms).
+            def pause():
+                end = time.perf_counter() + args.pause_ms / 1e3
+                while time.perf_counter() < end:
+                    pass
             for cycle in range(args.cycles + 1):
                 for mode in ["lag", "into", "autograd"]:
                     pause()

@@ -121,15 +121,16 @@ impl<A: Acc> Online<A> {
         mut cache: Option<&mut RowCache<'_, A>>,
     ) {
         let scale = pass.scale;
+        let transform = *pass.transform;
         let mut x = [A::zero(); CHUNK];
         let mut v = [A::zero(); CHUNK];
         let mut z = [A::zero(); CHUNK];
         let mut w = [A::one(); CHUNK];
         for (c, chunk) in xs.chunks(CHUNK).enumerate() {
             let start = first + c * CHUNK;
-            T::load_slice(chunk, &mut x[..chunk.len()]);
+            T::load_chunk(chunk, &mut x);
             for i in 0..CHUNK {
-                v[i] = pass.transform.u(x[i]);
+                v[i] = transform.u(x[i]);
                 z[i] = scale * v[i];
             }
             if let Some(cache) = cache.as_deref_mut()
@@ -179,30 +180,28 @@ impl<A: Acc> Online<A> {
                 cache.chunk_max[cache.chunks] = max;
                 cache.chunks += 1;
             }
+            // e·v and w·v per entry in loops of their own, where the select of times_nonzero
+            // vectorizes; then plain sums in LANES independent partial sums.
+            let mut ev = [A::zero(); CHUNK];
+            for i in 0..CHUNK {
+                // A masked logit: e = 0 and v = −∞ must add 0, not NaN.
+                ev[i] = times_nonzero(e[i], v[i]);
+            }
+            let mut wv = v;
+            if pass.weights.is_some() {
+                for i in 0..CHUNK {
+                    // A zero weight adds 0, also for a masked logit.
+                    wv[i] = times_nonzero(w[i], v[i]);
+                }
+            }
             let mut sum_exp = [A::zero(); LANES];
             let mut sum_exp_v = [A::zero(); LANES];
             let mut sum_wv = [A::zero(); LANES];
-            if pass.weights.is_none() {
-                for (eb, vb) in e.chunks_exact(LANES).zip(v.chunks_exact(LANES)) {
-                    for l in 0..LANES {
-                        sum_exp[l] += eb[l];
-                        // A masked logit: e = 0 and v = −∞ must add 0, not NaN.
-                        sum_exp_v[l] += times_nonzero(eb[l], vb[l]);
-                        sum_wv[l] += vb[l];
-                    }
-                }
-            } else {
-                for ((eb, vb), wb) in e
-                    .chunks_exact(LANES)
-                    .zip(v.chunks_exact(LANES))
-                    .zip(w.chunks_exact(LANES))
-                {
-                    for l in 0..LANES {
-                        sum_exp[l] += eb[l];
-                        sum_exp_v[l] += times_nonzero(eb[l], vb[l]);
-                        // A zero weight adds 0, also for a masked logit.
-                        sum_wv[l] += times_nonzero(wb[l], vb[l]);
-                    }
+            for b in 0..CHUNK / LANES {
+                for l in 0..LANES {
+                    sum_exp[l] += e[b * LANES + l];
+                    sum_exp_v[l] += ev[b * LANES + l];
+                    sum_wv[l] += wv[b * LANES + l];
                 }
             }
             let total = |lanes: [A; LANES]| lanes.iter().fold(A::zero(), |acc, &v| acc + v);
@@ -337,11 +336,12 @@ fn backward_row<T: Element, H: Transform<T::Acc>>(
         g_target,
         scale,
     } = grad;
+    let transform = *transform;
     let mut x = [T::Acc::zero(); CHUNK];
     let mut g = [T::Acc::zero(); CHUNK];
     for (c, (xs, os)) in row.chunks(CHUNK).zip(out.chunks_mut(CHUNK)).enumerate() {
         let len = xs.len();
-        T::load_slice(xs, &mut x[..len]);
+        T::load_chunk(xs, &mut x);
         match (cap, weights) {
             (None, None) => {
                 for i in 0..CHUNK {
@@ -363,9 +363,9 @@ fn backward_row<T: Element, H: Transform<T::Acc>>(
                 }
             }
         }
-        T::store_slice(&g[..len], os);
+        T::store_chunk(&g, os);
     }
-    let (_, _, dz_target) = target_logit(row[y].load(), scale, transform, margin, cap);
+    let (_, _, dz_target) = target_logit(row[y].load(), scale, &transform, margin, cap);
     out[y] = T::store(g_target * scale * dz_target);
 }
 
@@ -395,6 +395,9 @@ fn backward_row_cached<T: Element, H: Transform<T::Acc>>(
         scale,
         ..
     } = grad;
+    // A local copy: read through the reference, its fields are reloaded in the loop, which
+    // then stays scalar.
+    let transform = *transform;
     let zero = T::Acc::zero();
     let e_min = T::Acc::EXP_SUBNORMAL_BELOW.exp();
     let classes = out.len();
@@ -417,8 +420,8 @@ fn backward_row_cached<T: Element, H: Transform<T::Acc>>(
                 zero
             };
             match x {
-                Some(x) => T::load_slice(&x[start..start + len], &mut xa[..len]),
-                None => T::load_slice(&out[start..start + len], &mut xa[..len]),
+                Some(x) => T::load_chunk(&x[start..start + len], &mut xa),
+                None => T::load_chunk(&out[start..start + len], &mut xa),
             }
             // Fixed-size copies, so that the loop below has no bounds checks and vectorizes.
             let mut e = [zero; CHUNK];
@@ -445,7 +448,7 @@ fn backward_row_cached<T: Element, H: Transform<T::Acc>>(
                 let p = if ei < e_floor { zero } else { raised * f };
                 g[i] = (a * p + k * w[i]) * scale * transform.du(xa[i], ui);
             }
-            T::store_slice(&g[..len], &mut out[start..start + len]);
+            T::store_chunk(&g, &mut out[start..start + len]);
             start += len;
         }
     }

@@ -152,6 +152,34 @@ pub(crate) trait Element: WithDType + Copy + Send + Sync + 'static {
             *d = s.load();
         }
     }
+    /// `dst[..src.len()]` from `src` (at most N entries): a full chunk in a loop of known length,
+    /// which compiles to vector moves rather than a `memcpy` call per chunk.
+    #[inline(always)]
+    fn load_chunk<const N: usize>(src: &[Self], dst: &mut [Self::Acc; N]) {
+        match <&[Self; N]>::try_from(src) {
+            Ok(full) => {
+                for i in 0..N {
+                    dst[i] = full[i].load();
+                }
+            }
+            Err(_) => Self::load_slice(src, &mut dst[..src.len()]),
+        }
+    }
+    /// `dst` from `src[..dst.len()]` (at most N entries), as [`Element::load_chunk`].
+    #[inline(always)]
+    fn store_chunk<const N: usize>(src: &[Self::Acc; N], dst: &mut [Self]) {
+        match <&mut [Self; N]>::try_from(&mut *dst) {
+            Ok(full) => {
+                for i in 0..N {
+                    full[i] = Self::store(src[i]);
+                }
+            }
+            Err(_) => {
+                let n = dst.len();
+                Self::store_slice(&src[..n], dst)
+            }
+        }
+    }
     /// `dst[i] = Self::store(src[i])`, for equal lengths.
     #[inline(always)]
     fn store_slice(src: &[Self::Acc], dst: &mut [Self]) {
@@ -211,6 +239,15 @@ impl Element for f16 {
     fn store_slice(src: &[f32], dst: &mut [Self]) {
         use half::slice::HalfFloatSliceExt;
         dst.convert_from_f32_slice(src);
+    }
+    #[inline(always)]
+    fn load_chunk<const N: usize>(src: &[Self], dst: &mut [f32; N]) {
+        Self::load_slice(src, &mut dst[..src.len()])
+    }
+    #[inline(always)]
+    fn store_chunk<const N: usize>(src: &[f32; N], dst: &mut [Self]) {
+        let n = dst.len();
+        Self::store_slice(&src[..n], dst)
     }
 }
 
@@ -306,11 +343,9 @@ impl<A: Acc> Transform<A> for RbfKernel<A> {
     }
     #[inline(always)]
     fn du(&self, x: A, u: A) -> A {
-        if x >= A::zero() {
-            u * self.neg_inv_gamma
-        } else {
-            A::zero()
-        }
+        // The product first, then a select: a branch would keep the row loops scalar.
+        let d = u * self.neg_inv_gamma;
+        if x >= A::zero() { d } else { A::zero() }
     }
 }
 
