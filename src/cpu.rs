@@ -59,6 +59,9 @@ struct Online<A> {
 /// optional soft-capping and, where the smoothing term reads them, the class weights.
 struct RowPass<'a, A, H> {
     scale: A,
+    /// Whether dℓ/dr is wanted (a per-row scale that takes a gradient): only then is
+    /// Σ exp(z_j − max)·v_j accumulated.
+    scale_grad: bool,
     transform: &'a H,
     cap: Option<SoftCap<A>>,
     weights: Option<&'a [A]>,
@@ -183,9 +186,11 @@ impl<A: Acc> Online<A> {
             // e·v and w·v per entry in loops of their own, where the select of times_nonzero
             // vectorizes; then plain sums in LANES independent partial sums.
             let mut ev = [A::zero(); CHUNK];
-            for i in 0..CHUNK {
-                // A masked logit: e = 0 and v = −∞ must add 0, not NaN.
-                ev[i] = times_nonzero(e[i], v[i]);
+            if pass.scale_grad {
+                for i in 0..CHUNK {
+                    // A masked logit: e = 0 and v = −∞ must add 0, not NaN.
+                    ev[i] = times_nonzero(e[i], v[i]);
+                }
             }
             let mut wv = v;
             if pass.weights.is_some() {
@@ -200,8 +205,14 @@ impl<A: Acc> Online<A> {
             for b in 0..CHUNK / LANES {
                 for l in 0..LANES {
                     sum_exp[l] += e[b * LANES + l];
-                    sum_exp_v[l] += ev[b * LANES + l];
                     sum_wv[l] += wv[b * LANES + l];
+                }
+            }
+            if pass.scale_grad {
+                for b in 0..CHUNK / LANES {
+                    for l in 0..LANES {
+                        sum_exp_v[l] += ev[b * LANES + l];
+                    }
                 }
             }
             let total = |lanes: [A; LANES]| lanes.iter().fold(A::zero(), |acc, &v| acc + v);
@@ -274,9 +285,13 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
     let r = criterion.row(online.max, log_sum, z_target, sum_wz, weight);
     // dℓ/dr = Σ_j g_j·v_j, with Σ_{j≠y} p_j·v_j = sum_exp_v / sum_exp. A term with an exactly
     // zero coefficient adds 0: k = 0 without smoothing, while sum_wv = −∞ with a masked logit.
-    let d_scale = times_nonzero(r.a, online.sum_exp_v / online.sum_exp)
-        + times_nonzero(r.k, online.sum_wv)
-        + times_nonzero(r.g_target, v_target);
+    let d_scale = if pass.scale_grad {
+        times_nonzero(r.a, online.sum_exp_v / online.sum_exp)
+            + times_nonzero(r.k, online.sum_wv)
+            + times_nonzero(r.g_target, v_target)
+    } else {
+        T::Acc::zero()
+    };
     [
         r.loss, online.max, log_sum, weight, r.a, r.k, r.g_target, d_scale,
     ]
@@ -486,6 +501,8 @@ struct ForwardContext<'a, T: Element> {
     weights: Option<Vec<T::Acc>>,
     /// Whether the smoothing term reads `weights` per class ([`weighted_smoothing`]).
     weighted_smoothing: bool,
+    /// Whether dℓ/dr is computed (else the stats' last column is 0).
+    scale_grad: bool,
     margin: Margin<T::Acc>,
     criterion: Criterion<T::Acc>,
     cap: Option<SoftCap<T::Acc>>,
@@ -498,10 +515,12 @@ impl<'a, T: Element> ForwardContext<'a, T> {
         (rows, classes): (usize, usize),
         targets: (&CpuStorage, &Layout),
         scales: &'a [T::Acc],
+        scale_grad: bool,
     ) -> Result<Self> {
         Ok(Self {
             rows,
             classes,
+            scale_grad,
             targets: read_targets(targets.0, targets.1, cfg, classes)?,
             scales,
             weights: read_weights::<T::Acc>(cfg),
@@ -537,6 +556,7 @@ impl<'a, T: Element> ForwardContext<'a, T> {
         let target = self.targets[i];
         let pass = RowPass {
             scale: self.scales[i],
+            scale_grad: self.scale_grad,
             transform,
             cap: self.cap,
             weights: self.smoothing_weights(),
@@ -688,14 +708,20 @@ impl<T: Element, H: Transform<T::Acc>> RowKernel for BackwardKernel<'_, T, H> {
     }
 }
 
-/// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype.
+/// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype; dℓ/dr (the
+/// last column) only with `scale_grad`, else 0.
 pub(crate) fn forward(
     cfg: &MarginSoftmaxLoss,
     x: (&CpuStorage, &Layout),
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
+    scale_grad: bool,
 ) -> Result<CpuStorage> {
-    with_element!(x.0, cfg.head.name(), forward_typed(cfg, x, targets, scale))
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        forward_typed(cfg, x, targets, scale, scale_grad)
+    )
 }
 
 fn forward_typed<T: Element>(
@@ -703,11 +729,13 @@ fn forward_typed<T: Element>(
     x: (&CpuStorage, &Layout),
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
+    scale_grad: bool,
 ) -> Result<CpuStorage> {
     let name = cfg.head.name();
     let rows = Rows::<T>::new(x.0, x.1, name)?;
     let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
-    let ctx = ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales)?;
+    let ctx =
+        ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales, scale_grad)?;
     let simd = Dispatch::current();
     let mut stats = vec![T::Acc::zero(); rows.rows * STAT_COLUMNS];
     with_transform!(cfg.head, T::Acc, |transform| {
@@ -785,18 +813,19 @@ fn backward_typed<T: Element>(
 
 /// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) \[B, C\],
 /// d(loss)/d(row scale) \[B\]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
-/// Σ_i ℓ_i.
+/// Σ_i ℓ_i. d(loss)/d(row scale) only with `scale_grad`, else 0.
 pub(crate) fn forward_backward(
     cfg: &MarginSoftmaxLoss,
     x: (&CpuStorage, &Layout),
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
     mean: bool,
+    scale_grad: bool,
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
     with_element!(
         x.0,
         cfg.head.name(),
-        forward_backward_typed(cfg, x, targets, scale, mean)
+        forward_backward_typed(cfg, x, targets, scale, mean, scale_grad)
     )
 }
 
@@ -806,11 +835,13 @@ fn forward_backward_typed<T: Element>(
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
     mean: bool,
+    scale_grad: bool,
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
     let name = cfg.head.name();
     let rows = Rows::<T>::new(x.0, x.1, name)?;
     let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
-    let ctx = ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales)?;
+    let ctx =
+        ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales, scale_grad)?;
     let mut grad = zeroed_buffer::<T>(rows.rows * rows.classes);
     let (stats, grad_scale) = fused_rows(cfg, &ctx, FusedInput::Rows(&rows), &mut grad, mean);
     Ok((
@@ -847,7 +878,7 @@ fn forward_backward_into_typed<T: Element + HostElement>(
     let name = cfg.head.name();
     let (rows, classes) = grad.1.shape().dims2()?;
     let scales = vec![T::Acc::of(cfg.head.scale()); rows];
-    let ctx = ForwardContext::<T>::new(cfg, (rows, classes), targets, &scales)?;
+    let ctx = ForwardContext::<T>::new(cfg, (rows, classes), targets, &scales, false)?;
     let out = contiguous_mut::<T>(grad.0, grad.1, "gradient buffer", name)?;
     let (stats, _) = match input {
         Some((storage, layout)) => {

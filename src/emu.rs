@@ -447,6 +447,8 @@ pub(crate) fn forward(
     x: (&CpuStorage, &Layout),
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
+    // The kernels always compute dℓ/dr (the CPU bodies skip it when it is not wanted).
+    _scale_grad: bool,
 ) -> Result<CpuStorage> {
     with_element!(
         x.0,
@@ -518,6 +520,7 @@ pub(crate) fn forward_backward(
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
     mean: bool,
+    _scale_grad: bool,
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
     with_element!(
         x.0,

@@ -178,7 +178,7 @@ impl MarginSoftmaxLoss {
     pub fn loss_and_grad(&self, input: &Tensor, targets: &Tensor) -> Result<(Tensor, Tensor)> {
         let (rows, _) = check_inputs(self, input, targets, None)?;
         let scale = fixed_row_scale(self, rows, input)?;
-        let (loss, grad, _) = self.loss_and_grad_impl(input, targets, &scale)?;
+        let (loss, grad, _) = self.loss_and_grad_impl(input, targets, &scale, false)?;
         Ok((loss, grad))
     }
 
@@ -298,7 +298,7 @@ impl MarginSoftmaxLoss {
         let scale = row_scale
             .detach()
             .to_dtype(accumulation_dtype(input.dtype()))?;
-        self.loss_and_grad_impl(input, targets, &scale)
+        self.loss_and_grad_impl(input, targets, &scale, true)
     }
 
     fn loss_and_grad_impl(
@@ -306,6 +306,7 @@ impl MarginSoftmaxLoss {
         input: &Tensor,
         targets: &Tensor,
         scale: &Tensor,
+        scale_grad: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let input = if rows_are_contiguous(input) {
             input.detach()
@@ -314,7 +315,7 @@ impl MarginSoftmaxLoss {
         };
         let targets = targets.contiguous()?;
         let (stats, grad, grad_scale) =
-            op::forward_backward(self, &input, &targets, &scale.contiguous()?)?;
+            op::forward_backward(self, &input, &targets, &scale.contiguous()?, scale_grad)?;
         let loss = reduce(self.reduction, &stats)?;
         Ok((loss, grad, grad_scale))
     }

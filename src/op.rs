@@ -57,6 +57,8 @@ pub(crate) const ROWINFO_COLUMNS: usize = 6;
 
 struct MarginSoftmaxForward {
     cfg: MarginSoftmaxLoss,
+    /// Whether the row scale takes a gradient, so that the CPU forward computes dℓ/dr.
+    scale_grad: bool,
 }
 
 impl CustomOp3 for MarginSoftmaxForward {
@@ -79,6 +81,7 @@ impl CustomOp3 for MarginSoftmaxForward {
             (input, input_layout),
             (targets, targets_layout),
             (scale, scale_layout),
+            self.scale_grad,
         ))?;
         Ok((stats, Shape::from((rows, STAT_COLUMNS))))
     }
@@ -198,16 +201,25 @@ pub(crate) fn forward(
     targets: &Tensor,
     scale: &Tensor,
 ) -> Result<Tensor> {
-    input.apply_op3(targets, scale, MarginSoftmaxForward { cfg: cfg.clone() })
+    input.apply_op3(
+        targets,
+        scale,
+        MarginSoftmaxForward {
+            cfg: cfg.clone(),
+            scale_grad: scale.track_op(),
+        },
+    )
 }
 
 /// (stats [B, STAT_COLUMNS], d(loss)/d(input), d(loss)/d(scale)) for the configured reduction
 /// (the sum of the rows' losses for [`Reduction::None`]), outside the autograd graph.
+/// d(loss)/d(scale) only with `scale_grad` on the CPU (0 otherwise); the kernels always give it.
 pub(crate) fn forward_backward(
     cfg: &MarginSoftmaxLoss,
     input: &Tensor,
     targets: &Tensor,
     scale: &Tensor,
+    scale_grad: bool,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (rows, classes) = input.dims2()?;
     let mean = cfg.reduction == Reduction::Mean;
@@ -222,6 +234,7 @@ pub(crate) fn forward_backward(
                 (t, targets_layout),
                 (s, scale_layout),
                 mean,
+                scale_grad,
             ))?;
             (
                 Storage::Cpu(stats),
