@@ -210,7 +210,8 @@ fn check(cfg: &MarginSoftmaxLoss, dtype: DType, rows: usize, classes: usize, spl
     let scale_t = Tensor::from_vec(scales.clone(), rows, &dev)
         .and_then(|t| t.to_dtype(acc))
         .expect("scale");
-    let (stats, grad, _) = op::forward_backward(cfg, &input, &target_t, &scale_t).expect("CPU op");
+    let (stats, grad, _) =
+        op::forward_backward(cfg, &input, &target_t, &scale_t, true).expect("CPU op");
     let stats = flat(&stats);
     let grad = flat(&grad);
     let weights: Vec<f64> = match &cfg.class_weights {

@@ -290,8 +290,17 @@ struct MarginSoftmaxInto {
 }
 
 impl MarginSoftmaxInto {
-    fn keep(&self, stats: CpuStorage) {
+    /// Runs the CPU body into `grad` (reading `input`, or `grad` itself in place) and keeps the
+    /// statistics for the caller.
+    fn run(
+        &self,
+        grad: (&mut CpuStorage, &Layout),
+        input: Option<(&CpuStorage, &Layout)>,
+        targets: (&CpuStorage, &Layout),
+    ) -> Result<()> {
+        let stats = cpu::forward_backward_into(&self.cfg, grad, input, targets, self.mean)?;
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = Some(stats);
+        Ok(())
     }
 }
 
@@ -309,15 +318,11 @@ impl InplaceOp3 for MarginSoftmaxInto {
         targets: &CpuStorage,
         targets_layout: &Layout,
     ) -> Result<()> {
-        let stats = cpu::forward_backward_into(
-            &self.cfg,
+        self.run(
             (grad, grad_layout),
             Some((input, input_layout)),
             (targets, targets_layout),
-            self.mean,
-        )?;
-        self.keep(stats);
-        Ok(())
+        )
     }
 }
 
@@ -333,15 +338,7 @@ impl InplaceOp2 for MarginSoftmaxInto {
         targets: &CpuStorage,
         targets_layout: &Layout,
     ) -> Result<()> {
-        let stats = cpu::forward_backward_into(
-            &self.cfg,
-            (input, input_layout),
-            None,
-            (targets, targets_layout),
-            self.mean,
-        )?;
-        self.keep(stats);
-        Ok(())
+        self.run((input, input_layout), None, (targets, targets_layout))
     }
 }
 
