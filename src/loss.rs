@@ -166,6 +166,11 @@ impl MarginSoftmaxLoss {
     /// upstream gradient of ones). Returns (loss as in [`Self::loss`], gradient \[B, C\] in the
     /// input's dtype). Neither output is attached to the autograd graph.
     ///
+    /// On the CPU each row's exps are kept from its forward pass for its gradient, in a scratch
+    /// of about C values per rayon thread (2·C for RBF), reused across calls: up to 2²² values
+    /// (16 MiB of f32) per thread stay allocated; wider rows allocate theirs per call. The row
+    /// kernels run at the best SIMD level the CPU has (see [`crate::SimdLevel`]).
+    ///
     /// On a CUDA device (feature `cuda`) a row that fits in shared memory next to the kernel's
     /// scratch — C ≤ 11776 for f32, C ≤ 23552 for f16 / bf16, C ≤ 5888 for f64 — is handled by
     /// one block that reads it once and writes its gradient once; wider rows take three kernels
