@@ -599,10 +599,12 @@ impl<'a, T: Element> ForwardContext<'a, T> {
         };
         let (Some(y), None) = (target, self.cap) else {
             // An ignored row, or soft-capping: the forward pass, then the recomputing backward
-            // (from a copy of the row when it is overwritten in place).
+            // (from a copy of the row when it is overwritten in place; an ignored row is not
+            // read: its statistics are 0 and its gradient is filled with 0).
             let copy;
             let row = match x {
                 Some(x) => x,
+                None if target.is_none() => &[],
                 None => {
                     copy = out.to_vec();
                     &copy[..]
@@ -621,19 +623,16 @@ impl<'a, T: Element> ForwardContext<'a, T> {
             );
             return (s, s[7] * upstream);
         };
-        {
-            let mut cache = RowCache::new::<H>(scratch, classes);
-            let row = x.unwrap_or(&*out);
-            let s = self.stats(i, row, transform, Some(&mut cache));
-            let g = grad(&s);
-            // The target's entry, read before the row may be overwritten.
-            let (_, _, dz_target) =
-                target_logit(row[y].load(), scale, transform, &self.margin, &None);
-            let target_grad = T::store(g.g_target * scale * dz_target);
-            backward_row_cached(x, out, y, g, transform, self.smoothing_weights(), &cache);
-            out[y] = target_grad;
-            (s, s[7] * upstream)
-        }
+        let mut cache = RowCache::new::<H>(scratch, classes);
+        let row = x.unwrap_or(&*out);
+        let s = self.stats(i, row, transform, Some(&mut cache));
+        let g = grad(&s);
+        // The target's entry, read before the row may be overwritten.
+        let (_, _, dz_target) = target_logit(row[y].load(), scale, transform, &self.margin, &None);
+        let target_grad = T::store(g.g_target * scale * dz_target);
+        backward_row_cached(x, out, y, g, transform, self.smoothing_weights(), &cache);
+        out[y] = target_grad;
+        (s, s[7] * upstream)
     }
 }
 

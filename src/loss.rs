@@ -189,10 +189,10 @@ impl MarginSoftmaxLoss {
 
     /// As [`Self::loss_and_grad`], writing the gradient into the caller's `grad` (same shape
     /// and dtype as `input`, contiguous) instead of a new tensor; returns the loss. A training
-    /// loop that reuses one buffer across steps allocates nothing of size \[B, C\]: on the CPU a
-    /// fresh gradient-sized buffer costs more than the op's arithmetic in page faults alone (a
-    /// 125 MiB buffer: ~57 ms to first write against ~14 ms for one already mapped, on a 2-vCPU
-    /// machine). The head's fixed scale (no per-row scale variant).
+    /// loop that reuses one buffer across steps allocates nothing of size \[B, C\]: on the CPU the
+    /// page faults of a fresh gradient-sized buffer cost about as much as the op's arithmetic
+    /// (see `src/alloc.rs` and benches/RESULTS.md). The head's fixed scale (no per-row scale
+    /// variant).
     ///
     /// `grad` is written in place (candle's in-place op): any tensor that shares its storage (a
     /// view of it, or a clone) sees the new values, and an autograd graph that saved it is
@@ -237,18 +237,12 @@ impl MarginSoftmaxLoss {
                 grad.dims()
             )
         }
-        if !input.device().is_cpu() {
-            let (loss, g) = self.loss_and_grad(input, targets)?;
-            grad.slice_set(&g, 0, 0)?;
-            return Ok(loss);
-        }
         let input = if rows_are_contiguous(input) {
             input.detach()
         } else {
             input.detach().contiguous()?
         };
-        let stats = op::forward_backward_into(self, &input, &targets.contiguous()?, Some(grad))?;
-        reduce(self.reduction, &stats)
+        self.loss_and_grad_to(&input, targets, Some(grad))
     }
 
     /// As [`Self::loss_and_grad`], overwriting `input` with its own gradient; returns the loss.
@@ -278,12 +272,23 @@ impl MarginSoftmaxLoss {
                 input.dims()
             )
         }
+        self.loss_and_grad_to(input, targets, None)
+    }
+
+    /// The loss, its gradient written into `grad` (`None`: over `input`): the CPU op in place,
+    /// or on other devices a new gradient copied there.
+    fn loss_and_grad_to(
+        &self,
+        input: &Tensor,
+        targets: &Tensor,
+        grad: Option<&Tensor>,
+    ) -> Result<Tensor> {
         if !input.device().is_cpu() {
             let (loss, g) = self.loss_and_grad(input, targets)?;
-            input.slice_set(&g, 0, 0)?;
+            grad.unwrap_or(input).slice_set(&g, 0, 0)?;
             return Ok(loss);
         }
-        let stats = op::forward_backward_into(self, input, &targets.contiguous()?, None)?;
+        let stats = op::forward_backward_into(self, input, &targets.contiguous()?, grad)?;
         reduce(self.reduction, &stats)
     }
 

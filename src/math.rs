@@ -69,19 +69,19 @@ macro_rules! thread_scratch {
             static $name: std::cell::RefCell<Vec<$t>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         fn $with<R>(len: usize, f: impl FnOnce(&mut [$t]) -> R) -> R {
-                if len > SCRATCH_KEEP_MAX {
-                    return f(&mut vec![0.0; len]);
-                }
-                $name.with(|cell| match cell.try_borrow_mut() {
-                    Ok(mut buf) => {
-                        if buf.len() < len {
-                            buf.resize(len, 0.0);
-                        }
-                        f(&mut buf[..len])
+            if len > SCRATCH_KEEP_MAX {
+                return f(&mut vec![0.0; len]);
+            }
+            $name.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut buf) => {
+                    if buf.len() < len {
+                        buf.resize(len, 0.0);
                     }
-                    // Re-entered on this thread (not done by the crate): a fresh buffer.
-                    Err(_) => f(&mut vec![0.0; len]),
-                })
+                    f(&mut buf[..len])
+                }
+                // Re-entered on this thread (not done by the crate): a fresh buffer.
+                Err(_) => f(&mut vec![0.0; len]),
+            })
         }
     };
 }

@@ -131,15 +131,14 @@ impl Dispatch {
     #[inline(always)]
     pub(crate) fn run<K: RowKernel>(self, kernel: K) -> K::Output {
         use pulp::Simd;
-        let op = WithFeatures(kernel);
         match self {
-            Self::Scalar => kernel_run(op),
+            Self::Scalar => kernel.run(),
             #[cfg(target_arch = "x86_64")]
-            Self::V3(simd) => Simd::vectorize(simd, op),
+            Self::V3(simd) => Simd::vectorize(simd, WithFeatures(kernel)),
             #[cfg(target_arch = "x86_64")]
-            Self::V4(simd) => Simd::vectorize(simd, op),
+            Self::V4(simd) => Simd::vectorize(simd, WithFeatures(kernel)),
             #[cfg(target_arch = "aarch64")]
-            Self::Neon(simd) => Simd::vectorize(simd, op),
+            Self::Neon(simd) => Simd::vectorize(simd, WithFeatures(kernel)),
         }
     }
 }
@@ -149,11 +148,6 @@ pub(crate) trait RowKernel {
     type Output;
     /// Must be `#[inline(always)]`.
     fn run(self) -> Self::Output;
-}
-
-#[inline(always)]
-fn kernel_run<K: RowKernel>(op: WithFeatures<K>) -> K::Output {
-    op.0.run()
 }
 
 /// pulp's entry: `with_simd` is called inside a function compiled with the level's features.
