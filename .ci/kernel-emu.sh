@@ -47,18 +47,24 @@ failures=()
 logs="${KERNEL_EMU_LOGS:-target/kernel-emu-logs}"
 mkdir -p "$logs"
 
-# The emulator's own warp semantics against CUDA's definitions (plain g++, then ASan + UBSan).
+# The emulator's own tests, in each build: its warp semantics against CUDA's definitions
+# (selftest.cpp); clusters with distributed shared memory, cooperative grid.sync, large dynamic
+# shared memory and their errors (selftest_cluster.cpp, which runs each error case in a child).
 selftest() {
     local flavour="$1"
     shift
-    local bin="$logs/selftest-$flavour"
-    if g++ -std=c++17 -g -O1 -fno-strict-aliasing -I kernels/emu -I "$CUDA_EMU_INCLUDE" "$@" \
-        kernels/emu/selftest.cpp -o "$bin" && "$bin"; then
-        passed=$((passed + 1))
-    else
-        failed=$((failed + 1))
-        failures+=("emulator self-test ($flavour)")
-    fi
+    local test bin
+    for test in selftest selftest_cluster; do
+        bin="$logs/$test-$flavour"
+        echo "---- $test ($flavour)"
+        if g++ -std=c++17 -g -O1 -fno-strict-aliasing -I kernels/emu -I "$CUDA_EMU_INCLUDE" "$@" \
+            "kernels/emu/$test.cpp" -o "$bin" && "$bin"; then
+            passed=$((passed + 1))
+        else
+            failed=$((failed + 1))
+            failures+=("emulator $test ($flavour)")
+        fi
+    done
 }
 
 # build: the kernel-suite binaries of the current KERNEL_EMU_SANITIZE setting into $bins.
@@ -135,6 +141,7 @@ for build in "${builds[@]}"; do
         run "asan structure random w2 seed $seed" structure "$asan" CUDA_EMU_ORDER=random CUDA_EMU_SEED="$seed" CUDA_EMU_WORKERS=2
         ;;
     thread)
+        selftest tsan -fsanitize=thread
         export KERNEL_EMU_SANITIZE=thread
         build || continue
         tsan="LD_PRELOAD=$(gcc -print-file-name=libtsan.so)"
