@@ -2,8 +2,8 @@
 # checks, and exports NVCC, CUDA_HOME, PATH and CUDA_COMPUTE_CAP.
 #
 # - If NVCC is already set (your own CUDA toolkit), that toolkit is used as is.
-# - Otherwise it installs (once) nvcc, ptxas and the headers from NVIDIA's PyPI wheels, pinned,
-#   into a cache outside the clone: $CUDA_TOOLKIT_DIR, default
+# - Otherwise it installs (once) nvcc, ptxas, nvdisasm and the headers from NVIDIA's PyPI
+#   wheels, pinned, into a cache outside the clone: $CUDA_TOOLKIT_DIR, default
 #   ${XDG_CACHE_HOME:-$HOME/.cache}/candle-margin-softmax/cuda-13.0 (~270 MB; needs python3
 #   with pip and network access the first time, no root).
 #
@@ -18,6 +18,10 @@ _ms_cuda_pins=(
     "nvidia-cuda-runtime==13.0.*" # cuda_runtime.h, cuda_fp16.h, cuda_bf16.h, libcudart
     "nvidia-cuda-crt==13.0.*"     # crt/host_config.h and the other crt/ headers
     "nvidia-nvvm==13.0.*"         # cicc and libdevice (the device-code front end)
+    # nvdisasm (SASS of a cubin) for .ci/sass-budget.sh. PyPI has no 13.0 build of it (its
+    # wheels start at 13.2); it only disassembles, so a newer one reads the sm_80 / sm_90 cubins
+    # of ptxas 13.0 and changes nothing that is built.
+    "nvidia-cuda-nvdisasm==13.2.86"
 )
 
 _ms_cuda_setup() {
