@@ -1,16 +1,41 @@
-//! Compiles `kernels/*.cu` to PTX with nvcc under the `cuda` feature; `src/cuda.rs` embeds the
-//! result with `include_str!(concat!(env!("OUT_DIR"), "/<stem>.ptx"))`. Without the feature it
-//! does nothing, so a plain build needs no CUDA toolkit.
+//! Compiles each `kernels/<stem>.cu` under the `cuda` feature into `$OUT_DIR/<stem>.fatbin`, a
+//! CUDA fat binary that `src/cuda_module.rs` embeds with
+//! `include_bytes!(concat!(env!("OUT_DIR"), "/<stem>.fatbin"))` and loads with
+//! `cuModuleLoadData`. Without the feature it does nothing, so a plain build needs no CUDA
+//! toolkit.
+//!
+//! Why a fatbin and not PTX: the driver picks the SASS (machine code) built for the GPU, so there
+//! is no JIT compilation on first use (seconds per module for PTX), and sm_90 SASS lets the
+//! kernels use Hopper-only features (thread-block clusters, distributed shared memory) behind
+//! `#if __CUDA_ARCH__ >= 900`, which PTX for sm_80 cannot.
 //!
 //! - nvcc: `$NVCC`, else `nvcc` on `PATH`, else `$CUDA_HOME/bin/nvcc`, `$CUDA_PATH/bin/nvcc`,
 //!   `/usr/local/cuda/bin/nvcc` (candle's own build looks in the same order). CUDA ≥ 12.
-//! - Target: `CUDA_COMPUTE_CAP` ("80", "8.0", "sm_80", "90a", …), default 80: PTX for sm_80 is
-//!   JIT-compiled by the driver for any later GPU (Ada sm_89, Hopper sm_90, …).
-//! - Flags: `--ptx -arch=sm_<cap> -O3 -std=c++17 -I kernels`, no `--use_fast_math` (the losses
-//!   need accurate exp / log / acos). `.ci/cuda-kernels.sh` uses the same flags: change both.
-//!   nvcc itself honours `NVCC_PREPEND_FLAGS`, `NVCC_APPEND_FLAGS` and `NVCC_CCBIN`.
-//! - The kernels compile in parallel (`NUM_JOBS` threads, set by cargo).
-//! - Sets `MARGIN_SOFTMAX_PTX_ARCH` (e.g. "sm_80") for the crate: `env!` it in error messages.
+//! - Targets: SASS for each architecture of `MARGIN_SOFTMAX_CUDA_ARCHS` (space- or
+//!   comma-separated, each as "80", "8.0", "sm_80", "90a", …), default `80 90`, plus PTX for the
+//!   highest of them (without an `a` / `f` suffix: that PTX would not be forward compatible), so
+//!   that a newer GPU (Blackwell, …) JIT-compiles from it. SASS for sm_80 runs on every 8.x GPU
+//!   (A100, A10, L4, RTX 30xx / 40xx), sm_90 on H100 / H200; nothing else needs the JIT.
+//!   No compute_80 PTX: every GPU it could serve runs the sm_80 or sm_90 SASS or the compute_90
+//!   PTX already (it would add 12–14 % to each fatbin for nothing).
+//! - `CUDA_COMPUTE_CAP` (which candle's own build needs on a machine without a GPU): when
+//!   `MARGIN_SOFTMAX_CUDA_ARCHS` is unset, its architecture is added to the default list (e.g.
+//!   `86` → SASS for 80, 86, 90; `100` → SASS for 80, 90, 100 and PTX compute_100). An explicit
+//!   `MARGIN_SOFTMAX_CUDA_ARCHS` wins: `MARGIN_SOFTMAX_CUDA_ARCHS=90` builds sm_90 only (half the
+//!   build time, for iterating on an H100 / H200), whatever `CUDA_COMPUTE_CAP` says.
+//! - Flags: `--fatbin -gencode arch=compute_80,code=sm_80 -gencode
+//!   arch=compute_90,code=[sm_90,compute_90] -O3 -std=c++17 -I kernels`, no `--use_fast_math`
+//!   (the losses need accurate exp / log / acos). `.ci/cuda-kernels.sh` compiles each
+//!   architecture with the same flags (`NVCC_FLAGS`): change both. nvcc itself honours
+//!   `NVCC_PREPEND_FLAGS`, `NVCC_APPEND_FLAGS` and `NVCC_CCBIN`.
+//! - Also writes `$OUT_DIR/<stem>.ptx`, the PTX of the lowest architecture (what the PTX build
+//!   used to produce: sm_80 by default), kept from nvcc's intermediate files at no extra cost,
+//!   for tools that load or inspect PTX (tools/gpu/pack.sh).
+//! - The kernels compile in parallel (`NUM_JOBS` threads, set by cargo); left-over threads go to
+//!   nvcc's `--threads`, which compiles a kernel's architectures in parallel.
+//! - Sets, for the crate (`env!` them in error messages): `MARGIN_SOFTMAX_CUDA_TARGETS`, what
+//!   each fatbin holds (e.g. "sm_80 sm_90 compute_90"), and `MARGIN_SOFTMAX_PTX_ARCH`, the target
+//!   of `<stem>.ptx` (e.g. "sm_80").
 
 use std::env;
 use std::ffi::OsString;
@@ -21,10 +46,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// The lowest CUDA release the build is tested with (candle 0.11's cudarc needs CUDA 12 too).
 const MIN_CUDA_MAJOR: u32 = 12;
-/// Compute capability used when `CUDA_COMPUTE_CAP` is unset: bf16 needs sm_80, and sm_80 PTX
-/// also runs on every later GPU.
-const DEFAULT_COMPUTE_CAP: &str = "80";
-/// nvcc flags besides the architecture, input and output. Keep in sync with
+/// SASS architectures built when `MARGIN_SOFTMAX_CUDA_ARCHS` is unset: bf16 needs sm_80, whose
+/// SASS runs on every 8.x GPU; sm_90 (Hopper) has thread-block clusters. The PTX of the highest
+/// covers later GPUs.
+const DEFAULT_CUDA_ARCHS: &[&str] = &["80", "90"];
+/// nvcc flags besides the architectures, input and output. Keep in sync with
 /// `.ci/cuda-kernels.sh`.
 const NVCC_FLAGS: &[&str] = &["-O3", "-std=c++17"];
 
@@ -42,7 +68,7 @@ fn main() -> ExitCode {
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return ExitCode::SUCCESS;
     }
-    match build_ptx() {
+    match build_fatbins() {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             // Cargo prints a failed build script's stderr in full.
@@ -101,7 +127,7 @@ fn build_kernel_emu() -> Result<(), String> {
         .include("kernels")
         .include("kernels/emu")
         .include(&include)
-        .define("CUDA_EMU_CUDA_ARCH", "800")
+        .define("CUDA_EMU_CUDA_ARCH", "900")
         // The kernels reinterpret uint4 loads as T[]; #pragma unroll is CUDA's.
         .flag("-fno-strict-aliasing")
         .flag_if_supported("-Wno-unknown-pragmas")
@@ -163,12 +189,13 @@ fn cuda_host_headers() -> Option<PathBuf> {
         .find(|dir| dir.join("cuda_fp16.h").is_file() && dir.join("cuda_bf16.h").is_file())
 }
 
-fn build_ptx() -> Result<(), String> {
+fn build_fatbins() -> Result<(), String> {
     for var in [
         "NVCC",
         "CUDA_HOME",
         "CUDA_PATH",
         "PATH",
+        "MARGIN_SOFTMAX_CUDA_ARCHS",
         "CUDA_COMPUTE_CAP",
         "NVCC_PREPEND_FLAGS",
         "NVCC_APPEND_FLAGS",
@@ -183,26 +210,41 @@ fn build_ptx() -> Result<(), String> {
     let kernels_dir = manifest_dir.join("kernels");
     let sources = kernel_sources(&kernels_dir)?;
 
-    let cap_var = env::var("CUDA_COMPUTE_CAP")
-        .ok()
-        .filter(|s| !s.trim().is_empty());
-    let arch = parse_compute_cap(cap_var.as_deref().unwrap_or(DEFAULT_COMPUTE_CAP))?;
-    // For src/cuda.rs: the architecture the PTX targets (e.g. "sm_80"), for error messages.
-    println!("cargo::rustc-env=MARGIN_SOFTMAX_PTX_ARCH={arch}");
+    let targets = Targets::from_env()?;
+    // For src/: what the fatbins hold (e.g. "sm_80 sm_90 compute_90"), for error messages.
+    println!(
+        "cargo::rustc-env=MARGIN_SOFTMAX_CUDA_TARGETS={}",
+        targets.describe()
+    );
+    // The target of the by-product <stem>.ptx (e.g. "sm_80").
+    println!(
+        "cargo::rustc-env=MARGIN_SOFTMAX_PTX_ARCH={}",
+        targets.sass[0].sm()
+    );
+    if targets.ptx.is_none() {
+        println!(
+            "cargo::warning=MARGIN_SOFTMAX_CUDA_ARCHS holds only architecture-specific targets \
+             ({}): the fatbins carry no PTX and run on those GPUs only",
+            targets.describe()
+        );
+    }
 
     let nvcc = find_nvcc()?;
     check_nvcc_version(&nvcc)?;
 
     if sources.is_empty() {
-        println!("cargo::warning=no kernels/*.cu found: no PTX was built");
+        println!("cargo::warning=no kernels/*.cu found: no fatbin was built");
         return Ok(());
     }
 
-    let jobs = env::var("NUM_JOBS")
+    let num_jobs = env::var("NUM_JOBS")
         .ok()
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(1)
-        .clamp(1, sources.len());
+        .max(1);
+    let jobs = num_jobs.min(sources.len());
+    // Cores left over (more cores than kernels) compile a kernel's architectures in parallel.
+    let nvcc_threads = (num_jobs / jobs).clamp(1, targets.sass.len());
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
     std::thread::scope(|scope| {
@@ -211,7 +253,14 @@ fn build_ptx() -> Result<(), String> {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(source) = sources.get(i) else { break };
-                    if let Err(e) = compile(&nvcc, &arch, &kernels_dir, source, &out_dir) {
+                    let job = Job {
+                        nvcc: &nvcc,
+                        targets: &targets,
+                        nvcc_threads,
+                        include: &kernels_dir,
+                        out_dir: &out_dir,
+                    };
+                    if let Err(e) = job.compile(source) {
                         failures.lock().unwrap().push((i, e));
                     }
                 }
@@ -255,12 +304,96 @@ fn kernel_sources(kernels_dir: &Path) -> Result<Vec<PathBuf>, String> {
         .collect())
 }
 
-/// "80", "8.0", "sm_80", "compute_80", "90a", "sm_90a" → "sm_80" / "sm_90a".
-fn parse_compute_cap(raw: &str) -> Result<String, String> {
+/// A GPU architecture: compute capability ×10 and nvcc's suffix ("" / "a" / "f").
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Arch {
+    cap: u32,
+    suffix: &'static str,
+}
+
+impl Arch {
+    /// The real architecture, SASS: "sm_90".
+    fn sm(&self) -> String {
+        format!("sm_{}{}", self.cap, self.suffix)
+    }
+
+    /// The virtual architecture, PTX: "compute_90".
+    fn compute(&self) -> String {
+        format!("compute_{}{}", self.cap, self.suffix)
+    }
+}
+
+/// What each fatbin holds: SASS for every architecture of `sass` (sorted, at least one) and the
+/// PTX of `ptx`, the highest of them that is not architecture-specific.
+struct Targets {
+    sass: Vec<Arch>,
+    ptx: Option<Arch>,
+}
+
+impl Targets {
+    /// From `MARGIN_SOFTMAX_CUDA_ARCHS`, else [`DEFAULT_CUDA_ARCHS`] plus `CUDA_COMPUTE_CAP`.
+    fn from_env() -> Result<Self, String> {
+        let set = |var: &str| env::var(var).ok().filter(|s| !s.trim().is_empty());
+        let mut sass = match set("MARGIN_SOFTMAX_CUDA_ARCHS") {
+            Some(list) => list
+                .split([' ', ',', ';'])
+                .filter(|s| !s.is_empty())
+                .map(|s| parse_compute_cap("MARGIN_SOFTMAX_CUDA_ARCHS", s))
+                .collect::<Result<Vec<_>, _>>()?,
+            None => {
+                let mut archs = DEFAULT_CUDA_ARCHS
+                    .iter()
+                    .map(|s| parse_compute_cap("DEFAULT_CUDA_ARCHS", s))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if let Some(cap) = set("CUDA_COMPUTE_CAP") {
+                    archs.push(parse_compute_cap("CUDA_COMPUTE_CAP", &cap)?);
+                }
+                archs
+            }
+        };
+        sass.sort();
+        sass.dedup();
+        if sass.is_empty() {
+            return Err(
+                "MARGIN_SOFTMAX_CUDA_ARCHS names no architecture: unset it for the \
+                        default (80 90) or list some, e.g. \"80 90\""
+                    .into(),
+            );
+        }
+        let ptx = sass.iter().filter(|a| a.suffix.is_empty()).max().cloned();
+        Ok(Self { sass, ptx })
+    }
+
+    /// nvcc's `-gencode` arguments.
+    fn gencode(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        for arch in &self.sass {
+            let code = if self.ptx.as_ref() == Some(arch) {
+                format!("[{},{}]", arch.sm(), arch.compute())
+            } else {
+                arch.sm()
+            };
+            args.push("-gencode".to_string());
+            args.push(format!("arch={},code={code}", arch.compute()));
+        }
+        args
+    }
+
+    /// "sm_80 sm_90 compute_90".
+    fn describe(&self) -> String {
+        let mut names: Vec<String> = self.sass.iter().map(Arch::sm).collect();
+        names.extend(self.ptx.iter().map(Arch::compute));
+        names.join(" ")
+    }
+}
+
+/// "80", "8.0", "sm_80", "compute_80", "90a", "sm_90a" → sm_80 / sm_90a. `var` names the
+/// setting in the error message.
+fn parse_compute_cap(var: &str, raw: &str) -> Result<Arch, String> {
     let bad = || {
         format!(
-            "CUDA_COMPUTE_CAP={raw:?} is not a compute capability: use e.g. 80 (A100, also runs on \
-             Ada and Hopper), 86, 89 or 90 (H100); \"8.0\" and \"sm_80\" are accepted too"
+            "{var}={raw:?} is not a compute capability: use e.g. 80 (A100, also runs on Ada), 86, \
+             89 or 90 (H100, H200); \"8.0\" and \"sm_80\" are accepted too"
         )
     };
     let s = raw.trim().to_ascii_lowercase();
@@ -268,9 +401,12 @@ fn parse_compute_cap(raw: &str) -> Result<String, String> {
         .strip_prefix("sm_")
         .or_else(|| s.strip_prefix("compute_"))
         .unwrap_or(&s);
-    let (digits, suffix) = match s.strip_suffix('a').or_else(|| s.strip_suffix('f')) {
-        Some(d) => (d, &s[d.len()..]),
-        None => (s, ""),
+    let (digits, suffix) = if let Some(d) = s.strip_suffix('a') {
+        (d, "a")
+    } else if let Some(d) = s.strip_suffix('f') {
+        (d, "f")
+    } else {
+        (s, "")
     };
     let number = |t: &str| -> Option<u32> {
         (!t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()))
@@ -297,7 +433,7 @@ fn parse_compute_cap(raw: &str) -> Result<String, String> {
     if cap < 30 {
         return Err(bad());
     }
-    Ok(format!("sm_{cap}{suffix}"))
+    Ok(Arch { cap, suffix })
 }
 
 fn find_nvcc() -> Result<PathBuf, String> {
@@ -404,42 +540,102 @@ fn check_nvcc_version(nvcc: &Path) -> Result<(), String> {
     }
 }
 
-fn compile(
-    nvcc: &Path,
-    arch: &str,
-    include: &Path,
-    source: &Path,
-    out_dir: &Path,
-) -> Result<(), String> {
-    let stem = source.file_stem().ok_or("kernel without a name")?;
-    let ptx = out_dir.join(stem).with_extension("ptx");
-    let mut cmd = Command::new(nvcc);
-    cmd.arg("--ptx")
-        .arg(format!("-arch={arch}"))
-        .args(NVCC_FLAGS)
-        .arg("-I")
-        .arg(include)
-        .arg("-o")
-        .arg(&ptx)
-        .arg(source);
-    let output = cmd
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}\n\n{}", nvcc.display(), install_hint()))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        return Err(format!(
-            "nvcc failed on {} ({}):\n  {cmd:?}\n{stdout}{stderr}",
-            source.display(),
-            output.status
-        ));
+/// One nvcc run: a kernel source → `<stem>.fatbin` (and the by-product `<stem>.ptx`).
+struct Job<'a> {
+    nvcc: &'a Path,
+    targets: &'a Targets,
+    nvcc_threads: usize,
+    include: &'a Path,
+    out_dir: &'a Path,
+}
+
+impl Job<'_> {
+    fn compile(&self, source: &Path) -> Result<(), String> {
+        let stem = source
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .ok_or("kernel without a UTF-8 name")?;
+        // nvcc's intermediate files, for the PTX of the lowest architecture.
+        let keep = self.out_dir.join("nvcc-keep").join(stem);
+        let _ = std::fs::remove_dir_all(&keep);
+        std::fs::create_dir_all(&keep)
+            .map_err(|e| format!("cannot create {}: {e}", keep.display()))?;
+        let mut cmd = Command::new(self.nvcc);
+        cmd.arg("--fatbin")
+            .args(self.targets.gencode())
+            .args(NVCC_FLAGS);
+        if self.nvcc_threads > 1 {
+            cmd.arg("--threads").arg(self.nvcc_threads.to_string());
+        }
+        cmd.arg("-I")
+            .arg(self.include)
+            .arg("--keep")
+            .arg("--keep-dir")
+            .arg(&keep)
+            .arg("-o")
+            .arg(self.out_dir.join(format!("{stem}.fatbin")))
+            .arg(source);
+        self.run(cmd, source)?;
+
+        let lowest = &self.targets.sass[0];
+        let ptx = self.out_dir.join(format!("{stem}.ptx"));
+        // nvcc names it <stem>.compute_80.ptx when it builds several architectures, <stem>.ptx
+        // for one.
+        let kept = [
+            format!("{stem}.{}.ptx", lowest.compute()),
+            format!("{stem}.ptx"),
+        ];
+        if !kept
+            .iter()
+            .any(|name| std::fs::rename(keep.join(name), &ptx).is_ok())
+        {
+            // Another nvcc release may name its intermediates differently: compile the PTX.
+            let mut cmd = Command::new(self.nvcc);
+            cmd.arg("--ptx")
+                .arg(format!("-arch={}", lowest.sm()))
+                .args(NVCC_FLAGS)
+                .arg("-I")
+                .arg(self.include)
+                .arg("-o")
+                .arg(&ptx)
+                .arg(source);
+            self.run(cmd, source)?;
+        }
+        let _ = std::fs::remove_dir_all(&keep);
+        // Fails while another kernel's nvcc still keeps files there; the last one removes it.
+        let _ = std::fs::remove_dir(self.out_dir.join("nvcc-keep"));
+        Ok(())
     }
-    for line in stdout
-        .lines()
-        .chain(stderr.lines())
-        .filter(|l| !l.trim().is_empty())
-    {
-        println!("cargo::warning={line}");
+
+    /// Runs nvcc; its warnings become cargo warnings (each once: nvcc repeats a warning for
+    /// every architecture), a failure the error with nvcc's output in full.
+    fn run(&self, mut cmd: Command, source: &Path) -> Result<(), String> {
+        let output = cmd.output().map_err(|e| {
+            format!(
+                "cannot run {}: {e}\n\n{}",
+                self.nvcc.display(),
+                install_hint()
+            )
+        })?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            return Err(format!(
+                "nvcc failed on {} ({}):\n  {cmd:?}\n{stdout}{stderr}",
+                source.display(),
+                output.status
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for line in stdout
+            .lines()
+            .chain(stderr.lines())
+            .filter(|l| !l.trim().is_empty())
+        {
+            if seen.insert(line) {
+                println!("cargo::warning={line}");
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }

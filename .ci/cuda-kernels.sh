@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Compiles every kernels/*.cu to PTX (as build.rs does) and the PTX to cubin with `ptxas -v`,
-# for each architecture in CUDA_KERNEL_ARCHS (default "80 90"), prints registers, spills and
-# stack frame per kernel, and fails on a compile error, an nvcc warning, or any function with
-# spill stores / loads or a stack frame. No GPU needed; nvcc comes from .ci/cuda-toolkit.sh
-# (pinned CUDA 13.0 wheels from PyPI, or your NVCC=...).
+# Compiles every kernels/*.cu to PTX and the PTX to cubin with `ptxas -v` (the SASS that
+# build.rs puts in its fatbins, one architecture at a time), for each architecture in
+# CUDA_KERNEL_ARCHS (default "80 90", as build.rs's MARGIN_SOFTMAX_CUDA_ARCHS), prints
+# registers, spills and stack frame per kernel, and fails on a compile error, an nvcc warning,
+# or any function with spill stores / loads or a stack frame. No GPU needed; nvcc comes from
+# .ci/cuda-toolkit.sh (pinned CUDA 13.0 wheels from PyPI, or your NVCC=...).
 #
 #   .ci/cuda-kernels.sh            # all kernels, sm_80 and sm_90
 #   CUDA_KERNEL_ARCHS=86 .ci/cuda-kernels.sh
@@ -14,7 +15,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=.ci/cuda-toolkit.sh
 source .ci/cuda-toolkit.sh
 
-# The flags of build.rs (NVCC_FLAGS there), plus warnings as errors.
+# The flags of build.rs (NVCC_FLAGS there; it passes one -gencode per architecture instead of
+# -arch), plus warnings as errors.
 nvcc_flags=(-O3 -std=c++17 -I kernels --Werror all-warnings)
 archs=(${CUDA_KERNEL_ARCHS:-80 90})
 jobs="${JOBS:-$(nproc 2>/dev/null || echo 2)}"

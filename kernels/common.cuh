@@ -43,6 +43,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 // the CPU path to ~1e-6 relative).
 #ifdef MS_HOST_CHECK
 template <typename A> inline A ms_exp(A x) { return std::exp(x); }
+inline float ms_exp2_ftz(float x) {
+    const float r = std::exp2(x);
+    return r < 1.17549435e-38f ? 0.0f : r;
+}
+inline float ms_exp_mul(float x, double c) { return ms_exp2_ftz(x * float(c * 1.44269504088896340736)); }
+inline double ms_exp_mul(double x, double c) { return std::exp(x * c); }
 template <typename A> inline A ms_expm1(A x) { return std::expm1(x); }
 template <typename A> inline A ms_abs(A x) { return std::fabs(x); }
 template <typename A> inline A ms_log(A x) { return std::log(x); }
@@ -55,6 +61,25 @@ template <typename A> inline A neg_infinity() { return -std::numeric_limits<A>::
 #else
 __device__ __forceinline__ float ms_exp(float x) { return expf(x); }
 __device__ __forceinline__ double ms_exp(double x) { return exp(x); }
+// 2^x with results below 2^-126 flushed to 0 (MUFU.EX2, 2 ulp, one instruction: exp2f adds the
+// scaling for subnormal results, expf ~8 instructions). The CPU path flushes subnormal
+// probabilities too. Compiled as C++ (the emulator), exp2f then the flush.
+__device__ __forceinline__ float ms_exp2_ftz(float x) {
+#ifdef __CUDACC__
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+#else
+    const float r = exp2f(x);
+    return r < 1.17549435e-38f ? 0.0f : r;
+#endif
+}
+// e^(x * c) for a constant c, the element loops' exponential: in f32 2^(x * (c * log2 e)), the
+// constant folded; in f64 exp (its exp2 is a real call, around which the kernels would spill).
+__device__ __forceinline__ float ms_exp_mul(float x, double c) {
+    return ms_exp2_ftz(x * float(c * 1.44269504088896340736));
+}
+__device__ __forceinline__ double ms_exp_mul(double x, double c) { return exp(x * c); }
 __device__ __forceinline__ float ms_expm1(float x) { return expm1f(x); }
 __device__ __forceinline__ double ms_expm1(double x) { return expm1(x); }
 __device__ __forceinline__ float ms_abs(float x) { return fabsf(x); }
@@ -80,6 +105,10 @@ template <> __device__ __forceinline__ double neg_infinity<double>() {
     return -__longlong_as_double(0x7ff0000000000000LL);
 }
 #endif  // MS_HOST_CHECK
+
+// A branch the steady state does not take (rare rows, vectors and launches): the compiler lays
+// its code out of the loop.
+#define MS_UNLIKELY(c) __builtin_expect(!!(c), 0)
 
 // The elements one 16-byte vector load brings.
 template <typename T> struct VecWidth { static constexpr int value = 16 / sizeof(T); };

@@ -1,13 +1,12 @@
 // The forward pass, split so that few rows with very many classes still fill the GPU:
-//   ms_forward_partial: block (row, split) of MS_BLOCK threads reduces the non-target entries of
-//     one slice of a row to its online statistics (max, sum exp, sum exp*v, sum w*v, sum w*z: see
-//     Online in common.cuh), reading the slice once with 16-byte vector loads where the row is
-//     aligned (and the class weights too with weighted smoothing);
+//   ms_forward_partial_{identity|cosine|rbf}: block (row, split) of MS_BLOCK threads reduces the
+//     non-target entries of one slice of a row to its online statistics (max, sum exp,
+//     sum exp*v, sum w*v, sum w*z: see Online in common.cuh), reading the slice once by 16-byte
+//     vectors (a scalar peel before the row's first 16-byte boundary; push_vector in rows.cuh);
 //   ms_forward_finalize: one thread per row (MS_FINALIZE_BLOCK rows per block) merges the
 //     target's logit and the row's partials in a fixed order (no floating-point atomics:
 //     bitwise reproducible) and applies the criterion.
-#include "common.cuh"
-#include "heads.cuh"
+#include "rows.cuh"
 
 // The slice of a row that split `split` of `splits` covers: a multiple of the vector width.
 template <typename T>
@@ -20,7 +19,7 @@ __device__ __forceinline__ void split_range(const MsParams& p, int split, long l
     end = start + per < p.classes ? start + per : p.classes;
 }
 
-template <typename T>
+template <typename T, int TR, bool EXT>
 __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__ targets,
                                 const typename AccOf<T>::type* __restrict__ scale,
                                 const typename AccOf<T>::type* __restrict__ weights, MsParams p,
@@ -32,37 +31,24 @@ __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__
     for (long long block = blockIdx.x; block < blocks; block += gridDim.x) {
         const long long row = block / p.splits;
         const int split = (int)(block % p.splits);
-        const int y = targets[row];
+        const long long y = targets[row];
         Online<A> s = online_empty<A>();
         if (y >= 0) {
             long long start, end;
             split_range<T>(p, split, start, end);
             const T* xr = x + row * p.row_stride;
             const A r = scale[row];
-            if (aligned16(xr)) {
-                for (long long j0 = start + (long long)threadIdx.x * V; j0 < end;
-                     j0 += (long long)MS_BLOCK * V) {
-                    if (j0 + V <= end) {
-                        const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
-                        const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-                        for (int i = 0; i < V; ++i) {
-                            if (j0 + i == y) continue;
-                            push_entry(p, weights, s, r, to_acc(v[i]), j0 + i);
-                        }
-                    } else {
-                        for (long long j = j0; j < end; ++j) {
-                            if (j == y) continue;
-                            push_entry(p, weights, s, r, to_acc(xr[j]), j);
-                        }
-                    }
-                }
-            } else {
-                for (long long j = start + threadIdx.x; j < end; j += MS_BLOCK) {
-                    if (j == y) continue;
-                    push_entry(p, weights, s, r, to_acc(xr[j]), j);
-                }
-            }
+            walk_row(
+                xr, start, end, threadIdx.x, MS_BLOCK,
+                [&](long long j) {
+                    if (j != y) push_other<TR>(p, weights, s, r, to_acc(xr[j]), j);
+                },
+                [&](long long j0) {
+                    A in[V];
+                    load_vector(xr + j0, in);
+                    return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
+                },
+                [&](long long j0) { push_slow<TR>(p, weights, s, r, xr, j0, y); });
         }
         s = block_reduce_online<MS_BLOCK>(s);
         if (threadIdx.x == 0) {
@@ -84,19 +70,17 @@ __device__ void forward_finalize(const T* __restrict__ x, const int* __restrict_
                                  const typename AccOf<T>::type* __restrict__ partials,
                                  typename AccOf<T>::type* __restrict__ stats,
                                  typename AccOf<T>::type* __restrict__ row_info,
-                                 typename AccOf<T>::type* __restrict__ grad_scale) {
+                                 typename AccOf<T>::type* __restrict__ grad_scale,
+                                 const typename AccOf<T>::type* __restrict__ upstream) {
     typedef typename AccOf<T>::type A;
     for (long long row = (long long)blockIdx.x * blockDim.x + threadIdx.x; row < p.rows;
          row += (long long)gridDim.x * blockDim.x) {
         A* st = stats + row * MS_STAT_COLUMNS;
         A info[MS_ROWINFO_COLUMNS];
         const int y = targets[row];
+        const A up = row_info != nullptr ? *upstream : A(1);
         if (y < 0) {
-#pragma unroll
-            for (int c = 0; c < MS_STAT_COLUMNS; ++c) st[c] = A(0);
-#pragma unroll
-            for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = A(0);
-            info[5] = scale[row];
+            finalize_skipped_row(y, scale[row], st, info);
         } else {
             Online<A> others = online_empty<A>();
             const A* q = partials + row * p.splits * MS_PARTIAL_COLUMNS;
@@ -110,35 +94,46 @@ __device__ void forward_finalize(const T* __restrict__ x, const int* __restrict_
                 others = online_merge(others, part);
             }
             const A weight = p.has_weights ? weights[y] : A(1);
-            finalize_row(p, poly, weight, scale[row], to_acc(x[row * p.row_stride + y]), others, st,
-                         info);
+            finalize_row(p, poly, weight, scale[row], to_acc(x[row * p.row_stride + y]), others, up,
+                         st, info);
         }
         if (row_info != nullptr) {
 #pragma unroll
             for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) row_info[row * MS_ROWINFO_COLUMNS + c] = info[c];
         }
-        if (grad_scale != nullptr) grad_scale[row] = st[7] * A(p.upstream);
+        if (grad_scale != nullptr) grad_scale[row] = st[7] * up;
     }
 }
 
-#define MS_FORWARD_ENTRIES(T, SUFFIX)                                                            \
-    extern "C" __global__ void __launch_bounds__(MS_BLOCK) ms_forward_partial_##SUFFIX(          \
+// MIN_BLOCKS bounds the registers as in fused.cu: 4 (64) for the f32-accumulating entries, 2
+// (128) for f64.
+#define MS_PARTIAL_ENTRY(T, SUFFIX, NAME, TR, EXT, MIN_BLOCKS)                                        \
+    extern "C" __global__ void __launch_bounds__(MS_BLOCK, MIN_BLOCKS)                           \
+        ms_forward_partial_##NAME##_##SUFFIX(                                                    \
         const T* x, const int* targets, const AccOf<T>::type* scale,                             \
         const AccOf<T>::type* weights, MsParams p, AccOf<T>::type* partials) {                   \
-        forward_partial<T>(x, targets, scale, weights, p, partials);                             \
-    }                                                                                            \
+        forward_partial<T, TR, EXT>(x, targets, scale, weights, p, partials);                         \
+    }
+
+// upstream: the gradient factor (1, or 1/sum w for the mean; one element, ms_targets writes
+// it), read only when row_info is written.
+#define MS_PARTIAL_ENTRY_4(T, SUFFIX, NAME, TR, EXT) MS_PARTIAL_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)
+#define MS_PARTIAL_ENTRY_2(T, SUFFIX, NAME, TR, EXT) MS_PARTIAL_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)
+
+#define MS_FORWARD_ENTRIES(T, SUFFIX, PARTIAL)                                                   \
+    MS_PER_TRANSFORM(PARTIAL, T, SUFFIX)                                                         \
     extern "C" __global__ void __launch_bounds__(MS_FINALIZE_BLOCK) ms_forward_finalize_##SUFFIX( \
         const T* x, const int* targets, const AccOf<T>::type* scale,                             \
         const AccOf<T>::type* weights, const AccOf<T>::type* poly, MsParams p,                   \
         const AccOf<T>::type* partials, AccOf<T>::type* stats, AccOf<T>::type* row_info,         \
-        AccOf<T>::type* grad_scale) {                                                            \
+        AccOf<T>::type* grad_scale, const AccOf<T>::type* upstream) {                            \
         forward_finalize<T>(x, targets, scale, weights, poly, p, partials, stats, row_info,      \
-                            grad_scale);                                                         \
+                            grad_scale, upstream);                                               \
     }
 
-MS_FORWARD_ENTRIES(float, f32)
-MS_FORWARD_ENTRIES(double, f64)
-MS_FORWARD_ENTRIES(__half, f16)
+MS_FORWARD_ENTRIES(float, f32, MS_PARTIAL_ENTRY_4)
+MS_FORWARD_ENTRIES(double, f64, MS_PARTIAL_ENTRY_2)
+MS_FORWARD_ENTRIES(__half, f16, MS_PARTIAL_ENTRY_4)
 #if __CUDA_ARCH__ >= 800
-MS_FORWARD_ENTRIES(__nv_bfloat16, bf16)
+MS_FORWARD_ENTRIES(__nv_bfloat16, bf16, MS_PARTIAL_ENTRY_4)
 #endif

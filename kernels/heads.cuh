@@ -24,20 +24,42 @@ template <typename A> __device__ __forceinline__ A inside(A x, A lo, A hi) {
     return (x >= lo && x <= hi) ? A(1) : A(0);
 }
 
-// u = h(x) of a non-target entry: Softmax x; cosine heads clamp(c, -1, 1);
+// u = h(x) of a non-target entry, for a transform known at compile time (the element loops are
+// instantiated per transform: no switch per element): Softmax x; cosine heads clamp(c, -1, 1);
 // RBF exp(-max(d2, 0) / gamma).
-template <typename A> __device__ __forceinline__ A head_u(const MsParams& p, A x) {
-    if (p.transform == MS_TRANSFORM_IDENTITY) return x;
-    if (p.transform == MS_TRANSFORM_COSINE) return clamp_torch(x, A(-1), A(1));
-    const A d2 = x < A(0) ? A(0) : x;
-    return ms_exp(d2 * A(p.neg_inv_gamma));
+template <int TR, typename A> __device__ __forceinline__ A head_u(const MsParams& p, A x) {
+    if constexpr (TR == MS_TRANSFORM_IDENTITY) {
+        return x;
+    } else if constexpr (TR == MS_TRANSFORM_COSINE) {
+        return clamp_torch(x, A(-1), A(1));
+    } else {
+        const A d2 = x < A(0) ? A(0) : x;
+        return ms_exp_mul(d2, p.neg_inv_gamma);
+    }
 }
 
 // du/dx given x and u = head_u(x).
+template <int TR, typename A> __device__ __forceinline__ A head_du(const MsParams& p, A x, A u) {
+    if constexpr (TR == MS_TRANSFORM_IDENTITY) {
+        return A(1);
+    } else if constexpr (TR == MS_TRANSFORM_COSINE) {
+        return inside(x, A(-1), A(1));
+    } else {
+        return x >= A(0) ? u * A(p.neg_inv_gamma) : A(0);
+    }
+}
+
+// head_u / head_du for p.transform read at run time (per row: the target, the host replay).
+template <typename A> __device__ __forceinline__ A head_u(const MsParams& p, A x) {
+    if (p.transform == MS_TRANSFORM_IDENTITY) return head_u<MS_TRANSFORM_IDENTITY>(p, x);
+    if (p.transform == MS_TRANSFORM_COSINE) return head_u<MS_TRANSFORM_COSINE>(p, x);
+    return head_u<MS_TRANSFORM_RBF>(p, x);
+}
+
 template <typename A> __device__ __forceinline__ A head_du(const MsParams& p, A x, A u) {
-    if (p.transform == MS_TRANSFORM_IDENTITY) return A(1);
-    if (p.transform == MS_TRANSFORM_COSINE) return inside(x, A(-1), A(1));
-    return x >= A(0) ? u * A(p.neg_inv_gamma) : A(0);
+    if (p.transform == MS_TRANSFORM_IDENTITY) return head_du<MS_TRANSFORM_IDENTITY>(p, x, u);
+    if (p.transform == MS_TRANSFORM_COSINE) return head_du<MS_TRANSFORM_COSINE>(p, x, u);
+    return head_du<MS_TRANSFORM_RBF>(p, x, u);
 }
 
 template <typename A> struct TargetTerm {
@@ -160,7 +182,17 @@ __device__ __forceinline__ A smoothing_weight(const MsParams& p, const A* __rest
     return p.weighted_smoothing ? weights[j] : A(1);
 }
 
-// Adds the non-target entry j with input x to the online state s of a row with scale r.
+// Adds the non-target entry j with input x to the online state s of a row with scale r, for the
+// transform TR.
+template <int TR, typename A>
+__device__ __forceinline__ void push_other(const MsParams& p, const A* __restrict__ weights,
+                                           Online<A>& s, A r, A x, long long j) {
+    A z, v;
+    entry_logit(p, r, head_u<TR>(p, x), z, v);
+    online_push(s, z, v, smoothing_weight(p, weights, j));
+}
+
+// push_other for the transform in p (the host replay).
 template <typename A>
 __device__ __forceinline__ void push_entry(const MsParams& p, const A* __restrict__ weights,
                                            Online<A>& s, A r, A x, long long j) {
@@ -268,11 +300,12 @@ __device__ RowLoss<A> criterion_row(const MsParams& p, const A* __restrict__ pol
 
 // Finishes one (non-ignored) row from the online statistics of its non-target entries
 // (forward_row in src/cpu.rs): writes the row's MS_STAT_COLUMNS statistics and returns its
-// backward info [max, ln_sum, a, k, g_y, scale] with `upstream` folded into a, k, g_y. `weight`
-// is the target's class weight w_y (1 without class weights).
+// backward info [max, ln_sum, a, k, g_y, scale] with the gradient factor `up` (1, or 1/sum w for
+// the fused paths' mean) folded into a, k, g_y. `weight` is the target's class weight w_y (1
+// without class weights). d loss / d scale (stats[7]) is 0 unless p.scale_grad.
 template <typename A>
 __device__ void finalize_row(const MsParams& p, const A* __restrict__ poly, A weight, A scale,
-                             A x_target, Online<A> others, A* __restrict__ stats, A* info) {
+                             A x_target, Online<A> others, A up, A* __restrict__ stats, A* info) {
     const TargetLogit<A> t = target_logit(p, x_target, scale);
     Online<A> s;
     s.max = t.z;
@@ -289,7 +322,7 @@ __device__ void finalize_row(const MsParams& p, const A* __restrict__ poly, A we
     const A sum_wz = sum_wz_others + times_nonzero(w_target, t.z);
     // sum_{j != y} p_j * v_j. It and the columns that need nothing from the criterion are
     // formed and written before it: fewer values live across its pow calls (a real call in
-    // f64, around which ms_fused_f64 would otherwise spill).
+    // f64, around which the f64 kernels would otherwise spill).
     const A p_others = s.sum_exp_v / s.sum_exp;
     stats[1] = s.max;
     stats[2] = log_sum;
@@ -300,33 +333,98 @@ __device__ void finalize_row(const MsParams& p, const A* __restrict__ poly, A we
     const RowLoss<A> r = criterion_row(p, poly, s.max, log_sum, t.z, sum_wz, weight);
     // dl/dr = sum_j g_j * v_j. A term with an exactly zero coefficient adds 0: k = 0 without
     // smoothing, while sum_wv = -inf with a masked logit.
-    const A d_scale = times_nonzero(r.a, p_others) + times_nonzero(r.k, s.sum_wv) +
-                      times_nonzero(r.g_target, t.v);
+    const A d_scale = p.scale_grad ? times_nonzero(r.a, p_others) + times_nonzero(r.k, s.sum_wv) +
+                                         times_nonzero(r.g_target, t.v)
+                                   : A(0);
     stats[0] = r.loss;
     stats[4] = r.a;
     stats[5] = r.k;
     stats[6] = r.g_target;
     stats[7] = d_scale;
-    const A up = A(p.upstream);
     info[2] = r.a * up;
     info[3] = r.k * up;
     info[4] = r.g_target * up;
 }
 
-// d loss / d x_j of one element, from the row's backward info (see finalize_row) and the
-// element's smoothing weight w_j (backward_row in src/cpu.rs):
-//   dx_j = (a * p_j + k * w_j) * dz_j/dz_raw * r * du_j/dx_j (j != y),
-//   dx_y = g_y * r * dz_y/dx_y * (1/r),
-// with p_j = exp((z_j - max) - ln_sum) from the (capped) logit z_j.
+// The statistics and backward info of a row the kernels do not reduce: an ignored row (zeros,
+// the scale kept) or, with the target check off, a row whose target is invalid (NaN).
+template <typename A>
+__device__ __forceinline__ void finalize_skipped_row(int target, A scale, A* __restrict__ stats,
+                                                     A* info) {
+    const A fill = target == MS_TARGET_INVALID ? A(NAN) : A(0);
+#pragma unroll
+    for (int c = 0; c < MS_STAT_COLUMNS; ++c) stats[c] = fill;
+#pragma unroll
+    for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = fill;
+    info[5] = scale;
+}
+
+// The gradient of the target element, x its input: g_y * r * dz_y/dx_y * (1/r) (the margin's
+// derivative times the soft-capping's).
+template <typename A> __device__ A grad_target(const MsParams& p, const A* info, A x) {
+    const A scale = info[5];
+    return info[4] * scale * target_logit(p, x, scale).dz;
+}
+
+// A row's gradient constants for the non-target elements, formed once per row from its backward
+// info (see finalize_row).
+template <typename A> struct GradRow {
+    A scale;
+    A max;
+    A log_sum;     // f64: ln sum; f32: ln sum * log2 e (p_j = 2^((z_j - max) * log2 e - this))
+    A ar;  // a * r
+    A kr;  // k * r
+};
+
+template <typename A> __device__ __forceinline__ GradRow<A> grad_row(const A* info) {
+    GradRow<A> g;
+    g.max = info[0];
+    g.log_sum = sizeof(A) == 4 ? info[1] * A(1.44269504088896340736) : info[1];
+    g.scale = info[5];
+    g.ar = info[2] * g.scale;
+    g.kr = info[3] * g.scale;
+    return g;
+}
+
+// d loss / d x_j of a non-target element with input x and smoothing weight w (backward_row in
+// src/cpu.rs), for the transform TR:
+//   dx_j = (a * r * p_j + k * r * w_j) * dz_j/dz_raw * du_j/dx_j,
+//   p_j = exp((z_j - max) - ln_sum), in f32 2^((z_j - max) * log2 e - ln_sum * log2 e),
+// z_j = r * u_j, or cap * tanh(r * u_j / cap) with soft-capping (then dz_j/dz_raw = sech^2).
+// EXT: label smoothing may be on (else k = 0: the host guarantees); CAP: soft-capping is on.
+template <int TR, bool EXT, bool CAP, typename A>
+__device__ __forceinline__ A grad_other(const MsParams& p, const GradRow<A>& g, A x, A w) {
+    const A u = head_u<TR>(p, x);
+    A z = g.scale * u;
+    A dz = A(1);
+    if constexpr (CAP) softcap(p, z, z, dz);
+    A prob;
+    if constexpr (sizeof(A) == 4) {
+        prob = ms_exp2_ftz((z - g.max) * A(1.44269504088896340736) - g.log_sum);
+    } else {
+        prob = ms_exp((z - g.max) - g.log_sum);
+    }
+    A out = EXT ? g.ar * prob + g.kr * w : g.ar * prob;
+    if constexpr (CAP) out *= dz;
+    if constexpr (TR != MS_TRANSFORM_IDENTITY) out *= head_du<TR>(p, x, u);
+    return out;
+}
+
+// grad_other with soft-capping read from p (the vectors and elements the fast loops decline).
+template <int TR, typename A>
+__device__ A grad_other_any(const MsParams& p, const GradRow<A>& g, A x, A w) {
+    return p.softcapped ? grad_other<TR, true, true>(p, g, x, w)
+                        : grad_other<TR, true, false>(p, g, x, w);
+}
+
+// One element's gradient for the transform in p (the host replay; the kernels' loops call
+// grad_other / grad_target directly).
 template <typename A>
 __device__ __forceinline__ A grad_element(const MsParams& p, const A* info, A x, bool is_target,
                                           A w) {
-    const A scale = info[5];
-    if (is_target) return info[4] * scale * target_logit(p, x, scale).dz;
-    const A u = head_u(p, x);
-    A z = scale * u;
-    A dz = A(1);
-    if (p.softcapped) softcap(p, z, z, dz);
-    const A prob = ms_exp((z - info[0]) - info[1]);
-    return (info[2] * prob + info[3] * w) * dz * scale * head_du(p, x, u);
+    if (is_target) return grad_target(p, info, x);
+    const GradRow<A> g = grad_row(info);
+    if (p.transform == MS_TRANSFORM_IDENTITY) return grad_other_any<MS_TRANSFORM_IDENTITY>(p, g, x, w);
+    if (p.transform == MS_TRANSFORM_COSINE) return grad_other_any<MS_TRANSFORM_COSINE>(p, g, x, w);
+    return grad_other_any<MS_TRANSFORM_RBF>(p, g, x, w);
 }

@@ -11,6 +11,14 @@
 // ms_backward and ms_forward_finalize stride by blockDim and are correct with fewer threads.
 #define MS_BLOCK 256
 #define MS_FINALIZE_BLOCK 128
+// ms_targets (one block: it also sums the class weights for the mean, in a fixed order).
+#define MS_TARGETS_BLOCK 1024
+
+// A target as the loss kernels take it (int32): a class in [0, C), MS_TARGET_IGNORED for a row
+// whose target is ignore_index, MS_TARGET_INVALID for any other value (only reachable with the
+// target check turned off: the row's loss and gradient are NaN).
+#define MS_TARGET_IGNORED (-1)
+#define MS_TARGET_INVALID (-2)
 
 // Which per-element transform x -> u the head applies to the non-target entries.
 #define MS_TRANSFORM_IDENTITY 0  // Softmax: u = x
@@ -38,6 +46,9 @@ struct MsParams {
     int weighted_smoothing;  // 1: class weights and label smoothing, the smoothing term reads
                              // weights[j] for every class j (else every w_j = 1 there)
     int softcapped;        // 1: logit soft-capping z = softcap*tanh(z/softcap)
+    int scale_grad;        // 1: d loss / d row scale is wanted (else the kernels write 0 for it
+                           // and skip sum exp*v)
+    int reserved;          // 0 (keeps the doubles 8-byte aligned)
     double neg_inv_gamma;  // RBF: -1/gamma
     double additive_m;     // CosFace m
     double m1, m2, m3;     // angular margins (ArcFace: 1, m, 0)
@@ -51,7 +62,6 @@ struct MsParams {
     double z_loss;
     double softcap;        // the cap (0 unless softcapped)
     double inv_softcap;    // 1/cap in f64 (0 unless softcapped)
-    double upstream;       // gradient factor of the fused paths (1, or 1/sum w for Mean)
 };
 
 // Column layout of the per-row statistics [B, MS_STAT_COLUMNS] (accumulation type), as in

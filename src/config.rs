@@ -372,6 +372,9 @@ pub struct MarginSoftmaxLoss {
     /// Logit soft-capping (Gemma-2 style): z ← cap·tanh(z/cap) on every logit, after the head
     /// and before the criterion. `None` (the default): no capping.
     pub logit_softcap: Option<f64>,
+    /// Whether a CUDA forward checks the targets (default `true`); see
+    /// [`MarginSoftmaxLoss::check_targets`].
+    pub check_targets: bool,
 }
 
 impl MarginSoftmaxLoss {
@@ -390,6 +393,7 @@ impl MarginSoftmaxLoss {
             reduction: Reduction::Mean,
             margin_grad: MarginGrad::Exact,
             logit_softcap: None,
+            check_targets: true,
         }
     }
     /// Label smoothing ε; must be in [0, 1). With class weights it follows PyTorch: the
@@ -440,6 +444,19 @@ impl MarginSoftmaxLoss {
     /// Logit soft-capping z ← cap·tanh(z/cap) (Gemma-2); `cap` must be finite and > 0.
     pub fn logit_softcap(mut self, cap: f64) -> Self {
         self.logit_softcap = Some(cap);
+        self
+    }
+    /// Whether the forward on a CUDA device checks the targets (default `true`).
+    ///
+    /// The targets are converted and checked on the GPU either way; with the check, the
+    /// forward then reads one value back (the first invalid row, if any) to return the same
+    /// `Err` as the CPU path — one host synchronization per forward, none in the backward.
+    /// `false` skips that read, so that the CPU can run ahead and a training step can be
+    /// captured in a CUDA graph: a target outside [0, C) that is not `ignore_index` then gives
+    /// that row a NaN loss and a NaN gradient row (and NaN for a mean over it) instead of an
+    /// `Err`, never an out-of-bounds read. The CPU path always checks.
+    pub fn check_targets(mut self, check: bool) -> Self {
+        self.check_targets = check;
         self
     }
 

@@ -1,20 +1,23 @@
 //! The CUDA bodies of the op (feature `cuda`): the Rust side of `kernels/*.cu`. Every raw
-//! launch of the crate is here; `src/op.rs` calls [`forward`], [`backward`] and
-//! [`forward_backward`] from its `cuda_fwd` and from its storage dispatch.
+//! launch of the crate is here (the modules are loaded by `src/cuda_module.rs`); `src/op.rs`
+//! calls [`forward`], [`backward`] and [`forward_backward`] from its `cuda_fwd` and from its
+//! storage dispatch.
 //!
-//! - forward: `ms_forward_partial` (each row cut into `splits` column ranges, one block each,
-//!   writing the online max / sum-exp state of its range) then `ms_forward_finalize` (one
-//!   thread per row merges its partials in a fixed order and forms the statistics).
-//! - backward: `ms_backward`, one more read of each row and one write of the gradient.
-//! - forward_backward: `ms_fused` (one block per row, the row held in shared memory: one read,
-//!   one write) when the row fits, else partial → finalize (with the backward's row info and
-//!   d(loss)/d(scale), upstream factor folded in) → backward.
+//! - targets: `ms_targets` converts and checks them on the GPU (and forms the mean's gradient
+//!   factor 1/Σ w there); the forward reads back one value, the first invalid row, unless
+//!   [`MarginSoftmaxLoss::check_targets`] is off; the backward reads nothing.
+//! - forward: `ms_forward_partial_{variant}` (each row cut into `splits` column ranges, one
+//!   block each, writing the online max / sum-exp state of its range) then `ms_forward_finalize`
+//!   (one thread per row merges its partials in a fixed order and forms the statistics).
+//! - backward: `ms_backward_{variant}`, one more read of each row and one write of the gradient.
+//! - forward_backward: `ms_fused_{variant}` (one block per row, the row held in shared memory,
+//!   up to the device's opt-in limit: one read, one write) when the row fits, else partial →
+//!   finalize (with the backward's row info and d(loss)/d(scale), upstream factor folded in) →
+//!   backward.
 //!
-//! Which path, and every grid, block and dynamic shared memory size, come from
-//! [`crate::launch::Planner::DEVICE`], the same plans that the emulated backend (`src/emu.rs`)
-//! runs on the CPU in CI. The targets are read back to the host once per call and checked by the
-//! same code as the CPU path ([`crate::prepare::validate_targets`]), so the errors are identical
-//! on every device; they go to the device as i32, −1 for an ignored row.
+//! Which path, the variant, and every grid, block and dynamic shared memory size, come from
+//! [`Planner::device`] for the device's shape, the same plans that the emulated backend
+//! (`src/emu.rs`) runs on the CPU in CI.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaDType;
@@ -26,38 +29,15 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, bail}
 use half::{bf16, f16};
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME};
+use crate::cuda_module::{self, BACKWARD, FORWARD, FUSED, Kernel, TARGETS};
 use crate::kernel_params::MsParams;
 use crate::launch::{
-    FUSED_STATIC_RESERVE, ForwardPlan, Launch, LossAndGradPlan, Planner, RowShape, kernel_targets,
+    DEFAULT_SHARED, DeviceShape, FUSED_STATIC_RESERVE, ForwardPlan, Launch, LossAndGradPlan,
+    Planner, RowShape, TARGETS_LAUNCH,
 };
 use crate::math::{Acc, Element};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
-use crate::prepare::{kernel_poly, kernel_upstream, validate_targets};
-
-/// The PTX of each kernel module, compiled from `kernels/*.cu` by `build.rs`.
-const FORWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/forward.ptx"));
-const BACKWARD_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/backward.ptx"));
-const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-
-/// A PTX module: the name candle caches it under, and its text.
-#[derive(Clone, Copy)]
-struct Module {
-    name: &'static str,
-    ptx: &'static str,
-}
-
-const FORWARD: Module = Module {
-    name: "margin_softmax_forward",
-    ptx: FORWARD_PTX,
-};
-const BACKWARD: Module = Module {
-    name: "margin_softmax_backward",
-    ptx: BACKWARD_PTX,
-};
-const FUSED: Module = Module {
-    name: "margin_softmax_fused",
-    ptx: FUSED_PTX,
-};
+use crate::prepare::{kernel_poly, target_error};
 
 // SAFETY: MsParams is #[repr(C)], Copy, holds only plain integers and floats, and mirrors the
 // layout of `struct MsParams` in kernels/params.cuh field for field (its size is checked at
@@ -65,9 +45,15 @@ const FUSED: Module = Module {
 unsafe impl DeviceRepr for MsParams {}
 
 /// An accumulation type on the device (f32 or f64).
-trait CudaAcc: Acc + CudaDType + DeviceRepr + ValidAsZeroBits {}
-impl CudaAcc for f32 {}
-impl CudaAcc for f64 {}
+trait CudaAcc: Acc + CudaDType + DeviceRepr + ValidAsZeroBits {
+    const SUFFIX: &'static str;
+}
+impl CudaAcc for f32 {
+    const SUFFIX: &'static str = "f32";
+}
+impl CudaAcc for f64 {
+    const SUFFIX: &'static str = "f64";
+}
 
 /// An input element type on the device, and its kernels' name suffix.
 trait CudaElement: Element<Acc: CudaAcc> + CudaDType + DeviceRepr + ValidAsZeroBits {
@@ -102,55 +88,155 @@ macro_rules! with_element {
     };
 }
 
-/// Loads (once per device) the module and returns the kernel `{root}_{suffix}`; a macro because
-/// candle does not export the type of the handle.
-macro_rules! kernel {
-    ($dev:expr, $t:ty, $module:expr, $root:literal) => {{
-        let module: Module = $module;
-        $dev.get_or_load_custom_func(
-            &format!("{}_{}", $root, <$t as CudaElement>::SUFFIX),
-            module.name,
-            module.ptx,
-        )
-    }};
+/// The kernel `{root}_{variant}_{suffix}` (or `{root}_{suffix}` without a variant) of `module`,
+/// loaded once per device.
+fn kernel<T: CudaElement>(
+    dev: &CudaDevice,
+    module: &cuda_module::Module,
+    root: &str,
+    variant: Option<&str>,
+) -> Result<Kernel> {
+    let name = match variant {
+        Some(v) => format!("{root}_{v}_{}", T::SUFFIX),
+        None => format!("{root}_{}", T::SUFFIX),
+    };
+    cuda_module::kernel(dev, module, &name)
 }
 
-/// The validated targets (read back to the host, checked as on the CPU).
-fn read_targets(
-    storage: &CudaStorage,
-    layout: &Layout,
+/// The device's shape for the planner.
+fn device_shape(dev: &CudaDevice) -> Result<DeviceShape> {
+    let limits = cuda_module::device_limits(dev)?;
+    Ok(DeviceShape {
+        sm_count: limits.sm_count,
+        max_shared_per_block: limits.max_dynamic_shared_optin.max(DEFAULT_SHARED),
+    })
+}
+
+/// The planner for `dev`.
+fn planner(dev: &CudaDevice) -> Result<Planner> {
+    Ok(Planner::device(device_shape(dev)?))
+}
+
+/// The widest row `loss_and_grad` reads in one pass (`ms_fused`) on `dev` for elements of
+/// `size` bytes.
+pub(crate) fn one_pass_max_classes(dev: &CudaDevice, size: usize) -> Result<usize> {
+    Ok(planner(dev)?.fused_max_classes(size))
+}
+
+/// The targets on the device as the loss kernels take them, and the gradient factor.
+struct DeviceTargets<A> {
+    /// i32 classes, −1 for an ignored row, −2 for an invalid target.
+    targets: CudaSlice<i32>,
+    /// 1, or 1/Σ w for the mean (one element).
+    upstream: CudaSlice<A>,
+}
+
+/// `ms_targets`: the targets converted (and the mean's factor formed) on the device. With
+/// `check`, the first invalid row is read back (the one host synchronization of a forward)
+/// and turned into the CPU path's `Err`; without, nothing is read.
+fn device_targets<A: CudaAcc>(
     cfg: &MarginSoftmaxLoss,
+    dev: &CudaDevice,
     classes: usize,
-) -> Result<Vec<Option<usize>>> {
+    targets: (&CudaStorage, &Layout),
+    weights: &CudaView<'_, A>,
+    mean: bool,
+    check: bool,
+) -> Result<DeviceTargets<A>> {
     let name = cfg.head.name();
+    let (storage, layout) = targets;
     let Some((start, end)) = layout.contiguous_offsets() else {
         bail!("{OP_NAME}({name}): internal error: targets must be contiguous")
     };
-    if start == end {
-        return Ok(Vec::new());
-    }
-    // The targets' values, copied to the host and widened to i64.
-    fn widened<T: CudaDType + DeviceRepr + Into<i64>>(
-        storage: &CudaStorage,
-        range: std::ops::Range<usize>,
-        name: &str,
-    ) -> Result<Vec<i64>> {
-        let slice = view(storage.as_cuda_slice::<T>()?, range, "targets", name)?;
-        let host = storage.device().clone_dtoh(&slice)?;
-        Ok(host.into_iter().map(Into::into).collect())
-    }
-    let values = match storage.dtype() {
-        DType::U8 => widened::<u8>(storage, start..end, name)?,
-        DType::U32 => widened::<u32>(storage, start..end, name)?,
-        DType::I64 => widened::<i64>(storage, start..end, name)?,
+    let rows = end - start;
+    let suffix = match storage.dtype() {
+        DType::U8 => "u8",
+        DType::U32 => "u32",
+        DType::I64 => "i64",
         other => bail!("{OP_NAME}({name}): targets must be u8, u32 or i64, got {other:?}"),
     };
-    validate_targets(&values, cfg, classes)
-}
-
-/// The validated targets on the device: i32 class indices, −1 for an ignored row.
-fn upload_targets(dev: &CudaDevice, targets: &[Option<usize>]) -> Result<CudaSlice<i32>> {
-    dev.clone_htod(&kernel_targets(targets))
+    let func = cuda_module::kernel(dev, &TARGETS, &format!("ms_targets_{suffix}_{}", A::SUFFIX))?;
+    // SAFETY: ms_targets writes all `rows` outputs, first_invalid and upstream.
+    let (mut out, mut first_invalid, mut upstream) = unsafe {
+        (
+            dev.alloc::<i32>(rows.max(1))?,
+            dev.alloc::<i64>(1)?,
+            dev.alloc::<A>(1)?,
+        )
+    };
+    let (ignore_index, has_ignore) = cfg.ignore_index.map_or((0i64, 0i32), |i| (i, 1));
+    let (rows_i64, classes_i64) = (rows as i64, classes as i64);
+    let has_weights = i32::from(cfg.class_weights.is_some());
+    let mean_flag = i32::from(mean);
+    {
+        // The raw targets as a view that outlives the builder (one of the three is set).
+        let (raw_u8, raw_u32, raw_i64);
+        let mut b = func.builder();
+        match storage.dtype() {
+            DType::U8 => {
+                raw_u8 = view(storage.as_cuda_slice::<u8>()?, start..end, "targets", name)?;
+                b.arg(&raw_u8);
+            }
+            DType::U32 => {
+                raw_u32 = view(storage.as_cuda_slice::<u32>()?, start..end, "targets", name)?;
+                b.arg(&raw_u32);
+            }
+            _ => {
+                raw_i64 = view(storage.as_cuda_slice::<i64>()?, start..end, "targets", name)?;
+                b.arg(&raw_i64);
+            }
+        }
+        b.arg(&rows_i64);
+        b.arg(&classes_i64);
+        b.arg(&ignore_index);
+        b.arg(&has_ignore);
+        b.arg(weights);
+        b.arg(&has_weights);
+        b.arg(&mean_flag);
+        b.arg(&mut out);
+        b.arg(&mut first_invalid);
+        b.arg(&mut upstream);
+        // SAFETY: the arguments match `ms_targets_I_A(const I* raw, long long rows, long long
+        // classes, long long ignore_index, int has_ignore, const A* weights, int has_weights,
+        // int mean, int* out, long long* first_invalid, A* upstream)` in kernels/targets.cu;
+        // raw and out hold `rows` elements, weights C when has_weights (else one, never read),
+        // first_invalid and upstream one each; one block of MS_TARGETS_BLOCK threads.
+        unsafe { b.launch(config(&TARGETS_LAUNCH)) }.w()?;
+    }
+    if check && rows > 0 {
+        let first = dev.clone_dtoh(&first_invalid)?[0];
+        if first >= 0 && (first as usize) < rows {
+            let row = first as usize;
+            let at = start + row;
+            let value: i64 = match storage.dtype() {
+                DType::U8 => dev.clone_dtoh(&view(
+                    storage.as_cuda_slice::<u8>()?,
+                    at..at + 1,
+                    "targets",
+                    name,
+                )?)?[0]
+                    .into(),
+                DType::U32 => dev.clone_dtoh(&view(
+                    storage.as_cuda_slice::<u32>()?,
+                    at..at + 1,
+                    "targets",
+                    name,
+                )?)?[0]
+                    .into(),
+                _ => dev.clone_dtoh(&view(
+                    storage.as_cuda_slice::<i64>()?,
+                    at..at + 1,
+                    "targets",
+                    name,
+                )?)?[0],
+            };
+            return Err(target_error(cfg, value, row, classes));
+        }
+    }
+    Ok(DeviceTargets {
+        targets: out,
+        upstream,
+    })
 }
 
 /// `slice[range]` as a view, an `Err` (not a panic) if the layout does not fit the storage.
@@ -244,7 +330,7 @@ struct Inputs<'a, T: CudaElement> {
     dev: &'a CudaDevice,
     shape: RowShape,
     x: CudaView<'a, T>,
-    targets: CudaSlice<i32>,
+    targets: DeviceTargets<T::Acc>,
     scale: CudaView<'a, T::Acc>,
     poly: CudaSlice<T::Acc>,
 }
@@ -254,7 +340,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         cfg: &MarginSoftmaxLoss,
         shape: RowShape,
         x: (&'a CudaStorage, &Layout),
-        targets: &[Option<usize>],
+        targets: DeviceTargets<T::Acc>,
         scale: (&'a CudaStorage, &Layout),
     ) -> Result<Self> {
         let name = cfg.head.name();
@@ -263,31 +349,31 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             dev,
             shape,
             x: input_view::<T>(x.0, x.1, name)?,
-            targets: upload_targets(dev, targets)?,
+            targets,
             scale: contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?,
             poly: poly_buffer::<T::Acc>(cfg, dev)?,
         })
     }
 
-    /// `ms_forward_partial`: the online state of each (row, split) [rows, splits, 5].
+    /// `ms_forward_partial_{variant}`: the online state of each (row, split) [rows, splits, 5].
     fn partial(
         &self,
         plan: &ForwardPlan,
         weights: &CudaView<'_, T::Acc>,
     ) -> Result<CudaSlice<T::Acc>> {
-        let func = kernel!(self.dev, T, FORWARD, "ms_forward_partial")?;
+        let func = kernel::<T>(self.dev, &FORWARD, "ms_forward_partial", Some(plan.variant))?;
         // SAFETY: ms_forward_partial writes all rows·splits·5 entries (each block its own 5)
         // before anything reads them; the buffer is only ever passed to ms_forward_finalize.
         let mut partials = unsafe { self.dev.alloc::<T::Acc>(plan.partials_len) }?;
         {
             let mut b = func.builder();
             b.arg(&self.x);
-            b.arg(&self.targets);
+            b.arg(&self.targets.targets);
             b.arg(&self.scale);
             b.arg(weights);
             b.arg(&plan.params);
             b.arg(&mut partials);
-            // SAFETY: the arguments match `ms_forward_partial_T(const T* x, const int*
+            // SAFETY: the arguments match `ms_forward_partial_{variant}_T(const T* x, const int*
             // targets, const ACC* scale, const ACC* weights, MsParams p, ACC* partials)` in
             // kernels/forward.cu; x holds rows·row_stride elements from its first (the layout's
             // row stride and offset, checked by candle against the storage), targets and scale
@@ -300,8 +386,8 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
     }
 
     /// `ms_forward_finalize`: the statistics [rows, 8] from the partials, and with `backward`
-    /// also the backward's row info [rows, 6] and d(loss)/d(scale) [rows], with `p.upstream`
-    /// folded in.
+    /// also the backward's row info [rows, 6] and d(loss)/d(scale) [rows], with the gradient
+    /// factor (`ms_targets`'s upstream) folded in.
     fn finalize(
         &self,
         plan: &ForwardPlan,
@@ -310,14 +396,14 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         backward: Option<ForBackward<'_, T::Acc>>,
     ) -> Result<CudaSlice<T::Acc>> {
         let rows = self.shape.rows;
-        let func = kernel!(self.dev, T, FORWARD, "ms_forward_finalize")?;
+        let func = kernel::<T>(self.dev, &FORWARD, "ms_forward_finalize", None)?;
         // SAFETY: ms_forward_finalize writes all 8 columns of every row (ignored rows too).
         let mut stats = unsafe { self.dev.alloc::<T::Acc>(rows * STAT_COLUMNS) }?;
         let null = 0u64;
         {
             let mut b = func.builder();
             b.arg(&self.x);
-            b.arg(&self.targets);
+            b.arg(&self.targets.targets);
             b.arg(&self.scale);
             b.arg(weights);
             b.arg(&self.poly);
@@ -337,56 +423,43 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
                     b.arg(&null);
                 }
             }
+            b.arg(&self.targets.upstream);
             // SAFETY: the arguments match `ms_forward_finalize_T(const T* x, const int*
             // targets, const ACC* scale, const ACC* weights, const ACC* poly, MsParams p,
-            // const ACC* partials, ACC* stats, ACC* row_info, ACC* grad_scale)` in
-            // kernels/forward.cu; weights holds C elements when p.has_weights (else one), poly
-            // max(n_poly, 1), partials the rows·splits·5 written by ms_forward_partial with
-            // the same p, stats rows·8, and row_info / grad_scale are rows·6 / rows buffers or
-            // null (0), which the kernel then does not write.
+            // const ACC* partials, ACC* stats, ACC* row_info, ACC* grad_scale, const ACC*
+            // upstream)` in kernels/forward.cu; weights holds C elements when p.has_weights
+            // (else one), poly max(n_poly, 1), partials the rows·splits·5 written by
+            // ms_forward_partial with the same p, stats rows·8, row_info / grad_scale are
+            // rows·6 / rows buffers or null (0), which the kernel then does not write, upstream
+            // one element.
             unsafe { b.launch(config(&plan.finalize)) }.w()?;
         }
         Ok(stats)
     }
 
-    /// `ms_backward`: d(loss)/d(input) [rows, C] from the row info [rows, 6].
-    fn backward(
-        &self,
-        p: &MsParams,
-        launch: &Launch,
-        row_info: &CudaView<'_, T::Acc>,
-        weights: &CudaView<'_, T::Acc>,
-    ) -> Result<CudaSlice<T>> {
-        backward_launch(
-            self.dev,
-            self.shape,
-            BackwardArgs {
-                x: &self.x,
-                targets: &self.targets,
-                row_info,
-                weights,
-            },
-            p,
-            launch,
-        )
-    }
-
-    /// `ms_fused`: the statistics, the gradient and d(loss)/d(scale) in one launch.
+    /// `ms_fused_{variant}`: the statistics, the gradient and d(loss)/d(scale) in one launch.
     fn fused(
         &self,
         p: &MsParams,
+        variant: &str,
         launch: &Launch,
         weights: &CudaView<'_, T::Acc>,
     ) -> Result<LossAndGrad<T>> {
         let RowShape { rows, classes, .. } = self.shape;
-        let func = kernel!(self.dev, T, FUSED, "ms_fused")?;
-        let static_smem = func.shared_size_bytes().w()?;
-        if static_smem < 0 || static_smem as usize > FUSED_STATIC_RESERVE {
+        let func = kernel::<T>(self.dev, &FUSED, "ms_fused", Some(variant))?;
+        let static_smem = func.static_shared_bytes()?;
+        if static_smem > FUSED_STATIC_RESERVE {
             bail!(
-                "{OP_NAME}: internal error: ms_fused_{} uses {static_smem} bytes of static shared \
-                 memory, more than the {FUSED_STATIC_RESERVE} reserved for it",
+                "{OP_NAME}: internal error: ms_fused_{variant}_{} uses {static_smem} bytes of \
+                 static shared memory, more than the {FUSED_STATIC_RESERVE} reserved for it",
                 T::SUFFIX
             )
+        }
+        let dynamic = launch.shared_mem_bytes as usize;
+        if dynamic + static_smem > DEFAULT_SHARED {
+            // Above 48 KiB a block's shared memory needs the opt-in (the planner kept it within
+            // the device's limit).
+            func.allow_dynamic_shared(dynamic)?;
         }
         // SAFETY: ms_fused writes all 8 statistics, all C gradient elements and the scale
         // gradient of every row (ignored rows too: zeros).
@@ -400,7 +473,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         {
             let mut b = func.builder();
             b.arg(&self.x);
-            b.arg(&self.targets);
+            b.arg(&self.targets.targets);
             b.arg(&self.scale);
             b.arg(weights);
             b.arg(&self.poly);
@@ -408,12 +481,14 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             b.arg(&mut stats);
             b.arg(&mut grad);
             b.arg(&mut grad_scale);
-            // SAFETY: the arguments match `ms_fused_T(const T* x, const int* targets, const
-            // ACC* scale, const ACC* weights, const ACC* poly, MsParams p, ACC* stats, T* grad,
-            // ACC* grad_scale)` in kernels/fused.cu; the buffers hold rows·8, rows·C and rows
-            // elements; the dynamic shared memory holds the row (round_up(C·sizeof(T), 16) bytes)
-            // (round_up(C·sizeof(T), 16) bytes, planned by src/launch.rs), and with the kernel's
-            // static shared memory (checked above) stays within the 48 KiB that need no opt-in.
+            b.arg(&self.targets.upstream);
+            // SAFETY: the arguments match `ms_fused_{variant}_T(const T* x, const int* targets,
+            // const ACC* scale, const ACC* weights, const ACC* poly, MsParams p, ACC* stats, T*
+            // grad, ACC* grad_scale, const ACC* upstream)` in kernels/fused.cu; the buffers hold
+            // rows·8, rows·C and rows elements, upstream one; the dynamic shared memory holds
+            // the row (fused_shared_bytes, planned by src/launch.rs), and with the kernel's
+            // static shared memory (checked above) stays within the device's opt-in limit, which
+            // the function was opted into above.
             unsafe { b.launch(config(launch)) }.w()?;
         }
         Ok(LossAndGrad {
@@ -436,8 +511,7 @@ fn backward_launch<T: CudaElement>(
     dev: &CudaDevice,
     shape: RowShape,
     args: BackwardArgs<'_, '_, T>,
-    p: &MsParams,
-    launch: &Launch,
+    (p, variant, launch): (&MsParams, &str, &Launch),
 ) -> Result<CudaSlice<T>> {
     let RowShape { rows, classes, .. } = shape;
     let BackwardArgs {
@@ -446,7 +520,7 @@ fn backward_launch<T: CudaElement>(
         row_info,
         weights,
     } = args;
-    let func = kernel!(dev, T, BACKWARD, "ms_backward")?;
+    let func = kernel::<T>(dev, &BACKWARD, "ms_backward", Some(variant))?;
     // SAFETY: ms_backward is grid-stride in both dimensions and writes all C elements of every
     // row (ignored rows: zeros).
     let mut grad = unsafe { dev.alloc::<T>(rows * classes) }?;
@@ -458,11 +532,11 @@ fn backward_launch<T: CudaElement>(
         b.arg(weights);
         b.arg(p);
         b.arg(&mut grad);
-        // SAFETY: the arguments match `ms_backward_T(const T* x, const int* targets, const ACC*
-        // row_info, const ACC* weights, MsParams p, T* grad)` in kernels/backward.cu; x holds
-        // rows·row_stride elements from its first, targets rows, row_info rows·6, weights C
-        // when p.has_weights (else one, never read: p.weighted_smoothing needs class weights),
-        // grad rows·C.
+        // SAFETY: the arguments match `ms_backward_{variant}_T(const T* x, const int* targets,
+        // const ACC* row_info, const ACC* weights, MsParams p, T* grad)` in kernels/backward.cu;
+        // x holds rows·row_stride elements from its first, targets rows, row_info rows·6,
+        // weights C when p.has_weights (else one, never read: p.weighted_smoothing needs class
+        // weights), grad rows·C.
         unsafe { b.launch(config(launch)) }.w()?;
     }
     Ok(grad)
@@ -486,14 +560,20 @@ fn empty<A: CudaDType + DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice) -> Resul
     ))
 }
 
-/// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype.
+/// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype;
+/// d(loss)/d(scale) (column 7) only with `scale_grad`, else 0.
 pub(crate) fn forward(
     cfg: &MarginSoftmaxLoss,
     x: (&CudaStorage, &Layout),
     targets: (&CudaStorage, &Layout),
     scale: (&CudaStorage, &Layout),
+    scale_grad: bool,
 ) -> Result<CudaStorage> {
-    with_element!(x.0, cfg.head.name(), forward_typed(cfg, x, targets, scale))
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        forward_typed(cfg, x, targets, scale, scale_grad)
+    )
 }
 
 fn forward_typed<T: CudaElement>(
@@ -501,16 +581,25 @@ fn forward_typed<T: CudaElement>(
     x: (&CudaStorage, &Layout),
     targets: (&CudaStorage, &Layout),
     scale: (&CudaStorage, &Layout),
+    scale_grad: bool,
 ) -> Result<CudaStorage> {
     let shape = RowShape::new(x.1, cfg.head.name())?;
-    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
     let dev = x.0.device();
     if shape.rows == 0 {
         return empty::<T::Acc>(dev);
     }
-    let inputs = Inputs::<T>::new(cfg, shape, x, &targets, scale)?;
-    let plan = Planner::DEVICE.forward(cfg, shape, 1.0)?;
+    let plan = planner(dev)?.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
     let stats = with_weights::<T::Acc, _>(cfg, dev, |weights| {
+        let targets = device_targets(
+            cfg,
+            dev,
+            shape.classes,
+            targets,
+            weights,
+            false,
+            cfg.check_targets,
+        )?;
+        let inputs = Inputs::<T>::new(cfg, shape, x, targets, scale)?;
         let partials = inputs.partial(&plan, weights)?;
         inputs.finalize(&plan, weights, &partials, None)
     })?;
@@ -518,7 +607,8 @@ fn forward_typed<T: CudaElement>(
 }
 
 /// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
-/// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in).
+/// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in). No host synchronization:
+/// the targets are converted on the device without the check (the forward made it).
 pub(crate) fn backward(
     cfg: &MarginSoftmaxLoss,
     x: (&CudaStorage, &Layout),
@@ -540,7 +630,6 @@ fn backward_typed<T: CudaElement>(
 ) -> Result<CudaStorage> {
     let name = cfg.head.name();
     let shape = RowShape::new(x.1, name)?;
-    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
     let dev = x.0.device();
     if shape.rows == 0 {
         return empty::<T>(dev);
@@ -554,40 +643,40 @@ fn backward_typed<T: CudaElement>(
         )
     }
     let x_view = input_view::<T>(x.0, x.1, name)?;
-    let targets = upload_targets(dev, &targets)?;
-    let plan = Planner::DEVICE.backward(cfg, shape, std::mem::size_of::<T>())?;
+    let plan = planner(dev)?.backward(cfg, shape, std::mem::size_of::<T>())?;
     let grad = with_weights::<T::Acc, _>(cfg, dev, |weights| {
+        let targets = device_targets(cfg, dev, shape.classes, targets, weights, false, false)?;
         backward_launch::<T>(
             dev,
             shape,
             BackwardArgs {
                 x: &x_view,
-                targets: &targets,
+                targets: &targets.targets,
                 row_info: &info,
                 weights,
             },
-            &plan.params,
-            &plan.backward,
+            (&plan.params, plan.variant, &plan.backward),
         )
     })?;
     Ok(CudaStorage::wrap_cuda_slice(grad, dev.clone()))
 }
 
 /// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
-/// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
-/// Σ_i ℓ_i. `ms_fused` when the row fits in shared memory ([`fused_max_classes`]), else
-/// partial → finalize → backward.
+/// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}, the sum
+/// formed on the device), else for Σ_i ℓ_i. `ms_fused` when the row fits in the shared memory
+/// a block may have on the device, else partial → finalize → backward.
 pub(crate) fn forward_backward(
     cfg: &MarginSoftmaxLoss,
     x: (&CudaStorage, &Layout),
     targets: (&CudaStorage, &Layout),
     scale: (&CudaStorage, &Layout),
     mean: bool,
+    scale_grad: bool,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
     with_element!(
         x.0,
         cfg.head.name(),
-        forward_backward_typed(cfg, x, targets, scale, mean)
+        forward_backward_typed(cfg, x, targets, scale, mean, scale_grad)
     )
 }
 
@@ -597,9 +686,9 @@ fn forward_backward_typed<T: CudaElement>(
     targets: (&CudaStorage, &Layout),
     scale: (&CudaStorage, &Layout),
     mean: bool,
+    scale_grad: bool,
 ) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
     let shape = RowShape::new(x.1, cfg.head.name())?;
-    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
     let dev = x.0.device();
     let wrap = |out: LossAndGrad<T>| {
         (
@@ -615,32 +704,61 @@ fn forward_backward_typed<T: CudaElement>(
             grad_scale: dev.alloc_zeros(0)?,
         }));
     }
-    let upstream = kernel_upstream::<T::Acc>(cfg, &targets, mean)?;
-    let inputs = Inputs::<T>::new(cfg, shape, x, &targets, scale)?;
-    let plan = Planner::DEVICE.loss_and_grad(cfg, shape, std::mem::size_of::<T>(), upstream)?;
-    let out = with_weights::<T::Acc, _>(cfg, dev, |weights| match &plan {
-        LossAndGradPlan::Fused { params, fused } => inputs.fused(params, fused, weights),
-        LossAndGradPlan::Split { forward, backward } => {
-            let partials = inputs.partial(forward, weights)?;
-            // SAFETY: ms_forward_finalize writes all rows·6 row-info entries and all rows
-            // scale-gradient entries when given these buffers.
-            let (mut row_info, mut grad_scale) = unsafe {
-                (
-                    dev.alloc::<T::Acc>(shape.rows * ROWINFO_COLUMNS)?,
-                    dev.alloc::<T::Acc>(shape.rows)?,
-                )
-            };
-            let for_backward = ForBackward {
-                row_info: &mut row_info,
-                grad_scale: &mut grad_scale,
-            };
-            let stats = inputs.finalize(forward, weights, &partials, Some(for_backward))?;
-            let grad = inputs.backward(&forward.params, backward, &row_info.slice(..), weights)?;
-            Ok(LossAndGrad {
-                stats,
-                grad,
-                grad_scale,
-            })
+    let size = std::mem::size_of::<T>();
+    let plan = planner(dev)?.loss_and_grad(cfg, shape, size, scale_grad)?;
+    let out = with_weights::<T::Acc, _>(cfg, dev, |weights| {
+        let targets = device_targets(
+            cfg,
+            dev,
+            shape.classes,
+            targets,
+            weights,
+            mean,
+            cfg.check_targets,
+        )?;
+        let inputs = Inputs::<T>::new(cfg, shape, x, targets, scale)?;
+        match &plan {
+            LossAndGradPlan::Fused {
+                params,
+                variant,
+                fused,
+            } => inputs.fused(params, variant, fused, weights),
+            LossAndGradPlan::Split {
+                forward,
+                backward_variant,
+                backward,
+            } => {
+                let partials = inputs.partial(forward, weights)?;
+                // SAFETY: ms_forward_finalize writes all rows·6 row-info entries and all rows
+                // scale-gradient entries when given these buffers.
+                let (mut row_info, mut grad_scale) = unsafe {
+                    (
+                        dev.alloc::<T::Acc>(shape.rows * ROWINFO_COLUMNS)?,
+                        dev.alloc::<T::Acc>(shape.rows)?,
+                    )
+                };
+                let for_backward = ForBackward {
+                    row_info: &mut row_info,
+                    grad_scale: &mut grad_scale,
+                };
+                let stats = inputs.finalize(forward, weights, &partials, Some(for_backward))?;
+                let grad = backward_launch::<T>(
+                    dev,
+                    shape,
+                    BackwardArgs {
+                        x: &inputs.x,
+                        targets: &inputs.targets.targets,
+                        row_info: &row_info.slice(..),
+                        weights,
+                    },
+                    (&forward.params, backward_variant, backward),
+                )?;
+                Ok(LossAndGrad {
+                    stats,
+                    grad,
+                    grad_scale,
+                })
+            }
         }
     })?;
     Ok(wrap(out))

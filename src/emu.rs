@@ -7,7 +7,7 @@
 //! and of their launch planning without a GPU. Every launch comes from [`Planner`], the planning
 //! code of the CUDA backend (with a lower grid cap when the caller asks for one, so that the
 //! grid-stride loops run on small inputs), and the host side does what `src/cuda.rs` does: the
-//! targets validated and sent as i32, the mean's upstream factor, the same buffers. Outputs are
+//! targets converted and checked by `ms_targets`, the mean's upstream factor on the device, the same buffers. Outputs are
 //! filled with NaN before each launch, so an element a kernel forgets to write shows up as a
 //! mismatch.
 //!
@@ -16,17 +16,20 @@
 
 use std::cell::Cell;
 
-use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, DType, Layout, Result, WithDType, bail};
 use half::{bf16, f16};
 use num_traits::{Float, Zero};
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME};
-use crate::host::{contiguous, read_targets, with_element};
+use crate::host::{contiguous, with_element};
 use crate::kernel_params::MsParams;
-use crate::launch::{ForwardPlan, Launch, LossAndGradPlan, Planner, RowShape, kernel_targets};
+use crate::launch::{
+    ForwardPlan, Launch, LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH, variant_index,
+};
 use crate::math::{Acc, Element};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
-use crate::prepare::{kernel_poly, kernel_upstream, read_weights};
+use crate::prepare::{kernel_poly, read_weights, target_error};
 
 thread_local! {
     /// The planner of this thread's emulated launches; `None`: the CPU bodies.
@@ -50,6 +53,7 @@ pub(crate) fn active() -> Option<Planner> {
 /// report on stderr.
 pub mod kernel_emu {
     use super::{PLANNER, Planner};
+    pub use crate::launch::DeviceShape;
 
     /// Restores the previous setting when dropped (also when `f` panics).
     struct Restore(Option<Planner>);
@@ -66,11 +70,18 @@ pub mod kernel_emu {
     }
 
     /// Runs `f` with every call of the op on CPU tensors, on this thread, executed by the CUDA
-    /// kernels under the emulator. Launch grids have at most `grid_cap` blocks in each dimension
-    /// (clamped to 1..=65535, the CUDA backend's cap): a small cap runs the kernels' grid-stride
-    /// loops on small inputs.
+    /// kernels under the emulator, planned for a GPU without the shared-memory opt-in
+    /// ([`DeviceShape::DEFAULT`]). Launch grids have at most `grid_cap` blocks in each
+    /// dimension (clamped to 1..=65535, the CUDA backend's cap): a small cap runs the kernels'
+    /// grid-stride loops on small inputs.
     pub fn emulated<R>(grid_cap: usize, f: impl FnOnce() -> R) -> R {
-        with(Some(Planner::grid_cap(grid_cap)), f)
+        emulated_on(grid_cap, DeviceShape::DEFAULT, f)
+    }
+
+    /// [`emulated`], planned for a device of the given shape (e.g. [`DeviceShape::H200`]: the
+    /// one-pass path then takes rows up to the 227 KiB of shared memory a block may opt into).
+    pub fn emulated_on<R>(grid_cap: usize, device: DeviceShape, f: impl FnOnce() -> R) -> R {
+        with(Some(Planner::grid_cap(grid_cap, device)), f)
     }
 
     /// Runs `f` with the op on CPU tensors back on the CPU bodies (inside [`emulated`]: the
@@ -82,6 +93,7 @@ pub mod kernel_emu {
 
 type Partial<T, A> = unsafe extern "C" fn(
     *const Launch,
+    i32,
     *const T,
     *const i32,
     *const A,
@@ -101,9 +113,11 @@ type Finalize<T, A> = unsafe extern "C" fn(
     *mut A,
     *mut A,
     *mut A,
+    *const A,
 );
 type Backward<T, A> = unsafe extern "C" fn(
     *const Launch,
+    i32,
     *const T,
     *const i32,
     *const A,
@@ -113,6 +127,7 @@ type Backward<T, A> = unsafe extern "C" fn(
 );
 type Fused<T, A> = unsafe extern "C" fn(
     *const Launch,
+    i32,
     *const T,
     *const i32,
     *const A,
@@ -122,9 +137,26 @@ type Fused<T, A> = unsafe extern "C" fn(
     *mut A,
     *mut T,
     *mut A,
+    *const A,
+);
+/// `ms_targets_{I}_{A}`: raw, rows, classes, ignore_index, has_ignore, weights, has_weights,
+/// mean, out, first_invalid, upstream.
+type Targets<I, A> = unsafe extern "C" fn(
+    *const Launch,
+    *const I,
+    i64,
+    i64,
+    i64,
+    i32,
+    *const A,
+    i32,
+    i32,
+    *mut i32,
+    *mut i64,
+    *mut A,
 );
 
-/// The four entry points of one element type.
+/// The four entry points of one element type (each takes the variant's index).
 struct Kernels<T, A> {
     partial: Partial<T, A>,
     finalize: Finalize<T, A>,
@@ -132,9 +164,21 @@ struct Kernels<T, A> {
     fused: Fused<T, A>,
 }
 
+/// `ms_targets` for one accumulation type, per target dtype.
+struct TargetKernels<A> {
+    u8: Targets<u8, A>,
+    u32: Targets<u32, A>,
+    i64: Targets<i64, A>,
+}
+
 /// An input element type and its emulated kernels.
-trait EmuElement: Element {
+trait EmuElement: Element<Acc: EmuAcc> {
     const KERNELS: Kernels<Self, Self::Acc>;
+}
+
+/// An accumulation type and its emulated `ms_targets`.
+trait EmuAcc: Acc {
+    const TARGETS: TargetKernels<Self>;
 }
 
 /// Declares `ms_emu_{kernel}_{suffix}` of kernels/emu/capi.cpp for one element type. f16 and
@@ -144,6 +188,7 @@ macro_rules! emu_element {
         unsafe extern "C" {
             fn $partial(
                 l: *const Launch,
+                variant: i32,
                 x: *const $t,
                 targets: *const i32,
                 scale: *const $acc,
@@ -163,9 +208,11 @@ macro_rules! emu_element {
                 stats: *mut $acc,
                 row_info: *mut $acc,
                 grad_scale: *mut $acc,
+                upstream: *const $acc,
             );
             fn $backward(
                 l: *const Launch,
+                variant: i32,
                 x: *const $t,
                 targets: *const i32,
                 row_info: *const $acc,
@@ -175,6 +222,7 @@ macro_rules! emu_element {
             );
             fn $fused(
                 l: *const Launch,
+                variant: i32,
                 x: *const $t,
                 targets: *const i32,
                 scale: *const $acc,
@@ -184,6 +232,7 @@ macro_rules! emu_element {
                 stats: *mut $acc,
                 grad: *mut $t,
                 grad_scale: *mut $acc,
+                upstream: *const $acc,
             );
         }
         impl EmuElement for $t {
@@ -230,6 +279,76 @@ emu_element!(
     ms_emu_fused_bf16
 );
 
+/// Declares `ms_emu_targets_{u8,u32,i64}_{suffix}` for one accumulation type.
+macro_rules! emu_acc {
+    ($acc:ty, $u8:ident, $u32:ident, $i64:ident) => {
+        unsafe extern "C" {
+            fn $u8(
+                l: *const Launch,
+                raw: *const u8,
+                rows: i64,
+                classes: i64,
+                ignore_index: i64,
+                has_ignore: i32,
+                weights: *const $acc,
+                has_weights: i32,
+                mean: i32,
+                out: *mut i32,
+                first_invalid: *mut i64,
+                upstream: *mut $acc,
+            );
+            fn $u32(
+                l: *const Launch,
+                raw: *const u32,
+                rows: i64,
+                classes: i64,
+                ignore_index: i64,
+                has_ignore: i32,
+                weights: *const $acc,
+                has_weights: i32,
+                mean: i32,
+                out: *mut i32,
+                first_invalid: *mut i64,
+                upstream: *mut $acc,
+            );
+            fn $i64(
+                l: *const Launch,
+                raw: *const i64,
+                rows: i64,
+                classes: i64,
+                ignore_index: i64,
+                has_ignore: i32,
+                weights: *const $acc,
+                has_weights: i32,
+                mean: i32,
+                out: *mut i32,
+                first_invalid: *mut i64,
+                upstream: *mut $acc,
+            );
+        }
+        impl EmuAcc for $acc {
+            const TARGETS: TargetKernels<$acc> = TargetKernels {
+                u8: $u8,
+                u32: $u32,
+                i64: $i64,
+            };
+        }
+    };
+}
+
+emu_acc!(
+    f32,
+    ms_emu_targets_u8_f32,
+    ms_emu_targets_u32_f32,
+    ms_emu_targets_i64_f32
+);
+emu_acc!(
+    f64,
+    ms_emu_targets_u8_f64,
+    ms_emu_targets_u32_f64,
+    ms_emu_targets_i64_f64
+);
+
 #[cfg(test)]
 unsafe extern "C" {
     /// The kernel ABI's constants as the C++ build sees them (see capi.cpp).
@@ -247,6 +366,75 @@ fn poisoned_elements<T: Element>(len: usize) -> Vec<T> {
     vec![T::store(T::Acc::nan()); len]
 }
 
+/// The targets as `ms_targets` leaves them on the device: i32 classes (−1 ignored, −2 invalid)
+/// and the gradient factor (1, or 1/Σ w for the mean).
+struct DeviceTargets<A> {
+    targets: Vec<i32>,
+    upstream: [A; 1],
+}
+
+/// Runs `ms_targets` on the raw targets (u8, u32 or i64), as the CUDA backend does; with
+/// `check`, an invalid target is the CPU path's `Err` (the first invalid row, its value read
+/// from the raw targets).
+fn device_targets<A: EmuAcc>(
+    cfg: &MarginSoftmaxLoss,
+    shape: RowShape,
+    targets: (&CpuStorage, &Layout),
+    weights: &[A],
+    mean: bool,
+    check: bool,
+) -> Result<DeviceTargets<A>> {
+    let name = cfg.head.name();
+    let rows = shape.rows;
+    let mut out = DeviceTargets {
+        targets: vec![i32::MIN; rows],
+        upstream: [A::nan()],
+    };
+    let mut first_invalid = [-1i64];
+    let has_weights = i32::from(cfg.class_weights.is_some());
+    let (ignore_index, has_ignore) = cfg.ignore_index.map_or((0, 0), |i| (i, 1));
+    macro_rules! run {
+        ($t:ty, $kernel:ident) => {{
+            let raw = contiguous::<$t>(targets.0, targets.1, "targets", name)?;
+            if raw.len() != rows || (has_weights == 1 && weights.len() != shape.classes) {
+                bail!("{OP_NAME}({name}): internal error: targets or weights of the wrong size")
+            }
+            // SAFETY: the arguments match `ms_targets_I_A(const I* raw, long long rows, long
+            // long classes, long long ignore_index, int has_ignore, const A* weights, int
+            // has_weights, int mean, int* out, long long* first_invalid, A* upstream)` in
+            // kernels/targets.cu; raw and out hold `rows` elements, weights C when has_weights
+            // (checked above; else one, never read), first_invalid and upstream one each.
+            unsafe {
+                (A::TARGETS.$kernel)(
+                    &TARGETS_LAUNCH,
+                    raw.as_ptr(),
+                    rows as i64,
+                    shape.classes as i64,
+                    ignore_index,
+                    has_ignore,
+                    weights.as_ptr(),
+                    has_weights,
+                    i32::from(mean),
+                    out.targets.as_mut_ptr(),
+                    first_invalid.as_mut_ptr(),
+                    out.upstream.as_mut_ptr(),
+                )
+            };
+            if check && first_invalid[0] < rows as i64 {
+                let row = first_invalid[0] as usize;
+                return Err(target_error(cfg, i64::from(raw[row]), row, shape.classes));
+            }
+        }};
+    }
+    match targets.0.dtype() {
+        DType::U8 => run!(u8, u8),
+        DType::U32 => run!(u32, u32),
+        DType::I64 => run!(i64, i64),
+        other => bail!("{OP_NAME}({name}): targets must be u8, u32 or i64, got {other:?}"),
+    }
+    Ok(out)
+}
+
 /// What every launch reads, prepared once per call and checked against the shape (the kernels
 /// index it without bounds).
 struct Inputs<'a, T: EmuElement> {
@@ -254,7 +442,7 @@ struct Inputs<'a, T: EmuElement> {
     /// The input from its first element (the layout's offset applied: the kernels see the
     /// alignment a device pointer would have).
     x: &'a [T],
-    targets: Vec<i32>,
+    targets: DeviceTargets<T::Acc>,
     /// The class weights (C, or one unused element when there are none): every kernel may read
     /// them (the backward with weighted smoothing only).
     weights: Vec<T::Acc>,
@@ -269,12 +457,15 @@ struct ForwardInputs<'a, A> {
 }
 
 impl<'a, T: EmuElement> Inputs<'a, T> {
+    /// `mean`: the gradient factor is 1/Σ w (else 1); `check`: an invalid target is an `Err`.
     fn new(
         cfg: &MarginSoftmaxLoss,
         shape: RowShape,
         x: (&'a CpuStorage, &Layout),
-        targets: &[Option<usize>],
+        targets: (&CpuStorage, &Layout),
         scale: Option<(&'a CpuStorage, &Layout)>,
+        mean: bool,
+        check: bool,
     ) -> Result<Self> {
         let name = cfg.head.name();
         let data = x.0.as_slice::<T>()?;
@@ -294,13 +485,14 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
         let weights = read_weights::<T::Acc>(cfg).unwrap_or_else(|| vec![T::Acc::zero()]);
         let forward_fits = forward.as_ref().is_none_or(|f| f.scale.len() == shape.rows);
         let weights_fit = cfg.class_weights.is_none() || weights.len() == shape.classes;
-        if x.len() < last_row_end || targets.len() != shape.rows || !forward_fits || !weights_fit {
+        if x.len() < last_row_end || !forward_fits || !weights_fit {
             bail!("{OP_NAME}({name}): internal error: the buffers do not match the shape {shape:?}")
         }
+        let targets = device_targets(cfg, shape, targets, &weights, mean, check)?;
         Ok(Self {
             shape,
             x,
-            targets: kernel_targets(targets),
+            targets,
             weights,
             forward,
         })
@@ -331,17 +523,19 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             Some(_) => bail!("{OP_NAME}: internal error: row info buffers of the wrong size"),
             None => (std::ptr::null_mut(), std::ptr::null_mut()),
         };
-        // SAFETY: the arguments match `ms_forward_partial_T(const T* x, const int* targets,
-        // const ACC* scale, const ACC* weights, MsParams p, ACC* partials)` (capi.cpp runs the
-        // launch and returns when it is done); x holds rows·row_stride elements from its first
-        // up to the last row's end and targets / scale rows each, weights C elements when
-        // p.has_weights (else one, never read: weighted_smoothing needs class weights) (checked
-        // in `new`), partials the plan's length, and plan.params describes exactly this shape.
+        // SAFETY: the arguments match `ms_forward_partial_{variant}_T(const T* x, const int*
+        // targets, const ACC* scale, const ACC* weights, MsParams p, ACC* partials)` (capi.cpp
+        // picks the variant, runs the launch and returns when it is done); x holds
+        // rows·row_stride elements from its first up to the last row's end and targets / scale
+        // rows each, weights C elements when p.has_weights (else one, never read:
+        // weighted_smoothing needs class weights) (checked in `new`), partials the plan's
+        // length, and plan.params describes exactly this shape.
         unsafe {
             (T::KERNELS.partial)(
                 &plan.partial,
+                variant_index(plan.variant),
                 self.x.as_ptr(),
-                self.targets.as_ptr(),
+                self.targets.targets.as_ptr(),
                 f.scale.as_ptr(),
                 self.weights.as_ptr(),
                 &plan.params,
@@ -349,14 +543,15 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             )
         };
         // SAFETY: as above for `ms_forward_finalize_T(x, targets, scale, weights, poly, p,
-        // partials, stats, row_info, grad_scale)`: weights holds C elements when
-        // p.has_weights (else one), poly max(n_poly, 1), stats rows·8, and row_info /
-        // grad_scale are rows·6 / rows buffers or null, which the kernel then does not write.
+        // partials, stats, row_info, grad_scale, upstream)`: weights holds C elements when
+        // p.has_weights (else one), poly max(n_poly, 1), stats rows·8, row_info / grad_scale
+        // are rows·6 / rows buffers or null, which the kernel then does not write, upstream one
+        // element.
         unsafe {
             (T::KERNELS.finalize)(
                 &plan.finalize,
                 self.x.as_ptr(),
-                self.targets.as_ptr(),
+                self.targets.targets.as_ptr(),
                 f.scale.as_ptr(),
                 self.weights.as_ptr(),
                 f.poly.as_ptr(),
@@ -365,13 +560,20 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
                 stats.as_mut_ptr(),
                 row_info,
                 grad_scale,
+                self.targets.upstream.as_ptr(),
             )
         };
         Ok(stats)
     }
 
     /// `ms_backward`: d(loss)/d(input) [rows, C] from the row info [rows, 6].
-    fn backward(&self, params: &MsParams, launch: &Launch, row_info: &[T::Acc]) -> Result<Vec<T>> {
+    fn backward(
+        &self,
+        params: &MsParams,
+        variant: &str,
+        launch: &Launch,
+        row_info: &[T::Acc],
+    ) -> Result<Vec<T>> {
         let RowShape { rows, classes, .. } = self.shape;
         if row_info.len() != rows * ROWINFO_COLUMNS {
             bail!(
@@ -381,14 +583,15 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             )
         }
         let mut grad = poisoned_elements::<T>(rows * classes);
-        // SAFETY: the arguments match `ms_backward_T(const T* x, const int* targets, const ACC*
-        // row_info, const ACC* weights, MsParams p, T* grad)`; x, targets and weights as in
-        // `forward`, row_info rows·6 (checked above), grad rows·C.
+        // SAFETY: the arguments match `ms_backward_{variant}_T(const T* x, const int* targets,
+        // const ACC* row_info, const ACC* weights, MsParams p, T* grad)`; x, targets and
+        // weights as in `forward`, row_info rows·6 (checked above), grad rows·C.
         unsafe {
             (T::KERNELS.backward)(
                 launch,
+                variant_index(variant),
                 self.x.as_ptr(),
-                self.targets.as_ptr(),
+                self.targets.targets.as_ptr(),
                 row_info.as_ptr(),
                 self.weights.as_ptr(),
                 params,
@@ -399,7 +602,7 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
     }
 
     /// `ms_fused`: the statistics, the gradient and d(loss)/d(scale) in one launch.
-    fn fused(&self, params: &MsParams, launch: &Launch) -> Result<LossAndGrad<T>> {
+    fn fused(&self, params: &MsParams, variant: &str, launch: &Launch) -> Result<LossAndGrad<T>> {
         let RowShape { rows, classes, .. } = self.shape;
         let f = self.forward_inputs()?;
         let mut out = LossAndGrad {
@@ -407,15 +610,17 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             grad: poisoned_elements(rows * classes),
             grad_scale: poisoned(rows),
         };
-        // SAFETY: the arguments match `ms_fused_T(const T* x, const int* targets, const ACC*
-        // scale, const ACC* weights, const ACC* poly, MsParams p, ACC* stats, T* grad, ACC*
-        // grad_scale)`; the inputs as in `forward`, the outputs rows·8, rows·C and rows; the
-        // launch's dynamic shared memory is the plan's, which holds the row.
+        // SAFETY: the arguments match `ms_fused_{variant}_T(const T* x, const int* targets,
+        // const ACC* scale, const ACC* weights, const ACC* poly, MsParams p, ACC* stats, T*
+        // grad, ACC* grad_scale, const ACC* upstream)`; the inputs as in `forward`, the outputs
+        // rows·8, rows·C and rows; the launch's dynamic shared memory is the plan's, which
+        // holds the row.
         unsafe {
             (T::KERNELS.fused)(
                 launch,
+                variant_index(variant),
                 self.x.as_ptr(),
-                self.targets.as_ptr(),
+                self.targets.targets.as_ptr(),
                 f.scale.as_ptr(),
                 self.weights.as_ptr(),
                 f.poly.as_ptr(),
@@ -423,6 +628,7 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
                 out.stats.as_mut_ptr(),
                 out.grad.as_mut_ptr(),
                 out.grad_scale.as_mut_ptr(),
+                self.targets.upstream.as_ptr(),
             )
         };
         Ok(out)
@@ -447,13 +653,12 @@ pub(crate) fn forward(
     x: (&CpuStorage, &Layout),
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
-    // The kernels always compute dℓ/dr (the CPU bodies skip it when it is not wanted).
-    _scale_grad: bool,
+    scale_grad: bool,
 ) -> Result<CpuStorage> {
     with_element!(
         x.0,
         cfg.head.name(),
-        forward_typed(planner, cfg, x, targets, scale)
+        forward_typed(planner, cfg, x, targets, scale, scale_grad)
     )
 }
 
@@ -463,19 +668,28 @@ fn forward_typed<T: EmuElement>(
     x: (&CpuStorage, &Layout),
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
+    scale_grad: bool,
 ) -> Result<CpuStorage> {
     let shape = RowShape::new(x.1, cfg.head.name())?;
-    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
     if shape.rows == 0 {
         return Ok(T::Acc::to_cpu_storage_owned(Vec::new()));
     }
-    let inputs = Inputs::<T>::new(cfg, shape, x, &targets, Some(scale))?;
-    let plan = planner.forward(cfg, shape, 1.0)?;
+    let inputs = Inputs::<T>::new(
+        cfg,
+        shape,
+        x,
+        targets,
+        Some(scale),
+        false,
+        cfg.check_targets,
+    )?;
+    let plan = planner.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
     Ok(T::Acc::to_cpu_storage_owned(inputs.forward(&plan, None)?))
 }
 
 /// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
-/// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in).
+/// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in). The targets are converted
+/// on the device without the check (the forward did it).
 pub(crate) fn backward(
     planner: Planner,
     cfg: &MarginSoftmaxLoss,
@@ -499,14 +713,13 @@ fn backward_typed<T: EmuElement>(
 ) -> Result<CpuStorage> {
     let name = cfg.head.name();
     let shape = RowShape::new(x.1, name)?;
-    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
     if shape.rows == 0 {
         return Ok(T::to_cpu_storage_owned(Vec::new()));
     }
     let info = contiguous::<T::Acc>(row_info.0, row_info.1, "row info", name)?;
-    let inputs = Inputs::<T>::new(cfg, shape, x, &targets, None)?;
+    let inputs = Inputs::<T>::new(cfg, shape, x, targets, None, false, false)?;
     let plan = planner.backward(cfg, shape, std::mem::size_of::<T>())?;
-    let grad = inputs.backward(&plan.params, &plan.backward, info)?;
+    let grad = inputs.backward(&plan.params, plan.variant, &plan.backward, info)?;
     Ok(T::to_cpu_storage_owned(grad))
 }
 
@@ -520,12 +733,12 @@ pub(crate) fn forward_backward(
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
     mean: bool,
-    _scale_grad: bool,
+    scale_grad: bool,
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
     with_element!(
         x.0,
         cfg.head.name(),
-        forward_backward_typed(planner, cfg, x, targets, scale, mean)
+        forward_backward_typed(planner, cfg, x, targets, scale, mean, scale_grad)
     )
 }
 
@@ -536,9 +749,9 @@ fn forward_backward_typed<T: EmuElement>(
     targets: (&CpuStorage, &Layout),
     scale: (&CpuStorage, &Layout),
     mean: bool,
+    scale_grad: bool,
 ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
     let shape = RowShape::new(x.1, cfg.head.name())?;
-    let targets = read_targets(targets.0, targets.1, cfg, shape.classes)?;
     let wrap = |out: LossAndGrad<T>| {
         (
             T::Acc::to_cpu_storage_owned(out.stats),
@@ -553,15 +766,23 @@ fn forward_backward_typed<T: EmuElement>(
             grad_scale: Vec::new(),
         }));
     }
-    let upstream = kernel_upstream::<T::Acc>(cfg, &targets, mean)?;
-    let inputs = Inputs::<T>::new(cfg, shape, x, &targets, Some(scale))?;
-    let out = match planner.loss_and_grad(cfg, shape, std::mem::size_of::<T>(), upstream)? {
-        LossAndGradPlan::Fused { params, fused } => inputs.fused(&params, &fused)?,
-        LossAndGradPlan::Split { forward, backward } => {
+    let inputs = Inputs::<T>::new(cfg, shape, x, targets, Some(scale), mean, cfg.check_targets)?;
+    let size = std::mem::size_of::<T>();
+    let out = match planner.loss_and_grad(cfg, shape, size, scale_grad)? {
+        LossAndGradPlan::Fused {
+            params,
+            variant,
+            fused,
+        } => inputs.fused(&params, variant, &fused)?,
+        LossAndGradPlan::Split {
+            forward,
+            backward_variant,
+            backward,
+        } => {
             let mut row_info = poisoned::<T::Acc>(shape.rows * ROWINFO_COLUMNS);
             let mut grad_scale = poisoned::<T::Acc>(shape.rows);
             let stats = inputs.forward(&forward, Some((&mut row_info, &mut grad_scale)))?;
-            let grad = inputs.backward(&forward.params, &backward, &row_info)?;
+            let grad = inputs.backward(&forward.params, backward_variant, &backward, &row_info)?;
             LossAndGrad {
                 stats,
                 grad,
@@ -576,13 +797,13 @@ fn forward_backward_typed<T: EmuElement>(
 mod tests {
     use super::*;
     use crate::kernel_params::MAX_SPHERE_M;
-    use crate::launch::{BLOCK, FINALIZE_BLOCK, PARTIAL_COLUMNS};
+    use crate::launch::{BLOCK, FINALIZE_BLOCK, PARTIAL_COLUMNS, TARGETS_BLOCK};
 
     /// The Rust mirrors of the kernel ABI agree with the C++ build of the kernels.
     #[test]
     fn abi_matches_the_kernels() {
-        let mut got = [0u64; 9];
-        // SAFETY: ms_emu_abi writes exactly 9 values.
+        let mut got = [0u64; 10];
+        // SAFETY: ms_emu_abi writes exactly 10 values.
         unsafe { ms_emu_abi(got.as_mut_ptr()) };
         let want = [
             std::mem::size_of::<MsParams>(),
@@ -594,12 +815,13 @@ mod tests {
             PARTIAL_COLUMNS,
             MAX_SPHERE_M,
             std::mem::size_of::<Launch>(),
+            TARGETS_BLOCK as usize,
         ]
         .map(|v| v as u64);
         assert_eq!(
             got, want,
             "[sizeof MsParams, alignof, MS_BLOCK, MS_FINALIZE_BLOCK, stat, rowinfo, partial \
-             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch]"
+             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK]"
         );
     }
 }

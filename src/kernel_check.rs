@@ -218,7 +218,7 @@ fn check(cfg: &MarginSoftmaxLoss, dtype: DType, rows: usize, classes: usize, spl
         Some(w) => w.values().to_vec(),
         None => vec![1.0],
     };
-    let params = MsParams::new(cfg, rows, classes, classes, splits, 1.0);
+    let params = MsParams::new(cfg, rows, classes, classes, splits, true);
     let poly = if cfg.poly.is_empty() {
         vec![0.0]
     } else {

@@ -40,6 +40,8 @@ pub(crate) struct MsParams {
     pub splits: i32,
     pub weighted_smoothing: i32,
     pub softcapped: i32,
+    pub scale_grad: i32,
+    pub reserved: i32,
     pub neg_inv_gamma: f64,
     pub additive_m: f64,
     pub m1: f64,
@@ -55,17 +57,16 @@ pub(crate) struct MsParams {
     pub z_loss: f64,
     pub softcap: f64,
     pub inv_softcap: f64,
-    pub upstream: f64,
 }
 
-// The C struct: 3 long long, 10 int, 8 double, double[16], 7 double, no padding anywhere.
-const _: () = assert!(std::mem::size_of::<MsParams>() == 3 * 8 + 10 * 4 + 8 * 8 + 16 * 8 + 7 * 8);
+// The C struct: 3 long long, 12 int, 8 double, double[16], 6 double, no padding anywhere.
+const _: () = assert!(std::mem::size_of::<MsParams>() == 3 * 8 + 12 * 4 + 8 * 8 + 16 * 8 + 6 * 8);
 const _: () = assert!(std::mem::align_of::<MsParams>() == 8);
 
 impl MsParams {
     /// The parameters for `cfg` on a [rows, classes] input whose rows start `row_stride`
-    /// elements apart, with `splits` blocks per row in the split forward and the gradient factor
-    /// `upstream` (1, or 1/Σ w for the fused paths' mean). `has_weights` is
+    /// elements apart, with `splits` blocks per row in the split forward; `scale_grad`: whether
+    /// d(loss)/d(row scale) is wanted (else the kernels write 0 for it). `has_weights` is
     /// `cfg.class_weights.is_some()`; `weighted_smoothing` is [`weighted_smoothing`], and then
     /// `total_weight` is Σ_j w_j (else C), as in [`crate::math::Criterion::new`]; `softcapped`,
     /// `softcap` and `inv_softcap` (1/cap in f64, as [`crate::math::SoftCap`] forms it) come
@@ -77,7 +78,7 @@ impl MsParams {
         classes: usize,
         row_stride: usize,
         splits: usize,
-        upstream: f64,
+        scale_grad: bool,
     ) -> Self {
         let (transform, neg_inv_gamma) = match cfg.head {
             Head::Softmax { .. } => (TRANSFORM_IDENTITY, 0.0),
@@ -101,6 +102,8 @@ impl MsParams {
             splits: splits as i32,
             weighted_smoothing: i32::from(weighted),
             softcapped: i32::from(cfg.logit_softcap.is_some()),
+            scale_grad: i32::from(scale_grad),
+            reserved: 0,
             neg_inv_gamma,
             additive_m: 0.0,
             m1: 1.0,
@@ -116,7 +119,6 @@ impl MsParams {
             z_loss: cfg.z_loss,
             softcap,
             inv_softcap: cfg.logit_softcap.map_or(0.0, |cap| 1.0 / cap),
-            upstream,
         };
         // The one Rust definition of the margin, in f64; the kernels round to their ACC type
         // (as the CPU path's `Margin::<f32>::new` rounds the same f64 values).

@@ -13,7 +13,7 @@
 
 use candle_core::{Layout, Result, bail};
 
-use crate::config::{MarginSoftmaxLoss, OP_NAME};
+use crate::config::{Head, MarginSoftmaxLoss, OP_NAME};
 use crate::kernel_params::MsParams;
 
 /// Threads per block of `ms_forward_partial`, `ms_backward` and `ms_fused`: `MS_BLOCK` of
@@ -22,6 +22,8 @@ use crate::kernel_params::MsParams;
 pub(crate) const BLOCK: u32 = 256;
 /// Threads per block of `ms_forward_finalize` (one thread per row): `MS_FINALIZE_BLOCK`.
 pub(crate) const FINALIZE_BLOCK: u32 = 128;
+/// Threads of the one block of `ms_targets`: `MS_TARGETS_BLOCK`.
+pub(crate) const TARGETS_BLOCK: u32 = 1024;
 /// The grid cap of a GPU launch: the largest grid y / z dimension, used for every dimension.
 /// Every kernel is grid-stride, so any cap is correct; tests lower it ([`Planner::grid_cap`]) to
 /// run the grid-stride loops on small inputs.
@@ -30,39 +32,117 @@ pub(crate) const MAX_GRID: usize = 65_535;
 /// Σ w·v, Σ w·z (v = ∂z/∂r, w the smoothing weight; see `Online` in kernels/common.cuh).
 pub(crate) const PARTIAL_COLUMNS: usize = 5;
 
-/// The shared memory one block of `ms_fused` may use in all (static + dynamic): the default
-/// per-block limit of every CUDA GPU, so no opt-in attribute is needed.
-const FUSED_SMEM_LIMIT: usize = 48 * 1024;
+/// The shared memory every CUDA GPU gives a block without an opt-in.
+pub(crate) const DEFAULT_SHARED: usize = 48 * 1024;
 /// Room kept for the static shared memory of `ms_fused` (today the block reduction's
 /// MS_BLOCK / 32 = 8 warp states of 5 values and the 6 row-info values: 184 bytes for f32 / f16 /
 /// bf16, 368 for f64), checked at run time against the loaded kernel by the CUDA backend.
 pub(crate) const FUSED_STATIC_RESERVE: usize = 2048;
 
-/// The widest row `loss_and_grad` runs through `ms_fused` for elements of `size` bytes: the row
-/// must fit in round_up(C·size, 16) ≤ 48 KiB − 2048 = 47104 bytes (a multiple of 16, so this is
-/// C·size ≤ 47104).
-pub(crate) const fn fused_max_classes(size: usize) -> usize {
-    (FUSED_SMEM_LIMIT - FUSED_STATIC_RESERVE) / size
+/// What the plans need to know of the device: its SM count and the shared memory a block may
+/// opt into (`cudaDevAttrMaxSharedMemoryPerBlockOptin`: 227 KiB on H100 / H200, 163 KiB on
+/// A100, 99 KiB on sm_86 / sm_89, 48 KiB where there is no opt-in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceShape {
+    /// Streaming multiprocessors.
+    pub sm_count: usize,
+    /// The most shared memory (static + dynamic) one block may use, in bytes.
+    pub max_shared_per_block: usize,
+}
+
+impl DeviceShape {
+    /// A GPU that is planned for without knowing it: 48 KiB of shared memory a block (no
+    /// opt-in), 132 SMs.
+    #[cfg(any(test, feature = "kernel-emu"))]
+    pub const DEFAULT: DeviceShape = DeviceShape {
+        sm_count: 132,
+        max_shared_per_block: DEFAULT_SHARED,
+    };
+    /// NVIDIA H200 / H100 SXM: 132 SMs, 227 KiB of shared memory a block with the opt-in.
+    #[cfg(any(test, feature = "kernel-emu"))]
+    pub const H200: DeviceShape = DeviceShape {
+        sm_count: 132,
+        max_shared_per_block: 227 * 1024,
+    };
+}
+
+/// Elements of `size` bytes in a 16-byte vector.
+const fn vector_width(size: usize) -> usize {
+    16 / size
+}
+
+/// The dynamic shared memory `ms_fused` needs for rows of `classes` elements of `size` bytes:
+/// the row at an offset below one vector (so that its 16-byte-aligned part is aligned in
+/// shared memory too, kernels/fused.cu), rounded up to 16 bytes.
+pub(crate) const fn fused_shared_bytes(classes: usize, size: usize) -> usize {
+    ((classes + vector_width(size) - 1) * size).next_multiple_of(16)
+}
+
+/// The widest row `loss_and_grad` runs through `ms_fused` for elements of `size` bytes on a
+/// device that gives a block `max_shared` bytes of shared memory: the largest C with
+/// [`fused_shared_bytes`] + [`FUSED_STATIC_RESERVE`] ≤ `max_shared`.
+pub(crate) const fn fused_max_classes(size: usize, max_shared: usize) -> usize {
+    let room = max_shared.saturating_sub(FUSED_STATIC_RESERVE) / 16 * 16;
+    (room / size).saturating_sub(vector_width(size) - 1)
 }
 // The numbers documented on `MarginSoftmaxLoss::loss_and_grad`.
 const _: () = assert!(
-    fused_max_classes(4) == 11_776
-        && fused_max_classes(2) == 23_552
-        && fused_max_classes(8) == 5_888
+    fused_max_classes(4, DEFAULT_SHARED) == 11_773
+        && fused_max_classes(2, DEFAULT_SHARED) == 23_545
+        && fused_max_classes(8, DEFAULT_SHARED) == 5_887
+        && fused_max_classes(4, 227 * 1024) == 57_597
+        && fused_max_classes(2, 227 * 1024) == 115_193
+        && fused_max_classes(8, 227 * 1024) == 28_799
 );
 
-/// The split forward aims at this many blocks in all (rows × splits) ...
-const SPLIT_TARGET_BLOCKS: usize = 1024;
-/// ... but gives no block fewer than this many columns (splits ≤ ⌈C / 4096⌉).
-const SPLIT_MIN_COLUMNS: usize = 4096;
+/// Blocks of `ms_forward_partial` one SM holds at least: its `__launch_bounds__` minimum, 4 for
+/// the f32-accumulating entries and 2 for f64 (kernels/forward.cu).
+const fn partial_blocks_per_sm(size: usize) -> usize {
+    if size == 8 { 2 } else { 4 }
+}
 
-/// Blocks per row of the split forward (`ms_forward_partial`):
-/// clamp(⌈1024 / B⌉, 1, ⌈C / 4096⌉).
-pub(crate) fn split_count(rows: usize, classes: usize) -> usize {
-    SPLIT_TARGET_BLOCKS
-        .div_ceil(rows.max(1))
+/// The split forward gives every block at least this many columns ...
+const SPLIT_MIN_COLUMNS: usize = 4096;
+/// ... and aims at this many waves of the device's resident blocks in all (rows × splits).
+const SPLIT_WAVES: usize = 2;
+
+/// Blocks per row of the split forward (`ms_forward_partial`) on `device` for elements of
+/// `size` bytes: enough blocks for [`SPLIT_WAVES`] full waves when the rows alone fill fewer
+/// (splits = ⌊waves · resident / B⌋), never a block under [`SPLIT_MIN_COLUMNS`] columns
+/// (splits ≤ ⌈C / 4096⌉), at least 1.
+pub(crate) fn split_count(rows: usize, classes: usize, size: usize, device: DeviceShape) -> usize {
+    let resident = device.sm_count.max(1) * partial_blocks_per_sm(size);
+    (SPLIT_WAVES * resident / rows.max(1))
         .min(classes.div_ceil(SPLIT_MIN_COLUMNS))
         .max(1)
+}
+
+/// The element loops of a launch (kernels/rows.cuh, `MS_PER_TRANSFORM`): the head's transform,
+/// and `_ext` when an option adds work per element (label smoothing, soft-capping and, in the
+/// forward, the row scale's gradient). The kernels' names are `{op}_{variant}_{dtype}`.
+pub(crate) fn kernel_variant(cfg: &MarginSoftmaxLoss, scale_grad: bool) -> &'static str {
+    let ext = cfg.label_smoothing > 0.0 || cfg.logit_softcap.is_some() || scale_grad;
+    match (&cfg.head, ext) {
+        (Head::Softmax { .. }, false) => "identity",
+        (Head::Softmax { .. }, true) => "identity_ext",
+        (Head::Rbf { .. }, false) => "rbf",
+        (Head::Rbf { .. }, true) => "rbf_ext",
+        (_, false) => "cosine",
+        (_, true) => "cosine_ext",
+    }
+}
+
+/// The index of a variant in `MS_PER_TRANSFORM`'s order (the emulated backend's C ABI takes it).
+#[cfg(any(test, feature = "kernel-emu"))]
+pub(crate) fn variant_index(variant: &str) -> i32 {
+    match variant {
+        "identity" => 0,
+        "cosine" => 1,
+        "rbf" => 2,
+        "identity_ext" => 3,
+        "cosine_ext" => 4,
+        _ => 5,
+    }
 }
 
 /// One kernel launch: grid, block and dynamic shared memory. `#[repr(C)]`: the emulated backend
@@ -112,6 +192,8 @@ impl RowShape {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct ForwardPlan {
     pub params: MsParams,
+    /// The element loops of `ms_forward_partial` ([`kernel_variant`]).
+    pub variant: &'static str,
     pub partial: Launch,
     pub finalize: Launch,
     pub partials_len: usize,
@@ -121,39 +203,58 @@ pub(crate) struct ForwardPlan {
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct BackwardPlan {
     pub params: MsParams,
+    pub variant: &'static str,
     pub backward: Launch,
 }
 
-/// `loss_and_grad`: `ms_fused` when the row fits in shared memory, else the split forward (its
-/// finalize also writing the backward's row info and d(loss)/d(scale)) then `ms_backward`.
+/// `loss_and_grad`: `ms_fused` when the row fits in the shared memory a block may have on the
+/// device, else the split forward (its finalize also writing the backward's row info and
+/// d(loss)/d(scale)) then `ms_backward`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum LossAndGradPlan {
     Fused {
         params: MsParams,
+        variant: &'static str,
         fused: Launch,
     },
     Split {
         forward: ForwardPlan,
+        /// `ms_backward`'s variant (no `_ext` for the row scale: it needs none).
+        backward_variant: &'static str,
         backward: Launch,
     },
 }
 
-/// Plans launches; the one parameter is the grid cap.
+/// `ms_targets`: one block.
+pub(crate) const TARGETS_LAUNCH: Launch = Launch {
+    grid: [1, 1, 1],
+    block: [TARGETS_BLOCK, 1, 1],
+    shared_mem_bytes: 0,
+};
+
+/// Plans launches for a device shape, with a grid cap.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Planner {
     grid_cap: usize,
+    device: DeviceShape,
 }
 
 impl Planner {
-    /// The planner of GPU launches.
-    pub(crate) const DEVICE: Planner = Planner { grid_cap: MAX_GRID };
+    /// The planner of launches on a GPU of this shape.
+    pub(crate) fn device(device: DeviceShape) -> Self {
+        Self {
+            grid_cap: MAX_GRID,
+            device,
+        }
+    }
 
     /// A planner whose grids have at most `cap` blocks in each dimension (clamped to
     /// 1..=[`MAX_GRID`]): the kernels' grid-stride loops then run on small inputs.
     #[cfg(any(test, feature = "kernel-emu"))]
-    pub(crate) fn grid_cap(cap: usize) -> Self {
+    pub(crate) fn grid_cap(cap: usize, device: DeviceShape) -> Self {
         Self {
             grid_cap: cap.clamp(1, MAX_GRID),
+            device,
         }
     }
 
@@ -162,18 +263,21 @@ impl Planner {
         blocks.clamp(1, self.grid_cap) as u32
     }
 
-    /// The forward op (`ms_forward_partial` → `ms_forward_finalize`).
+    /// The forward op (`ms_forward_partial` → `ms_forward_finalize`) for elements of `size`
+    /// bytes; `scale_grad`: d(loss)/d(scale) is wanted.
     pub(crate) fn forward(
         &self,
         cfg: &MarginSoftmaxLoss,
         shape: RowShape,
-        upstream: f64,
+        size: usize,
+        scale_grad: bool,
     ) -> Result<ForwardPlan> {
-        let splits = split_count(shape.rows, shape.classes);
-        let params = params(cfg, shape, splits, upstream)?;
+        let splits = split_count(shape.rows, shape.classes, size, self.device);
+        let params = params(cfg, shape, splits, scale_grad)?;
         let blocks = shape.rows * splits;
         Ok(ForwardPlan {
             params,
+            variant: kernel_variant(cfg, scale_grad),
             partial: Launch {
                 grid: [self.grid(blocks), 1, 1],
                 block: [BLOCK, 1, 1],
@@ -201,13 +305,14 @@ impl Planner {
         size: usize,
     ) -> Result<BackwardPlan> {
         Ok(BackwardPlan {
-            params: params(cfg, shape, 1, 1.0)?,
+            params: params(cfg, shape, 1, false)?,
+            variant: kernel_variant(cfg, false),
             backward: self.backward_launch(shape, size),
         })
     }
 
     fn backward_launch(&self, shape: RowShape, size: usize) -> Launch {
-        let per_block = BLOCK as usize * (16 / size);
+        let per_block = BLOCK as usize * vector_width(size);
         Launch {
             grid: [
                 self.grid(shape.classes.div_ceil(per_block)),
@@ -219,38 +324,39 @@ impl Planner {
         }
     }
 
-    /// `loss_and_grad` for elements of `size` bytes, with the gradient factor `upstream`
-    /// (1, or 1/Σ w for the mean).
+    /// The widest row `loss_and_grad` runs through `ms_fused` for elements of `size` bytes.
+    pub(crate) fn fused_max_classes(&self, size: usize) -> usize {
+        fused_max_classes(size, self.device.max_shared_per_block)
+    }
+
+    /// `loss_and_grad` for elements of `size` bytes.
     pub(crate) fn loss_and_grad(
         &self,
         cfg: &MarginSoftmaxLoss,
         shape: RowShape,
         size: usize,
-        upstream: f64,
+        scale_grad: bool,
     ) -> Result<LossAndGradPlan> {
-        match fused_shared_mem(shape.classes, size) {
-            Some(shared) => Ok(LossAndGradPlan::Fused {
-                params: params(cfg, shape, 1, upstream)?,
+        if shape.classes <= self.fused_max_classes(size) {
+            // ≤ max_shared_per_block, a device attribute (an i32).
+            let shared = fused_shared_bytes(shape.classes, size) as u32;
+            Ok(LossAndGradPlan::Fused {
+                params: params(cfg, shape, 1, scale_grad)?,
+                variant: kernel_variant(cfg, scale_grad),
                 fused: Launch {
                     grid: [self.grid(shape.rows), 1, 1],
                     block: [BLOCK, 1, 1],
-                    // ≤ 47104 (fused_max_classes).
-                    shared_mem_bytes: shared as u32,
+                    shared_mem_bytes: shared,
                 },
-            }),
-            None => Ok(LossAndGradPlan::Split {
-                forward: self.forward(cfg, shape, upstream)?,
+            })
+        } else {
+            Ok(LossAndGradPlan::Split {
+                forward: self.forward(cfg, shape, size, scale_grad)?,
+                backward_variant: kernel_variant(cfg, false),
                 backward: self.backward_launch(shape, size),
-            }),
+            })
         }
     }
-}
-
-/// The dynamic shared memory `ms_fused` is launched with for rows of `classes` elements of
-/// `size` bytes (the row, 16-byte aligned) when the row fits ([`fused_max_classes`]); `None`:
-/// the split path.
-fn fused_shared_mem(classes: usize, size: usize) -> Option<usize> {
-    (classes <= fused_max_classes(size)).then(|| (classes * size).next_multiple_of(16))
 }
 
 /// The kernels' parameters for this configuration and shape, after the checks that the launch
@@ -259,7 +365,7 @@ fn params(
     cfg: &MarginSoftmaxLoss,
     shape: RowShape,
     splits: usize,
-    upstream: f64,
+    scale_grad: bool,
 ) -> Result<MsParams> {
     let name = cfg.head.name();
     if shape
@@ -278,14 +384,8 @@ fn params(
         shape.classes,
         shape.row_stride,
         splits,
-        upstream,
+        scale_grad,
     ))
-}
-
-/// The validated targets as the kernels take them: i32 class indices, −1 for an ignored row
-/// (each target is < C < 2^31, checked by [`RowShape::new`]).
-pub(crate) fn kernel_targets(targets: &[Option<usize>]) -> Vec<i32> {
-    targets.iter().map(|t| t.map_or(-1, |y| y as i32)).collect()
 }
 
 #[cfg(test)]
@@ -303,49 +403,87 @@ mod tests {
 
     #[test]
     fn split_counts() {
-        assert_eq!(split_count(1, 1), 1);
-        assert_eq!(split_count(0, 100), 1);
-        assert_eq!(split_count(4, 11_777), 3);
-        assert_eq!(split_count(64, 1_000_000), 16);
-        assert_eq!(split_count(1024, 32_000), 1);
-        assert_eq!(split_count(2, 1_000_000), 245);
+        let d = DeviceShape::H200; // 528 resident partial blocks (264 for f64)
+        assert_eq!(split_count(1, 1, 4, d), 1);
+        assert_eq!(split_count(0, 100, 4, d), 1);
+        assert_eq!(split_count(4, 11_777, 4, d), 3);
+        assert_eq!(split_count(64, 1_000_000, 4, d), 16);
+        assert_eq!(split_count(64, 1_000_000, 8, d), 8);
+        assert_eq!(split_count(512, 1_000_000, 2, d), 2);
+        assert_eq!(split_count(1024, 32_000, 2, d), 1);
+        assert_eq!(split_count(2, 1_000_000, 4, d), 245);
     }
 
     #[test]
-    fn path_boundary_per_dtype() {
+    fn path_boundary_per_dtype_and_device() {
         let cfg = MarginSoftmaxLoss::new(Head::arcface());
-        for size in [2usize, 4, 8] {
-            let limit = fused_max_classes(size);
-            let fused = Planner::DEVICE
-                .loss_and_grad(&cfg, shape(3, limit), size, 1.0)
-                .unwrap();
-            match fused {
-                LossAndGradPlan::Fused { fused, .. } => {
-                    assert_eq!(fused.shared_mem_bytes as usize, limit * size);
-                    assert!(fused.shared_mem_bytes as usize + FUSED_STATIC_RESERVE <= 48 * 1024);
+        for device in [DeviceShape::DEFAULT, DeviceShape::H200] {
+            let planner = Planner::device(device);
+            for size in [2usize, 4, 8] {
+                let limit = planner.fused_max_classes(size);
+                match planner
+                    .loss_and_grad(&cfg, shape(3, limit), size, false)
+                    .unwrap()
+                {
+                    LossAndGradPlan::Fused { fused, .. } => {
+                        let shared = fused.shared_mem_bytes as usize;
+                        assert!(shared >= (limit + 16 / size - 1) * size);
+                        assert!(shared + FUSED_STATIC_RESERVE <= device.max_shared_per_block);
+                    }
+                    other => panic!("C = {limit}, size {size}: {other:?}"),
                 }
-                other => panic!("C = {limit}, size {size}: {other:?}"),
+                let split = planner
+                    .loss_and_grad(&cfg, shape(3, limit + 1), size, false)
+                    .unwrap();
+                assert!(matches!(split, LossAndGradPlan::Split { .. }), "{split:?}");
             }
-            let split = Planner::DEVICE
-                .loss_and_grad(&cfg, shape(3, limit + 1), size, 1.0)
-                .unwrap();
-            assert!(matches!(split, LossAndGradPlan::Split { .. }), "{split:?}");
+        }
+        // The shapes on an H200: (8192, 32000) and (4096, 128256) bf16.
+        let h200 = Planner::device(DeviceShape::H200);
+        assert!(32_000 <= h200.fused_max_classes(2) && 128_256 > h200.fused_max_classes(2));
+    }
+
+    #[test]
+    fn variants() {
+        let mut cfg = MarginSoftmaxLoss::new(Head::softmax());
+        assert_eq!(kernel_variant(&cfg, false), "identity");
+        assert_eq!(kernel_variant(&cfg, true), "identity_ext");
+        cfg.label_smoothing = 0.1;
+        assert_eq!(kernel_variant(&cfg, false), "identity_ext");
+        let cfg = MarginSoftmaxLoss::new(Head::arcface());
+        assert_eq!(kernel_variant(&cfg, false), "cosine");
+        let cfg = MarginSoftmaxLoss::new(Head::rbf());
+        assert_eq!(kernel_variant(&cfg, false), "rbf");
+        for (i, v) in [
+            "identity",
+            "cosine",
+            "rbf",
+            "identity_ext",
+            "cosine_ext",
+            "rbf_ext",
+        ]
+        .iter()
+        .enumerate()
+        {
+            assert_eq!(variant_index(v), i as i32);
         }
     }
 
     #[test]
     fn grids_are_capped_and_never_empty() {
         let cfg = MarginSoftmaxLoss::new(Head::softmax());
-        let p = Planner::DEVICE
-            .forward(&cfg, shape(100_000, 8), 1.0)
+        let p = Planner::device(DeviceShape::H200)
+            .forward(&cfg, shape(100_000, 8), 4, false)
             .unwrap();
         assert_eq!(p.partial.grid, [MAX_GRID as u32, 1, 1]);
         assert_eq!(p.partials_len, 100_000 * PARTIAL_COLUMNS);
-        let b = Planner::grid_cap(3)
+        let b = Planner::grid_cap(3, DeviceShape::DEFAULT)
             .backward(&cfg, shape(10, 5000), 4)
             .unwrap();
         assert_eq!(b.backward.grid, [3, 3, 1]);
-        let one = Planner::grid_cap(0).backward(&cfg, shape(1, 1), 2).unwrap();
+        let one = Planner::grid_cap(0, DeviceShape::DEFAULT)
+            .backward(&cfg, shape(1, 1), 2)
+            .unwrap();
         assert_eq!(one.backward.grid, [1, 1, 1]);
     }
 }

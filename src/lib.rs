@@ -29,6 +29,8 @@ mod config;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod cuda_module;
 #[cfg(feature = "kernel-emu")]
 mod emu;
 mod host;
@@ -48,6 +50,7 @@ mod simd;
 #[cfg(feature = "kernel-emu")]
 pub use emu::kernel_emu;
 
+pub use op::one_pass_max_classes;
 pub use simd::{SimdLevel, with_simd_level};
 
 pub use config::{

@@ -16,7 +16,8 @@
 
 use candle_core::op::BackpropOp;
 use candle_core::{
-    CpuStorage, CustomOp3, InplaceOp2, InplaceOp3, Layout, Result, Shape, Storage, Tensor, bail,
+    CpuStorage, CustomOp3, DType, Device, InplaceOp2, InplaceOp3, Layout, Result, Shape, Storage,
+    Tensor, bail,
 };
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
@@ -102,6 +103,7 @@ impl CustomOp3 for MarginSoftmaxForward {
             (input, input_layout),
             (targets, targets_layout),
             (scale, scale_layout),
+            self.scale_grad,
         )?;
         Ok((stats, Shape::from((rows, STAT_COLUMNS))))
     }
@@ -211,9 +213,47 @@ pub(crate) fn forward(
     )
 }
 
+/// The widest row (number of classes C) that [`MarginSoftmaxLoss::loss_and_grad`] reads in one
+/// pass on `device` for inputs of `dtype`: on a CUDA device, the rows that fit in the shared
+/// memory one block may opt into (one read and one write per element); wider rows take the
+/// split path (the forward in several blocks per row, then the backward: two reads and one
+/// write). With the 227 KiB of an H100 / H200 that is C ≤ 57 597 for f32, 115 193 for f16 /
+/// bf16 and 28 799 for f64; on a GPU without the opt-in (48 KiB) 11 773, 23 545 and 5 887. On
+/// the CPU every row is one pass (`usize::MAX`). The autograd path (`loss` + `backward()`)
+/// always reads twice (forward and backward ops).
+///
+/// # Errors
+/// A dtype other than f32, f64, f16 or bf16, a device other than the CPU or CUDA, or a failed
+/// device query; each names the op.
+pub fn one_pass_max_classes(device: &Device, dtype: DType) -> Result<usize> {
+    let size = match dtype {
+        DType::F32 => 4,
+        DType::F64 => 8,
+        DType::F16 | DType::BF16 => 2,
+        other => bail!("{OP_NAME}: input dtype must be f32, f64, f16 or bf16, got {other:?}"),
+    };
+    match device {
+        Device::Cpu => {
+            #[cfg(feature = "kernel-emu")]
+            if let Some(planner) = emu::active() {
+                return Ok(planner.fused_max_classes(size));
+            }
+            let _ = size;
+            Ok(usize::MAX)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => cuda::one_pass_max_classes(dev, size),
+        #[allow(unreachable_patterns)]
+        other => bail!(
+            "{OP_NAME}: runs on the CPU and on CUDA devices, got {:?}",
+            other.location()
+        ),
+    }
+}
+
 /// (stats [B, STAT_COLUMNS], d(loss)/d(input), d(loss)/d(scale)) for the configured reduction
 /// (the sum of the rows' losses for [`Reduction::None`]), outside the autograd graph.
-/// d(loss)/d(scale) only with `scale_grad` on the CPU (0 otherwise); the kernels always give it.
+/// d(loss)/d(scale) only with `scale_grad` (0 otherwise).
 pub(crate) fn forward_backward(
     cfg: &MarginSoftmaxLoss,
     input: &Tensor,
@@ -250,6 +290,7 @@ pub(crate) fn forward_backward(
                 (t, targets_layout),
                 (s, scale_layout),
                 mean,
+                scale_grad,
             )?;
             (
                 Storage::Cuda(stats),

@@ -3,20 +3,19 @@
 //! weights in the accumulation type, and the factor that the fused paths fold into the gradient
 //! for the mean.
 
-use candle_core::{Result, bail};
+use candle_core::Result;
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME};
 use crate::math::Acc;
 
-/// The value check of the targets, shared by every device (the CUDA path reads the targets back
-/// to the host and calls this too, so the errors are identical): `None` for a row whose target
-/// is `ignore_index`, an `Err` for any other value outside [0, C).
+/// The value check of the targets, shared by every device (the CUDA path finds the first invalid
+/// row on the GPU and forms the same error with [`target_error`]): `None` for a row whose target is
+/// `ignore_index`, an `Err` for any other value outside [0, C).
 pub(crate) fn validate_targets(
     values: &[i64],
     cfg: &MarginSoftmaxLoss,
     classes: usize,
 ) -> Result<Vec<Option<usize>>> {
-    let name = cfg.head.name();
     values
         .iter()
         .enumerate()
@@ -24,16 +23,29 @@ pub(crate) fn validate_targets(
             if Some(t) == cfg.ignore_index {
                 Ok(None)
             } else if t < 0 || t >= classes as i64 {
-                bail!(
-                    "{OP_NAME}({name}): target {t} at row {row} is out of range for C = {classes} \
-                     classes (ignore_index is {:?})",
-                    cfg.ignore_index
-                )
+                Err(target_error(cfg, t, row, classes))
             } else {
                 Ok(Some(t as usize))
             }
         })
         .collect()
+}
+
+/// The error for target `value` at `row`, outside [0, C) and not `ignore_index` (the same text
+/// on every device: the CUDA path finds the row on the GPU and reads its value back).
+pub(crate) fn target_error(
+    cfg: &MarginSoftmaxLoss,
+    value: i64,
+    row: usize,
+    classes: usize,
+) -> candle_core::Error {
+    candle_core::Error::Msg(format!(
+        "{OP_NAME}({}): target {value} at row {row} is out of range for C = {classes} classes \
+         (ignore_index is {:?})",
+        cfg.head.name(),
+        cfg.ignore_index
+    ))
+    .bt()
 }
 
 /// The class weights in the accumulation type, or `None` (all 1), from the host copy taken when
@@ -50,8 +62,8 @@ pub(crate) fn weight_of<A: Acc>(weights: &Option<Vec<A>>, target: usize) -> A {
 
 /// The factor the fused paths fold into the gradient: 1/Σ_{rows not ignored} w_y for the mean
 /// (0 when that sum is 0: an all-ignored batch, or every target on a zero-weight class, whose
-/// loss is 0 by the spec), else 1. Shared with the CUDA path, which
-/// computes it on the host from the same validated targets and weights.
+/// loss is 0 by the spec), else 1. The kernels form the same factor on the device
+/// (kernels/targets.cu).
 pub(crate) fn upstream_factor<A: Acc>(
     targets: &[Option<usize>],
     weights: &Option<Vec<A>>,
@@ -68,22 +80,6 @@ pub(crate) fn upstream_factor<A: Acc>(
     } else {
         A::zero()
     }
-}
-
-/// [`upstream_factor`] for the kernels (the CUDA and emulated backends), which take it as an f64
-/// in `MsParams`: the same fold over the same validated targets and weights as on the CPU (the
-/// weights read back only where the mean needs them); the round trip through f64 is exact.
-#[cfg(any(feature = "cuda", feature = "kernel-emu"))]
-pub(crate) fn kernel_upstream<A: Acc>(
-    cfg: &MarginSoftmaxLoss,
-    targets: &[Option<usize>],
-    mean: bool,
-) -> Result<f64> {
-    let weights = if mean { read_weights::<A>(cfg) } else { None };
-    // (The weights come from the host copy taken when they were set: no device read.)
-    Ok(<A as candle_core::WithDType>::to_f64(upstream_factor(
-        targets, &weights, mean,
-    )))
 }
 
 /// The PolyLoss coefficients as the kernels take them: in the accumulation type, with one unused

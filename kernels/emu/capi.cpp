@@ -13,6 +13,7 @@ CUDA_EMU_DYNAMIC_SHARED(unsigned char, shared_row)
 #include "backward.cu"
 #include "forward.cu"
 #include "fused.cu"
+#include "targets.cu"
 
 // One launch's shape, as src/launch.rs plans it (`Launch`, #[repr(C)] on the Rust side).
 struct EmuLaunch {
@@ -24,54 +25,93 @@ struct EmuLaunch {
 namespace {
 template <class... P, class... A>
 void launch(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
-    cuda_emu::launch(dim3(l->grid[0], l->grid[1], l->grid[2]),
-                     dim3(l->block[0], l->block[1], l->block[2]), l->shared_mem_bytes, kernel,
-                     std::forward<A>(args)...);
+    cuda_emu::LaunchConfig c;
+    c.grid = dim3(l->grid[0], l->grid[1], l->grid[2]);
+    c.block = dim3(l->block[0], l->block[1], l->block[2]);
+    c.dynamic_smem = l->shared_mem_bytes;
+    // Above 48 KiB the CUDA backend opts the kernel into exactly the launch's size (the planner
+    // keeps it within the device's limit); the emulator still refuses more than an H200 allows.
+    c.max_dynamic_smem = std::max<size_t>(48 * 1024, l->shared_mem_bytes);
+    cuda_emu::launch_ex(c, kernel, std::forward<A>(args)...);
+}
+
+// The entry point of `variant` (src/launch.rs's variant_index: MS_PER_TRANSFORM's order).
+template <class K> K pick(int variant, K identity, K cosine, K rbf, K identity_ext, K cosine_ext,
+                          K rbf_ext) {
+    switch (variant) {
+        case 0: return identity;
+        case 1: return cosine;
+        case 2: return rbf;
+        case 3: return identity_ext;
+        case 4: return cosine_ext;
+        default: return rbf_ext;
+    }
 }
 }  // namespace
 
 // The constants of the kernel ABI as this build sees them, for the Rust side to compare with its
 // own: sizeof(MsParams), alignof(MsParams), MS_BLOCK, MS_FINALIZE_BLOCK, MS_STAT_COLUMNS,
-// MS_ROWINFO_COLUMNS, MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M, sizeof(EmuLaunch).
-extern "C" void ms_emu_abi(unsigned long long out[9]) {
-    const unsigned long long v[9] = {sizeof(MsParams),   alignof(MsParams), MS_BLOCK,
-                                     MS_FINALIZE_BLOCK,  MS_STAT_COLUMNS,   MS_ROWINFO_COLUMNS,
-                                     MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M,   sizeof(EmuLaunch)};
-    for (int i = 0; i < 9; ++i) out[i] = v[i];
+// MS_ROWINFO_COLUMNS, MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M, sizeof(EmuLaunch), MS_TARGETS_BLOCK.
+extern "C" void ms_emu_abi(unsigned long long out[10]) {
+    const unsigned long long v[10] = {sizeof(MsParams),   alignof(MsParams), MS_BLOCK,
+                                      MS_FINALIZE_BLOCK,  MS_STAT_COLUMNS,   MS_ROWINFO_COLUMNS,
+                                      MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M,   sizeof(EmuLaunch),
+                                      MS_TARGETS_BLOCK};
+    for (int i = 0; i < 10; ++i) out[i] = v[i];
 }
 
+#define MS_EMU_PICK(OP, SUFFIX)                                                                  \
+    pick(variant, OP##_identity_##SUFFIX, OP##_cosine_##SUFFIX, OP##_rbf_##SUFFIX,               \
+         OP##_identity_ext_##SUFFIX, OP##_cosine_ext_##SUFFIX, OP##_rbf_ext_##SUFFIX)
+
 #define MS_EMU_ENTRIES(T, SUFFIX)                                                                \
-    extern "C" void ms_emu_forward_partial_##SUFFIX(const EmuLaunch* l, const T* x,              \
-                                                    const int* targets,                          \
-                                                    const AccOf<T>::type* scale,                 \
-                                                    const AccOf<T>::type* weights,               \
-                                                    const MsParams* p,                           \
-                                                    AccOf<T>::type* partials) {                  \
-        launch(l, ms_forward_partial_##SUFFIX, x, targets, scale, weights, *p, partials);        \
+    extern "C" void ms_emu_forward_partial_##SUFFIX(                                             \
+        const EmuLaunch* l, int variant, const T* x, const int* targets,                         \
+        const AccOf<T>::type* scale, const AccOf<T>::type* weights, const MsParams* p,           \
+        AccOf<T>::type* partials) {                                                              \
+        launch(l, MS_EMU_PICK(ms_forward_partial, SUFFIX), x, targets, scale, weights, *p,       \
+               partials);                                                                        \
     }                                                                                            \
     extern "C" void ms_emu_forward_finalize_##SUFFIX(                                            \
         const EmuLaunch* l, const T* x, const int* targets, const AccOf<T>::type* scale,         \
         const AccOf<T>::type* weights, const AccOf<T>::type* poly, const MsParams* p,            \
         const AccOf<T>::type* partials, AccOf<T>::type* stats, AccOf<T>::type* row_info,         \
-        AccOf<T>::type* grad_scale) {                                                            \
+        AccOf<T>::type* grad_scale, const AccOf<T>::type* upstream) {                            \
         launch(l, ms_forward_finalize_##SUFFIX, x, targets, scale, weights, poly, *p, partials,  \
-               stats, row_info, grad_scale);                                                     \
+               stats, row_info, grad_scale, upstream);                                           \
     }                                                                                            \
-    extern "C" void ms_emu_backward_##SUFFIX(const EmuLaunch* l, const T* x, const int* targets, \
-                                             const AccOf<T>::type* row_info,                     \
+    extern "C" void ms_emu_backward_##SUFFIX(const EmuLaunch* l, int variant, const T* x,        \
+                                             const int* targets, const AccOf<T>::type* row_info, \
                                              const AccOf<T>::type* weights, const MsParams* p,   \
                                              T* grad) {                                          \
-        launch(l, ms_backward_##SUFFIX, x, targets, row_info, weights, *p, grad);                \
+        launch(l, MS_EMU_PICK(ms_backward, SUFFIX), x, targets, row_info, weights, *p, grad);    \
     }                                                                                            \
     extern "C" void ms_emu_fused_##SUFFIX(                                                       \
-        const EmuLaunch* l, const T* x, const int* targets, const AccOf<T>::type* scale,         \
-        const AccOf<T>::type* weights, const AccOf<T>::type* poly, const MsParams* p,            \
-        AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale) {                            \
-        launch(l, ms_fused_##SUFFIX, x, targets, scale, weights, poly, *p, stats, grad,          \
-               grad_scale);                                                                      \
+        const EmuLaunch* l, int variant, const T* x, const int* targets,                         \
+        const AccOf<T>::type* scale, const AccOf<T>::type* weights, const AccOf<T>::type* poly,  \
+        const MsParams* p, AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale,           \
+        const AccOf<T>::type* upstream) {                                                        \
+        launch(l, MS_EMU_PICK(ms_fused, SUFFIX), x, targets, scale, weights, poly, *p, stats,    \
+               grad, grad_scale, upstream);                                                      \
     }
 
 MS_EMU_ENTRIES(float, f32)
 MS_EMU_ENTRIES(double, f64)
 MS_EMU_ENTRIES(__half, f16)
 MS_EMU_ENTRIES(__nv_bfloat16, bf16)
+
+#define MS_EMU_TARGETS(I, ISUFFIX, A, ASUFFIX)                                                   \
+    extern "C" void ms_emu_targets_##ISUFFIX##_##ASUFFIX(                                        \
+        const EmuLaunch* l, const I* raw, long long rows, long long classes,                     \
+        long long ignore_index, int has_ignore, const A* weights, int has_weights, int mean,     \
+        int* out, long long* first_invalid, A* upstream) {                                       \
+        launch(l, ms_targets_##ISUFFIX##_##ASUFFIX, raw, rows, classes, ignore_index,            \
+               has_ignore, weights, has_weights, mean, out, first_invalid, upstream);            \
+    }
+
+MS_EMU_TARGETS(unsigned char, u8, float, f32)
+MS_EMU_TARGETS(unsigned int, u32, float, f32)
+MS_EMU_TARGETS(long long, i64, float, f32)
+MS_EMU_TARGETS(unsigned char, u8, double, f64)
+MS_EMU_TARGETS(unsigned int, u32, double, f64)
+MS_EMU_TARGETS(long long, i64, double, f64)

@@ -32,7 +32,7 @@ static void replay_row(const MsParams* p, const A* poly, const A* weights, const
         others = online_merge(others, part);
     }
     const A weight = p->has_weights ? weights[target] : A(1);
-    finalize_row(*p, poly, weight, scale, x[target], others, stats, info);
+    finalize_row(*p, poly, weight, scale, x[target], others, A(1), stats, info);
     for (long long j = 0; j < classes; ++j) {
         grad[j] = grad_element(*p, info, x[j], j == target, smoothing_weight(*p, weights, j));
     }

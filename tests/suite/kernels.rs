@@ -24,6 +24,10 @@ pub struct Dut {
     pub dev: Device,
     /// `Some(grid cap)`: the emulated kernels on the CPU.
     emulated: Option<usize>,
+    /// The shape of the emulated GPU (its SM count and shared memory per block); a real GPU is
+    /// its own.
+    #[cfg(feature = "kernel-emu")]
+    shape: candle_margin_softmax::kernel_emu::DeviceShape,
 }
 
 impl Dut {
@@ -35,6 +39,8 @@ impl Dut {
             Ok(dev) => Some(Dut {
                 dev,
                 emulated: None,
+                #[cfg(feature = "kernel-emu")]
+                shape: candle_margin_softmax::kernel_emu::DeviceShape::DEFAULT,
             }),
             Err(e) => {
                 if std::env::var("REQUIRE_GPU").is_ok_and(|v| v == "1") {
@@ -52,6 +58,18 @@ impl Dut {
         Dut {
             dev: Device::Cpu,
             emulated: Some(65_535),
+            shape: candle_margin_softmax::kernel_emu::DeviceShape::DEFAULT,
+        }
+    }
+
+    /// This device, emulated as an H200 (227 KiB of shared memory a block: the one-pass path
+    /// takes rows up to 57 597 f32 / 115 193 bf16); a GPU stays itself.
+    pub fn as_h200(&self) -> Dut {
+        Dut {
+            dev: self.dev.clone(),
+            emulated: self.emulated,
+            #[cfg(feature = "kernel-emu")]
+            shape: candle_margin_softmax::kernel_emu::DeviceShape::H200,
         }
     }
 
@@ -66,6 +84,8 @@ impl Dut {
         Dut {
             dev: self.dev.clone(),
             emulated: self.emulated.map(|_| cap),
+            #[cfg(feature = "kernel-emu")]
+            shape: self.shape,
         }
     }
 
@@ -73,7 +93,9 @@ impl Dut {
     pub fn run<R>(&self, f: impl FnOnce(&Device) -> R) -> R {
         match self.emulated {
             #[cfg(feature = "kernel-emu")]
-            Some(cap) => candle_margin_softmax::kernel_emu::emulated(cap, || f(&self.dev)),
+            Some(cap) => {
+                candle_margin_softmax::kernel_emu::emulated_on(cap, self.shape, || f(&self.dev))
+            }
             _ => f(&self.dev),
         }
     }
@@ -151,6 +173,8 @@ kernel_tests!(
         reduction_variants,
         softcap_and_weighted_smoothing,
         softcap_weighted_smoothing_paths,
+        unchecked_targets,
+        one_pass_wide_rows,
     ],
     gpu_only: [
         parity_large_heads,
@@ -162,11 +186,12 @@ kernel_tests!(
     ],
 );
 
-/// The largest C that `loss_and_grad` runs through the fused one-block-per-row kernel for each
-/// input dtype (see `loss_and_grad`'s docs): round_up(C·sizeof(T), 16) ≤ 48 KiB − 2048, i.e.
-/// 11776 (f32), 23552 (f16, bf16), 5888 (f64).
-fn fused_limit(dtype: DType) -> usize {
-    (48 * 1024 - 2048) / dtype.size_in_bytes()
+/// The largest C that `loss_and_grad` runs through the fused one-block-per-row kernel on the
+/// device under test for each input dtype (`one_pass_max_classes`: emulated, a GPU without the
+/// shared-memory opt-in unless the Dut says otherwise; on a GPU, its own limit).
+fn fused_limit(dut: &Dut, dtype: DType) -> usize {
+    dut.run(|dev| candle_margin_softmax::one_pass_max_classes(dev, dtype))
+        .expect("one_pass_max_classes")
 }
 
 // ---- The CPU suite's grids on the device. ----
@@ -323,6 +348,121 @@ fn target_errors_match_cpu(dut: &Dut) {
     f.finish("kernels: target errors identical to the CPU's");
 }
 
+/// With the target check off, the forward reads nothing back: an invalid target (out of range,
+/// not ignore_index) gives its row a NaN loss and a NaN gradient row, never an error or an
+/// out-of-bounds read, while the other rows equal the checked run on those rows alone; a mean
+/// over the batch is NaN. Both paths (C below and above the one-pass limit), every dtype.
+fn unchecked_targets(dut: &Dut) {
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        let limit = fused_limit(dut, dtype);
+        for c in [7usize, limit + 1] {
+            let label = format!("unchecked targets C={c} {}", dtype_name(dtype));
+            let mut run = || -> Result<()> {
+                let b = 4usize;
+                let head = Head::arcface();
+                let mut r = rng(seed_of(&label));
+                let good: Vec<i64> = vec![1, 0, (c - 1) as i64, 2];
+                let x = gen_input(&mut r, &head, b, c, &good);
+                let input = input_tensor(&x, b, c, dtype, &dut.dev)?;
+                let bad: Vec<i64> = vec![1, c as i64, (c - 1) as i64, -7];
+                let cfg = MarginSoftmaxLoss::new(head)
+                    .reduction(Reduction::None)
+                    .check_targets(false);
+                let targets = targets_i64(&bad, &dut.dev)?;
+                // The valid rows 0 and 2, checked, on their own.
+                let rows = Tensor::new(&[0u32, 2], &dut.dev)?;
+                let sub_input = input.index_select(&rows, 0)?;
+                let sub_targets = targets_i64(&[bad[0], bad[2]], &dut.dev)?;
+                let checked = cfg.clone().check_targets(true);
+                let (want_l, want_g) =
+                    dut.run(|_| checked.loss_and_grad(&sub_input, &sub_targets))?;
+                let (got_l, got_g) = dut.run(|_| cfg.loss_and_grad(&input, &targets))?;
+                let loss = dut.run(|_| cfg.loss(&input, &targets))?;
+                let got_l = got_l.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let loss = loss.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let got_g = got_g.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                let want_l = want_l.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                let want_g = want_g.to_dtype(DType::F64)?.to_vec2::<f64>()?;
+                for bad_row in [1usize, 3] {
+                    if !got_l[bad_row].is_nan() || !loss[bad_row].is_nan() {
+                        f.0.push(format!(
+                            "[{label}] row {bad_row}: loss {got_l:?} / {loss:?}"
+                        ));
+                    }
+                    if !got_g[bad_row].iter().all(|v| v.is_nan()) {
+                        f.0.push(format!("[{label}] row {bad_row}: gradient not all NaN"));
+                    }
+                }
+                for (k, row) in [0usize, 2].into_iter().enumerate() {
+                    let (tl, tg) = tols(dtype);
+                    let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * (1.0 + b.abs());
+                    if !close(got_l[row], want_l[k], tl) || !close(loss[row], want_l[k], tl) {
+                        f.0.push(format!(
+                            "[{label}] row {row}: loss {} vs {}",
+                            got_l[row], want_l[k]
+                        ));
+                    }
+                    if got_g[row]
+                        .iter()
+                        .zip(&want_g[k])
+                        .any(|(&a, &b)| !close(a, b, tg))
+                    {
+                        f.0.push(format!("[{label}] row {row}: gradient differs"));
+                    }
+                }
+                let mean = MarginSoftmaxLoss::new(head).check_targets(false);
+                let (mean_l, mean_g) = dut.run(|_| mean.loss_and_grad(&input, &targets))?;
+                if !mean_l.to_dtype(DType::F64)?.to_scalar::<f64>()?.is_nan() {
+                    f.0.push(format!("[{label}] the mean over a NaN row is not NaN"));
+                }
+                drop(mean_g);
+                Ok(())
+            };
+            if let Err(e) = run() {
+                f.err(&label, e);
+            }
+        }
+    }
+    f.finish("kernels: target check off");
+}
+
+/// On a device with the shared-memory opt-in of an H200 (227 KiB a block), `loss_and_grad`
+/// reads rows up to 57 597 f32 / 115 193 f16 and bf16 / 28 799 f64 classes in one pass: the one
+/// below the limit, at it and one past it (the split path) against the CPU fused op, with the
+/// combination of options and without.
+fn one_pass_wide_rows(dut: &Dut) {
+    let wide = dut.as_h200();
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        let limit = fused_limit(&wide, dtype);
+        if wide.is_emulated() {
+            let want = match dtype {
+                DType::F32 => 57_597,
+                DType::F64 => 28_799,
+                _ => 115_193,
+            };
+            if limit != want {
+                f.0.push(format!(
+                    "{}: one-pass limit {limit}, want {want}",
+                    dtype_name(dtype)
+                ));
+            }
+        }
+        for c in [limit - 1, limit, limit + 1] {
+            for (on, opts) in [("plain", Opts::default()), ("combo", Opts::combo())] {
+                let label = format!("one pass arcface+{on} 2x{c} {}", dtype_name(dtype));
+                if let Err(e) =
+                    vs_cpu_op(&wide, &label, Head::arcface(), &opts, (2, c), dtype, &mut f)
+                {
+                    f.err(&label, e);
+                }
+            }
+        }
+    }
+    f.finish("kernels: one pass up to the opt-in shared memory");
+}
+
 // ---- The fused / split boundary of loss_and_grad. ----
 
 /// C one below the fused kernel's limit, at it and one past it (the three-kernel path, 3 blocks
@@ -332,7 +472,7 @@ fn fused_split_boundary(dut: &Dut) {
     let b = dut.size(8, 3);
     let mut f = Failures::default();
     for dtype in parity::ALL_DTYPES {
-        let limit = fused_limit(dtype);
+        let limit = fused_limit(dut, dtype);
         for c in [limit - 1, limit, limit + 1] {
             for (hn, head) in [("arcface", Head::arcface()), ("rbf", Head::rbf())] {
                 for (on, opts) in [("plain", Opts::default()), ("combo", Opts::combo())] {
@@ -390,7 +530,7 @@ fn grid_stride(dut: &Dut) {
     let capped = dut.with_grid_cap(3);
     let mut f = Failures::default();
     for dtype in parity::ALL_DTYPES {
-        let limit = fused_limit(dtype);
+        let limit = fused_limit(dut, dtype);
         for (b, c) in [(397usize, 5usize), (11, 37), (5, limit + 1)] {
             for (hn, head) in [("arcface", Head::arcface()), ("softmax", Head::softmax())] {
                 let label = format!("grid stride {hn} {b}x{c} {}", dtype_name(dtype));
@@ -429,7 +569,7 @@ fn split_rows(dut: &Dut) {
 fn row_alignment(dut: &Dut) {
     let mut f = Failures::default();
     for dtype in parity::ALL_DTYPES {
-        let limit = fused_limit(dtype);
+        let limit = fused_limit(dut, dtype);
         for (b, c) in [(9usize, 37usize), (4, 1001), (3, limit + 3)] {
             for (skip_rows, skip_cols) in [(0usize, 0usize), (0, 1), (1, 0), (1, 3)] {
                 let label = format!(
@@ -693,7 +833,7 @@ fn softcap_weighted_smoothing_paths(dut: &Dut) {
     let mut f = Failures::default();
     let capped = dut.with_grid_cap(3);
     for dtype in parity::ALL_DTYPES {
-        let limit = fused_limit(dtype);
+        let limit = fused_limit(dut, dtype);
         let cases = [
             (dut, "arcface", Head::arcface(), (3usize, limit)),
             (dut, "arcface", Head::arcface(), (3, limit + 1)),
@@ -867,7 +1007,7 @@ fn deterministic(dut: &Dut) {
     let dev = &dut.dev;
     let mut f = Failures::default();
     for dtype in [DType::F32, DType::BF16, DType::F64] {
-        let limit = fused_limit(dtype);
+        let limit = fused_limit(dut, dtype);
         let shapes = dut.size(
             [(256usize, limit / 2), (256, limit + 1), (16, 200_000)],
             [(6usize, limit / 2), (3, limit + 1), (2, 30_000)],

@@ -1,0 +1,214 @@
+// The element loops shared by the kernels: walking a slice of a row by 16-byte vectors, and the
+// online statistics of one vector with a single max-rescale and no per-element target test.
+//
+// Per element of the steady-state loops (transform and element type fixed at compile time,
+// options uniform over the launch): one conversion, z = r*u, a max, (z - max)*log2(e), 2^t and
+// a sum in the forward; z, (z - max - ln_sum)*log2(e), 2^t, one FMA and a conversion in the
+// backward. The target is looked for once per vector; a vector holding it, soft-capping and
+// non-finite maxima take the scalar online_push path of common.cuh.
+#pragma once
+
+#include "heads.cuh"
+
+#ifndef MS_HOST_CHECK
+
+// Calls scalar(j) for the elements of [start, end) of the row at `row` that precede its first
+// 16-byte boundary, vector(j0) for each aligned run of V = 16 / sizeof(T) elements, scalar(j)
+// for the tail; the elements are spread over `threads` threads starting at `thread`. A row
+// whose elements are not naturally aligned (never from candle) goes scalar throughout. Returns
+// nothing: the callbacks do the work.
+// The number of elements of the n at `from` before its first 16-byte boundary (n when the
+// elements are not naturally aligned, or none is on a boundary).
+template <typename T> __device__ __forceinline__ long long row_head(const T* from, long long n) {
+    const uintptr_t misalign = reinterpret_cast<uintptr_t>(from) & 15;
+    long long head = misalign == 0 ? 0 : (long long)((16 - misalign) / sizeof(T));
+    if (head > n || !aligned16(from + head)) head = n;
+    return head;
+}
+
+template <typename T, typename Scalar, typename Vector>
+__device__ __forceinline__ void walk_row(const T* row, long long start, long long end,
+                                         long long thread, long long threads, Scalar&& scalar,
+                                         Vector&& vector) {
+    constexpr int V = VecWidth<T>::value;
+    const long long body = start + row_head(row + start, end - start);
+    const long long vectors = (end - body) / V;
+    const long long tail = body + vectors * V;
+    for (long long j = start + thread; j < body; j += threads) scalar(j);
+    for (long long k = thread; k < vectors; k += threads) vector(body + k * V);
+    for (long long j = tail + thread; j < end; j += threads) scalar(j);
+}
+
+// walk_row whose vectors go by fast(j0), which returns false, having changed nothing, for a
+// vector it cannot take; slow(j0) then takes that one. The steady-state loop is fast's alone:
+// slow runs in an enclosing loop, out of the element loop's instruction stream.
+template <typename T, typename Scalar, typename Fast, typename Slow>
+__device__ __forceinline__ void walk_row(const T* row, long long start, long long end,
+                                         long long thread, long long threads, Scalar&& scalar,
+                                         Fast&& fast, Slow&& slow) {
+    constexpr int V = VecWidth<T>::value;
+    const long long body = start + row_head(row + start, end - start);
+    const long long vectors = (end - body) / V;
+    const long long tail = body + vectors * V;
+    for (long long j = start + thread; j < body; j += threads) scalar(j);
+    for (long long k = thread; k < vectors;) {
+        while (k < vectors && fast(body + k * V)) k += threads;
+        if (k < vectors) {
+            slow(body + k * V);
+            k += threads;
+        }
+    }
+    for (long long j = tail + thread; j < end; j += threads) scalar(j);
+}
+
+// Whether [j0, j0 + n) holds class y.
+__device__ __forceinline__ bool holds(long long j0, int n, long long y) {
+    return (unsigned long long)(y - j0) < (unsigned long long)n;
+}
+
+// The V elements of the 16-byte vector at x (aligned), as the accumulation type.
+template <typename T>
+__device__ __forceinline__ void load_vector(const T* x, typename AccOf<T>::type* out) {
+    constexpr int V = VecWidth<T>::value;
+    const uint4 raw = *reinterpret_cast<const uint4*>(x);
+    const T* v = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = to_acc(v[i]);
+}
+
+// Adds the V entries in[0..V) (inputs of classes j0..j0+V) of a row with scale r and target y to
+// the online state s when it can: rescaling once per vector, the exponentials as ms_exp_mul
+// (2^((z - max) * log2 e) in f32). Returns false, s unchanged, for a vector that holds the
+// target, has a non-finite max or is soft-capped: push_slow takes it. EXT: the launch may use
+// label smoothing, the row scale's gradient or soft-capping (the host picks the entry point:
+// without EXT none of them).
+template <int TR, int V, bool EXT, typename A>
+__device__ __forceinline__ bool push_vector(const MsParams& p, const A* __restrict__ weights,
+                                            Online<A>& s, A r, const A* in, long long j0,
+                                            long long y) {
+    A u[V], z[V];
+    A m = s.max;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        u[i] = head_u<TR>(p, in[i]);
+        z[i] = r * u[i];
+        m = z[i] > m ? z[i] : m;  // NaN never wins: it reaches the sums through 2^NaN
+    }
+    if (MS_UNLIKELY(holds(j0, V, y) || (EXT && p.softcapped) ||
+                    !(m > neg_infinity<A>() && m < -neg_infinity<A>()))) {
+        return false;
+    }
+    if (MS_UNLIKELY(m > s.max)) {
+        const A rescale = ms_exp(s.max - m);
+        s.sum_exp *= rescale;
+        s.sum_exp_v *= rescale;
+        s.max = m;
+    }
+    A sum = A(0), sum_v = A(0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        const A e = ms_exp_mul(z[i] - m, 1.0);
+        sum += e;
+        if (EXT && p.scale_grad) sum_v += times_nonzero(e, u[i]);
+    }
+    s.sum_exp += sum;
+    if constexpr (EXT) {
+        s.sum_exp_v += sum_v;
+        // The smoothing term's sum w*v (sum w*z is only read with soft-capping, not here).
+        if (p.smoothing > 0.0) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) {
+                s.sum_wv += times_nonzero(smoothing_weight(p, weights, j0 + i), u[i]);
+            }
+        }
+    }
+    return true;
+}
+
+// The vectors push_vector declines, entry by entry (online_push), the target skipped.
+template <int TR, typename T, typename A>
+__device__ void push_slow(const MsParams& p, const A* __restrict__ weights, Online<A>& s, A r,
+                          const T* x, long long j0, long long y) {
+    constexpr int V = VecWidth<T>::value;
+    for (int i = 0; i < V; ++i) {
+        if (j0 + i != y) push_other<TR>(p, weights, s, r, to_acc(x[j0 + i]), j0 + i);
+    }
+}
+
+// The gradient of the V elements at x + j0 (aligned) of a row into out, all as non-target
+// elements: the caller overwrites the target's afterwards (grad_target at one call site per
+// kernel: its margin math is large). Returns false, having written nothing, under
+// soft-capping: grad_slow takes those vectors.
+template <int TR, int V, bool EXT, typename T, typename A>
+__device__ __forceinline__ bool grad_vector(const MsParams& p, const GradRow<A>& g,
+                                            const A* __restrict__ weights, const T* x,
+                                            long long j0, A* out) {
+    if (MS_UNLIKELY(EXT && p.softcapped)) return false;
+    A in[V];
+    load_vector(x + j0, in);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+        out[i] = grad_other<TR, EXT, false>(p, g, in[i], smoothing_weight(p, weights, j0 + i));
+    }
+    return true;
+}
+
+// The vectors grad_vector declines, element by element.
+template <int TR, int V, typename T, typename A>
+__device__ void grad_slow(const MsParams& p, const GradRow<A>& g, const A* __restrict__ weights,
+                          const T* x, long long j0, A* out) {
+    for (int i = 0; i < V; ++i) {
+        out[i] = grad_other_any<TR>(p, g, to_acc(x[j0 + i]), smoothing_weight(p, weights, j0 + i));
+    }
+}
+
+// Stores V gradient values at out (16-byte aligned when `vector_store`).
+template <typename T>
+__device__ __forceinline__ void store_vector(T* out, const typename AccOf<T>::type* g,
+                                             bool vector_store) {
+    constexpr int V = VecWidth<T>::value;
+    if (vector_store) {
+        uint4 raw;
+        T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+        for (int i = 0; i < V; ++i) v[i] = from_acc<T>(g[i]);
+        *reinterpret_cast<uint4*>(out) = raw;
+    } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) out[i] = from_acc<T>(g[i]);
+    }
+}
+
+// A non-target element's gradient (class j, input x).
+template <int TR, typename A>
+__device__ __forceinline__ A grad_other_at(const MsParams& p, const GradRow<A>& g,
+                                           const A* __restrict__ weights, A x, long long j) {
+    return grad_other_any<TR>(p, g, x, smoothing_weight(p, weights, j));
+}
+
+// Writes `value` to the n elements at out (a gradient row of an ignored or invalid row).
+template <typename T, typename A>
+__device__ __forceinline__ void fill_row(T* out, long long n, A value, long long thread,
+                                         long long threads) {
+    constexpr int V = VecWidth<T>::value;
+    A values[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) values[i] = value;
+    walk_row(
+        out, 0, n, thread, threads, [&](long long j) { out[j] = from_acc<T>(value); },
+        [&](long long j0) { store_vector(out + j0, values, true); });
+}
+
+// Stamps the entry points {op}_{identity|cosine|rbf}[_ext]_{SUFFIX} of one body: the element
+// loops are compiled once per transform, and once more with the options that add work per
+// element (label smoothing, the row scale's gradient, soft-capping: `_ext`), so that the loop
+// of a launch without them holds nothing for them.
+#define MS_PER_TRANSFORM(MACRO, T, SUFFIX)                         \
+    MACRO(T, SUFFIX, identity, MS_TRANSFORM_IDENTITY, false)       \
+    MACRO(T, SUFFIX, cosine, MS_TRANSFORM_COSINE, false)           \
+    MACRO(T, SUFFIX, rbf, MS_TRANSFORM_RBF, false)                 \
+    MACRO(T, SUFFIX, identity_ext, MS_TRANSFORM_IDENTITY, true)    \
+    MACRO(T, SUFFIX, cosine_ext, MS_TRANSFORM_COSINE, true)        \
+    MACRO(T, SUFFIX, rbf_ext, MS_TRANSFORM_RBF, true)
+
+#endif  // MS_HOST_CHECK
