@@ -6,7 +6,8 @@
 # thread orders. "all" is the whole kernel suite; "structure" the part of it that reaches every
 # kernel, path, dtype, tail, row alignment, grid-stride loop and split count (the parity grid of
 # the small shapes with every head, the fused / split boundary, several splits per row, capped
-# grids, row alignments, determinism, reductions, ignored rows, B = 0), for the slow sanitizers:
+# grids, row alignments, determinism, reductions, ignored rows, B = 0, the device-side target
+# check off, rows over a thread-block cluster), for the slow sanitizers:
 #   plain         all: forward order, 1 worker; random order, 2 workers
 #   ASan + UBSan  all: forward, 1 worker; structure: reverse, 1 worker; random, 2 workers
 #   TSan          structure: forward, 1 worker; random, 2 workers (races between blocks)
@@ -34,7 +35,8 @@ all=(kernels::emu::)
 structure=(kernels::emu::parity_small_heads kernels::emu::fused_split_boundary
     kernels::emu::split_rows kernels::emu::grid_stride kernels::emu::row_alignment
     kernels::emu::deterministic kernels::emu::reduction_variants
-    kernels::emu::target_errors_match_cpu kernels::emu::edge_empty_batch)
+    kernels::emu::target_errors_match_cpu kernels::emu::edge_empty_batch
+    kernels::emu::unchecked_targets kernels::emu::cluster_rows)
 if [ -n "${KERNEL_EMU_FILTER:-}" ]; then
     read -r -a all <<<"$KERNEL_EMU_FILTER"
     # shellcheck disable=SC2034

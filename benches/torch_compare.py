@@ -1,30 +1,68 @@
 #!/usr/bin/env python3
-"""The crate's CUDA kernels against PyTorch (eager and torch.compile) and Liger-Kernel.
+"""The crate's CUDA kernels against PyTorch (eager and torch.compile), Liger-Kernel and arcface_torch.
 
 One timed unit is one full training step of the loss: logits [B, C] -> (scalar mean loss,
 d(loss)/d(logits) [B, C] in the logits' dtype). For the crate ("ours") that is what
-`MarginSoftmaxLoss::loss_and_grad` launches on a GPU (src/cuda.rs): `ms_fused_<T>` when a row
-fits in shared memory (C * sizeof(T) <= 47104 bytes), else `ms_forward_partial_<T>` ->
-`ms_forward_finalize_<T>` (row info and d(loss)/d(scale) for the backward, the mean's 1/N folded
-in) -> `ms_backward_<T>`, plus the mean over the per-row losses. The kernels are compiled here from
-kernels/*.cu with nvcc (the flags of build.rs) and launched through CuPy on PyTorch's current
-stream, with torch tensors' device pointers and a byte-for-byte copy of `struct MsParams`
-(kernels/params.cuh) built with ctypes.
+`MarginSoftmaxLoss::loss_and_grad` launches on a GPU (src/cuda.rs, planned by src/launch.rs):
+
+  1. `ms_targets_i64_<acc>` (one block of 1024 threads): the int64 targets converted to int32
+     and checked on the device, and the mean's gradient factor 1/sum w written to a one-element
+     device buffer (`upstream`) that the loss kernels read;
+  2. with the target check on (the crate's default) one 8-byte device-to-host read of
+     `first_invalid`, i.e. one host synchronization per step; none with check_targets(false);
+  3. `ms_fused_<variant>_<T>` when the row fits in the shared memory a block may opt into
+     (round_up((C + 16/sizeof(T) - 1) * sizeof(T), 16) + 2048 <= the device's
+     cudaDevAttrMaxSharedMemoryPerBlockOptin: C <= 115193 bf16 / 57597 f32 / 28799 f64 on an
+     H200), the function opted into that dynamic shared memory above 48 KiB; else
+     `ms_forward_partial_<variant>_<T>` (splits = clamp(floor(2 * SMs * (4, or 2 for f64) / B),
+     1, ceil(C / 4096)) blocks per row) -> `ms_forward_finalize_<T>` (row info and
+     d(loss)/d(scale), the device's upstream folded in) -> `ms_backward_<variant>_<T>`;
+     <variant> is identity / cosine / rbf, `_ext` with label smoothing or soft-capping
+     (`kernel_variant` in src/launch.rs);
+  4. the mean over the per-row losses (two torch sums, as candle's `reduce`).
+
+The kernels are compiled here from kernels/*.cu with nvcc for the GPU's own architecture
+(build.rs builds sm_80 + sm_90 fatbins; one `--ptx -arch=sm_XX` suffices here, and the bf16
+entries need sm_80 or later) and launched through CuPy on PyTorch's current stream, with torch
+tensors' device pointers and a byte-for-byte ctypes copy of `struct MsParams`
+(kernels/params.cuh).
 
 Providers, per problem:
-  ce        softmax cross-entropy:        ours, eager F.cross_entropy, torch.compile, Liger
-  ce_ls     the same, label smoothing 0.1: ours, eager, torch.compile, Liger
+  ce        softmax cross-entropy:        ours, ours-nocheck, ours-autograd, eager
+                                          F.cross_entropy, torch.compile, Liger
+  ce_ls     the same, label smoothing 0.1 (variant identity_ext)
   arcface   ArcFace s=64, m=0.5:          ours (margin detached in backward, as arcface_torch),
-                                          ours-exact (the exact margin derivative), eager
-                                          InsightFace arcface_torch, torch.compile of it
+                                          ours-nocheck, ours-exact (the exact margin
+                                          derivative), ours-autograd, eager InsightFace
+                                          arcface_torch, torch.compile of it
+  ours           loss_and_grad, check_targets on (the default): one 8-byte D2H read per step
+  ours-nocheck   loss_and_grad with check_targets(false): nothing read back in the step
+  ours-autograd  loss() + backward as candle's autograd runs the op: forward (ms_targets,
+                 partial, finalize, with the check's read), then the op's bwd (row info from
+                 the stats with torch ops, ms_targets again, ms_backward): 2 reads + 1 write
 
 Each provider's loss and gradient are first checked against a float64 reference computed with
 torch on the GPU (row chunks over the whole tensor); a provider that disagrees beyond the
 tolerances (TOLERANCES below) is skipped, loudly. Timing is `triton.testing.do_bench` (median,
-p20, p80), rotating among several pre-generated random inputs.
+p20, p80), rotating among several pre-generated random inputs. For every (shape, dtype) the
+script also times a device-to-device copy of the same bytes, `y.copy_(x)` with x, y of B*C
+elements of the dtype (1 read + 1 write), the same way, and reports each provider's share of
+that copy's bandwidth: counting 1 read + 1 write of [B, C] for a loss_and_grad step (all
+providers but ours-autograd) and 2 reads + 1 write for ours-autograd.
+
+Default run (no arguments): the issue's shapes 8192x32000:bf16, 4096x128256:bf16,
+512x1000000:bf16, 64x1000000:f32 (a shape without `:dtype` runs in each of --dtypes), problems
+ce ce_ls arcface, do_bench warmup 50 ms / rep 200 ms, up to 3 rotating input sets (at most
+--input-budget-gib 6 GiB of inputs per group). Expected on an H200 (an estimate, not measured
+with this version): about 4-6 minutes, most of it torch.compile (one compilation per shape and
+problem, 12 in all) and the inputs / f64 references of the 512x1000000 groups. Runtime knobs:
+  --quick                  warmup 10 ms, rep 40 ms, 2 input sets (about 2-3 minutes)
+  --problems ce            1/3 of the compilations; --providers to drop some
+  --shapes 8192x32000:bf16 fewer shapes; --no-preflight skips the small-shape checks (~10 s)
+  --warmup-ms / --rep-ms / --sets / --input-budget-gib
 
 Usage (on a GPU machine with PyTorch, Triton, CuPy and nvcc):
-  python benches/torch_compare.py [--shapes 8192x32000 ...] [--dtypes bf16 f16 f32] [--quick]
+  python benches/torch_compare.py [--shapes 8192x32000:bf16 ...] [--dtypes bf16 f16 f32] [--quick]
 Without a GPU (no torch, cupy or numpy needed; uses gcc/g++ and nvcc when found):
   python benches/torch_compare.py --selftest-params
 See benches/README_torch.md.
@@ -54,7 +92,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 KERNELS = REPO / "kernels"
-KERNEL_SOURCES = ("forward", "backward", "fused")
+KERNEL_SOURCES = ("forward", "backward", "fused", "targets")
 
 # ----------------------------------------------------------------------------------------------
 # The kernel ABI: kernels/params.cuh, mirrored field for field (as src/kernel_params.rs does).
@@ -86,6 +124,8 @@ _MS_FIELDS = [
     ("splits", ctypes.c_int32),
     ("weighted_smoothing", ctypes.c_int32),
     ("softcapped", ctypes.c_int32),
+    ("scale_grad", ctypes.c_int32),
+    ("reserved", ctypes.c_int32),
     ("neg_inv_gamma", ctypes.c_double),
     ("additive_m", ctypes.c_double),
     ("m1", ctypes.c_double),
@@ -101,19 +141,18 @@ _MS_FIELDS = [
     ("z_loss", ctypes.c_double),
     ("softcap", ctypes.c_double),
     ("inv_softcap", ctypes.c_double),
-    ("upstream", ctypes.c_double),
 ]
 
 
 class MsParams(ctypes.Structure):
-    """`struct MsParams` of kernels/params.cuh: 3 int64, 10 int32, 8 float64, float64[16],
-    7 float64 = 312 bytes, alignment 8, no padding (checked below, and against the C compiler,
+    """`struct MsParams` of kernels/params.cuh: 3 int64, 12 int32, 8 float64, float64[16],
+    6 float64 = 312 bytes, alignment 8, no padding (checked below, and against the C compiler,
     nvcc's PTX and the device in --selftest-params / the GPU preflight)."""
 
     _fields_ = _MS_FIELDS
 
 
-MS_PARAMS_SIZE = 3 * 8 + 10 * 4 + 8 * 8 + MS_MAX_SPHERE_M * 8 + 7 * 8
+MS_PARAMS_SIZE = 3 * 8 + 12 * 4 + 8 * 8 + MS_MAX_SPHERE_M * 8 + 6 * 8
 assert MS_PARAMS_SIZE == 312
 assert ctypes.sizeof(MsParams) == MS_PARAMS_SIZE, ctypes.sizeof(MsParams)
 assert ctypes.alignment(MsParams) == 8, ctypes.alignment(MsParams)
@@ -128,67 +167,193 @@ def ms_field_layout() -> List[Tuple[str, int, int]]:
 EXPECTED_OFFSETS = {
     "rows": 0, "classes": 8, "row_stride": 16, "transform": 24, "margin": 28, "exact": 32,
     "easy": 36, "sphere_m": 40, "n_poly": 44, "has_weights": 48, "splits": 52,
-    "weighted_smoothing": 56, "softcapped": 60, "neg_inv_gamma": 64, "additive_m": 72, "m1": 80,
-    "m2": 88, "m3": 96, "fallback_shift": 104, "sin_floor": 112, "lambda": 120, "thresholds": 128,
-    "smoothing": 256, "total_weight": 264, "focal_gamma": 272, "z_loss": 280, "softcap": 288,
-    "inv_softcap": 296, "upstream": 304,
+    "weighted_smoothing": 56, "softcapped": 60, "scale_grad": 64, "reserved": 68, "neg_inv_gamma": 72,
+    "additive_m": 80, "m1": 88, "m2": 96, "m3": 104, "fallback_shift": 112, "sin_floor": 120, "lambda": 128,
+    "thresholds": 136, "smoothing": 264, "total_weight": 272, "focal_gamma": 280, "z_loss": 288, "softcap": 296,
+    "inv_softcap": 304,
 }
 assert {n: o for n, o, _ in ms_field_layout()} == EXPECTED_OFFSETS
 
-# The kernels' argument lists ('p': a device pointer, 8 bytes; 'S': MsParams by value), from
-# kernels/forward.cu, backward.cu, fused.cu and the launches of src/cuda.rs.
+# The kernels' argument lists, from kernels/forward.cu, backward.cu, fused.cu, targets.cu and the
+# launches of src/cuda.rs: 'p' a device pointer (8 bytes), 'q' a long long (8 bytes), 'i' an int
+# (4 bytes), 'S' MsParams by value (312 bytes, alignment 8).
 ENTRY_SIGNATURES = {
-    # (const T* x, const int* targets, const ACC* scale, const ACC* weights, MsParams p,
-    #  ACC* partials)
+    # ms_forward_partial_{variant}_T(const T* x, const int* targets, const ACC* scale,
+    #                                const ACC* weights, MsParams p, ACC* partials)
     "ms_forward_partial": "ppppSp",
-    # (x, targets, scale, weights, poly, MsParams p, partials, stats, row_info, grad_scale)
-    "ms_forward_finalize": "pppppSpppp",
-    # (const T* x, const int* targets, const ACC* row_info, const ACC* weights, MsParams p,
-    #  T* grad)
+    # ms_forward_finalize_T(x, targets, scale, weights, poly, MsParams p, const ACC* partials,
+    #                       ACC* stats, ACC* row_info, ACC* grad_scale, const ACC* upstream)
+    "ms_forward_finalize": "pppppSppppp",
+    # ms_backward_{variant}_T(const T* x, const int* targets, const ACC* row_info,
+    #                         const ACC* weights, MsParams p, T* grad)
     "ms_backward": "ppppSp",
-    # (x, targets, scale, weights, poly, MsParams p, stats, grad, grad_scale)
-    "ms_fused": "pppppSppp",
+    # ms_fused_{variant}_T(x, targets, scale, weights, poly, MsParams p, ACC* stats, T* grad,
+    #                      ACC* grad_scale, const ACC* upstream)
+    "ms_fused": "pppppSpppp",
+    # ms_targets_I_A(const I* raw, long long rows, long long classes, long long ignore_index,
+    #                int has_ignore, const A* weights, int has_weights, int mean, int* out,
+    #                long long* first_invalid, A* upstream)
+    "ms_targets": "pqqqipiippp",
 }
 ENTRY_MODULE = {
     "ms_forward_partial": "forward",
     "ms_forward_finalize": "forward",
     "ms_backward": "backward",
     "ms_fused": "fused",
+    "ms_targets": "targets",
 }
+# The element loops of MS_PER_TRANSFORM (kernels/rows.cuh), in its order (src/launch.rs
+# variant_index): the entries `{root}_{variant}_{T}` of the roots below.
+VARIANTS = ("identity", "cosine", "rbf", "identity_ext", "cosine_ext", "rbf_ext")
+VARIANT_ROOTS = ("ms_forward_partial", "ms_backward", "ms_fused")
+# ms_targets_{I}_{A}: raw target types (candle's U8, U32, I64) x accumulation types.
+TARGET_SUFFIXES = ("u8", "u32", "i64")
+ACC_SUFFIXES = ("f32", "f64")
 
-# Launch constants of src/launch.rs (BLOCK and FINALIZE_BLOCK are MS_BLOCK / MS_FINALIZE_BLOCK of
-# kernels/params.cuh: the kernels trap on any other block size).
+
+def entry_names(root: str, suffix: str) -> List[str]:
+    """The entry points of `root` for the element suffix `suffix` (f32 / f64 / f16 / bf16), or
+    for ms_targets the accumulation suffix (f32 / f64)."""
+    if root in VARIANT_ROOTS:
+        return [f"{root}_{v}_{suffix}" for v in VARIANTS]
+    if root == "ms_targets":
+        return [f"ms_targets_{i}_{suffix}" for i in TARGET_SUFFIXES]
+    return [f"{root}_{suffix}"]
+
+
+# Launch constants of src/launch.rs (BLOCK, FINALIZE_BLOCK and TARGETS_BLOCK are MS_BLOCK,
+# MS_FINALIZE_BLOCK and MS_TARGETS_BLOCK of kernels/params.cuh: ms_fused, ms_forward_partial and
+# ms_targets trap on any other block size). --selftest-params reads them back from both files.
 BLOCK = 256
 FINALIZE_BLOCK = 128
+TARGETS_BLOCK = 1024
 MAX_GRID = 65_535
-FUSED_SMEM_LIMIT = 48 * 1024
-FUSED_STATIC_RESERVE = 2048
-SPLIT_TARGET_BLOCKS = 1024
+DEFAULT_SHARED = 48 * 1024  # the shared memory every GPU gives a block without the opt-in
+FUSED_STATIC_RESERVE = 2048  # room kept for ms_fused's static shared memory
 SPLIT_MIN_COLUMNS = 4096
+SPLIT_WAVES = 2
 I32_MAX = 2**31 - 1
+# MS_TARGET_IGNORED / MS_TARGET_INVALID of params.cuh (the int32 targets ms_targets writes).
+TARGET_IGNORED, TARGET_INVALID = -1, -2
+IGNORE_INDEX = -100  # MarginSoftmaxLoss's default ignore_index (src/config.rs), as PyTorch's
 
 
 def div_ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def split_count(rows: int, classes: int) -> int:
-    """clamp(ceil(1024 / B), 1, ceil(C / 4096)), as src/launch.rs."""
-    return max(min(div_ceil(SPLIT_TARGET_BLOCKS, max(rows, 1)), div_ceil(classes, SPLIT_MIN_COLUMNS)), 1)
+@dataclasses.dataclass(frozen=True)
+class DeviceShape:
+    """src/launch.rs DeviceShape: the SM count and the shared memory one block may opt into
+    (cudaDevAttrMaxSharedMemoryPerBlockOptin, at least 48 KiB)."""
+
+    sm_count: int
+    max_shared_per_block: int
 
 
-def fused_max_classes(size: int) -> int:
-    return (FUSED_SMEM_LIMIT - FUSED_STATIC_RESERVE) // size
+DEVICE_DEFAULT = DeviceShape(132, DEFAULT_SHARED)  # DeviceShape::DEFAULT (no opt-in)
+DEVICE_H200 = DeviceShape(132, 227 * 1024)  # DeviceShape::H200 (and H100 SXM)
 
 
-assert fused_max_classes(4) == 11_776 and fused_max_classes(2) == 23_552 and fused_max_classes(8) == 5_888
+def vector_width(size: int) -> int:
+    """Elements of `size` bytes in a 16-byte vector."""
+    return 16 // size
 
 
-def fused_shared_mem(classes: int, size: int) -> Optional[int]:
-    """Dynamic shared memory of ms_fused (round_up(C*size, 16)), or None: the split path."""
-    if classes <= fused_max_classes(size):
-        return div_ceil(classes * size, 16) * 16
-    return None
+def fused_shared_bytes(classes: int, size: int) -> int:
+    """ms_fused's dynamic shared memory: round_up((C + 16/size - 1) * size, 16) (the row at an
+    offset below one vector, so that its 16-byte-aligned part is aligned in shared memory too)."""
+    return div_ceil((classes + vector_width(size) - 1) * size, 16) * 16
+
+
+def fused_max_classes(size: int, max_shared: int) -> int:
+    """The largest C with fused_shared_bytes(C, size) + FUSED_STATIC_RESERVE <= max_shared."""
+    room = max(max_shared - FUSED_STATIC_RESERVE, 0) // 16 * 16
+    return max(room // size - (vector_width(size) - 1), 0)
+
+
+def partial_blocks_per_sm(size: int) -> int:
+    """ms_forward_partial's __launch_bounds__ minimum blocks per SM: 2 for f64, else 4."""
+    return 2 if size == 8 else 4
+
+
+def split_count(rows: int, classes: int, size: int, sm_count: int) -> int:
+    """Blocks per row of ms_forward_partial: clamp(floor(2 * resident / B), 1, ceil(C / 4096)),
+    resident = SMs * partial_blocks_per_sm(size), as src/launch.rs split_count."""
+    resident = max(sm_count, 1) * partial_blocks_per_sm(size)
+    return max(min(SPLIT_WAVES * resident // max(rows, 1), div_ceil(classes, SPLIT_MIN_COLUMNS)), 1)
+
+
+def grid_dim(blocks: int) -> int:
+    """Planner::grid: clamp(blocks, 1, MAX_GRID) (every kernel is grid-stride)."""
+    return min(max(blocks, 1), MAX_GRID)
+
+
+# The numbers asserted in src/launch.rs (and documented on MarginSoftmaxLoss::loss_and_grad).
+assert [fused_max_classes(n, DEFAULT_SHARED) for n in (4, 2, 8)] == [11_773, 23_545, 5_887]
+assert [fused_max_classes(n, 227 * 1024) for n in (4, 2, 8)] == [57_597, 115_193, 28_799]
+assert split_count(64, 1_000_000, 4, 132) == 16 and split_count(512, 1_000_000, 2, 132) == 2
+assert split_count(2, 1_000_000, 4, 132) == 245
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    grid: Tuple[int, int, int]
+    block: Tuple[int, int, int]
+    shared_mem: int = 0
+
+
+TARGETS_LAUNCH = Launch((1, 1, 1), (TARGETS_BLOCK, 1, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The launches of one op, as src/launch.rs Planner plans them. kind: 'fused' (ms_fused),
+    'split' (partial -> finalize -> backward: loss_and_grad), 'forward' (partial -> finalize)
+    or 'backward' (ms_backward)."""
+
+    kind: str
+    splits: int
+    variant: str  # ms_fused's / ms_forward_partial's, or ms_backward's for kind 'backward'
+    backward_variant: Optional[str] = None  # ms_backward's, for kind 'split'
+    fused: Optional[Launch] = None
+    partial: Optional[Launch] = None
+    finalize: Optional[Launch] = None
+    backward: Optional[Launch] = None
+    partials_len: int = 0
+
+
+def plan_forward(cfg: "LossCfg", rows: int, classes: int, size: int, scale_grad: bool, device: DeviceShape) -> Plan:
+    """Planner::forward."""
+    splits = split_count(rows, classes, size, device.sm_count)
+    blocks = rows * splits
+    return Plan("forward", splits, kernel_variant(cfg, scale_grad),
+                partial=Launch((grid_dim(blocks), 1, 1), (BLOCK, 1, 1)),
+                finalize=Launch((grid_dim(div_ceil(rows, FINALIZE_BLOCK)), 1, 1), (FINALIZE_BLOCK, 1, 1)),
+                partials_len=blocks * PARTIAL_COLUMNS)
+
+
+def backward_launch(rows: int, classes: int, size: int) -> Launch:
+    """Planner::backward_launch: column vectors of 16/size elements on x, rows on y."""
+    per_block = BLOCK * vector_width(size)
+    return Launch((grid_dim(div_ceil(classes, per_block)), grid_dim(rows), 1), (BLOCK, 1, 1))
+
+
+def plan_backward(cfg: "LossCfg", rows: int, classes: int, size: int) -> Plan:
+    """Planner::backward (never `_ext` for the row scale)."""
+    return Plan("backward", 1, kernel_variant(cfg, False), backward=backward_launch(rows, classes, size))
+
+
+def plan_loss_and_grad(cfg: "LossCfg", rows: int, classes: int, size: int, scale_grad: bool,
+                       device: DeviceShape, force_split: bool = False) -> Plan:
+    """Planner::loss_and_grad: ms_fused when C <= fused_max_classes(size, the device's opt-in
+    limit), else the split forward then ms_backward (force_split: always the latter)."""
+    if not force_split and classes <= fused_max_classes(size, device.max_shared_per_block):
+        return Plan("fused", 1, kernel_variant(cfg, scale_grad),
+                    fused=Launch((grid_dim(rows), 1, 1), (BLOCK, 1, 1), fused_shared_bytes(classes, size)))
+    f = plan_forward(cfg, rows, classes, size, scale_grad, device)
+    return dataclasses.replace(f, kind="split", backward_variant=kernel_variant(cfg, False),
+                               backward=backward_launch(rows, classes, size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,8 +387,19 @@ class LossCfg:
     total_weight: Optional[float] = None  # sum of the class weights (weights with smoothing)
 
 
-def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: int, upstream: float) -> MsParams:
-    """MsParams::new of src/kernel_params.rs, field for field."""
+def kernel_variant(cfg: LossCfg, scale_grad: bool) -> str:
+    """src/launch.rs kernel_variant: the head's transform, `_ext` with label smoothing,
+    soft-capping or (forward / fused only: callers pass False for ms_backward) the row scale's
+    gradient."""
+    ext = cfg.label_smoothing > 0.0 or cfg.softcap is not None or scale_grad
+    kind = cfg.head.kind
+    base = "identity" if kind == "softmax" else "rbf" if kind == "rbf" else "cosine"
+    return base + ("_ext" if ext else "")
+
+
+def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: int, scale_grad: bool) -> MsParams:
+    """MsParams::new of src/kernel_params.rs, field for field. (The gradient factor is no longer
+    a field: ms_targets writes it to a device buffer that the loss kernels read.)"""
     if min(rows, classes, splits) < 0 or cfg.n_poly < 0:
         raise ValueError("negative size")
     # src/cuda.rs: B and C below 2^31 (targets travel as int32), rows * splits blocks in a grid.
@@ -256,6 +432,8 @@ def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: 
         raise ValueError("class weights with label smoothing need total_weight (the weights' sum)")
     p.weighted_smoothing = int(weighted)
     p.softcapped = int(cfg.softcap is not None)
+    p.scale_grad = int(scale_grad)
+    p.reserved = 0
     p.neg_inv_gamma = neg_inv_gamma
     p.additive_m = 0.0
     p.m1, p.m2, p.m3 = 1.0, 0.0, 0.0
@@ -270,7 +448,6 @@ def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: 
     p.z_loss = cfg.z_loss
     p.softcap = cfg.softcap if cfg.softcap is not None else 0.0
     p.inv_softcap = 1.0 / cfg.softcap if cfg.softcap is not None else 0.0
-    p.upstream = upstream
 
     def angular(m1: float, m2: float, m3: float, easy: bool) -> None:
         p.margin = MARGIN_ANGULAR
@@ -305,9 +482,9 @@ def f32_round(v: float) -> float:
 
 
 def upstream_mean(n_valid: int, acc_is_f64: bool) -> float:
-    """src/cpu.rs upstream_factor for Mean without class weights: 1 / (sum of ones), computed in
-    the accumulation type (f32 division == f64 division rounded to f32: innocuous double
-    rounding), then widened to f64 for MsParams."""
+    """What ms_targets writes to `upstream` for the mean without class weights: 1 / (sum of
+    ones) in the accumulation type (f32 division == f64 division rounded to f32), 0 when no row
+    counts (the targets check of the GPU preflight compares the device's value with this)."""
     if n_valid == 0:
         return 0.0
     return 1.0 / n_valid if acc_is_f64 else f32_round(1.0 / n_valid)
@@ -348,9 +525,9 @@ def params_kernel_arg(p: MsParams):
 
 def describe_params(p: MsParams) -> str:
     keys = ["rows", "classes", "row_stride", "transform", "margin", "exact", "easy", "sphere_m", "n_poly",
-            "has_weights", "splits", "weighted_smoothing", "softcapped", "neg_inv_gamma", "additive_m", "m1",
-            "m2", "m3", "fallback_shift", "sin_floor", "lambda", "smoothing", "total_weight", "focal_gamma",
-            "z_loss", "softcap", "inv_softcap", "upstream"]
+            "has_weights", "splits", "weighted_smoothing", "softcapped", "scale_grad", "reserved",
+            "neg_inv_gamma", "additive_m", "m1", "m2", "m3", "fallback_shift", "sin_floor", "lambda", "smoothing",
+            "total_weight", "focal_gamma", "z_loss", "softcap", "inv_softcap"]
     parts = [f"{k}={getattr(p, k)!r}" for k in keys]
     th = [p.thresholds[j] for j in range(MS_MAX_SPHERE_M)]
     if any(th):
@@ -408,8 +585,11 @@ def check_header_fields() -> List[str]:
                          ("MS_TRANSFORM_RBF", TRANSFORM_RBF), ("MS_MARGIN_NONE", MARGIN_NONE),
                          ("MS_MARGIN_ADDITIVE", MARGIN_ADDITIVE), ("MS_MARGIN_ANGULAR", MARGIN_ANGULAR),
                          ("MS_MARGIN_SPHERE", MARGIN_SPHERE), ("MS_STAT_COLUMNS", STAT_COLUMNS),
-                         ("MS_ROWINFO_COLUMNS", ROWINFO_COLUMNS), ("MS_PARTIAL_COLUMNS", PARTIAL_COLUMNS)):
-        dm = re.search(rf"#define\s+{macro}\s+(\d+)", text)
+                         ("MS_ROWINFO_COLUMNS", ROWINFO_COLUMNS), ("MS_PARTIAL_COLUMNS", PARTIAL_COLUMNS),
+                         ("MS_BLOCK", BLOCK), ("MS_FINALIZE_BLOCK", FINALIZE_BLOCK),
+                         ("MS_TARGETS_BLOCK", TARGETS_BLOCK), ("MS_TARGET_IGNORED", TARGET_IGNORED),
+                         ("MS_TARGET_INVALID", TARGET_INVALID)):
+        dm = re.search(rf"#define\s+{macro}\s+\(?\s*(-?\d+)\s*\)?", text)
         if not dm or int(dm.group(1)) != value:
             problems.append(f"{macro} in params.cuh is {dm and dm.group(1)}, the script has {value}")
     header = parse_header_fields()
@@ -423,6 +603,74 @@ def check_header_fields() -> List[str]:
     if header_norm != ours:
         problems.append("field list differs:\n  params.cuh: " + repr(header_norm) + "\n  script:     " + repr(ours))
     return problems
+
+
+def _rust_int(text: str) -> int:
+    """A Rust integer expression of the constants below: 65_535, 48 * 1024, 2048."""
+    value = 1
+    for factor in text.split("*"):
+        value *= int(factor.strip().replace("_", ""))
+    return value
+
+
+def check_rust_sources() -> Tuple[List[str], int]:
+    """The script's launch planning against src/launch.rs and its mirror of MsParams against
+    src/kernel_params.rs: the constants, the field order, and every number the Rust tests and
+    const asserts state for split_count and fused_max_classes. Returns (problems, checks made)."""
+    problems, checks = [], 0
+    launch = (REPO / "src" / "launch.rs").read_text()
+    consts = {"BLOCK": BLOCK, "FINALIZE_BLOCK": FINALIZE_BLOCK, "TARGETS_BLOCK": TARGETS_BLOCK,
+              "MAX_GRID": MAX_GRID, "PARTIAL_COLUMNS": PARTIAL_COLUMNS, "DEFAULT_SHARED": DEFAULT_SHARED,
+              "FUSED_STATIC_RESERVE": FUSED_STATIC_RESERVE, "SPLIT_MIN_COLUMNS": SPLIT_MIN_COLUMNS,
+              "SPLIT_WAVES": SPLIT_WAVES}
+    for name, value in consts.items():
+        m = re.search(rf"const {name}: \w+ = ([\d_ *]+);", launch)
+        checks += 1
+        if not m or _rust_int(m.group(1)) != value:
+            problems.append(f"src/launch.rs {name} = {m and m.group(1)}, the script has {value}")
+    for name, dev in (("DEFAULT", DEVICE_DEFAULT), ("H200", DEVICE_H200)):
+        m = re.search(rf"const {name}: DeviceShape = DeviceShape \{{\s*sm_count: ([\d_]+),\s*"
+                      rf"max_shared_per_block: ([\w_ *]+),", launch)
+        checks += 1
+        if not m:
+            problems.append(f"src/launch.rs: DeviceShape::{name} not found")
+            continue
+        shared = DEFAULT_SHARED if m.group(2).strip() == "DEFAULT_SHARED" else _rust_int(m.group(2))
+        if (_rust_int(m.group(1)), shared) != (dev.sm_count, dev.max_shared_per_block):
+            problems.append(f"src/launch.rs DeviceShape::{name} = ({m.group(1)}, {m.group(2)}), the script has {dev}")
+    devices = {"d": DEVICE_H200, "DeviceShape::H200": DEVICE_H200, "DeviceShape::DEFAULT": DEVICE_DEFAULT}
+    found = 0
+    for m in re.finditer(r"assert_eq!\(split_count\(([\d_]+), ([\d_]+), (\d+), ([\w:]+)\), ([\d_]+)\)", launch):
+        rows, classes, size, dev, want = m.groups()
+        found += 1
+        checks += 1
+        got = split_count(_rust_int(rows), _rust_int(classes), int(size), devices[dev].sm_count)
+        if got != _rust_int(want):
+            problems.append(f"split_count({rows}, {classes}, {size}, {dev}) = {got}, src/launch.rs says {want}")
+    for m in re.finditer(r"fused_max_classes\((\d+), ([\w_ *]+)\) == ([\d_]+)", launch):
+        size, shared, want = m.groups()
+        found += 1
+        checks += 1
+        shared_v = DEFAULT_SHARED if shared.strip() == "DEFAULT_SHARED" else _rust_int(shared)
+        got = fused_max_classes(int(size), shared_v)
+        if got != _rust_int(want):
+            problems.append(f"fused_max_classes({size}, {shared}) = {got}, src/launch.rs says {want}")
+    if found < 8:
+        problems.append(f"src/launch.rs: only {found} split_count / fused_max_classes asserts found (expected >= 8)")
+    em = re.search(r"pub\(crate\) enum LossAndGradPlan \{(.*?)\n\}", launch, re.S)
+    paths = re.findall(r"^    (\w+) \{", em.group(1), re.M) if em else []
+    checks += 1
+    if paths != ["Fused", "Split"]:
+        problems.append(f"src/launch.rs LossAndGradPlan has the paths {paths}; the script models Fused and Split only "
+                        "(plan_loss_and_grad): update it")
+    kp = (REPO / "src" / "kernel_params.rs").read_text()
+    sm = re.search(r"pub\(crate\) struct MsParams \{(.*?)\n\}", kp, re.S)
+    rust_fields = re.findall(r"pub (\w+):", sm.group(1)) if sm else []
+    checks += 1
+    ours = [n for n, _ in _MS_FIELDS]
+    if rust_fields != ours:
+        problems.append(f"src/kernel_params.rs MsParams fields {rust_fields} differ from the script's {ours}")
+    return problems, checks
 
 
 def _hex_double(v: float) -> str:
@@ -581,8 +829,8 @@ _ENTRY_RE = re.compile(r"\.entry\s+(\w+)\s*\((.*?)\)", re.S)
 
 
 def ptx_entries(ptx_text: str) -> Dict[str, List[str]]:
-    """Each .entry's parameters as 'p' (.u64 / .b64: a pointer) or 'S<size>/<align>' (a by-value
-    byte blob), in order."""
+    """Each .entry's parameters, in order: '8' (.u64 / .b64 / .s64: a pointer or a long long),
+    '4' (.u32 / .b32 / .s32: an int) or 'S<size>/<align>' (a by-value byte blob)."""
     entries = {}
     for m in _ENTRY_RE.finditer(ptx_text):
         params = []
@@ -594,27 +842,50 @@ def ptx_entries(ptx_text: str) -> Dict[str, List[str]]:
             if bm:
                 params.append(f"S{bm.group(2)}/{bm.group(1)}")
             elif re.search(r"\.(u64|b64|s64)\b", decl):
-                params.append("p")
+                params.append("8")
+            elif re.search(r"\.(u32|b32|s32)\b", decl):
+                params.append("4")
             else:
                 params.append("?" + decl)
         entries[m.group(1)] = params
     return entries
 
 
-def check_ptx_signatures(ptx_paths: Dict[str, Path], suffixes: List[str]) -> List[str]:
-    """The PTX's kernel parameter lists against ENTRY_SIGNATURES (MsParams: 312 bytes, align 8)."""
-    problems = []
+def ptx_params_of(sig: str) -> List[str]:
+    """The PTX parameter list a signature of ENTRY_SIGNATURES compiles to."""
+    return [{"p": "8", "q": "8", "i": "4", "S": f"S{MS_PARAMS_SIZE}/8"}[c] for c in sig]
+
+
+def expected_entries(suffixes: List[str]) -> Dict[str, Tuple[str, str]]:
+    """Every entry point the launches may name for these element suffixes: name -> (module,
+    root). ms_targets comes for both accumulation types whatever the element types."""
+    want = {}
+    for root in ENTRY_SIGNATURES:
+        sfxs = ACC_SUFFIXES if root == "ms_targets" else suffixes
+        for sfx in sfxs:
+            for name in entry_names(root, sfx):
+                want[name] = (ENTRY_MODULE[root], root)
+    return want
+
+
+def check_ptx_signatures(ptx_paths: Dict[str, Path], suffixes: List[str]) -> Tuple[List[str], int, List[str]]:
+    """The PTX's kernel parameter lists (count and sizes) against ENTRY_SIGNATURES, for every
+    entry the launches may name (per variant, per element type; ms_targets per target and
+    accumulation type). Returns (problems, entries checked, the PTX's entries the script does
+    not know: not an error by themselves, the script never launches them)."""
+    problems, unknown = [], []
     by_module = {stem: ptx_entries(path.read_text()) for stem, path in ptx_paths.items()}
-    for root, sig in ENTRY_SIGNATURES.items():
-        want = ["p" if c == "p" else f"S{MS_PARAMS_SIZE}/8" for c in sig]
-        for sfx in suffixes:
-            name = f"{root}_{sfx}"
-            got = by_module.get(ENTRY_MODULE[root], {}).get(name)
-            if got is None:
-                problems.append(f"{name}: not in {ENTRY_MODULE[root]}.ptx")
-            elif got != want:
-                problems.append(f"{name}: PTX parameters {got}, the launches pass {want}")
-    return problems
+    want = expected_entries(suffixes)
+    for name, (module, root) in want.items():
+        expect = ptx_params_of(ENTRY_SIGNATURES[root])
+        got = by_module.get(module, {}).get(name)
+        if got is None:
+            problems.append(f"{name}: not in {module}.ptx")
+        elif got != expect:
+            problems.append(f"{name}: PTX parameters {got} ({len(got)}), the launches pass {expect} ({len(expect)})")
+    for module, entries in by_module.items():
+        unknown += [f"{module}.ptx: {name}" for name in entries if name not in want]
+    return problems, len(want), unknown
 
 
 # The device-side layout probe, run before the first launch on a GPU: the device compiler's
@@ -639,40 +910,121 @@ def device_probe_source() -> str:
     return "\n".join(lines)
 
 
-def selftest_configs() -> List[Tuple[str, LossCfg, Tuple[int, int]]]:
+def selftest_configs() -> List[Tuple[str, LossCfg, Tuple[int, int], bool]]:
+    """(label, configuration, (B, C), scale_grad)."""
     return [
-        ("softmax", LossCfg(HeadCfg("softmax", s=1.0)), (8192, 32000)),
-        ("softmax_ls0.1", LossCfg(HeadCfg("softmax", s=1.0), label_smoothing=0.1), (4096, 128256)),
-        ("arcface_exact", LossCfg(HeadCfg("arcface", s=64.0, m=0.5)), (512, 1_000_000)),
-        ("arcface_detached", LossCfg(HeadCfg("arcface", s=64.0, m=0.5), margin_grad="detached"), (1024, 45000)),
-        ("arcface_easy", LossCfg(HeadCfg("arcface", s=64.0, m=0.5, easy_margin=True)), (37, 1001)),
-        ("combined", LossCfg(HeadCfg("combined", s=64.0, m1=1.0, m2=0.3, m3=0.2)), (256, 8000)),
+        ("softmax", LossCfg(HeadCfg("softmax", s=1.0)), (8192, 32000), False),
+        ("softmax_ls0.1", LossCfg(HeadCfg("softmax", s=1.0), label_smoothing=0.1), (4096, 128256), False),
+        ("arcface_exact", LossCfg(HeadCfg("arcface", s=64.0, m=0.5)), (512, 1_000_000), False),
+        ("arcface_detached", LossCfg(HeadCfg("arcface", s=64.0, m=0.5), margin_grad="detached"), (1024, 45000),
+         False),
+        ("arcface_easy_scale", LossCfg(HeadCfg("arcface", s=64.0, m=0.5, easy_margin=True)), (37, 1001), True),
+        ("combined", LossCfg(HeadCfg("combined", s=64.0, m1=1.0, m2=0.3, m3=0.2)), (256, 8000), False),
         ("cosface_focal_poly_z", LossCfg(HeadCfg("cosface", s=64.0, m=0.35), focal_gamma=2.0, z_loss=1e-4,
-                                         n_poly=1, has_weights=True, margin_grad="detached"), (64, 50000)),
-        ("sphereface_m4", LossCfg(HeadCfg("sphereface", s=30.0, m=4, lam=5.0)), (3, 23552)),
-        ("rbf", LossCfg(HeadCfg("rbf", s=35.0, gamma=16.0)), (5, 40001)),
+                                         n_poly=1, has_weights=True, margin_grad="detached"), (64, 50000), False),
+        ("sphereface_m4", LossCfg(HeadCfg("sphereface", s=30.0, m=4, lam=5.0)), (3, 23552), False),
+        ("rbf_softcap", LossCfg(HeadCfg("rbf", s=35.0, gamma=16.0), softcap=30.0), (5, 40001), False),
+        ("f32_64x1e6", LossCfg(HeadCfg("softmax", s=1.0)), (64, 1_000_000), False),
     ]
+
+
+def selftest_planning() -> Tuple[List[str], int]:
+    """The launch planning (src/launch.rs) on the numbers of its tests and the brief's, plus the
+    variants of src/launch.rs's `variants` test and the plans of the issue's shapes on an H200."""
+    problems, checks = [], 0
+
+    def want(what: str, got, expect) -> None:
+        nonlocal checks
+        checks += 1
+        if got != expect:
+            problems.append(f"{what} = {got!r}, want {expect!r}")
+
+    for size, w48, w227 in ((4, 11_773, 57_597), (2, 23_545, 115_193), (8, 5_887, 28_799)):
+        want(f"fused_max_classes({size}, 48 KiB)", fused_max_classes(size, 48 * 1024), w48)
+        want(f"fused_max_classes({size}, 227 KiB)", fused_max_classes(size, 227 * 1024), w227)
+        for shared in (48 * 1024, 99 * 1024, 163 * 1024, 227 * 1024):
+            limit = fused_max_classes(size, shared)
+            checks += 1
+            if not (fused_shared_bytes(limit, size) + FUSED_STATIC_RESERVE <= shared
+                    < fused_shared_bytes(limit + 1, size) + FUSED_STATIC_RESERVE
+                    and fused_shared_bytes(limit, size) >= (limit + 16 // size - 1) * size
+                    and fused_shared_bytes(limit, size) % 16 == 0):
+                problems.append(f"fused_max_classes({size}, {shared}) = {limit} is not the largest C that fits")
+    for args, expect in (((1, 1, 4, 132), 1), ((0, 100, 4, 132), 1), ((4, 11_777, 4, 132), 3),
+                         ((64, 1_000_000, 4, 132), 16), ((64, 1_000_000, 8, 132), 8),
+                         ((512, 1_000_000, 2, 132), 2), ((1024, 32_000, 2, 132), 1),
+                         ((2, 1_000_000, 4, 132), 245)):
+        want(f"split_count{args}", split_count(*args), expect)
+    want("fused_shared_bytes(32000, 2)", fused_shared_bytes(32000, 2), 64016)
+    want("fused_shared_bytes(1, 4)", fused_shared_bytes(1, 4), 16)
+    want("backward_launch(8192, 32000, 2)", backward_launch(8192, 32000, 2).grid, (16, 8192, 1))
+    want("backward_launch(100000, 5000, 4)", backward_launch(100_000, 5000, 4).grid, (5, MAX_GRID, 1))
+    sm = LossCfg(HeadCfg("softmax", s=1.0))
+    want("kernel_variant(softmax, false)", kernel_variant(sm, False), "identity")
+    want("kernel_variant(softmax, true)", kernel_variant(sm, True), "identity_ext")
+    want("kernel_variant(softmax ls 0.1, false)", kernel_variant(dataclasses.replace(sm, label_smoothing=0.1), False),
+         "identity_ext")
+    want("kernel_variant(softmax softcap, false)", kernel_variant(dataclasses.replace(sm, softcap=30.0), False),
+         "identity_ext")
+    want("kernel_variant(arcface, false)", kernel_variant(LossCfg(HeadCfg("arcface", s=64, m=0.5)), False), "cosine")
+    want("kernel_variant(cosface, true)", kernel_variant(LossCfg(HeadCfg("cosface", s=64, m=0.35)), True),
+         "cosine_ext")
+    want("kernel_variant(rbf, false)", kernel_variant(LossCfg(HeadCfg("rbf", s=35)), False), "rbf")
+    want("kernel_variant(rbf ls, false)", kernel_variant(LossCfg(HeadCfg("rbf", s=35), label_smoothing=0.1), False),
+         "rbf_ext")
+    # The plans of the issue's shapes on an H200 (132 SMs, 227 KiB).
+    p1 = plan_loss_and_grad(sm, 8192, 32000, 2, False, DEVICE_H200)
+    want("H200 8192x32000 bf16 plan", (p1.kind, p1.variant, p1.fused), ("fused", "identity",
+                                                                          Launch((8192, 1, 1), (256, 1, 1), 64016)))
+    p2 = plan_loss_and_grad(sm, 4096, 128256, 2, False, DEVICE_H200)
+    want("H200 4096x128256 bf16 plan", (p2.kind, p2.splits, p2.partial.grid, p2.backward.grid),
+         ("split", 1, (4096, 1, 1), (63, 4096, 1)))
+    p3 = plan_loss_and_grad(sm, 512, 1_000_000, 2, False, DEVICE_H200)
+    want("H200 512x1000000 bf16 plan", (p3.kind, p3.splits, p3.partial.grid, p3.finalize.grid, p3.partials_len),
+         ("split", 2, (1024, 1, 1), (4, 1, 1), 1024 * PARTIAL_COLUMNS))
+    p4 = plan_loss_and_grad(sm, 64, 1_000_000, 4, False, DEVICE_H200)
+    want("H200 64x1000000 f32 plan", (p4.kind, p4.splits, p4.partial.grid, p4.backward.grid),
+         ("split", 16, (1024, 1, 1), (977, 64, 1)))
+    p5 = plan_loss_and_grad(dataclasses.replace(sm, label_smoothing=0.1), 3, 40000, 2, True, DEVICE_DEFAULT)
+    want("48 KiB 3x40000 bf16 ls + scale_grad plan", (p5.kind, p5.variant, p5.backward_variant),
+         ("split", "identity_ext", "identity_ext"))
+    p6 = plan_loss_and_grad(sm, 3, 40000, 2, True, DEVICE_DEFAULT)
+    want("48 KiB 3x40000 bf16 scale_grad plan (ms_backward never _ext for the scale)",
+         (p6.variant, p6.backward_variant), ("identity_ext", "identity"))
+    want("100000x8 f32 partial grid (capped)", plan_forward(sm, 100_000, 8, 4, False, DEVICE_H200).partial.grid,
+         (MAX_GRID, 1, 1))
+    return problems, checks
 
 
 def selftest_params(args) -> int:
     """--selftest-params: no torch, cupy or GPU. Returns the exit code."""
     failures: List[str] = []
     print(f"MsParams (ctypes): sizeof {ctypes.sizeof(MsParams)}, alignment {ctypes.alignment(MsParams)}")
-    print(f"{'field':16} {'offset':>6} {'size':>5}")
+    print(f"{'field':18} {'offset':>6} {'size':>5}")
     for name, off, size in ms_field_layout():
-        print(f"{name:16} {off:6d} {size:5d}")
+        print(f"{name:18} {off:6d} {size:5d}")
     hp = check_header_fields()
     print("params.cuh field list and #defines vs the script: " + ("OK" if not hp else "MISMATCH"))
     failures += hp
+    rp, rn = check_rust_sources()
+    print(f"src/launch.rs constants, DeviceShape::DEFAULT / H200, the split_count / fused_max_classes numbers of "
+          f"its tests and const asserts, and src/kernel_params.rs's field order vs the script ({rn} checks): "
+          + ("OK" if not rp else "MISMATCH"))
+    failures += rp
+    pp, pn = selftest_planning()
+    print(f"launch planning (fused smem / limits, split counts, grids, variants, the issue's shapes on an H200; "
+          f"{pn} checks): " + ("OK" if not pp else "MISMATCH"))
+    failures += pp
 
     built = []
-    print("\nconfigurations (path and launch shapes as src/cuda.rs would choose them):")
-    for label, cfg, (b, c) in selftest_configs():
-        splits = split_count(b, c)
-        p = make_params(cfg, b, c, c, splits, upstream_mean(b, acc_is_f64=False))
+    print("\nconfigurations (variant, path and launches as src/launch.rs plans them on a 48 KiB / 132-SM GPU and "
+          "on an H200):")
+    fmts = {ctypes.c_int64: "<q", ctypes.c_int32: "<i", ctypes.c_double: "<d"}
+    for label, cfg, (b, c), scale_grad in selftest_configs():
+        splits = split_count(b, c, 2, DEVICE_H200.sm_count)
+        p = make_params(cfg, b, c, c, splits, scale_grad)
         raw = bytes(p)
         assert len(raw) == MS_PARAMS_SIZE
-        fmts = {ctypes.c_int64: "<q", ctypes.c_int32: "<i", ctypes.c_double: "<d"}
         for name, ct in _MS_FIELDS:
             off = getattr(MsParams, name).offset
             if name == "thresholds":
@@ -682,36 +1034,44 @@ def selftest_params(args) -> int:
                 got, want = struct.unpack_from(fmts[ct], raw, off)[0], getattr(p, name)
             if got != want:
                 failures.append(f"{label}: field {name} reads back {got} at offset {off}, set to {want}")
-        paths = []
-        for sfx, size in (("bf16", 2), ("f16", 2), ("f32", 4), ("f64", 8)):
-            smem = fused_shared_mem(c, size)
-            paths.append(f"{sfx}: " + (f"fused smem={smem}" if smem else f"split x{splits}"))
-        print(f"  {label:22} B={b:<5} C={c:<8} {len(raw)} bytes sha256={hashlib.sha256(raw).hexdigest()[:16]}  "
-              + "; ".join(paths))
+        print(f"  {label:22} B={b:<5} C={c:<8} scale_grad={int(scale_grad)} {len(raw)} bytes "
+              f"sha256={hashlib.sha256(raw).hexdigest()[:16]}")
+        for dev_name, dev in (("48K", DEVICE_DEFAULT), ("H200", DEVICE_H200)):
+            parts = []
+            for sfx, size in (("bf16", 2), ("f32", 4), ("f64", 8)):
+                pl = plan_loss_and_grad(cfg, b, c, size, scale_grad, dev)
+                if pl.kind == "fused":
+                    parts.append(f"{sfx}: ms_fused_{pl.variant} grid {pl.fused.grid[0]} smem {pl.fused.shared_mem}")
+                else:
+                    parts.append(f"{sfx}: partial_{pl.variant} x{pl.splits} grid {pl.partial.grid[0]} -> "
+                                 f"backward_{pl.backward_variant} grid {pl.backward.grid[:2]}")
+            print(f"    {dev_name:5} " + "; ".join(parts))
         print(f"    {describe_params(p)}")
         built.append((label.replace(".", "_"), p))
 
     # Spot checks of the values (src/kernel_params.rs / src/math.rs).
     arc = built[2][1]
     exp = dict(transform=TRANSFORM_COSINE, margin=MARGIN_ANGULAR, exact=1, easy=0, m1=1.0, m2=0.5, m3=0.0,
-               fallback_shift=0.5 * math.sin(0.5), sin_floor=SIN_FLOOR)
+               fallback_shift=0.5 * math.sin(0.5), sin_floor=SIN_FLOOR, scale_grad=0, reserved=0, splits=2)
     for k, v in exp.items():
         if getattr(arc, k) != v:
             failures.append(f"arcface_exact.{k} = {getattr(arc, k)}, want {v}")
     if built[3][1].sin_floor != SIN_FLOOR or built[3][1].exact != 0:
         failures.append("arcface_detached: sin_floor must be sin(theta_eps) and exact 0")
+    if built[4][1].scale_grad != 1 or built[4][1].easy != 1:
+        failures.append("arcface_easy_scale: scale_grad and easy must be 1")
     sm = built[0][1]
     if (sm.transform, sm.margin, sm.exact, sm.sin_floor) != (TRANSFORM_IDENTITY, MARGIN_NONE, 1, 0.0):
         failures.append("softmax: transform/margin/exact/sin_floor wrong")
     if (sm.weighted_smoothing, sm.softcapped, sm.total_weight, sm.softcap) != (0, 0, 32000.0, 0.0):
         failures.append("softmax: weighted_smoothing/softcapped/total_weight/softcap wrong")
-    if built[8][1].transform != TRANSFORM_RBF or built[8][1].neg_inv_gamma != -1.0 / 16.0:
-        failures.append("rbf: transform 2 with neg_inv_gamma = -1/16 expected")
+    rbf = built[8][1]
+    if (rbf.transform, rbf.neg_inv_gamma, rbf.softcapped, rbf.softcap, rbf.inv_softcap) != (
+            TRANSFORM_RBF, -1.0 / 16.0, 1, 30.0, 1.0 / 30.0):
+        failures.append("rbf_softcap: transform 2, neg_inv_gamma -1/16, softcap 30 expected")
     sph = built[7][1]
     if sph.sphere_m != 4 or [sph.thresholds[j] for j in range(1, 4)] != [math.cos(j * math.pi / 4) for j in range(1, 4)]:
         failures.append("sphereface: m / thresholds wrong")
-    if split_count(8192, 32000) != 1 or split_count(512, 1_000_000) != 2 or split_count(1, 1_000_000) != 245:
-        failures.append("split_count disagrees with the formula")
     if upstream_mean(1000, False) != float.fromhex("0x1.0624dep-10"):
         failures.append(f"upstream_mean(1000) = {upstream_mean(1000, False).hex()}, want f32(1/1000)")
 
@@ -728,10 +1088,13 @@ def selftest_params(args) -> int:
             a = params_kernel_arg(p)
             ok &= a.size == 1 and a.nbytes == MS_PARAMS_SIZE and a.tobytes() == bytes(p)
             ok &= a.__array_interface__["data"][0] % 8 == 0
+        for sig in ENTRY_SIGNATURES.values():  # the scalar arguments' packing (_pack_args)
+            for kind in set(sig) - {"p", "S"}:
+                ok &= {"q": np.int64, "i": np.int32}[kind](1).itemsize == int(ptx_params_of(kind)[0])
         print(f"\nnumpy {np.__version__}: dtype(MsParams) itemsize {dt.itemsize}, alignment {dt.alignment}, "
-              f"size-1 argument arrays hold the ctypes bytes: {'OK' if ok else 'MISMATCH'}")
+              f"size-1 argument arrays hold the ctypes bytes, scalar argument sizes: {'OK' if ok else 'MISMATCH'}")
         if not ok:
-            failures.append("numpy view of MsParams differs")
+            failures.append("numpy view of MsParams / scalar argument sizes differ")
 
     with tempfile.TemporaryDirectory(prefix="ms_selftest_") as tmp:
         tmpd = Path(tmp)
@@ -750,18 +1113,30 @@ def selftest_params(args) -> int:
             print("\nnvcc not found: PTX signature check skipped")
         else:
             arch = args.arch or "sm_90"
-            print(f"\nnvcc {nvcc} ({nvcc_version(nvcc)}): compiling kernels/*.cu for {arch} ...")
+            print(f"\nnvcc {nvcc} ({nvcc_version(nvcc)}): compiling kernels/*.cu for {arch} ...", flush=True)
             try:
+                t0 = time.perf_counter()
                 ptx = compile_ptx(nvcc, arch, {s: KERNELS / f"{s}.cu" for s in KERNEL_SOURCES}, tmpd / "ptx")
                 probe_cu = tmpd / "abi_probe.cu"
                 probe_cu.write_text(device_probe_source())
                 compile_ptx(nvcc, arch, {"abi_probe": probe_cu}, tmpd / "ptx")
-                sfx = ["f32", "f64", "f16"] + (["bf16"] if arch_number(arch) >= 80 else [])
-                sp = check_ptx_signatures(ptx, sfx)
-                print(f"PTX entry signatures ({', '.join(ENTRY_SIGNATURES)} x {sfx}) vs the launches: "
+                print(f"  compiled in {time.perf_counter() - t0:.0f} s")
+                sfx = element_suffixes(arch)
+                if arch_number(arch) >= 80 and "bf16" not in sfx:
+                    failures.append(f"{arch}: bf16 entries expected")
+                sp, n_entries, unknown = check_ptx_signatures(ptx, sfx)
+                print(f"PTX entry signatures: {n_entries} entries ({', '.join(VARIANT_ROOTS)} x {len(VARIANTS)} "
+                      f"variants x {sfx}, ms_forward_finalize x {sfx}, ms_targets x {list(TARGET_SUFFIXES)} x "
+                      f"{list(ACC_SUFFIXES)}), parameter counts and sizes vs the launches: "
                       + ("OK" if not sp else "MISMATCH"))
-                for name, params in sorted(ptx_entries(ptx["fused"].read_text()).items()):
-                    print(f"    {name}: {params}")
+                if unknown:
+                    print(f"  note: {len(unknown)} entries the script never launches: "
+                          + ", ".join(sorted({re.sub(r"_(f32|f64|f16|bf16)$", "_<T>", u) for u in unknown})))
+                for module, path in sorted(ptx.items()):
+                    entries = ptx_entries(path.read_text())
+                    for name in sorted(entries):
+                        if name.endswith(("identity_bf16", "finalize_bf16", "i64_f32")):
+                            print(f"    {name}: {len(entries[name])} params {entries[name]}")
                 failures += sp
             except Exception as e:  # noqa: BLE001
                 failures.append(f"nvcc: {e}")
@@ -773,6 +1148,11 @@ def selftest_params(args) -> int:
         return 1
     print("selftest-params: all checks passed")
     return 0
+
+
+def element_suffixes(arch: str) -> List[str]:
+    """The element types compiled for `arch`: bf16 only from sm_80 (`#if __CUDA_ARCH__ >= 800`)."""
+    return ["f32", "f64", "f16"] + (["bf16"] if arch_number(arch) >= 80 else [])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -797,18 +1177,35 @@ TOLERANCES = {
     "f64": dict(loss=1e-9, grad=1e-9, gmax=1e-8),
 }
 
-DEFAULT_SHAPES = ["8192x32000", "4096x128256", "512x1000000", "1024x45000"]
-PREFLIGHT_SHAPES = ["37x1001", "3x23552", "2x11777", "64x50000", "5x40001"]
+# The issue's shapes, each with its dtype (a shape without one runs in each of --dtypes).
+DEFAULT_SHAPES = ["8192x32000:bf16", "4096x128256:bf16", "512x1000000:bf16", "64x1000000:f32"]
+
+
+def preflight_shapes(size: int, device: DeviceShape) -> List[Tuple[int, int]]:
+    """Small shapes that take both paths on this device (odd C: unaligned rows): a short row,
+    the widest fused row, one more (split, 3 splits or more), a mid split, and a long row with many
+    splits per block row."""
+    limit = fused_max_classes(size, device.max_shared_per_block)
+    return [(37, 1001), (3, limit), (2, limit + 1), (64, 50_001), (2, 300_007)]
 GOAL_COPY_FRACTION = 0.85
 GOAL_VS_COMPILE_LIGER = 1.3
 GOAL_VS_EAGER_ARCFACE = 8.0
 GOAL_CE_SHAPES = [(8192, 32000), (4096, 128256)]
 
 
+def parse_shape_dtype(s: str) -> Tuple[int, int, Optional[str]]:
+    """'BxC' or 'BxC:dtype' -> (B, C, dtype or None)."""
+    body, _, dtype = s.partition(":")
+    dtype = dtype.strip() or None
+    if dtype is not None and dtype not in DTYPE_INFO:
+        raise argparse.ArgumentTypeError(f"shape {s!r}: unknown dtype {dtype!r} (bf16, f16, f32, f64)")
+    return parse_shape(body) + (dtype,)
+
+
 def parse_shape(s: str) -> Tuple[int, int]:
     m = re.fullmatch(r"\s*([\d_.eE+]+)\s*[xX*]\s*([\d_.eE+]+)\s*", s)
     if not m:
-        raise argparse.ArgumentTypeError(f"shape {s!r}: write BxC, e.g. 512x1000000 or 512x1_000_000")
+        raise argparse.ArgumentTypeError(f"shape {s!r}: write BxC or BxC:dtype, e.g. 512x1000000:bf16")
 
     def num(t: str) -> int:
         v = float(t.replace("_", ""))
@@ -826,14 +1223,16 @@ def torch_dtype(name: str):
 
 
 class OursKernels:
-    """kernels/*.cu compiled to PTX with nvcc and loaded as CuPy RawModules."""
+    """kernels/*.cu compiled to PTX with nvcc and loaded as CuPy RawModules, and the device's
+    shape for the launch planning (its SM count and opt-in shared memory per block)."""
 
-    def __init__(self, nvcc: str, arch: str, build_dir: Path):
+    def __init__(self, nvcc: str, arch: str, build_dir: Path, device: DeviceShape):
         import cupy
 
         self.cupy = cupy
         self.arch = arch
         self.nvcc = nvcc
+        self.device = device
         t0 = time.perf_counter()
         sources = {s: KERNELS / f"{s}.cu" for s in KERNEL_SOURCES}
         probe_cu = build_dir / "abi_probe.cu"
@@ -844,29 +1243,51 @@ class OursKernels:
         self.compile_s = time.perf_counter() - t0
         self.command = " ".join(shlex.quote(c) for c in nvcc_command("nvcc", arch, Path("kernels/<name>.cu"),
                                                                        Path("<name>.ptx"), Path("kernels")))
-        cap = arch_number(arch)
-        self.suffixes = ["f32", "f64", "f16"] + (["bf16"] if cap >= 80 else [])
-        problems = check_ptx_signatures({k: v for k, v in self.ptx.items() if k != "abi_probe"}, self.suffixes)
+        self.suffixes = element_suffixes(arch)
+        problems, _, _ = check_ptx_signatures({k: v for k, v in self.ptx.items() if k != "abi_probe"},
+                                              self.suffixes)
         if problems:
             raise RuntimeError("PTX signatures differ from the launches:\n  " + "\n  ".join(problems))
         self.modules = {stem: cupy.RawModule(path=str(path)) for stem, path in self.ptx.items()}
         self._funcs = {}
+        self._dynamic_smem: Dict[str, int] = {}
 
-    def func(self, root: str, suffix: str):
-        key = (root, suffix)
-        if key not in self._funcs:
-            self._funcs[key] = self.modules[ENTRY_MODULE[root]].get_function(f"{root}_{suffix}")
-        return self._funcs[key]
+    def func(self, name: str, root: str):
+        """The entry point `name` of root `root`'s module (a CuPy RawKernel)."""
+        if name not in self._funcs:
+            self._funcs[name] = self.modules[ENTRY_MODULE[root]].get_function(name)
+        return self._funcs[name]
 
-    def static_smem(self, root: str, suffix: str) -> int:
+    def static_smem(self, name: str, root: str) -> int:
         """CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES (RawKernel.attributes; the shared_size_bytes
         property is deprecated in recent CuPy)."""
-        f = self.func(root, suffix)
+        f = self.func(name, root)
         try:
             return int(f.attributes["shared_size_bytes"])
         except Exception:  # noqa: BLE001
             v = f.shared_size_bytes
             return int(v() if callable(v) else v)
+
+    def allow_dynamic_shared(self, name: str, root: str, nbytes: int) -> None:
+        """Kernel::allow_dynamic_shared of src/cuda_module.rs: opts the function into `nbytes` of
+        dynamic shared memory (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), once per new
+        maximum. CuPy: the settable `RawKernel.max_dynamic_shared_size_bytes`; the driver call
+        directly if this CuPy lacks it. Read back to make sure it took."""
+        if nbytes <= self._dynamic_smem.get(name, 0):
+            return
+        f = self.func(name, root)
+        try:
+            f.max_dynamic_shared_size_bytes = nbytes
+            got = int(f.max_dynamic_shared_size_bytes)
+        except AttributeError:
+            from cupy.cuda import driver
+
+            attr = getattr(driver, "CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES", 8)
+            driver.funcSetAttribute(f.kernel.ptr, attr, nbytes)
+            got = int(driver.funcGetAttribute(attr, f.kernel.ptr))
+        if got < nbytes:
+            raise RuntimeError(f"{name}: max dynamic shared memory is {got} after setting {nbytes}")
+        self._dynamic_smem[name] = nbytes
 
     def probe_abi(self, p: MsParams) -> List[str]:
         """Runs ms_abi_probe on the device: the device compiler's layout, and the bytes that
@@ -892,6 +1313,109 @@ class OursKernels:
             problems.append("the bytes the kernel received differ from the ctypes bytes")
         return problems
 
+    def probe_targets(self) -> List[str]:
+        """ms_targets on a small target vector against what kernels/targets.cu specifies: the
+        int32 targets (-1 ignored, -2 invalid), the first invalid row and the mean's 1/sum w, for
+        every target type and both accumulation types, with and without mean."""
+        import torch
+
+        rows, classes = 3001, 17
+        g = torch.Generator(device="cpu").manual_seed(7)
+        raw = torch.randint(0, classes, (rows,), generator=g, dtype=torch.int64)
+        raw[5] = IGNORE_INDEX
+        raw[77] = IGNORE_INDEX
+        raw_bad = raw.clone()
+        raw_bad[1234] = classes
+        raw_bad[2000] = -5
+        problems = []
+        for acc_sfx, acc in (("f32", torch.float32), ("f64", torch.float64)):
+            for tsfx, tdtype in (("i64", torch.int64), ("u32", None), ("u8", torch.uint8)):
+                for values, has_ignore, mean in ((raw, 1, 1), (raw_bad, 1, 0), (raw.clamp(min=0), 0, 1)):
+                    if tsfx == "u32":
+                        # torch has no general uint32: the i64 values' low 32 bits as int32.
+                        if (values < 0).any() and has_ignore:
+                            continue  # -100 is no u32; candle's U32 targets cannot hold it
+                        dev_raw = values.to(torch.int32).cuda()
+                    elif tsfx == "u8":
+                        if (values < 0).any():
+                            continue
+                        dev_raw = values.to(tdtype).cuda()
+                    else:
+                        dev_raw = values.cuda()
+                    out, first, up = launch_targets(self, dev_raw, tsfx, acc_sfx, acc, rows, classes, has_ignore,
+                                                    mean, ignore_index=IGNORE_INDEX)
+                    torch.cuda.synchronize()
+                    want = torch.where((values >= 0) & (values < classes), values,
+                                       torch.full_like(values, TARGET_INVALID))
+                    if has_ignore:
+                        want = torch.where(values == IGNORE_INDEX, torch.full_like(values, TARGET_IGNORED), want)
+                    bad = (want == TARGET_INVALID).nonzero()
+                    want_first = int(bad[0]) if len(bad) else rows
+                    n_valid = int((want >= 0).sum())
+                    want_up = upstream_mean(n_valid, acc is torch.float64) if mean else 1.0
+                    tag = f"ms_targets_{tsfx}_{acc_sfx} (ignore {has_ignore}, mean {mean})"
+                    if not torch.equal(out.cpu().to(torch.int64), want):
+                        problems.append(f"{tag}: converted targets differ")
+                    if int(first.item()) != want_first:
+                        problems.append(f"{tag}: first_invalid {int(first.item())}, want {want_first}")
+                    if float(up.item()) != want_up:
+                        problems.append(f"{tag}: upstream {float(up.item())!r}, want {want_up!r}")
+        return problems
+
+
+def _pack_args(sig: str, args, what: str):
+    """CuPy kernel arguments for a signature of ENTRY_SIGNATURES: a torch tensor (or None: a null
+    pointer) for 'p', an int for 'q' (int64) and 'i' (int32), MsParams' argument array for 'S'."""
+    import numpy as np
+    import torch
+
+    assert len(args) == len(sig), (what, len(args), sig)
+    packed = []
+    for a, kind in zip(args, sig):
+        if kind == "p":
+            if a is None:
+                packed.append(np.uint64(0))
+            else:
+                assert isinstance(a, torch.Tensor) and a.is_cuda, what
+                packed.append(np.uint64(a.data_ptr()))
+        elif kind == "q":
+            packed.append(np.int64(a))
+        elif kind == "i":
+            packed.append(np.int32(a))
+        else:
+            packed.append(a)
+    return tuple(packed)
+
+
+def launch(kernels: OursKernels, name: str, root: str, lc: Launch, args) -> None:
+    """One planned launch on PyTorch's current stream."""
+    f = kernels.func(name, root)
+    with on_torch_stream(kernels.cupy):
+        f(lc.grid, lc.block, _pack_args(ENTRY_SIGNATURES[root], args, name), shared_mem=lc.shared_mem)
+
+
+def launch_targets(kernels: OursKernels, raw, tsfx: str, acc_sfx: str, acc, rows: int, classes: int,
+                   has_ignore: int, mean: int, ignore_index: int = IGNORE_INDEX, weights=None, has_weights: int = 0,
+                   poison: bool = False):
+    """device_targets of src/cuda.rs without the read-back: ms_targets into fresh buffers (int32
+    targets [rows], first_invalid [1] int64, upstream [1] acc). Returns the three."""
+    import torch
+
+    dev = raw.device
+    if poison:
+        out = torch.full((max(rows, 1),), -7, dtype=torch.int32, device=dev)
+        first = torch.full((1,), -7, dtype=torch.int64, device=dev)
+        up = torch.full((1,), float("nan"), dtype=acc, device=dev)
+    else:
+        out = torch.empty(max(rows, 1), dtype=torch.int32, device=dev)
+        first = torch.empty(1, dtype=torch.int64, device=dev)
+        up = torch.empty(1, dtype=acc, device=dev)
+    if weights is None:
+        weights = torch.zeros(1, dtype=acc, device=dev)  # has_weights = 0: a valid dummy, never read
+    launch(kernels, f"ms_targets_{tsfx}_{acc_sfx}", "ms_targets", TARGETS_LAUNCH,
+           (raw, rows, classes, ignore_index, has_ignore, weights, has_weights, mean, out, first, up))
+    return out, first, up
+
 
 class on_torch_stream:
     """`with on_torch_stream(cupy):` makes CuPy launch on PyTorch's current stream."""
@@ -916,96 +1440,148 @@ class on_torch_stream:
         return self.stream.__exit__(*exc)
 
 
-class OursStep:
-    """One loss_and_grad step through the crate's kernels, launched as src/cuda.rs does.
+class TargetError(ValueError):
+    """What the crate's check_targets turns an invalid target into (src/prepare.rs target_error)."""
 
-    Differences from the candle op, stated: the targets are int32 (-1: ignored) prepared once
-    outside the step, and the mean's 1/N (`upstream`) is computed once on the host from them;
-    the candle op reads the targets back, validates them and uploads them as i32 on every call.
-    The step allocates its outputs (stats, gradient, d(loss)/d(scale), split-path scratch) with
-    PyTorch's caching allocator and reduces the per-row losses with two torch sums, as candle's
-    `reduce` does (sum of column 0 / sum of column 3)."""
+
+class OursStep:
+    """One step through the crate's kernels, launched as src/cuda.rs launches them, with the plans
+    of src/launch.rs for this device (its SM count and opt-in shared memory).
+
+    mode 'loss_and_grad': forward_backward (MarginSoftmaxLoss::loss_and_grad): ms_targets (mean),
+    the check's one 8-byte read of first_invalid when check_targets, then ms_fused or
+    partial -> finalize -> backward. mode 'autograd': loss() then backward, as candle's autograd
+    runs the op: the forward op (ms_targets without mean, the check's read, partial, finalize
+    without row info), the reduction, then the op's bwd (row info = [max, ln sum, (a, k, g_y) *
+    d loss / d loss_i, scale], formed with torch ops as src/op.rs forms it with candle ops) and
+    the backward op (ms_targets again, unchecked, then ms_backward).
+
+    Differences from the candle op, stated: the row scale, the PolyLoss buffer (unused) and the
+    dummy class-weights buffer are made once outside the step (the candle op uploads the poly
+    buffer and allocates the dummy on every call); buffers come from PyTorch's caching
+    allocator; the targets are torch's int64 (candle I64 targets: ms_targets_i64)."""
 
     def __init__(self, kernels: OursKernels, cfg: LossCfg, rows: int, classes: int, dtype: str,
-                 n_valid: int, force_split: bool = False):
+                 check_targets: bool = True, mode: str = "loss_and_grad", force_split: bool = False):
         import torch
 
+        if mode not in ("loss_and_grad", "autograd"):
+            raise ValueError(mode)
         self.k = kernels
         self.cfg = cfg
+        self.mode = mode
+        self.check = check_targets
         self.rows, self.classes = rows, classes
         self.sfx, self.size, acc64 = DTYPE_INFO[dtype]
+        self.acc_sfx = "f64" if acc64 else "f32"
         if self.sfx not in kernels.suffixes:
-            raise RuntimeError(f"no {self.sfx} kernels for {kernels.arch}")
+            raise RuntimeError(f"no {self.sfx} kernels for {kernels.arch} (bf16 needs sm_80 or later)")
         self.acc = torch.float64 if acc64 else torch.float32
         self.dtype = torch_dtype(dtype)
-        self.splits = split_count(rows, classes)
-        self.smem = None if force_split else fused_shared_mem(classes, self.size)
-        self.params = make_params(cfg, rows, classes, classes, self.splits, upstream_mean(n_valid, acc64))
-        self.parg = params_kernel_arg(self.params)
         dev = "cuda"
         self.scale = torch.full((rows,), cfg.head.s, dtype=self.acc, device=dev)
         self.weights = torch.zeros(1, dtype=self.acc, device=dev)  # has_weights = 0: a valid dummy
         self.poly = torch.zeros(1, dtype=self.acc, device=dev)  # n_poly = 0: one unused element
-        if self.smem is not None:
-            self.f_fused = kernels.func("ms_fused", self.sfx)
-            static = kernels.static_smem("ms_fused", self.sfx)
-            if static > FUSED_STATIC_RESERVE:
-                raise RuntimeError(f"ms_fused_{self.sfx} uses {static} bytes of static shared memory, more than "
-                                   f"the {FUSED_STATIC_RESERVE} reserved for it")
-            self.path = f"fused (smem {self.smem} B)"
-            self.passes = 2  # one read of the row, one write of the gradient
-        else:
-            self.f_partial = kernels.func("ms_forward_partial", self.sfx)
-            self.f_finalize = kernels.func("ms_forward_finalize", self.sfx)
-            self.f_backward = kernels.func("ms_backward", self.sfx)
-            per_block = BLOCK * (16 // self.size)
-            self.grid_backward = (min(div_ceil(classes, per_block), MAX_GRID), min(rows, MAX_GRID), 1)
-            self.path = f"split x{self.splits} + finalize + backward"
-            self.passes = 3  # the forward's read, the backward's read and write
-
-    def _launch(self, func, grid, block, args, smem=0, root=""):
-        import numpy as np
-        import torch
-
-        sig = ENTRY_SIGNATURES[root]
-        assert len(args) == len(sig), (root, len(args))
-        packed = []
-        for a, kind in zip(args, sig):
-            if kind == "p":
-                assert isinstance(a, torch.Tensor) and a.is_cuda, root
-                packed.append(np.uint64(a.data_ptr()))
+        if mode == "loss_and_grad":
+            self.plan = plan_loss_and_grad(cfg, rows, classes, self.size, False, kernels.device, force_split)
+            self.params = make_params(cfg, rows, classes, classes, self.plan.splits, False)
+            if self.plan.kind == "fused":
+                self.fused_name = f"ms_fused_{self.plan.variant}_{self.sfx}"
+                static = kernels.static_smem(self.fused_name, "ms_fused")
+                if static > FUSED_STATIC_RESERVE:
+                    raise RuntimeError(f"{self.fused_name} uses {static} bytes of static shared memory, more than "
+                                       f"the {FUSED_STATIC_RESERVE} reserved for it")
+                dynamic = self.plan.fused.shared_mem
+                if dynamic + static > DEFAULT_SHARED:
+                    kernels.allow_dynamic_shared(self.fused_name, "ms_fused", dynamic)
+                self.path = (f"ms_fused_{self.plan.variant} (smem {dynamic} B, grid {self.plan.fused.grid[0]}"
+                             f"{', opted in' if dynamic + static > DEFAULT_SHARED else ''})")
+                self.passes = 2  # one read of the row, one write of the gradient
             else:
-                packed.append(a)
-        func(grid, block, tuple(packed), shared_mem=smem)
+                self.path = (f"partial_{self.plan.variant} x{self.plan.splits} (grid {self.plan.partial.grid[0]}) + "
+                             f"finalize + backward_{self.plan.backward_variant} (grid {self.plan.backward.grid[:2]})")
+                self.passes = 3  # the forward's read, the backward's read and write
+        else:
+            self.plan = plan_forward(cfg, rows, classes, self.size, False, kernels.device)
+            self.bplan = plan_backward(cfg, rows, classes, self.size)
+            self.params = make_params(cfg, rows, classes, classes, self.plan.splits, False)
+            self.bparams = make_params(cfg, rows, classes, classes, 1, False)
+            self.bparg = params_kernel_arg(self.bparams)
+            self.path = (f"autograd: partial_{self.plan.variant} x{self.plan.splits} + finalize | bwd: "
+                         f"backward_{self.bplan.variant}")
+            self.passes = 3
+        self.parg = params_kernel_arg(self.params)
+        self.path += "; targets checked (1 D2H read)" if check_targets else "; targets unchecked"
 
-    def __call__(self, x, y32, poison: bool = False):
+    def _targets(self, y, mean: int, check: bool, poison: bool):
+        out, first, up = launch_targets(self.k, y, "i64", self.acc_sfx, self.acc, self.rows, self.classes,
+                                        has_ignore=1, mean=mean, poison=poison)
+        if check:
+            row = int(first.item())  # the 8-byte device-to-host read (a synchronization)
+            if 0 <= row < self.rows:
+                raise TargetError(f"target {int(y[row])} of row {row} is outside [0, {self.classes})")
+        return out, up
+
+    def __call__(self, x, y, poison: bool = False):
         import torch
 
         b, c = self.rows, self.classes
         assert x.shape == (b, c) and x.dtype == self.dtype and x.is_contiguous(), (x.shape, x.dtype)
-        assert y32.dtype == torch.int32 and y32.shape == (b,) and y32.is_contiguous()
+        assert y.dtype == torch.int64 and y.shape == (b,) and y.is_contiguous()
         new = (lambda *s, dtype: torch.full(s, float("nan"), dtype=dtype, device=x.device)) if poison else \
             (lambda *s, dtype: torch.empty(s, dtype=dtype, device=x.device))
+        if self.mode == "autograd":
+            return self._autograd(x, y, new, poison)
+        sfx, pl = self.sfx, self.plan
+        y32, up = self._targets(y, mean=1, check=self.check, poison=poison)
         stats = new(b * STAT_COLUMNS, dtype=self.acc)
         grad = new(b, c, dtype=self.dtype)
         grad_scale = new(b, dtype=self.acc)
-        with on_torch_stream(self.k.cupy):
-            if self.smem is not None:
-                self._launch(self.f_fused, (min(b, MAX_GRID), 1, 1), (BLOCK, 1, 1),
-                             (x, y32, self.scale, self.weights, self.poly, self.parg, stats, grad, grad_scale),
-                             smem=self.smem, root="ms_fused")
-            else:
-                partials = new(b * self.splits * PARTIAL_COLUMNS, dtype=self.acc)
-                row_info = new(b * ROWINFO_COLUMNS, dtype=self.acc)
-                self._launch(self.f_partial, (b * self.splits, 1, 1), (BLOCK, 1, 1),
-                             (x, y32, self.scale, self.weights, self.parg, partials), root="ms_forward_partial")
-                self._launch(self.f_finalize, (div_ceil(b, FINALIZE_BLOCK), 1, 1), (FINALIZE_BLOCK, 1, 1),
-                             (x, y32, self.scale, self.weights, self.poly, self.parg, partials, stats, row_info,
-                              grad_scale), root="ms_forward_finalize")
-                self._launch(self.f_backward, self.grid_backward, (BLOCK, 1, 1),
-                             (x, y32, row_info, self.weights, self.parg, grad), root="ms_backward")
+        if pl.kind == "fused":
+            launch(self.k, self.fused_name, "ms_fused", pl.fused,
+                   (x, y32, self.scale, self.weights, self.poly, self.parg, stats, grad, grad_scale, up))
+        else:
+            partials = new(pl.partials_len, dtype=self.acc)
+            row_info = new(b * ROWINFO_COLUMNS, dtype=self.acc)
+            launch(self.k, f"ms_forward_partial_{pl.variant}_{sfx}", "ms_forward_partial", pl.partial,
+                   (x, y32, self.scale, self.weights, self.parg, partials))
+            launch(self.k, f"ms_forward_finalize_{sfx}", "ms_forward_finalize", pl.finalize,
+                   (x, y32, self.scale, self.weights, self.poly, self.parg, partials, stats, row_info, grad_scale, up))
+            launch(self.k, f"ms_backward_{pl.backward_variant}_{sfx}", "ms_backward", pl.backward,
+                   (x, y32, row_info, self.weights, self.parg, grad))
+        return self._reduce(stats), grad
+
+    def _reduce(self, stats):
+        """candle's `reduce` for the mean: sum(loss_i) / sum(w_i) (0 when the sum is 0)."""
+        import torch
+
+        st = stats.view(self.rows, STAT_COLUMNS)
+        den = st[:, STAT_WEIGHT].sum()
+        return torch.where(den == 0, torch.zeros_like(den), st[:, STAT_LOSS].sum() / den)
+
+    def _autograd(self, x, y, new, poison: bool):
+        import torch
+
+        b, c, sfx, pl = self.rows, self.classes, self.sfx, self.plan
+        # The forward op (src/cuda.rs forward_typed): no mean in ms_targets, no row info.
+        y32, up = self._targets(y, mean=0, check=self.check, poison=poison)
+        stats = new(b * STAT_COLUMNS, dtype=self.acc)
+        partials = new(pl.partials_len, dtype=self.acc)
+        launch(self.k, f"ms_forward_partial_{pl.variant}_{sfx}", "ms_forward_partial", pl.partial,
+               (x, y32, self.scale, self.weights, self.parg, partials))
+        launch(self.k, f"ms_forward_finalize_{sfx}", "ms_forward_finalize", pl.finalize,
+               (x, y32, self.scale, self.weights, self.poly, self.parg, partials, stats, None, None, up))
+        loss = self._reduce(stats)
+        # The op's bwd (src/op.rs): d loss / d loss_i = 1 / sum w (mean_of_sum), row info from
+        # the stats, then the backward op (src/cuda.rs backward_typed: ms_targets unchecked).
         st = stats.view(b, STAT_COLUMNS)
-        loss = st[:, STAT_LOSS].sum() / st[:, STAT_WEIGHT].sum()
+        den = st[:, STAT_WEIGHT].sum()
+        upstream = torch.where(den == 0, torch.zeros_like(den), 1.0 / den).expand(b, 1)
+        row_info = torch.cat([st[:, 1:3], st[:, 4:7] * upstream, self.scale[:, None]], dim=1).contiguous()
+        y32b, _ = self._targets(y, mean=0, check=False, poison=poison)
+        grad = new(b, c, dtype=self.dtype)
+        launch(self.k, f"ms_backward_{self.bplan.variant}_{sfx}", "ms_backward", self.bplan.backward,
+               (x, y32b, row_info, self.weights, self.bparg, grad))
         return loss, grad
 
 
@@ -1039,7 +1615,7 @@ def make_inputs(problem: Problem, rows: int, classes: int, dtype: str, n_sets: i
     fallback) differ by design)."""
     import torch
 
-    xs, ys, y32s = [], [], []
+    xs, ys = [], []
     for k in range(n_sets):
         g = torch.Generator(device="cuda").manual_seed(seed + 1000 * k)
         y = torch.randint(0, classes, (rows,), generator=g, device="cuda", dtype=torch.int64)
@@ -1052,8 +1628,7 @@ def make_inputs(problem: Problem, rows: int, classes: int, dtype: str, n_sets: i
             x.scatter_(1, y[:, None], t[:, None].to(x.dtype))
         xs.append(x.requires_grad_(True))
         ys.append(y)
-        y32s.append(torch.where(y >= 0, y, torch.full_like(y, -1)).to(torch.int32).contiguous())
-    return xs, ys, y32s
+    return xs, ys
 
 
 def reference_rows(problem: Problem, mode: str, x, y):
@@ -1173,12 +1748,13 @@ class Provider:
     build: Callable  # (ctx) -> (run(i) -> (loss, grad), check() -> (loss, grad), info or None)
     is_ours: bool = False
     note: str = ""
+    passes: int = 2  # [B, C] passes counted for its bandwidth: 1 read + 1 write, or 2 + 1 (autograd)
 
 
 class Ctx:
-    def __init__(self, problem, rows, classes, dtype, xs, ys, y32s, kernels, args):
+    def __init__(self, problem, rows, classes, dtype, xs, ys, kernels, args):
         self.problem, self.rows, self.classes, self.dtype = problem, rows, classes, dtype
-        self.xs, self.ys, self.y32s = xs, ys, y32s
+        self.xs, self.ys = xs, ys
         self.kernels, self.args = kernels, args
 
 
@@ -1214,13 +1790,13 @@ def providers_for(problem: Problem, args) -> List[Provider]:
 
     out: List[Provider] = []
 
-    def ours(cfg: LossCfg):
+    def ours(cfg: LossCfg, check: bool = True, mode: str = "loss_and_grad"):
         def build(ctx: Ctx):
-            step = OursStep(ctx.kernels, cfg, ctx.rows, ctx.classes, ctx.dtype, n_valid=ctx.rows,
+            step = OursStep(ctx.kernels, cfg, ctx.rows, ctx.classes, ctx.dtype, check_targets=check, mode=mode,
                             force_split=args.ours_path == "split")
             build.passes = step.passes
-            return ((lambda i: step(ctx.xs[i], ctx.y32s[i])),
-                    (lambda: step(ctx.xs[0], ctx.y32s[0], poison=True)), step.path)
+            return ((lambda i: step(ctx.xs[i], ctx.ys[i])),
+                    (lambda: step(ctx.xs[0], ctx.ys[0], poison=True)), step.path)
 
         return build
 
@@ -1259,17 +1835,27 @@ def providers_for(problem: Problem, args) -> List[Provider]:
         ls = problem.label_smoothing
         cfg = LossCfg(HeadCfg("softmax", s=1.0), label_smoothing=ls)
         ce = (lambda x, y: F.cross_entropy(x, y, label_smoothing=ls)) if ls else (lambda x, y: F.cross_entropy(x, y))
-        out.append(Provider("ours", "exact", ours(cfg), is_ours=True))
+        out.append(Provider("ours", "exact", ours(cfg), is_ours=True,
+                            note="loss_and_grad, check_targets on (one 8-byte D2H read per step)"))
+        out.append(Provider("ours-nocheck", "exact", ours(cfg, check=False), is_ours=True,
+                            note="loss_and_grad, check_targets(false): no read-back"))
+        out.append(Provider("ours-autograd", "exact", ours(cfg, mode="autograd"), is_ours=True, passes=3,
+                            note="loss() + backward through the op's fwd / bwd: 2 reads + 1 write"))
         out.append(Provider("torch-eager", "exact", torch_fn(ce)))
         out.append(Provider("torch-compile", "exact", compiled(ce)))
         out.append(Provider("liger", "exact", liger(ls),
                             note="LigerCrossEntropyLoss; writes the gradient into its input (timed on own copies)"))
     else:
         head = HeadCfg("arcface", s=ARCFACE_S, m=ARCFACE_M)
-        out.append(Provider("ours", "detached", ours(LossCfg(head, margin_grad="detached")), is_ours=True,
-                            note="MarginGrad::Detached, as arcface_torch"))
+        detached = LossCfg(head, margin_grad="detached")
+        out.append(Provider("ours", "detached", ours(detached), is_ours=True,
+                            note="MarginGrad::Detached, as arcface_torch; check_targets on"))
+        out.append(Provider("ours-nocheck", "detached", ours(detached, check=False), is_ours=True,
+                            note="MarginGrad::Detached, check_targets(false)"))
         out.append(Provider("ours-exact", "exact", ours(LossCfg(head, margin_grad="exact")), is_ours=True,
-                            note="MarginGrad::Exact (the crate's default)"))
+                            note="MarginGrad::Exact (the crate's default); check_targets on"))
+        out.append(Provider("ours-autograd", "detached", ours(detached, mode="autograd"), is_ours=True, passes=3,
+                            note="MarginGrad::Detached, loss() + backward: 2 reads + 1 write"))
         out.append(Provider("arcface-eager", "detached", torch_fn(arcface_torch_loss),
                             note="InsightFace arcface_torch CombinedMarginLoss(1, 0.5, 0) + F.cross_entropy"))
         out.append(Provider("arcface-compile", "detached", compiled(arcface_torch_loss)))
@@ -1300,7 +1886,8 @@ def rotating(run, n: int):
 
 
 def measure_copy_bandwidth(args) -> Tuple[float, float]:
-    """GB/s of `torch.empty_like(x).copy_(x)` on a large bf16 tensor, bytes read + written."""
+    """GB/s of `torch.empty_like(x).copy_(x)` on a large bf16 tensor, bytes read + written (the
+    header's device figure; each shape's %copy uses measure_shape_copy)."""
     import torch
 
     n = int(args.copy_gib * (1 << 30)) // 2
@@ -1312,15 +1899,32 @@ def measure_copy_bandwidth(args) -> Tuple[float, float]:
     return nbytes / (med * 1e-3) / 1e9, med
 
 
+def measure_shape_copy(rows: int, classes: int, dtype: str, args) -> Dict[str, float]:
+    """The copy a [B, C] step is compared with: `y.copy_(x)`, x and y of B*C elements of the
+    dtype (one read and one write of the bytes a loss_and_grad step must move at least), timed
+    as the providers are (do_bench, same warmup / rep; do_bench clears L2 before each call)."""
+    import torch
+
+    n = rows * classes
+    x = torch.randn(n, dtype=torch_dtype(dtype), device="cuda")
+    y = torch.empty_like(x)
+    med, p20, p80 = bench(lambda: y.copy_(x), args)
+    nbytes = 2 * n * x.element_size()
+    del x, y
+    torch.cuda.empty_cache()
+    return dict(ms=med, p20_ms=p20, p80_ms=p80, gbps=nbytes / (med * 1e-3) / 1e9, bytes=nbytes)
+
+
 def _fmt_err(e: Optional[Dict[str, float]]) -> str:
     if not e:
         return "-"
     return f"{e['loss_err']:.1e}/{e['grad_err']:.1e}/{e['gmax_err']:.1e}"
 
 
-def run_group(problem: Problem, rows: int, classes: int, dtype: str, kernels, args, copy_gbps: float,
+def run_group(problem: Problem, rows: int, classes: int, dtype: str, kernels, args, copy: Optional[Dict[str, float]],
               results: List[dict], preflight: bool = False) -> None:
-    """Checks (and unless preflight, times) every provider of one (problem, shape, dtype)."""
+    """Checks (and unless preflight, times) every provider of one (problem, shape, dtype); copy:
+    measure_shape_copy of the same (shape, dtype), the bandwidth each share is of."""
     import torch
     import torch._dynamo
 
@@ -1338,16 +1942,17 @@ def run_group(problem: Problem, rows: int, classes: int, dtype: str, kernels, ar
     lig_ok, lig_why = liger_available()
     torch._dynamo.reset()
     try:
-        xs, ys, y32s = make_inputs(problem, rows, classes, dtype, n_sets, args.seed)
+        xs, ys = make_inputs(problem, rows, classes, dtype, n_sets, args.seed)
     except torch.cuda.OutOfMemoryError as e:
         print(f"!!! {tag}: out of memory generating the inputs: {e}")
         return
-    ctx = Ctx(problem, rows, classes, dtype, xs, ys, y32s, kernels, args)
+    ctx = Ctx(problem, rows, classes, dtype, xs, ys, kernels, args)
     built, outputs, rows_out = {}, {}, {}
     for p in provs:
         rec = dict(problem=problem.name, dtype=dtype, rows=rows, classes=classes, provider=p.name, note=p.note,
                    status="", median_ms=None, p20_ms=None, p80_ms=None, gbps=None, copy_frac=None,
-                   speedup_of_ours=None, err=None, path=None, setup_s=None, moved_gbps=None)
+                   speedup_of_ours=None, err=None, path=None, setup_s=None, moved_gbps=None,
+                   counted_passes=p.passes, copy_ms=copy and copy["ms"], copy_gbps=copy and copy["gbps"])
         rows_out[p.name] = rec
         if p.name == "liger" and not lig_ok:
             rec["status"] = "skipped: liger_kernel not installed"
@@ -1405,7 +2010,7 @@ def run_group(problem: Problem, rows: int, classes: int, dtype: str, kernels, ar
     outputs.clear()
     torch.cuda.empty_cache()
     if not preflight:
-        nbytes = 2 * rows * classes * size
+        copy_gbps = copy["gbps"] if copy else None
         for p in provs:
             if p.name not in built:
                 continue
@@ -1416,22 +2021,25 @@ def run_group(problem: Problem, rows: int, classes: int, dtype: str, kernels, ar
                 rec["status"] = f"error while timing: {type(e).__name__}: {e}"
                 print(f"!!! {p.name}: {rec['status']}")
                 continue
-            rec.update(median_ms=med, p20_ms=p20, p80_ms=p80, gbps=nbytes / (med * 1e-3) / 1e9)
+            # Counted: 1 read + 1 write of [B, C] per step (2 reads + 1 write for ours-autograd).
+            rec.update(median_ms=med, p20_ms=p20, p80_ms=p80,
+                       gbps=p.passes * rows * classes * size / (med * 1e-3) / 1e9)
             rec["copy_frac"] = rec["gbps"] / copy_gbps if copy_gbps else None
             moved = ""
             passes = getattr(p.build, "passes", None) if p.is_ours else None
-            if passes:
-                # What the kernels really move (the split path reads the input twice).
+            if passes and passes != p.passes:
+                # What the kernels really move (the split path of loss_and_grad reads the input twice).
                 rec["moved_gbps"] = passes * rows * classes * size / (med * 1e-3) / 1e9
-                moved = (f"  [{passes} passes over B*C: {rec['moved_gbps']:.1f} GB/s moved, "
+                moved = (f"  [the kernels make {passes} passes over B*C: {rec['moved_gbps']:.1f} GB/s moved, "
                          f"{100 * rec['moved_gbps'] / copy_gbps:.1f}% of copy]")
+            share = f"{100 * rec['copy_frac']:5.1f}%" if rec["copy_frac"] is not None else "    -"
             print(f"  {p.name:16} {med:9.4f} ms (p20 {p20:.4f}, p80 {p80:.4f})  {rec['gbps']:7.1f} GB/s  "
-                  f"{100 * rec['copy_frac']:5.1f}% of copy{moved}", flush=True)
+                  f"{share} of copy ({'2R+1W' if p.passes == 3 else '1R+1W'} counted){moved}", flush=True)
         ours_ms = rows_out.get("ours", {}).get("median_ms")
         for n, rec in rows_out.items():
             if ours_ms and rec["median_ms"] and n != "ours":
                 rec["speedup_of_ours"] = rec["median_ms"] / ours_ms
-    del built, ctx, xs, ys, y32s
+    del built, ctx, xs, ys
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     results.extend(rows_out.values())
@@ -1439,7 +2047,7 @@ def run_group(problem: Problem, rows: int, classes: int, dtype: str, kernels, ar
 
 def print_table(results: List[dict]) -> None:
     hdr = (f"{'shape':>14} {'dtype':5} {'problem':8} {'provider':16} {'median ms':>10} {'p20':>9} {'p80':>9} "
-           f"{'GB/s':>7} {'%copy':>6} {'ours x':>7}  {'err loss/grad/max':24} status")
+           f"{'GB/s':>7} {'copy ms':>8} {'%copy':>6} {'ours x':>7}  {'err loss/grad/max':24} status")
     print(hdr)
     print("-" * len(hdr))
     for r in results:
@@ -1450,9 +2058,12 @@ def print_table(results: List[dict]) -> None:
         copy = num(100 * r["copy_frac"], ".1f") if r["copy_frac"] is not None else "-"
         print(f"{shape:>14} {r['dtype']:5} {r['problem']:8} {r['provider']:16} {num(r['median_ms'], '.4f'):>10} "
               f"{num(r['p20_ms'], '.4f'):>9} {num(r['p80_ms'], '.4f'):>9} {num(r['gbps'], '.1f'):>7} "
-              f"{copy:>6} {num(r['speedup_of_ours'], '.2f'):>7}  {_fmt_err(r['err']):24} {r['status']}")
-    print("'ours x' = median time of that provider / median time of 'ours' (> 1: ours is faster). GB/s counts "
-          "2*B*C*sizeof(T) per step (read the logits, write the gradient).")
+              f"{num(r.get('copy_ms'), '.4f'):>8} {copy:>6} {num(r['speedup_of_ours'], '.2f'):>7}  "
+              f"{_fmt_err(r['err']):24} {r['status']}")
+    print("'ours x' = median time of that provider / median time of 'ours' (loss_and_grad, targets checked; > 1: "
+          "ours is faster). GB/s counts 2*B*C*sizeof(T) per step (read the logits, write the gradient), "
+          "3*B*C*sizeof(T) for ours-autograd (2 reads + 1 write). 'copy ms' is y.copy_(x) of B*C elements of the "
+          "dtype (1 read + 1 write), timed the same way in the same run; %copy = GB/s / that copy's GB/s.")
 
 
 def print_goals(results: List[dict], dtypes: List[str]) -> List[str]:
@@ -1468,12 +2079,13 @@ def print_goals(results: List[dict], dtypes: List[str]) -> List[str]:
     def verdict(ok):
         return "PASS" if ok else "FAIL"
 
-    # 1. ours >= 85% of the copy bandwidth, every timed ours row.
+    # 1. ours >= 85% of the copy bandwidth, every timed ours row (of the same-shape copy; counted
+    # 1 read + 1 write for loss_and_grad, 2 reads + 1 write for ours-autograd).
     for r in results:
         if r["provider"].startswith("ours") and r["copy_frac"] is not None:
-            extra = ""
+            extra = " (loss + autograd backward, 2 reads + 1 write counted)" if r.get("counted_passes") == 3 else ""
             if r.get("moved_gbps") and r["gbps"]:
-                passes = round(2 * r["moved_gbps"] / r["gbps"])
+                passes = round(r.get("counted_passes", 2) * r["moved_gbps"] / r["gbps"])
                 if passes > 2:
                     extra = (f" (split path, {passes} passes: the kernels moved "
                              f"{100 * r['copy_frac'] * r['moved_gbps'] / r['gbps']:.1f}% of copy bandwidth; "
@@ -1566,6 +2178,30 @@ def environment(args, kernels, nvcc) -> Dict[str, str]:
     return env
 
 
+def query_device_shape(cupy, torch) -> DeviceShape:
+    """src/cuda.rs device_shape: the SM count and max(cudaDevAttrMaxSharedMemoryPerBlockOptin,
+    48 KiB), of the current device."""
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    sm = int(props.multi_processor_count)
+    optin = None
+    try:
+        attr = getattr(cupy.cuda.runtime, "cudaDevAttrMaxSharedMemoryPerBlockOptin", 97)
+        optin = int(cupy.cuda.runtime.deviceGetAttribute(attr, index))
+    except Exception:  # noqa: BLE001
+        try:
+            optin = int(cupy.cuda.Device(index).attributes["MaxSharedMemoryPerBlockOptin"])
+        except Exception:  # noqa: BLE001
+            optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin is None:
+        print("!!! cannot read cudaDevAttrMaxSharedMemoryPerBlockOptin: planning with 48 KiB (no opt-in)")
+        optin = DEFAULT_SHARED
+    torch_optin = getattr(props, "shared_memory_per_block_optin", None)
+    if torch_optin is not None and int(torch_optin) != optin:
+        print(f"  note: CuPy says {optin} B of opt-in shared memory per block, torch {torch_optin}: using CuPy's")
+    return DeviceShape(sm, max(optin, DEFAULT_SHARED))
+
+
 def main_gpu(args) -> int:
     import torch
     import torch._dynamo
@@ -1578,8 +2214,12 @@ def main_gpu(args) -> int:
             setattr(torch._dynamo.config, knob, value)
     major, minor = torch.cuda.get_device_capability()
     arch = args.arch or f"sm_{major}{minor}"
+    if "bf16" in {d for _, _, d in args.runs} and arch_number(arch) < 80:
+        print(f"!!! {arch}: the bf16 kernels need sm_80 or later (`#if __CUDA_ARCH__ >= 800`): bf16 'ours' rows "
+              "will fail")
     nvcc = find_nvcc(args.nvcc)
     kernels = None
+    device = None
     build_dir = Path(args.build_dir) if args.build_dir else Path(tempfile.mkdtemp(prefix="ms_torch_compare_"))
     if nvcc is None:
         print("!!! nvcc not found ($NVCC, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): 'ours' is SKIPPED")
@@ -1588,19 +2228,25 @@ def main_gpu(args) -> int:
             import cupy
 
             cupy.cuda.Device(torch.cuda.current_device()).use()
-            kernels = OursKernels(nvcc, arch, build_dir)
+            device = query_device_shape(cupy, torch)
+            kernels = OursKernels(nvcc, arch, build_dir, device)
         except Exception as e:  # noqa: BLE001
             print(f"!!! building / loading the crate's kernels failed: 'ours' is SKIPPED\n{e}")
             if args.verbose:
                 traceback.print_exc()
     env = environment(args, kernels, nvcc)
+    if device is not None:
+        env["plan_device"] = (f"{device.sm_count} SMs, {device.max_shared_per_block} B of shared memory per block "
+                              f"with the opt-in: one pass (ms_fused) up to C = "
+                              + " / ".join(f"{fused_max_classes(n, device.max_shared_per_block)} ({d})"
+                                           for d, n in (("bf16/f16", 2), ("f32", 4), ("f64", 8))))
     print("torch_compare.py: candle-margin-softmax kernels vs PyTorch eager / torch.compile / Liger-Kernel")
     for k, v in env.items():
         print(f"  {k:14} {v}")
     if kernels is not None:
         probe_params = make_params(LossCfg(HeadCfg("sphereface", s=30.0, m=4, lam=5.0), label_smoothing=0.1,
                                            focal_gamma=2.0, z_loss=1e-4, n_poly=1),
-                                   1234, 56789, 56789, 3, upstream_mean(1234, False))
+                                   1234, 56789, 56789, 3, True)
         try:
             probe = kernels.probe_abi(probe_params)
         except TypeError as e:  # this CuPy does not take a size-1 numpy array by value
@@ -1618,20 +2264,29 @@ def main_gpu(args) -> int:
         else:
             print("  MsParams ABI probe: the device's sizeof/alignof/offsetof match ctypes and the kernel "
                   f"received the {MS_PARAMS_SIZE} bytes unchanged (passed as: {PARAM_PASSING[0]})")
+            try:
+                tp = kernels.probe_targets()
+            except Exception as e:  # noqa: BLE001
+                tp = [f"{type(e).__name__}: {e}"]
+            if tp:
+                print("!!! ms_targets probe FAILED: 'ours' is SKIPPED\n  " + "\n  ".join(tp))
+                kernels = None
+            else:
+                print("  ms_targets probe: converted targets, first invalid row and 1/sum w match "
+                      "kernels/targets.cu (u8 / u32 / i64 x f32 / f64)")
     results: List[dict] = []
     t_start = time.perf_counter()
     if kernels is not None and not args.no_preflight:
         print("\n--- preflight: ours vs the f64 reference on small shapes that take both paths (odd C: "
               "unaligned rows), not timed")
         pre: List[dict] = []
-        for dtype in args.dtypes:
-            for shape in PREFLIGHT_SHAPES:
-                rows, classes = parse_shape(shape)
+        for dtype in sorted({d for _, _, d in args.runs}, key=list(DTYPE_INFO).index):
+            for rows, classes in preflight_shapes(DTYPE_INFO[dtype][1], kernels.device):
                 for pname in args.problems:
                     try:
-                        run_group(PROBLEMS[pname], rows, classes, dtype, kernels, args, 0.0, pre, preflight=True)
+                        run_group(PROBLEMS[pname], rows, classes, dtype, kernels, args, None, pre, preflight=True)
                     except Exception as e:  # noqa: BLE001
-                        print(f"!!! preflight {pname} {dtype} {shape}: {type(e).__name__}: {e}")
+                        print(f"!!! preflight {pname} {dtype} {rows}x{classes}: {type(e).__name__}: {e}")
                         pre.append(dict(provider="ours", problem=pname, dtype=dtype, rows=rows, classes=classes,
                                         status=f"error: {e}"))
                         torch.cuda.synchronize()  # raises (and ends the run) if the context is gone
@@ -1647,41 +2302,51 @@ def main_gpu(args) -> int:
     print(f"\ncopy bandwidth: torch.empty_like(x).copy_(x), {args.copy_gib:g} GiB bf16: {copy_ms:.4f} ms, "
           f"{copy_gbps:.1f} GB/s (read + write)")
     aborted = False
-    for dtype in args.dtypes:
-        for rows, classes in args.shapes:
-            for pname in args.problems:
+    copies: Dict[str, Optional[dict]] = {}
+    for rows, classes, dtype in args.runs:
+        try:
+            copy = measure_shape_copy(rows, classes, dtype, args)
+            print(f"\ncopy {rows}x{classes} {dtype}: y.copy_(x) of {copy['bytes'] / 2 / 1e9:.3f} GB: "
+                  f"{copy['ms']:.4f} ms (p20 {copy['p20_ms']:.4f}, p80 {copy['p80_ms']:.4f}), "
+                  f"{copy['gbps']:.1f} GB/s (read + write)", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"!!! copy {rows}x{classes} {dtype}: {type(e).__name__}: {e}: no %copy for this shape")
+            copy = None
+        copies[f"{rows}x{classes}:{dtype}"] = copy
+        for pname in args.problems:
+            try:
+                run_group(PROBLEMS[pname], rows, classes, dtype, kernels, args, copy, results)
+            except Exception as e:  # noqa: BLE001
+                print(f"!!! {pname} {dtype} {rows}x{classes}: {type(e).__name__}: {e}")
+                if args.verbose:
+                    traceback.print_exc()
                 try:
-                    run_group(PROBLEMS[pname], rows, classes, dtype, kernels, args, copy_gbps, results)
-                except Exception as e:  # noqa: BLE001
-                    print(f"!!! {pname} {dtype} {rows}x{classes}: {type(e).__name__}: {e}")
-                    if args.verbose:
-                        traceback.print_exc()
-                    try:
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
-                    except Exception as e2:  # noqa: BLE001
-                        print(f"!!! the CUDA context is unusable ({e2}): stopping; results so far follow")
-                        aborted = True
-                print(f"  (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
-                if aborted:
-                    break
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                except Exception as e2:  # noqa: BLE001
+                    print(f"!!! the CUDA context is unusable ({e2}): stopping; results so far follow")
+                    aborted = True
+            print(f"  (elapsed {time.perf_counter() - t_start:.0f} s)", flush=True)
             if aborted:
                 break
         if aborted:
             break
     print("\n" + "=" * 40 + " RESULTS " + "=" * 40)
-    for k in ("date", "command", "device", "torch", "triton", "cupy", "liger_kernel", "nvcc", "git"):
+    for k in ("date", "command", "device", "plan_device", "torch", "triton", "cupy", "liger_kernel", "nvcc", "git"):
         if k in env:
             print(f"  {k:14} {env[k]}")
-    print(f"  copy bandwidth {copy_gbps:.1f} GB/s; tolerances vs f64 (loss / grad normwise / grad max): "
+    run_dtypes = sorted({d for _, _, d in args.runs}, key=list(DTYPE_INFO).index)
+    print(f"  copy bandwidth ({args.copy_gib:g} GiB bf16) {copy_gbps:.1f} GB/s; per shape: "
+          + "; ".join(f"{k} {v['gbps']:.1f} GB/s" if v else f"{k} -" for k, v in copies.items()))
+    print("  tolerances vs f64 (loss / grad normwise / grad max): "
           + "; ".join(f"{d} {TOLERANCES[d]['loss']:g}/{TOLERANCES[d]['grad']:g}/{TOLERANCES[d]['gmax']:g}"
-                      for d in args.dtypes))
+                      for d in run_dtypes))
     print_table(results)
-    goals = print_goals(results, args.dtypes)
+    goals = print_goals(results, run_dtypes)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(dict(environment=env, copy_gbps=copy_gbps, results=results,
-                                                   goals=goals), indent=1, default=str))
+        Path(args.json).write_text(json.dumps(dict(environment=env, copy_gbps=copy_gbps, shape_copies=copies,
+                                                   results=results, goals=goals), indent=1, default=str))
         print(f"\nwrote {args.json}")
     return 0
 
@@ -1690,21 +2355,23 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES,
-                    help="BxC shapes (default: the Rust GPU bench's %(default)s); commas also separate")
-    ap.add_argument("--dtypes", nargs="+", default=["bf16"], help="bf16 f16 f32 (f64: ours only)")
+                    help="BxC or BxC:dtype shapes (default: the issue's %(default)s); commas also separate")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16"],
+                    help="dtypes of the shapes given without one: bf16 f16 f32 f64 (default bf16)")
     ap.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     ap.add_argument("--providers", nargs="+", default=None,
-                    help="only these providers (ours ours-exact torch-eager torch-compile liger arcface-eager "
-                         "arcface-compile)")
+                    help="only these providers (ours ours-nocheck ours-exact ours-autograd torch-eager "
+                         "torch-compile liger arcface-eager arcface-compile)")
     ap.add_argument("--quick", action="store_true", help="short timing (warmup 10 ms, rep 40 ms, 2 input sets)")
     ap.add_argument("--warmup-ms", type=float, default=None, help="do_bench warmup, ms (default 50)")
-    ap.add_argument("--rep-ms", type=float, default=None, help="do_bench rep, ms (default 300)")
-    ap.add_argument("--sets", type=int, default=None, help="rotating input sets per group (default 4)")
+    ap.add_argument("--rep-ms", type=float, default=None, help="do_bench rep, ms (default 200)")
+    ap.add_argument("--sets", type=int, default=None, help="rotating input sets per group (default 3)")
     ap.add_argument("--input-budget-gib", type=float, default=6.0, help="memory for the input sets of one group")
     ap.add_argument("--copy-gib", type=float, default=1.0, help="size of the copy-bandwidth tensor")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     ap.add_argument("--ours-path", choices=["auto", "split"], default="auto",
-                    help="auto: as src/launch.rs (fused when C*sizeof <= 47104); split: always the 3-kernel path")
+                    help="auto: as src/launch.rs (ms_fused when the row fits in the device's opt-in shared "
+                         "memory); split: always partial -> finalize -> backward")
     ap.add_argument("--arch", default=None, help="nvcc -arch (default: the GPU's, e.g. sm_90)")
     ap.add_argument("--nvcc", default=None, help="nvcc to use (default: as build.rs finds it)")
     ap.add_argument("--build-dir", default=None, help="where the PTX goes (default: a temporary directory)")
@@ -1717,22 +2384,28 @@ def parse_args(argv=None):
                     help="no GPU: build MsParams for several configs, check sizes / offsets / bytes against "
                          "params.cuh (header parse, host C++ compiler, nvcc's PTX when found)")
     args = ap.parse_args(argv)
-    shapes = []
-    for s in args.shapes:
-        for part in s.split(","):
-            if part.strip():
-                shapes.append(parse_shape(part))
-    args.shapes = shapes
     for d in args.dtypes:
         if d not in DTYPE_INFO:
             ap.error(f"unknown dtype {d!r}: use bf16, f16, f32 or f64")
+    runs: List[Tuple[int, int, str]] = []  # (B, C, dtype), in the order given
+    for s in args.shapes:
+        for part in s.split(","):
+            if part.strip():
+                try:
+                    rows, classes, dtype = parse_shape_dtype(part)
+                except argparse.ArgumentTypeError as e:
+                    ap.error(str(e))
+                for d in [dtype] if dtype else args.dtypes:
+                    if (rows, classes, d) not in runs:
+                        runs.append((rows, classes, d))
+    args.runs = runs
     if args.quick:
         args.warmup_ms = 10.0 if args.warmup_ms is None else args.warmup_ms
         args.rep_ms = 40.0 if args.rep_ms is None else args.rep_ms
         args.sets = 2 if args.sets is None else args.sets
     args.warmup_ms = 50.0 if args.warmup_ms is None else args.warmup_ms
-    args.rep_ms = 300.0 if args.rep_ms is None else args.rep_ms
-    args.sets = 4 if args.sets is None else args.sets
+    args.rep_ms = 200.0 if args.rep_ms is None else args.rep_ms
+    args.sets = 3 if args.sets is None else args.sets
     return args
 
 

@@ -3,7 +3,10 @@
 // (push_vector in rows.cuh), finishes the row, then writes the gradient from shared memory with
 // 16-byte stores: one read and one write per element. The row may use all the dynamic shared
 // memory the device allows a block (the host opts in above 48 KiB: src/launch.rs plans it).
-// One entry point per transform (ms_fused_{identity|cosine|rbf}_T). Rows that do not fit take
+// One entry point per variant (ms_fused_{identity|cosine|rbf}[_ext]_T). On sm_90, rows that
+// do not fit in one block's shared memory but in MS_CLUSTER blocks' take ms_fused_cluster: a
+// thread-block cluster per row, each block holding a slice, the slices' statistics merged
+// through distributed shared memory; still one read and one write per element. Wider rows take
 // forward_partial -> forward_finalize -> backward.
 //
 // Shared memory layout: element j of the row at row_s[pad + j], pad < V chosen so that the
@@ -119,3 +122,146 @@ MS_PER_TRANSFORM(MS_FUSED_ENTRY_4, __half, f16)
 #if __CUDA_ARCH__ >= 800
 MS_PER_TRANSFORM(MS_FUSED_ENTRY_4, __nv_bfloat16, bf16)
 #endif
+
+#if __CUDA_ARCH__ >= 900
+#ifdef __CUDACC__
+#include <cooperative_groups.h>
+#endif
+
+// loss_and_grad for rows that fit in the shared memory of MS_CLUSTER blocks (sm_90): the blocks
+// of a cluster take consecutive slices of a row (of round_up(ceil(C / MS_CLUSTER), V) classes,
+// the last one shorter), cache them in shared memory while forming their online statistics,
+// publish them in shared memory, and after a cluster barrier every block's thread 0 merges the
+// MS_CLUSTER states in rank order through distributed shared memory (the same merge, hence the
+// same bits, in every block) and finishes the row; each block then writes its slice's gradient.
+// A second cluster barrier ends the row: no block rewrites its published state, or exits,
+// while another may still read it. Grid: MS_CLUSTER blocks per cluster, grid-stride over rows
+// by clusters. Shared memory layout of a slice: as ms_fused's, relative to the slice's start.
+template <typename T, int TR, bool EXT>
+__device__ void fused_cluster(const T* __restrict__ x, const int* __restrict__ targets,
+                              const typename AccOf<T>::type* __restrict__ scale,
+                              const typename AccOf<T>::type* __restrict__ weights,
+                              const typename AccOf<T>::type* __restrict__ poly, MsParams p,
+                              typename AccOf<T>::type* __restrict__ stats, T* __restrict__ grad,
+                              typename AccOf<T>::type* __restrict__ grad_scale,
+                              const typename AccOf<T>::type* __restrict__ upstream) {
+    typedef typename AccOf<T>::type A;
+    constexpr int V = VecWidth<T>::value;
+    extern __shared__ __align__(16) unsigned char shared_row[];
+    __shared__ A info_s[MS_ROWINFO_COLUMNS];
+    __shared__ Online<A> slice_state;
+    require_block<MS_BLOCK>();
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    const unsigned rank = cluster.block_rank();
+    const A up = *upstream;
+    long long per = (p.classes + MS_CLUSTER - 1) / MS_CLUSTER;
+    per = (per + V - 1) / V * V;
+    const long long start = rank * per < p.classes ? rank * per : p.classes;
+    const long long end = start + per < p.classes ? start + per : p.classes;
+    for (long long row = blockIdx.x / MS_CLUSTER; row < p.rows; row += gridDim.x / MS_CLUSTER) {
+        const T* xr = x + row * p.row_stride;
+        const long long y = targets[row];
+        const A r = scale[row];
+        const long long head = row_head(xr + start, end - start);
+        // cache[j - start] holds class j of the slice.
+        T* cache = reinterpret_cast<T*>(shared_row) + (V - head % V) % V;
+        Online<A> s = online_empty<A>();
+        walk_row(
+            xr, start, end, threadIdx.x, MS_BLOCK,
+            [&](long long j) {
+                const T v = xr[j];
+                cache[j - start] = v;
+                if (y >= 0 && j != y) push_other<TR>(p, weights, s, r, to_acc(v), j);
+            },
+            [&](long long j0) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
+                *reinterpret_cast<uint4*>(cache + (j0 - start)) = raw;
+                if (y < 0) return true;
+                A in[V];
+                load_vector(cache + (j0 - start), in);
+                return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
+            },
+            [&](long long j0) { push_slow<TR>(p, weights, s, r, cache - start, j0, y); });
+        s = block_reduce_online<MS_BLOCK>(s);
+        if (threadIdx.x == 0) slice_state = s;
+        cluster.sync();  // every slice's state is published
+        if (threadIdx.x == 0) {
+            Online<A> others = online_empty<A>();
+            for (unsigned k = 0; k < MS_CLUSTER; ++k) {
+                others = online_merge(others, *cluster.map_shared_rank(&slice_state, k));
+            }
+            A row_stats[MS_STAT_COLUMNS];
+            if (y < 0) {
+                finalize_skipped_row(y, r, row_stats, info_s);
+            } else {
+                const A weight = p.has_weights ? weights[y] : A(1);
+                finalize_row(p, poly, weight, r, to_acc(xr[y]), others, up, row_stats, info_s);
+            }
+            if (rank == 0) {
+                A* st = stats + row * MS_STAT_COLUMNS;
+#pragma unroll
+                for (int c = 0; c < MS_STAT_COLUMNS; ++c) st[c] = row_stats[c];
+                grad_scale[row] = row_stats[7] * up;
+            }
+        }
+        __syncthreads();
+        A info[MS_ROWINFO_COLUMNS];
+#pragma unroll
+        for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = info_s[c];
+        const GradRow<A> g = grad_row(info);
+        T* gr = grad + row * p.classes;
+        const bool vector_store =
+            ((reinterpret_cast<uintptr_t>(xr) ^ reinterpret_cast<uintptr_t>(gr)) & 15) == 0;
+        if (y < 0) {
+            const A fill = y == MS_TARGET_INVALID ? A(NAN) : A(0);
+            fill_row(gr + start, end - start, fill, threadIdx.x, MS_BLOCK);
+        } else {
+            bool has_target = false;  // this thread wrote element y (as a non-target)
+            walk_row(
+                xr, start, end, threadIdx.x, MS_BLOCK,
+                [&](long long j) {
+                    gr[j] = from_acc<T>(
+                        grad_other_at<TR>(p, g, weights, to_acc(cache[j - start]), j));
+                    has_target |= j == y;
+                },
+                [&](long long j0) {
+                    A out[V];
+                    if (!grad_vector<TR, V, EXT>(p, g, weights, cache - start, j0, out)) {
+                        return false;
+                    }
+                    store_vector(gr + j0, out, vector_store);
+                    has_target |= holds(j0, V, y);
+                    return true;
+                },
+                [&](long long j0) {
+                    A out[V];
+                    grad_slow<TR, V>(p, g, weights, cache - start, j0, out);
+                    store_vector(gr + j0, out, vector_store);
+                    has_target |= holds(j0, V, y);
+                });
+            if (has_target) gr[y] = from_acc<T>(grad_target(p, info, to_acc(cache[y - start])));
+        }
+        cluster.sync();  // the published states are read; the cache and info_s are free
+    }
+}
+
+#define MS_FUSED_CLUSTER_ENTRY(T, SUFFIX, NAME, TR, EXT, MIN_BLOCKS)                             \
+    extern "C" __global__ void __cluster_dims__(MS_CLUSTER, 1, 1)                                \
+        __launch_bounds__(MS_BLOCK, MIN_BLOCKS) ms_fused_cluster_##NAME##_##SUFFIX(               \
+            const T* x, const int* targets, const AccOf<T>::type* scale,                         \
+            const AccOf<T>::type* weights, const AccOf<T>::type* poly, MsParams p,               \
+            AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale,                          \
+            const AccOf<T>::type* upstream) {                                                    \
+        fused_cluster<T, TR, EXT>(x, targets, scale, weights, poly, p, stats, grad, grad_scale,  \
+                                  upstream);                                                     \
+    }
+#define MS_FUSED_CLUSTER_ENTRY_4(T, SUFFIX, NAME, TR, EXT) \
+    MS_FUSED_CLUSTER_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)
+#define MS_FUSED_CLUSTER_ENTRY_2(T, SUFFIX, NAME, TR, EXT) \
+    MS_FUSED_CLUSTER_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)
+
+MS_PER_TRANSFORM(MS_FUSED_CLUSTER_ENTRY_4, float, f32)
+MS_PER_TRANSFORM(MS_FUSED_CLUSTER_ENTRY_2, double, f64)
+MS_PER_TRANSFORM(MS_FUSED_CLUSTER_ENTRY_4, __half, f16)
+MS_PER_TRANSFORM(MS_FUSED_CLUSTER_ENTRY_4, __nv_bfloat16, bf16)
+#endif  // __CUDA_ARCH__ >= 900

@@ -11,6 +11,8 @@
 // ms_backward and ms_forward_finalize stride by blockDim and are correct with fewer threads.
 #define MS_BLOCK 256
 #define MS_FINALIZE_BLOCK 128
+// Blocks per row of ms_fused_cluster (sm_90: a thread-block cluster, the portable maximum).
+#define MS_CLUSTER 8
 // ms_targets (one block: it also sums the class weights for the mean, in a fixed order).
 #define MS_TARGETS_BLOCK 1024
 

@@ -109,6 +109,7 @@ fn device_shape(dev: &CudaDevice) -> Result<DeviceShape> {
     Ok(DeviceShape {
         sm_count: limits.sm_count,
         max_shared_per_block: limits.max_dynamic_shared_optin.max(DEFAULT_SHARED),
+        clusters: limits.cluster_launch,
     })
 }
 
@@ -117,10 +118,10 @@ fn planner(dev: &CudaDevice) -> Result<Planner> {
     Ok(Planner::device(device_shape(dev)?))
 }
 
-/// The widest row `loss_and_grad` reads in one pass (`ms_fused`) on `dev` for elements of
-/// `size` bytes.
+/// The widest row `loss_and_grad` reads in one pass (`ms_fused` or `ms_fused_cluster`) on `dev`
+/// for elements of `size` bytes.
 pub(crate) fn one_pass_max_classes(dev: &CudaDevice, size: usize) -> Result<usize> {
-    Ok(planner(dev)?.fused_max_classes(size))
+    Ok(planner(dev)?.one_pass_max_classes(size))
 }
 
 /// The targets on the device as the loss kernels take them, and the gradient factor.
@@ -437,20 +438,20 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         Ok(stats)
     }
 
-    /// `ms_fused_{variant}`: the statistics, the gradient and d(loss)/d(scale) in one launch.
+    /// `{root}_{variant}` (`ms_fused`, or `ms_fused_cluster`: the same arguments): the
+    /// statistics, the gradient and d(loss)/d(scale) in one launch.
     fn fused(
         &self,
-        p: &MsParams,
-        variant: &str,
-        launch: &Launch,
+        root: &str,
+        (p, variant, launch): (&MsParams, &str, &Launch),
         weights: &CudaView<'_, T::Acc>,
     ) -> Result<LossAndGrad<T>> {
         let RowShape { rows, classes, .. } = self.shape;
-        let func = kernel::<T>(self.dev, &FUSED, "ms_fused", Some(variant))?;
+        let func = kernel::<T>(self.dev, &FUSED, root, Some(variant))?;
         let static_smem = func.static_shared_bytes()?;
         if static_smem > FUSED_STATIC_RESERVE {
             bail!(
-                "{OP_NAME}: internal error: ms_fused_{variant}_{} uses {static_smem} bytes of \
+                "{OP_NAME}: internal error: {root}_{variant}_{} uses {static_smem} bytes of \
                  static shared memory, more than the {FUSED_STATIC_RESERVE} reserved for it",
                 T::SUFFIX
             )
@@ -482,13 +483,15 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             b.arg(&mut grad);
             b.arg(&mut grad_scale);
             b.arg(&self.targets.upstream);
-            // SAFETY: the arguments match `ms_fused_{variant}_T(const T* x, const int* targets,
-            // const ACC* scale, const ACC* weights, const ACC* poly, MsParams p, ACC* stats, T*
-            // grad, ACC* grad_scale, const ACC* upstream)` in kernels/fused.cu; the buffers hold
-            // rows·8, rows·C and rows elements, upstream one; the dynamic shared memory holds
-            // the row (fused_shared_bytes, planned by src/launch.rs), and with the kernel's
-            // static shared memory (checked above) stays within the device's opt-in limit, which
-            // the function was opted into above.
+            // SAFETY: the arguments match `{ms_fused|ms_fused_cluster}_{variant}_T(const T* x,
+            // const int* targets, const ACC* scale, const ACC* weights, const ACC* poly, MsParams
+            // p, ACC* stats, T* grad, ACC* grad_scale, const ACC* upstream)` in kernels/fused.cu;
+            // the buffers hold rows·8, rows·C and rows elements, upstream one; the dynamic shared
+            // memory holds the row, or the cluster block's slice of it (fused_shared_bytes,
+            // planned by src/launch.rs), and with the kernel's static shared memory (checked
+            // above) stays within the device's opt-in limit, which the function was opted into
+            // above; ms_fused_cluster's grid is a multiple of its compile-time cluster size
+            // (planned), and it is planned only on devices with cluster launch.
             unsafe { b.launch(config(launch)) }.w()?;
         }
         Ok(LossAndGrad {
@@ -722,7 +725,12 @@ fn forward_backward_typed<T: CudaElement>(
                 params,
                 variant,
                 fused,
-            } => inputs.fused(params, variant, fused, weights),
+            } => inputs.fused("ms_fused", (params, variant, fused), weights),
+            LossAndGradPlan::FusedCluster {
+                params,
+                variant,
+                cluster,
+            } => inputs.fused("ms_fused_cluster", (params, variant, cluster), weights),
             LossAndGradPlan::Split {
                 forward,
                 backward_variant,

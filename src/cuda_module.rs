@@ -295,6 +295,8 @@ pub(crate) struct DeviceLimits {
     /// CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: the most shared memory (static +
     /// dynamic) a block may use after [`Kernel::allow_dynamic_shared`].
     pub max_dynamic_shared_optin: usize,
+    /// CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH: thread-block clusters can be launched (sm_90+).
+    pub cluster_launch: bool,
 }
 
 /// Device limits by CUdevice ordinal: they are properties of the GPU, not of a context.
@@ -331,6 +333,10 @@ pub(crate) fn device_limits(dev: &CudaDevice) -> Result<DeviceLimits> {
             CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
             "opt-in shared memory per block",
         )?,
+        cluster_launch: read(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH,
+            "cluster launch support",
+        )? != 0,
     };
     let mut cache = lock(&LIMITS);
     if !cache.iter().any(|(d, _)| *d == device) {

@@ -156,12 +156,14 @@ type Targets<I, A> = unsafe extern "C" fn(
     *mut A,
 );
 
-/// The four entry points of one element type (each takes the variant's index).
+/// The entry points of one element type (each but finalize takes the variant's index).
 struct Kernels<T, A> {
     partial: Partial<T, A>,
     finalize: Finalize<T, A>,
     backward: Backward<T, A>,
     fused: Fused<T, A>,
+    /// `ms_fused_cluster`: `ms_fused`'s arguments, launched in clusters of `MS_CLUSTER`.
+    fused_cluster: Fused<T, A>,
 }
 
 /// `ms_targets` for one accumulation type, per target dtype.
@@ -184,7 +186,8 @@ trait EmuAcc: Acc {
 /// Declares `ms_emu_{kernel}_{suffix}` of kernels/emu/capi.cpp for one element type. f16 and
 /// bf16 are `#[repr(transparent)]` over u16, as `__half` and `__nv_bfloat16` are 2-byte structs.
 macro_rules! emu_element {
-    ($t:ty, $acc:ty, $partial:ident, $finalize:ident, $backward:ident, $fused:ident) => {
+    ($t:ty, $acc:ty, $partial:ident, $finalize:ident, $backward:ident, $fused:ident,
+     $fused_cluster:ident) => {
         unsafe extern "C" {
             fn $partial(
                 l: *const Launch,
@@ -234,6 +237,20 @@ macro_rules! emu_element {
                 grad_scale: *mut $acc,
                 upstream: *const $acc,
             );
+            fn $fused_cluster(
+                l: *const Launch,
+                variant: i32,
+                x: *const $t,
+                targets: *const i32,
+                scale: *const $acc,
+                weights: *const $acc,
+                poly: *const $acc,
+                p: *const MsParams,
+                stats: *mut $acc,
+                grad: *mut $t,
+                grad_scale: *mut $acc,
+                upstream: *const $acc,
+            );
         }
         impl EmuElement for $t {
             const KERNELS: Kernels<$t, $acc> = Kernels {
@@ -241,6 +258,7 @@ macro_rules! emu_element {
                 finalize: $finalize,
                 backward: $backward,
                 fused: $fused,
+                fused_cluster: $fused_cluster,
             };
         }
     };
@@ -252,7 +270,8 @@ emu_element!(
     ms_emu_forward_partial_f32,
     ms_emu_forward_finalize_f32,
     ms_emu_backward_f32,
-    ms_emu_fused_f32
+    ms_emu_fused_f32,
+    ms_emu_fused_cluster_f32
 );
 emu_element!(
     f64,
@@ -260,7 +279,8 @@ emu_element!(
     ms_emu_forward_partial_f64,
     ms_emu_forward_finalize_f64,
     ms_emu_backward_f64,
-    ms_emu_fused_f64
+    ms_emu_fused_f64,
+    ms_emu_fused_cluster_f64
 );
 emu_element!(
     f16,
@@ -268,7 +288,8 @@ emu_element!(
     ms_emu_forward_partial_f16,
     ms_emu_forward_finalize_f16,
     ms_emu_backward_f16,
-    ms_emu_fused_f16
+    ms_emu_fused_f16,
+    ms_emu_fused_cluster_f16
 );
 emu_element!(
     bf16,
@@ -276,7 +297,8 @@ emu_element!(
     ms_emu_forward_partial_bf16,
     ms_emu_forward_finalize_bf16,
     ms_emu_backward_bf16,
-    ms_emu_fused_bf16
+    ms_emu_fused_bf16,
+    ms_emu_fused_cluster_bf16
 );
 
 /// Declares `ms_emu_targets_{u8,u32,i64}_{suffix}` for one accumulation type.
@@ -601,8 +623,15 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
         Ok(grad)
     }
 
-    /// `ms_fused`: the statistics, the gradient and d(loss)/d(scale) in one launch.
-    fn fused(&self, params: &MsParams, variant: &str, launch: &Launch) -> Result<LossAndGrad<T>> {
+    /// `ms_fused` (or `ms_fused_cluster` with `cluster`): the statistics, the gradient and
+    /// d(loss)/d(scale) in one launch.
+    fn fused(
+        &self,
+        cluster: bool,
+        params: &MsParams,
+        variant: &str,
+        launch: &Launch,
+    ) -> Result<LossAndGrad<T>> {
         let RowShape { rows, classes, .. } = self.shape;
         let f = self.forward_inputs()?;
         let mut out = LossAndGrad {
@@ -610,13 +639,19 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             grad: poisoned_elements(rows * classes),
             grad_scale: poisoned(rows),
         };
-        // SAFETY: the arguments match `ms_fused_{variant}_T(const T* x, const int* targets,
-        // const ACC* scale, const ACC* weights, const ACC* poly, MsParams p, ACC* stats, T*
-        // grad, ACC* grad_scale, const ACC* upstream)`; the inputs as in `forward`, the outputs
-        // rows·8, rows·C and rows; the launch's dynamic shared memory is the plan's, which
-        // holds the row.
+        let kernel = if cluster {
+            T::KERNELS.fused_cluster
+        } else {
+            T::KERNELS.fused
+        };
+        // SAFETY: the arguments match `{ms_fused|ms_fused_cluster}_{variant}_T(const T* x,
+        // const int* targets, const ACC* scale, const ACC* weights, const ACC* poly, MsParams
+        // p, ACC* stats, T* grad, ACC* grad_scale, const ACC* upstream)`; the inputs as in
+        // `forward`, the outputs rows·8, rows·C and rows; the launch's dynamic shared memory is
+        // the plan's, which holds the row (or the cluster block's slice), and a cluster launch's
+        // grid is a multiple of MS_CLUSTER (planned).
         unsafe {
-            (T::KERNELS.fused)(
+            kernel(
                 launch,
                 variant_index(variant),
                 self.x.as_ptr(),
@@ -773,7 +808,12 @@ fn forward_backward_typed<T: EmuElement>(
             params,
             variant,
             fused,
-        } => inputs.fused(&params, variant, &fused)?,
+        } => inputs.fused(false, &params, variant, &fused)?,
+        LossAndGradPlan::FusedCluster {
+            params,
+            variant,
+            cluster,
+        } => inputs.fused(true, &params, variant, &cluster)?,
         LossAndGradPlan::Split {
             forward,
             backward_variant,
@@ -797,13 +837,13 @@ fn forward_backward_typed<T: EmuElement>(
 mod tests {
     use super::*;
     use crate::kernel_params::MAX_SPHERE_M;
-    use crate::launch::{BLOCK, FINALIZE_BLOCK, PARTIAL_COLUMNS, TARGETS_BLOCK};
+    use crate::launch::{BLOCK, CLUSTER, FINALIZE_BLOCK, PARTIAL_COLUMNS, TARGETS_BLOCK};
 
     /// The Rust mirrors of the kernel ABI agree with the C++ build of the kernels.
     #[test]
     fn abi_matches_the_kernels() {
-        let mut got = [0u64; 10];
-        // SAFETY: ms_emu_abi writes exactly 10 values.
+        let mut got = [0u64; 11];
+        // SAFETY: ms_emu_abi writes exactly 11 values.
         unsafe { ms_emu_abi(got.as_mut_ptr()) };
         let want = [
             std::mem::size_of::<MsParams>(),
@@ -816,12 +856,13 @@ mod tests {
             MAX_SPHERE_M,
             std::mem::size_of::<Launch>(),
             TARGETS_BLOCK as usize,
+            CLUSTER,
         ]
         .map(|v| v as u64);
         assert_eq!(
             got, want,
             "[sizeof MsParams, alignof, MS_BLOCK, MS_FINALIZE_BLOCK, stat, rowinfo, partial \
-             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK]"
+             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK, MS_CLUSTER]"
         );
     }
 }

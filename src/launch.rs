@@ -48,6 +48,8 @@ pub struct DeviceShape {
     pub sm_count: usize,
     /// The most shared memory (static + dynamic) one block may use, in bytes.
     pub max_shared_per_block: usize,
+    /// Thread-block clusters with distributed shared memory (sm_90 and later).
+    pub clusters: bool,
 }
 
 impl DeviceShape {
@@ -57,12 +59,15 @@ impl DeviceShape {
     pub const DEFAULT: DeviceShape = DeviceShape {
         sm_count: 132,
         max_shared_per_block: DEFAULT_SHARED,
+        clusters: false,
     };
-    /// NVIDIA H200 / H100 SXM: 132 SMs, 227 KiB of shared memory a block with the opt-in.
+    /// NVIDIA H200 / H100 SXM: 132 SMs, 227 KiB of shared memory a block with the opt-in,
+    /// clusters.
     #[cfg(any(test, feature = "kernel-emu"))]
     pub const H200: DeviceShape = DeviceShape {
         sm_count: 132,
         max_shared_per_block: 227 * 1024,
+        clusters: true,
     };
 }
 
@@ -93,6 +98,25 @@ const _: () = assert!(
         && fused_max_classes(4, 227 * 1024) == 57_597
         && fused_max_classes(2, 227 * 1024) == 115_193
         && fused_max_classes(8, 227 * 1024) == 28_799
+);
+
+/// Blocks per row of `ms_fused_cluster` (`MS_CLUSTER`, kernels/params.cuh).
+pub(crate) const CLUSTER: usize = 8;
+
+/// The classes each block of `ms_fused_cluster` holds for rows of `classes`:
+/// round_up(⌈C / CLUSTER⌉, 16 / size) (kernels/fused.cu).
+pub(crate) const fn cluster_slice(classes: usize, size: usize) -> usize {
+    classes
+        .div_ceil(CLUSTER)
+        .next_multiple_of(vector_width(size))
+}
+
+/// The widest row `ms_fused_cluster` takes: every block's slice within [`fused_max_classes`].
+pub(crate) const fn cluster_max_classes(size: usize, max_shared: usize) -> usize {
+    fused_max_classes(size, max_shared) / vector_width(size) * vector_width(size) * CLUSTER
+}
+const _: () = assert!(
+    cluster_max_classes(2, 227 * 1024) == 921_536 && cluster_max_classes(4, 227 * 1024) == 460_768
 );
 
 /// Blocks of `ms_forward_partial` one SM holds at least: its `__launch_bounds__` minimum, 4 for
@@ -208,14 +232,21 @@ pub(crate) struct BackwardPlan {
 }
 
 /// `loss_and_grad`: `ms_fused` when the row fits in the shared memory a block may have on the
-/// device, else the split forward (its finalize also writing the backward's row info and
-/// d(loss)/d(scale)) then `ms_backward`.
+/// device, `ms_fused_cluster` (sm_90) when it fits in [`CLUSTER`] blocks', else the split
+/// forward (its finalize also writing the backward's row info and d(loss)/d(scale)) then
+/// `ms_backward`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum LossAndGradPlan {
     Fused {
         params: MsParams,
         variant: &'static str,
         fused: Launch,
+    },
+    /// `cluster` is `ms_fused_cluster`'s launch (grid a multiple of [`CLUSTER`]).
+    FusedCluster {
+        params: MsParams,
+        variant: &'static str,
+        cluster: Launch,
     },
     Split {
         forward: ForwardPlan,
@@ -329,6 +360,16 @@ impl Planner {
         fused_max_classes(size, self.device.max_shared_per_block)
     }
 
+    /// The widest row `loss_and_grad` reads once: through `ms_fused_cluster` where the device
+    /// has clusters, else `ms_fused`.
+    pub(crate) fn one_pass_max_classes(&self, size: usize) -> usize {
+        if self.device.clusters {
+            cluster_max_classes(size, self.device.max_shared_per_block)
+        } else {
+            self.fused_max_classes(size)
+        }
+    }
+
     /// `loss_and_grad` for elements of `size` bytes.
     pub(crate) fn loss_and_grad(
         &self,
@@ -345,6 +386,22 @@ impl Planner {
                 variant: kernel_variant(cfg, scale_grad),
                 fused: Launch {
                     grid: [self.grid(shape.rows), 1, 1],
+                    block: [BLOCK, 1, 1],
+                    shared_mem_bytes: shared,
+                },
+            })
+        } else if self.device.clusters
+            && shape.classes <= cluster_max_classes(size, self.device.max_shared_per_block)
+        {
+            let shared = fused_shared_bytes(cluster_slice(shape.classes, size), size) as u32;
+            // Rows in flight: a whole number of clusters within the grid cap (at least one).
+            let clusters = shape.rows.min(self.grid_cap / CLUSTER).max(1);
+            Ok(LossAndGradPlan::FusedCluster {
+                params: params(cfg, shape, 1, scale_grad)?,
+                variant: kernel_variant(cfg, scale_grad),
+                cluster: Launch {
+                    // ≤ MAX_GRID.
+                    grid: [(clusters * CLUSTER) as u32, 1, 1],
                     block: [BLOCK, 1, 1],
                     shared_mem_bytes: shared,
                 },
@@ -438,9 +495,56 @@ mod tests {
                 assert!(matches!(split, LossAndGradPlan::Split { .. }), "{split:?}");
             }
         }
-        // The shapes on an H200: (8192, 32000) and (4096, 128256) bf16.
+    }
+
+    #[test]
+    fn cluster_path_on_h200() {
+        let cfg = MarginSoftmaxLoss::new(Head::arcface());
         let h200 = Planner::device(DeviceShape::H200);
-        assert!(32_000 <= h200.fused_max_classes(2) && 128_256 > h200.fused_max_classes(2));
+        let plan = |c: usize, size: usize| h200.loss_and_grad(&cfg, shape(4096, c), size, false);
+        // The shapes: (8192, 32000) one block per row; (4096, 128256) bf16 a cluster.
+        assert!(matches!(
+            plan(32_000, 2).unwrap(),
+            LossAndGradPlan::Fused { .. }
+        ));
+        match plan(128_256, 2).unwrap() {
+            LossAndGradPlan::FusedCluster { cluster, .. } => {
+                assert_eq!(cluster.grid, [4096 * 8, 1, 1]);
+                assert_eq!(cluster_slice(128_256, 2), 16_032);
+                assert_eq!(
+                    cluster.shared_mem_bytes as usize,
+                    fused_shared_bytes(16_032, 2)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        for size in [2usize, 4, 8] {
+            let limit = h200.one_pass_max_classes(size);
+            let slice = cluster_slice(limit, size);
+            assert!(fused_shared_bytes(slice, size) + FUSED_STATIC_RESERVE <= 227 * 1024);
+            assert!(matches!(
+                plan(limit, size).unwrap(),
+                LossAndGradPlan::FusedCluster { .. }
+            ));
+            assert!(matches!(
+                plan(limit + 1, size).unwrap(),
+                LossAndGradPlan::Split { .. }
+            ));
+        }
+        // (512, 1e6) bf16 and (64, 1e6) f32 are past a cluster: split.
+        assert!(matches!(
+            plan(1_000_000, 2).unwrap(),
+            LossAndGradPlan::Split { .. }
+        ));
+        // No clusters without the capability.
+        let a100 = Planner::device(DeviceShape {
+            clusters: false,
+            ..DeviceShape::H200
+        });
+        let plan = a100
+            .loss_and_grad(&cfg, shape(4096, 128_256), 2, false)
+            .unwrap();
+        assert!(matches!(plan, LossAndGradPlan::Split { .. }));
     }
 
     #[test]

@@ -214,13 +214,16 @@ pub(crate) fn forward(
 }
 
 /// The widest row (number of classes C) that [`MarginSoftmaxLoss::loss_and_grad`] reads in one
-/// pass on `device` for inputs of `dtype`: on a CUDA device, the rows that fit in the shared
-/// memory one block may opt into (one read and one write per element); wider rows take the
-/// split path (the forward in several blocks per row, then the backward: two reads and one
-/// write). With the 227 KiB of an H100 / H200 that is C ≤ 57 597 for f32, 115 193 for f16 /
-/// bf16 and 28 799 for f64; on a GPU without the opt-in (48 KiB) 11 773, 23 545 and 5 887. On
-/// the CPU every row is one pass (`usize::MAX`). The autograd path (`loss` + `backward()`)
-/// always reads twice (forward and backward ops).
+/// pass (one read and one write per element) on `device` for inputs of `dtype`. On a CUDA
+/// device: rows that fit in the shared memory one block may opt into take one block per row;
+/// on sm_90 and later, rows that fit in the shared memory of a cluster of 8 blocks take a
+/// cluster per row (distributed shared memory); wider rows take the split path (the forward in
+/// several blocks per row, then the backward: two reads and one write). On an H100 / H200
+/// (227 KiB a block, clusters) one block holds C ≤ 57 597 f32, 115 193 f16 / bf16, 28 799 f64,
+/// a cluster C ≤ 460 768, 921 536 and 230 384 (this function's value there); on an A100
+/// (163 KiB, no clusters) 41 213, 82 425 and 20 607; on a GPU without the opt-in (48 KiB)
+/// 11 773, 23 545 and 5 887. On the CPU every row is one pass (`usize::MAX`). The autograd path
+/// (`loss` + `backward()`) always reads twice (forward and backward ops).
 ///
 /// # Errors
 /// A dtype other than f32, f64, f16 or bf16, a device other than the CPU or CUDA, or a failed
@@ -236,7 +239,7 @@ pub fn one_pass_max_classes(device: &Device, dtype: DType) -> Result<usize> {
         Device::Cpu => {
             #[cfg(feature = "kernel-emu")]
             if let Some(planner) = emu::active() {
-                return Ok(planner.fused_max_classes(size));
+                return Ok(planner.one_pass_max_classes(size));
             }
             let _ = size;
             Ok(usize::MAX)

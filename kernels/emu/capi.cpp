@@ -23,9 +23,12 @@ struct EmuLaunch {
 };
 
 namespace {
+// `cluster`: blocks per thread-block cluster (the kernel's __cluster_dims__ on a GPU).
 template <class... P, class... A>
-void launch(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
+void launch_in_clusters(const EmuLaunch* l, unsigned cluster, void (*kernel)(P...),
+                        A&&... args) {
     cuda_emu::LaunchConfig c;
+    c.cluster = dim3(cluster, 1, 1);
     c.grid = dim3(l->grid[0], l->grid[1], l->grid[2]);
     c.block = dim3(l->block[0], l->block[1], l->block[2]);
     c.dynamic_smem = l->shared_mem_bytes;
@@ -33,6 +36,11 @@ void launch(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
     // keeps it within the device's limit); the emulator still refuses more than an H200 allows.
     c.max_dynamic_smem = std::max<size_t>(48 * 1024, l->shared_mem_bytes);
     cuda_emu::launch_ex(c, kernel, std::forward<A>(args)...);
+}
+
+template <class... P, class... A>
+void launch(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
+    launch_in_clusters(l, 1, kernel, std::forward<A>(args)...);
 }
 
 // The entry point of `variant` (src/launch.rs's variant_index: MS_PER_TRANSFORM's order).
@@ -51,13 +59,14 @@ template <class K> K pick(int variant, K identity, K cosine, K rbf, K identity_e
 
 // The constants of the kernel ABI as this build sees them, for the Rust side to compare with its
 // own: sizeof(MsParams), alignof(MsParams), MS_BLOCK, MS_FINALIZE_BLOCK, MS_STAT_COLUMNS,
-// MS_ROWINFO_COLUMNS, MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M, sizeof(EmuLaunch), MS_TARGETS_BLOCK.
-extern "C" void ms_emu_abi(unsigned long long out[10]) {
-    const unsigned long long v[10] = {sizeof(MsParams),   alignof(MsParams), MS_BLOCK,
+// MS_ROWINFO_COLUMNS, MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M, sizeof(EmuLaunch), MS_TARGETS_BLOCK,
+// MS_CLUSTER.
+extern "C" void ms_emu_abi(unsigned long long out[11]) {
+    const unsigned long long v[11] = {sizeof(MsParams),   alignof(MsParams), MS_BLOCK,
                                       MS_FINALIZE_BLOCK,  MS_STAT_COLUMNS,   MS_ROWINFO_COLUMNS,
                                       MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M,   sizeof(EmuLaunch),
-                                      MS_TARGETS_BLOCK};
-    for (int i = 0; i < 10; ++i) out[i] = v[i];
+                                      MS_TARGETS_BLOCK,   MS_CLUSTER};
+    for (int i = 0; i < 11; ++i) out[i] = v[i];
 }
 
 #define MS_EMU_PICK(OP, SUFFIX)                                                                  \
@@ -93,6 +102,14 @@ extern "C" void ms_emu_abi(unsigned long long out[10]) {
         const AccOf<T>::type* upstream) {                                                        \
         launch(l, MS_EMU_PICK(ms_fused, SUFFIX), x, targets, scale, weights, poly, *p, stats,    \
                grad, grad_scale, upstream);                                                      \
+    }                                                                                            \
+    extern "C" void ms_emu_fused_cluster_##SUFFIX(                                               \
+        const EmuLaunch* l, int variant, const T* x, const int* targets,                         \
+        const AccOf<T>::type* scale, const AccOf<T>::type* weights, const AccOf<T>::type* poly,  \
+        const MsParams* p, AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale,           \
+        const AccOf<T>::type* upstream) {                                                        \
+        launch_in_clusters(l, MS_CLUSTER, MS_EMU_PICK(ms_fused_cluster, SUFFIX), x, targets,     \
+                           scale, weights, poly, *p, stats, grad, grad_scale, upstream);         \
     }
 
 MS_EMU_ENTRIES(float, f32)

@@ -62,14 +62,24 @@ impl Dut {
         }
     }
 
-    /// This device, emulated as an H200 (227 KiB of shared memory a block: the one-pass path
-    /// takes rows up to 57 597 f32 / 115 193 bf16); a GPU stays itself.
+    /// This device, emulated as an H200 (227 KiB of shared memory a block and clusters: one
+    /// block per row up to 57 597 f32 / 115 193 bf16 classes, a cluster up to 460 768 /
+    /// 921 536); a GPU stays itself.
     pub fn as_h200(&self) -> Dut {
         Dut {
             dev: self.dev.clone(),
             emulated: self.emulated,
             #[cfg(feature = "kernel-emu")]
             shape: candle_margin_softmax::kernel_emu::DeviceShape::H200,
+        }
+    }
+
+    /// The emulated kernels planned for a GPU of this shape.
+    #[cfg(feature = "kernel-emu")]
+    pub fn emulated_as(shape: candle_margin_softmax::kernel_emu::DeviceShape) -> Dut {
+        Dut {
+            shape,
+            ..Dut::emulated()
         }
     }
 
@@ -118,7 +128,11 @@ impl Dut {
 /// Stamps `#[test] fn NAME` calling `NAME(&Dut)`: in `gpu` (feature `cuda`) for every name, and
 /// in `emu` (feature `kernel-emu`) for the first list (the second holds GPU-sized shapes).
 macro_rules! kernel_tests {
-    (both: [$($both:ident),* $(,)?], gpu_only: [$($gpu:ident),* $(,)?] $(,)?) => {
+    (
+        both: [$($both:ident),* $(,)?],
+        gpu_only: [$($gpu:ident),* $(,)?],
+        emu_only: [$($emu:ident),* $(,)?] $(,)?
+    ) => {
         #[cfg(feature = "cuda")]
         mod gpu {
             $(
@@ -144,6 +158,12 @@ macro_rules! kernel_tests {
                 #[test]
                 fn $both() {
                     super::$both(&super::Dut::emulated());
+                }
+            )*
+            $(
+                #[test]
+                fn $emu() {
+                    super::$emu();
                 }
             )*
         }
@@ -184,6 +204,7 @@ kernel_tests!(
         big_1024x32000,
         big_64x1m,
     ],
+    emu_only: [cluster_rows],
 );
 
 /// The largest C that `loss_and_grad` runs through the fused one-block-per-row kernel on the
@@ -427,29 +448,34 @@ fn unchecked_targets(dut: &Dut) {
     f.finish("kernels: target check off");
 }
 
-/// On a device with the shared-memory opt-in of an H200 (227 KiB a block), `loss_and_grad`
-/// reads rows up to 57 597 f32 / 115 193 f16 and bf16 / 28 799 f64 classes in one pass: the one
-/// below the limit, at it and one past it (the split path) against the CPU fused op, with the
-/// combination of options and without.
+/// On an H200 (227 KiB of shared memory a block, clusters; emulated, or the GPU itself if it is
+/// one), `loss_and_grad` reads a row once with one block up to 57 597 f32 / 115 193 f16 and
+/// bf16 / 28 799 f64 classes and with a cluster of 8 blocks up to 460 768 / 921 536 / 230 384:
+/// both boundaries, one below, at and past, against the CPU fused op, plain and with the
+/// combination of options. (On another GPU the test checks its own one-pass limit.)
 fn one_pass_wide_rows(dut: &Dut) {
     let wide = dut.as_h200();
     let mut f = Failures::default();
     for dtype in parity::ALL_DTYPES {
         let limit = fused_limit(&wide, dtype);
+        let block_limit = match dtype {
+            DType::F32 => 57_597,
+            DType::F64 => 28_799,
+            _ => 115_193,
+        };
+        let mut widths = vec![limit - 1, limit, limit + 1];
         if wide.is_emulated() {
-            let want = match dtype {
-                DType::F32 => 57_597,
-                DType::F64 => 28_799,
-                _ => 115_193,
-            };
+            let want =
+                block_limit / (16 / dtype.size_in_bytes()) * (16 / dtype.size_in_bytes()) * 8;
             if limit != want {
                 f.0.push(format!(
                     "{}: one-pass limit {limit}, want {want}",
                     dtype_name(dtype)
                 ));
             }
+            widths.extend([block_limit, block_limit + 1]);
         }
-        for c in [limit - 1, limit, limit + 1] {
+        for c in widths {
             for (on, opts) in [("plain", Opts::default()), ("combo", Opts::combo())] {
                 let label = format!("one pass arcface+{on} 2x{c} {}", dtype_name(dtype));
                 if let Err(e) =
@@ -460,7 +486,70 @@ fn one_pass_wide_rows(dut: &Dut) {
             }
         }
     }
-    f.finish("kernels: one pass up to the opt-in shared memory");
+    f.finish("kernels: one pass up to the opt-in shared memory and a cluster");
+}
+
+/// The cluster path (sm_90: a row over 8 blocks, their statistics merged through distributed
+/// shared memory) at small widths, on an emulated GPU with clusters and 6 KiB of shared memory a
+/// block (one block per row up to 1021 f32 / 2041 f16 / 509 f64 classes, a cluster up to
+/// 8160 / 16320 / 4064): below, at and past each boundary, odd widths (misaligned rows), ignored
+/// rows, every head, every dtype, plain and with all options, more rows than the grid's
+/// clusters (grid-stride), against the CPU fused op.
+fn cluster_rows() {
+    use candle_margin_softmax::kernel_emu::DeviceShape;
+    let dut = Dut::emulated_as(DeviceShape {
+        sm_count: 4,
+        max_shared_per_block: 6 * 1024,
+        clusters: true,
+    });
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        let limit = fused_limit(&dut, dtype);
+        let v = 16 / dtype.size_in_bytes();
+        let block_limit = (4096 / dtype.size_in_bytes()) - (v - 1);
+        if limit != block_limit / v * v * 8 {
+            f.0.push(format!("{}: cluster limit {limit}", dtype_name(dtype)));
+        }
+        for c in [
+            block_limit + 1,
+            block_limit + 2 * v + 3,
+            limit - 1,
+            limit,
+            limit + 1,
+        ] {
+            for (hn, head) in [
+                ("arcface", Head::arcface()),
+                ("softmax", Head::softmax()),
+                ("rbf", Head::rbf()),
+            ] {
+                for (on, opts) in [("plain", Opts::default()), ("combo", Opts::combo())] {
+                    let label = format!("cluster {hn}+{on} 5x{c} {}", dtype_name(dtype));
+                    if let Err(e) = vs_cpu_op(&dut, &label, head, &opts, (5, c), dtype, &mut f) {
+                        f.err(&label, e);
+                    }
+                }
+            }
+        }
+        // Grid-stride over rows: a grid cap of 3 leaves one cluster for 9 rows.
+        let label = format!(
+            "cluster grid stride 9x{} {}",
+            block_limit + 9,
+            dtype_name(dtype)
+        );
+        let capped = dut.with_grid_cap(3);
+        if let Err(e) = vs_cpu_op(
+            &capped,
+            &label,
+            Head::arcface(),
+            &Opts::combo(),
+            (9, block_limit + 9),
+            dtype,
+            &mut f,
+        ) {
+            f.err(&label, e);
+        }
+    }
+    f.finish("kernels: rows over a thread-block cluster");
 }
 
 // ---- The fused / split boundary of loss_and_grad. ----
