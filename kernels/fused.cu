@@ -101,6 +101,102 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
     }
 }
 
+// loss_and_grad for narrow rows: one warp per row, MS_BLOCK / 32 rows per block at a time, each
+// warp caching its row in its own slot of dynamic shared memory (fused_shared_bytes(C) bytes,
+// the layout of ms_fused), reducing it with shuffles and lane 0 finishing it; no block barrier.
+// For rows whose slots fit in a few KiB, where a block per row would leave most of its threads
+// without an element and wait on thread 0.
+template <typename T, int TR, bool EXT>
+__device__ void fused_warp(const T* __restrict__ x, const int* __restrict__ targets,
+                           const typename AccOf<T>::type* __restrict__ scale,
+                           const typename AccOf<T>::type* __restrict__ weights,
+                           const typename AccOf<T>::type* __restrict__ poly, MsParams p,
+                           typename AccOf<T>::type* __restrict__ stats, T* __restrict__ grad,
+                           typename AccOf<T>::type* __restrict__ grad_scale,
+                           const typename AccOf<T>::type* __restrict__ upstream) {
+    typedef typename AccOf<T>::type A;
+    constexpr int V = VecWidth<T>::value;
+    constexpr int WARPS = MS_BLOCK / 32;
+    extern __shared__ __align__(16) unsigned char shared_row[];
+    __shared__ A info_w[WARPS][MS_ROWINFO_COLUMNS];
+    require_block<MS_BLOCK>();
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const long long slot = ((p.classes + V - 1) * (long long)sizeof(T) + 15) / 16 * 16;
+    const A up = *upstream;
+    for (long long row = (long long)blockIdx.x * WARPS + warp; row < p.rows;
+         row += (long long)gridDim.x * WARPS) {
+        const T* xr = x + row * p.row_stride;
+        const long long y = targets[row];
+        const A r = scale[row];
+        const long long head = row_head(xr, p.classes);
+        T* cache = reinterpret_cast<T*>(shared_row + warp * slot) + (V - head % V) % V;
+        Online<A> s = online_empty<A>();
+        walk_row(
+            xr, 0, p.classes, lane, 32,
+            [&](long long j) {
+                const T v = xr[j];
+                cache[j] = v;
+                if (y >= 0 && j != y) push_other<TR>(p, weights, s, r, to_acc(v), j);
+            },
+            [&](long long j0) {
+                const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
+                *reinterpret_cast<uint4*>(cache + j0) = raw;
+                if (y < 0) return true;
+                A in[V];
+                load_vector(cache + j0, in);
+                return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
+            },
+            [&](long long j0) { push_slow<TR>(p, weights, s, r, cache, j0, y); });
+        s = warp_reduce_online(s);  // lane 0's result is the one used
+        A* info_s = info_w[warp];
+        if (lane == 0) {
+            A* st = stats + row * MS_STAT_COLUMNS;
+            if (y < 0) {
+                finalize_skipped_row(y, r, st, info_s);
+            } else {
+                const A weight = p.has_weights ? weights[y] : A(1);
+                finalize_row(p, poly, weight, r, to_acc(xr[y]), s, up, st, info_s);
+            }
+            grad_scale[row] = st[7] * up;
+        }
+        __syncwarp();  // the cached row and the row info are complete
+        A info[MS_ROWINFO_COLUMNS];
+#pragma unroll
+        for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = info_s[c];
+        const GradRow<A> g = grad_row(info);
+        T* gr = grad + row * p.classes;
+        const bool vector_store =
+            ((reinterpret_cast<uintptr_t>(xr) ^ reinterpret_cast<uintptr_t>(gr)) & 15) == 0;
+        if (y < 0) {
+            fill_row(gr, p.classes, y == MS_TARGET_INVALID ? A(NAN) : A(0), lane, 32);
+        } else {
+            bool has_target = false;  // this lane wrote element y (as a non-target)
+            walk_row(
+                xr, 0, p.classes, lane, 32,
+                [&](long long j) {
+                    gr[j] = from_acc<T>(grad_other_at<TR>(p, g, weights, to_acc(cache[j]), j));
+                    has_target |= j == y;
+                },
+                [&](long long j0) {
+                    A out[V];
+                    if (!grad_vector<TR, V, EXT>(p, g, weights, cache, j0, out)) return false;
+                    store_vector(gr + j0, out, vector_store);
+                    has_target |= holds(j0, V, y);
+                    return true;
+                },
+                [&](long long j0) {
+                    A out[V];
+                    grad_slow<TR, V>(p, g, weights, cache, j0, out);
+                    store_vector(gr + j0, out, vector_store);
+                    has_target |= holds(j0, V, y);
+                });
+            if (has_target) gr[y] = from_acc<T>(grad_target(p, info, to_acc(cache[y])));
+        }
+        __syncwarp();  // the slot and the row info are rewritten by the warp's next row
+    }
+}
+
 // MIN_BLOCKS, the blocks per SM the entry is compiled for, bounds its registers by
 // 65536 / (MS_BLOCK * MIN_BLOCKS): 4 (64 registers) for the f32-accumulating entries, 2 (128) for
 // f64, whose pow is a real call: at the 64-register target ptxas picks for 256-thread blocks
@@ -113,8 +209,24 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                                    AccOf<T>::type* grad_scale, const AccOf<T>::type* upstream) { \
         fused<T, TR, EXT>(x, targets, scale, weights, poly, p, stats, grad, grad_scale, upstream);    \
     }
-#define MS_FUSED_ENTRY_4(T, SUFFIX, NAME, TR, EXT) MS_FUSED_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)
-#define MS_FUSED_ENTRY_2(T, SUFFIX, NAME, TR, EXT) MS_FUSED_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)
+#define MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, MIN_BLOCKS)                                \
+    extern "C" __global__ void __launch_bounds__(MS_BLOCK, MIN_BLOCKS)                           \
+        ms_fused_warp_##NAME##_##SUFFIX(const T* x, const int* targets,                          \
+                                        const AccOf<T>::type* scale,                             \
+                                        const AccOf<T>::type* weights,                           \
+                                        const AccOf<T>::type* poly, MsParams p,                  \
+                                        AccOf<T>::type* stats, T* grad,                          \
+                                        AccOf<T>::type* grad_scale,                              \
+                                        const AccOf<T>::type* upstream) {                        \
+        fused_warp<T, TR, EXT>(x, targets, scale, weights, poly, p, stats, grad, grad_scale,     \
+                               upstream);                                                        \
+    }
+#define MS_FUSED_ENTRY_4(T, SUFFIX, NAME, TR, EXT) \
+    MS_FUSED_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)    \
+    MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)
+#define MS_FUSED_ENTRY_2(T, SUFFIX, NAME, TR, EXT) \
+    MS_FUSED_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)    \
+    MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)
 
 MS_PER_TRANSFORM(MS_FUSED_ENTRY_4, float, f32)
 MS_PER_TRANSFORM(MS_FUSED_ENTRY_2, double, f64)

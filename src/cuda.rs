@@ -438,7 +438,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         Ok(stats)
     }
 
-    /// `{root}_{variant}` (`ms_fused`, or `ms_fused_cluster`: the same arguments): the
+    /// `{root}_{variant}` (`ms_fused`, `ms_fused_warp` or `ms_fused_cluster`: the same arguments): the
     /// statistics, the gradient and d(loss)/d(scale) in one launch.
     fn fused(
         &self,
@@ -483,11 +483,11 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             b.arg(&mut grad);
             b.arg(&mut grad_scale);
             b.arg(&self.targets.upstream);
-            // SAFETY: the arguments match `{ms_fused|ms_fused_cluster}_{variant}_T(const T* x,
+            // SAFETY: the arguments match `ms_fused{|_warp|_cluster}_{variant}_T(const T* x,
             // const int* targets, const ACC* scale, const ACC* weights, const ACC* poly, MsParams
             // p, ACC* stats, T* grad, ACC* grad_scale, const ACC* upstream)` in kernels/fused.cu;
             // the buffers hold rows·8, rows·C and rows elements, upstream one; the dynamic shared
-            // memory holds the row, or the cluster block's slice of it (fused_shared_bytes,
+            // memory holds the row, the warps' rows or the cluster block's slice (fused_shared_bytes,
             // planned by src/launch.rs), and with the kernel's static shared memory (checked
             // above) stays within the device's opt-in limit, which the function was opted into
             // above; ms_fused_cluster's grid is a multiple of its compile-time cluster size
@@ -726,6 +726,11 @@ fn forward_backward_typed<T: CudaElement>(
                 variant,
                 fused,
             } => inputs.fused("ms_fused", (params, variant, fused), weights),
+            LossAndGradPlan::FusedWarp {
+                params,
+                variant,
+                fused,
+            } => inputs.fused("ms_fused_warp", (params, variant, fused), weights),
             LossAndGradPlan::FusedCluster {
                 params,
                 variant,

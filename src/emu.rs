@@ -162,8 +162,18 @@ struct Kernels<T, A> {
     finalize: Finalize<T, A>,
     backward: Backward<T, A>,
     fused: Fused<T, A>,
+    /// `ms_fused_warp`: `ms_fused`'s arguments.
+    fused_warp: Fused<T, A>,
     /// `ms_fused_cluster`: `ms_fused`'s arguments, launched in clusters of `MS_CLUSTER`.
     fused_cluster: Fused<T, A>,
+}
+
+/// Which of the one-pass kernels a `loss_and_grad` plan launches.
+#[derive(Clone, Copy)]
+enum OnePass {
+    Block,
+    Warp,
+    Cluster,
 }
 
 /// `ms_targets` for one accumulation type, per target dtype.
@@ -187,7 +197,7 @@ trait EmuAcc: Acc {
 /// bf16 are `#[repr(transparent)]` over u16, as `__half` and `__nv_bfloat16` are 2-byte structs.
 macro_rules! emu_element {
     ($t:ty, $acc:ty, $partial:ident, $finalize:ident, $backward:ident, $fused:ident,
-     $fused_cluster:ident) => {
+     $fused_warp:ident, $fused_cluster:ident) => {
         unsafe extern "C" {
             fn $partial(
                 l: *const Launch,
@@ -237,6 +247,20 @@ macro_rules! emu_element {
                 grad_scale: *mut $acc,
                 upstream: *const $acc,
             );
+            fn $fused_warp(
+                l: *const Launch,
+                variant: i32,
+                x: *const $t,
+                targets: *const i32,
+                scale: *const $acc,
+                weights: *const $acc,
+                poly: *const $acc,
+                p: *const MsParams,
+                stats: *mut $acc,
+                grad: *mut $t,
+                grad_scale: *mut $acc,
+                upstream: *const $acc,
+            );
             fn $fused_cluster(
                 l: *const Launch,
                 variant: i32,
@@ -258,6 +282,7 @@ macro_rules! emu_element {
                 finalize: $finalize,
                 backward: $backward,
                 fused: $fused,
+                fused_warp: $fused_warp,
                 fused_cluster: $fused_cluster,
             };
         }
@@ -271,6 +296,7 @@ emu_element!(
     ms_emu_forward_finalize_f32,
     ms_emu_backward_f32,
     ms_emu_fused_f32,
+    ms_emu_fused_warp_f32,
     ms_emu_fused_cluster_f32
 );
 emu_element!(
@@ -280,6 +306,7 @@ emu_element!(
     ms_emu_forward_finalize_f64,
     ms_emu_backward_f64,
     ms_emu_fused_f64,
+    ms_emu_fused_warp_f64,
     ms_emu_fused_cluster_f64
 );
 emu_element!(
@@ -289,6 +316,7 @@ emu_element!(
     ms_emu_forward_finalize_f16,
     ms_emu_backward_f16,
     ms_emu_fused_f16,
+    ms_emu_fused_warp_f16,
     ms_emu_fused_cluster_f16
 );
 emu_element!(
@@ -298,6 +326,7 @@ emu_element!(
     ms_emu_forward_finalize_bf16,
     ms_emu_backward_bf16,
     ms_emu_fused_bf16,
+    ms_emu_fused_warp_bf16,
     ms_emu_fused_cluster_bf16
 );
 
@@ -623,11 +652,11 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
         Ok(grad)
     }
 
-    /// `ms_fused` (or `ms_fused_cluster` with `cluster`): the statistics, the gradient and
+    /// `ms_fused`, `ms_fused_warp` or `ms_fused_cluster`: the statistics, the gradient and
     /// d(loss)/d(scale) in one launch.
     fn fused(
         &self,
-        cluster: bool,
+        kind: OnePass,
         params: &MsParams,
         variant: &str,
         launch: &Launch,
@@ -639,12 +668,12 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             grad: poisoned_elements(rows * classes),
             grad_scale: poisoned(rows),
         };
-        let kernel = if cluster {
-            T::KERNELS.fused_cluster
-        } else {
-            T::KERNELS.fused
+        let kernel = match kind {
+            OnePass::Block => T::KERNELS.fused,
+            OnePass::Warp => T::KERNELS.fused_warp,
+            OnePass::Cluster => T::KERNELS.fused_cluster,
         };
-        // SAFETY: the arguments match `{ms_fused|ms_fused_cluster}_{variant}_T(const T* x,
+        // SAFETY: the arguments match `ms_fused{|_warp|_cluster}_{variant}_T(const T* x,
         // const int* targets, const ACC* scale, const ACC* weights, const ACC* poly, MsParams
         // p, ACC* stats, T* grad, ACC* grad_scale, const ACC* upstream)`; the inputs as in
         // `forward`, the outputs rows·8, rows·C and rows; the launch's dynamic shared memory is
@@ -808,12 +837,17 @@ fn forward_backward_typed<T: EmuElement>(
             params,
             variant,
             fused,
-        } => inputs.fused(false, &params, variant, &fused)?,
+        } => inputs.fused(OnePass::Block, &params, variant, &fused)?,
+        LossAndGradPlan::FusedWarp {
+            params,
+            variant,
+            fused,
+        } => inputs.fused(OnePass::Warp, &params, variant, &fused)?,
         LossAndGradPlan::FusedCluster {
             params,
             variant,
             cluster,
-        } => inputs.fused(true, &params, variant, &cluster)?,
+        } => inputs.fused(OnePass::Cluster, &params, variant, &cluster)?,
         LossAndGradPlan::Split {
             forward,
             backward_variant,

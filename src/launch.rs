@@ -100,6 +100,20 @@ const _: () = assert!(
         && fused_max_classes(8, 227 * 1024) == 28_799
 );
 
+/// The dynamic shared memory `ms_fused_warp` may use: a block's `BLOCK / 32` row slots.
+const WARP_SHARED: usize = 32 * 1024;
+/// Rows per block of `ms_fused_warp` (a warp each).
+pub(crate) const WARP_ROWS: usize = BLOCK as usize / 32;
+
+/// The widest row `ms_fused_warp` takes: [`WARP_ROWS`] slots of [`fused_shared_bytes`] within
+/// [`WARP_SHARED`] (1021 f32, 2041 f16 / bf16, 511 f64 classes).
+pub(crate) const fn warp_max_classes(size: usize) -> usize {
+    fused_max_classes(size, WARP_SHARED / WARP_ROWS + FUSED_STATIC_RESERVE)
+}
+const _: () = assert!(
+    warp_max_classes(4) == 1021 && warp_max_classes(2) == 2041 && warp_max_classes(8) == 511
+);
+
 /// Blocks per row of `ms_fused_cluster` (`MS_CLUSTER`, kernels/params.cuh).
 pub(crate) const CLUSTER: usize = 8;
 
@@ -231,13 +245,20 @@ pub(crate) struct BackwardPlan {
     pub backward: Launch,
 }
 
-/// `loss_and_grad`: `ms_fused` when the row fits in the shared memory a block may have on the
-/// device, `ms_fused_cluster` (sm_90) when it fits in [`CLUSTER`] blocks', else the split
+/// `loss_and_grad`: `ms_fused_warp` for narrow rows ([`warp_max_classes`]), `ms_fused` when the
+/// row fits in the shared memory a block may have on the device, `ms_fused_cluster` (sm_90) when
+/// it fits in [`CLUSTER`] blocks', else the split
 /// forward (its finalize also writing the backward's row info and d(loss)/d(scale)) then
 /// `ms_backward`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum LossAndGradPlan {
     Fused {
+        params: MsParams,
+        variant: &'static str,
+        fused: Launch,
+    },
+    /// `ms_fused_warp`: a warp per row, [`WARP_ROWS`] rows per block.
+    FusedWarp {
         params: MsParams,
         variant: &'static str,
         fused: Launch,
@@ -378,7 +399,19 @@ impl Planner {
         size: usize,
         scale_grad: bool,
     ) -> Result<LossAndGradPlan> {
-        if shape.classes <= self.fused_max_classes(size) {
+        if shape.classes <= warp_max_classes(size) {
+            // ≤ WARP_SHARED.
+            let shared = (WARP_ROWS * fused_shared_bytes(shape.classes, size)) as u32;
+            Ok(LossAndGradPlan::FusedWarp {
+                params: params(cfg, shape, 1, scale_grad)?,
+                variant: kernel_variant(cfg, scale_grad),
+                fused: Launch {
+                    grid: [self.grid(shape.rows.div_ceil(WARP_ROWS)), 1, 1],
+                    block: [BLOCK, 1, 1],
+                    shared_mem_bytes: shared,
+                },
+            })
+        } else if shape.classes <= self.fused_max_classes(size) {
             // ≤ max_shared_per_block, a device attribute (an i32).
             let shared = fused_shared_bytes(shape.classes, size) as u32;
             Ok(LossAndGradPlan::Fused {
@@ -489,11 +522,37 @@ mod tests {
                     }
                     other => panic!("C = {limit}, size {size}: {other:?}"),
                 }
-                let split = planner
+                // Past one block: a cluster where the device has them, else the split path.
+                let wider = planner
                     .loss_and_grad(&cfg, shape(3, limit + 1), size, false)
                     .unwrap();
-                assert!(matches!(split, LossAndGradPlan::Split { .. }), "{split:?}");
+                if device.clusters {
+                    assert!(matches!(wider, LossAndGradPlan::FusedCluster { .. }), "{wider:?}");
+                } else {
+                    assert!(matches!(wider, LossAndGradPlan::Split { .. }), "{wider:?}");
+                }
             }
+        }
+    }
+
+    #[test]
+    fn warp_path_for_narrow_rows() {
+        let cfg = MarginSoftmaxLoss::new(Head::softmax());
+        let planner = Planner::device(DeviceShape::DEFAULT);
+        for size in [2usize, 4, 8] {
+            let limit = warp_max_classes(size);
+            match planner
+                .loss_and_grad(&cfg, shape(17, limit), size, false)
+                .unwrap()
+            {
+                LossAndGradPlan::FusedWarp { fused, .. } => {
+                    assert_eq!(fused.grid, [3, 1, 1]);
+                    assert!(fused.shared_mem_bytes as usize <= WARP_SHARED);
+                }
+                other => panic!("{other:?}"),
+            }
+            let wider = planner.loss_and_grad(&cfg, shape(17, limit + 1), size, false);
+            assert!(matches!(wider.unwrap(), LossAndGradPlan::Fused { .. }));
         }
     }
 

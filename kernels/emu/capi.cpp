@@ -103,6 +103,14 @@ extern "C" void ms_emu_abi(unsigned long long out[11]) {
         launch(l, MS_EMU_PICK(ms_fused, SUFFIX), x, targets, scale, weights, poly, *p, stats,    \
                grad, grad_scale, upstream);                                                      \
     }                                                                                            \
+    extern "C" void ms_emu_fused_warp_##SUFFIX(                                                  \
+        const EmuLaunch* l, int variant, const T* x, const int* targets,                         \
+        const AccOf<T>::type* scale, const AccOf<T>::type* weights, const AccOf<T>::type* poly,  \
+        const MsParams* p, AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale,           \
+        const AccOf<T>::type* upstream) {                                                        \
+        launch(l, MS_EMU_PICK(ms_fused_warp, SUFFIX), x, targets, scale, weights, poly, *p,      \
+               stats, grad, grad_scale, upstream);                                               \
+    }                                                                                            \
     extern "C" void ms_emu_fused_cluster_##SUFFIX(                                               \
         const EmuLaunch* l, int variant, const T* x, const int* targets,                         \
         const AccOf<T>::type* scale, const AccOf<T>::type* weights, const AccOf<T>::type* poly,  \

@@ -620,7 +620,7 @@ fn grid_stride(dut: &Dut) {
     let mut f = Failures::default();
     for dtype in parity::ALL_DTYPES {
         let limit = fused_limit(dut, dtype);
-        for (b, c) in [(397usize, 5usize), (11, 37), (5, limit + 1)] {
+        for (b, c) in [(397usize, 5usize), (11, 37), (13, 2100), (5, limit + 1)] {
             for (hn, head) in [("arcface", Head::arcface()), ("softmax", Head::softmax())] {
                 let label = format!("grid stride {hn} {b}x{c} {}", dtype_name(dtype));
                 if let Err(e) =
@@ -659,7 +659,7 @@ fn row_alignment(dut: &Dut) {
     let mut f = Failures::default();
     for dtype in parity::ALL_DTYPES {
         let limit = fused_limit(dut, dtype);
-        for (b, c) in [(9usize, 37usize), (4, 1001), (3, limit + 3)] {
+        for (b, c) in [(9usize, 37usize), (4, 1001), (3, 2101), (3, limit + 3)] {
             for (skip_rows, skip_cols) in [(0usize, 0usize), (0, 1), (1, 0), (1, 3)] {
                 let label = format!(
                     "alignment {b}x{c} {} offset ({skip_rows}, {skip_cols})",
