@@ -10,20 +10,32 @@ d(loss)/d(logits) [B, C] in the logits' dtype). For the crate ("ours") that is w
      device buffer (`upstream`) that the loss kernels read;
   2. with the target check on (the crate's default) one 8-byte device-to-host read of
      `first_invalid`, i.e. one host synchronization per step; none with check_targets(false);
-  3. `ms_fused_<variant>_<T>` when the row fits in the shared memory a block may opt into
-     (round_up((C + 16/sizeof(T) - 1) * sizeof(T), 16) + 2048 <= the device's
-     cudaDevAttrMaxSharedMemoryPerBlockOptin: C <= 115193 bf16 / 57597 f32 / 28799 f64 on an
-     H200), the function opted into that dynamic shared memory above 48 KiB; else
-     `ms_forward_partial_<variant>_<T>` (splits = clamp(floor(2 * SMs * (4, or 2 for f64) / B),
-     1, ceil(C / 4096)) blocks per row) -> `ms_forward_finalize_<T>` (row info and
-     d(loss)/d(scale), the device's upstream folded in) -> `ms_backward_<variant>_<T>`;
+  3. the first of these paths that takes the row (Planner::loss_and_grad, in its order; with
+     smem(C) = round_up((C + 16/sizeof(T) - 1) * sizeof(T), 16), the row's dynamic shared memory):
+     a. `ms_fused_warp_<variant>_<T>` for narrow rows, 8 * smem(C) <= 32 KiB (C <= 2041
+        bf16/f16, 1021 f32, 511 f64): a warp per row, 8 rows per block of 256, grid ceil(B / 8)
+        capped at 65535, dynamic smem 8 * smem(C) (no opt-in needed);
+     b. `ms_fused_<variant>_<T>` when smem(C) + 2048 <= the device's
+        cudaDevAttrMaxSharedMemoryPerBlockOptin (C <= 115193 bf16 / 57597 f32 / 28799 f64 on an
+        H200): a block per row, grid B capped at 65535;
+     c. `ms_fused_cluster_<variant>_<T>` (compiled for sm_90 and later only, __cluster_dims__(8,
+        1, 1)) where the device has cluster launch (cudaDevAttrClusterLaunch) and every block's
+        slice of S = round_up(ceil(C / 8), 16/sizeof(T)) classes fits: smem(S) + 2048 <= the opt-in
+        limit (C <= 921536 bf16 / 460768 f32 / 230384 f64 on an H200): a cluster of 8 blocks per
+        row, grid 8 * max(1, min(B, 65535 // 8)), dynamic smem smem(S) per block;
+        a, b and c take ms_fused's 10 arguments, and the function is opted into its dynamic shared
+        memory when that plus its static shared memory passes 48 KiB; one read, one write;
+     d. else `ms_forward_partial_<variant>_<T>` (splits = clamp(floor(2 * SMs * (4, or 2 for
+        f64) / B), 1, ceil(C / 4096)) blocks per row) -> `ms_forward_finalize_<T>` (row info and
+        d(loss)/d(scale), the device's upstream folded in) -> `ms_backward_<variant>_<T>`;
      <variant> is identity / cosine / rbf, `_ext` with label smoothing or soft-capping
      (`kernel_variant` in src/launch.rs);
   4. the mean over the per-row losses (two torch sums, as candle's `reduce`).
 
 The kernels are compiled here from kernels/*.cu with nvcc for the GPU's own architecture
-(build.rs builds sm_80 + sm_90 fatbins; one `--ptx -arch=sm_XX` suffices here, and the bf16
-entries need sm_80 or later) and launched through CuPy on PyTorch's current stream, with torch
+(build.rs builds sm_80 + sm_90 fatbins; one `--ptx -arch=sm_XX` suffices here: sm_90 on an H200,
+which ms_fused_cluster needs, and the bf16 entries need sm_80 or later) and launched through
+CuPy on PyTorch's current stream, with torch
 tensors' device pointers and a byte-for-byte ctypes copy of `struct MsParams`
 (kernels/params.cuh).
 
@@ -51,7 +63,8 @@ that copy's bandwidth: counting 1 read + 1 write of [B, C] for a loss_and_grad s
 providers but ours-autograd) and 2 reads + 1 write for ours-autograd.
 
 Default run (no arguments): the issue's shapes 8192x32000:bf16, 4096x128256:bf16,
-512x1000000:bf16, 64x1000000:f32 (a shape without `:dtype` runs in each of --dtypes), problems
+512x1000000:bf16, 64x1000000:f32 (a shape without `:dtype` runs in each of --dtypes; on an H200
+they take ms_fused, ms_fused_cluster, split and split), problems
 ce ce_ls arcface, do_bench warmup 50 ms / rep 200 ms, up to 3 rotating input sets (at most
 --input-budget-gib 6 GiB of inputs per group). Expected on an H200 (an estimate, not measured
 with this version): about 4-6 minutes, most of it torch.compile (one compilation per shape and
@@ -190,6 +203,10 @@ ENTRY_SIGNATURES = {
     # ms_fused_{variant}_T(x, targets, scale, weights, poly, MsParams p, ACC* stats, T* grad,
     #                      ACC* grad_scale, const ACC* upstream)
     "ms_fused": "pppppSpppp",
+    # ms_fused_warp_{variant}_T and ms_fused_cluster_{variant}_T: ms_fused's arguments (src/cuda.rs
+    # launches all three through Inputs::fused)
+    "ms_fused_warp": "pppppSpppp",
+    "ms_fused_cluster": "pppppSpppp",
     # ms_targets_I_A(const I* raw, long long rows, long long classes, long long ignore_index,
     #                int has_ignore, const A* weights, int has_weights, int mean, int* out,
     #                long long* first_invalid, A* upstream)
@@ -200,12 +217,18 @@ ENTRY_MODULE = {
     "ms_forward_finalize": "forward",
     "ms_backward": "backward",
     "ms_fused": "fused",
+    "ms_fused_warp": "fused",
+    "ms_fused_cluster": "fused",
     "ms_targets": "targets",
 }
+# Entries compiled only from an architecture on: ms_fused_cluster is inside
+# `#if __CUDA_ARCH__ >= 900` (kernels/fused.cu: thread-block clusters). The bf16 entries need
+# sm_80 (element_suffixes).
+ENTRY_MIN_ARCH = {"ms_fused_cluster": 90}
 # The element loops of MS_PER_TRANSFORM (kernels/rows.cuh), in its order (src/launch.rs
 # variant_index): the entries `{root}_{variant}_{T}` of the roots below.
 VARIANTS = ("identity", "cosine", "rbf", "identity_ext", "cosine_ext", "rbf_ext")
-VARIANT_ROOTS = ("ms_forward_partial", "ms_backward", "ms_fused")
+VARIANT_ROOTS = ("ms_forward_partial", "ms_backward", "ms_fused", "ms_fused_warp", "ms_fused_cluster")
 # ms_targets_{I}_{A}: raw target types (candle's U8, U32, I64) x accumulation types.
 TARGET_SUFFIXES = ("u8", "u32", "i64")
 ACC_SUFFIXES = ("f32", "f64")
@@ -230,6 +253,9 @@ TARGETS_BLOCK = 1024
 MAX_GRID = 65_535
 DEFAULT_SHARED = 48 * 1024  # the shared memory every GPU gives a block without the opt-in
 FUSED_STATIC_RESERVE = 2048  # room kept for ms_fused's static shared memory
+WARP_SHARED = 32 * 1024  # the dynamic shared memory ms_fused_warp may use (no opt-in needed)
+WARP_ROWS = BLOCK // 32  # rows per block of ms_fused_warp (a warp each)
+CLUSTER = 8  # blocks per row of ms_fused_cluster (MS_CLUSTER, its __cluster_dims__)
 SPLIT_MIN_COLUMNS = 4096
 SPLIT_WAVES = 2
 I32_MAX = 2**31 - 1
@@ -244,15 +270,18 @@ def div_ceil(a: int, b: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceShape:
-    """src/launch.rs DeviceShape: the SM count and the shared memory one block may opt into
-    (cudaDevAttrMaxSharedMemoryPerBlockOptin, at least 48 KiB)."""
+    """src/launch.rs DeviceShape: the SM count, the shared memory one block may opt into
+    (cudaDevAttrMaxSharedMemoryPerBlockOptin, at least 48 KiB) and whether the device launches
+    thread-block clusters (CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH, sm_90 and later)."""
 
     sm_count: int
     max_shared_per_block: int
+    clusters: bool = False
 
 
-DEVICE_DEFAULT = DeviceShape(132, DEFAULT_SHARED)  # DeviceShape::DEFAULT (no opt-in)
-DEVICE_H200 = DeviceShape(132, 227 * 1024)  # DeviceShape::H200 (and H100 SXM)
+DEVICE_DEFAULT = DeviceShape(132, DEFAULT_SHARED, False)  # DeviceShape::DEFAULT (no opt-in)
+DEVICE_H200 = DeviceShape(132, 227 * 1024, True)  # DeviceShape::H200 (and H100 SXM)
+DEVICE_A100 = DeviceShape(108, 163 * 1024, False)  # src/op.rs's A100 figures (163 KiB, no clusters)
 
 
 def vector_width(size: int) -> int:
@@ -270,6 +299,33 @@ def fused_max_classes(size: int, max_shared: int) -> int:
     """The largest C with fused_shared_bytes(C, size) + FUSED_STATIC_RESERVE <= max_shared."""
     room = max(max_shared - FUSED_STATIC_RESERVE, 0) // 16 * 16
     return max(room // size - (vector_width(size) - 1), 0)
+
+
+def warp_max_classes(size: int) -> int:
+    """The widest row ms_fused_warp takes: WARP_ROWS slots of fused_shared_bytes within WARP_SHARED
+    (1021 f32, 2041 f16 / bf16, 511 f64), as src/launch.rs warp_max_classes."""
+    return fused_max_classes(size, WARP_SHARED // WARP_ROWS + FUSED_STATIC_RESERVE)
+
+
+def cluster_slice(classes: int, size: int) -> int:
+    """The classes each block of ms_fused_cluster holds: round_up(ceil(C / CLUSTER), 16 / size)."""
+    v = vector_width(size)
+    return div_ceil(div_ceil(classes, CLUSTER), v) * v
+
+
+def cluster_max_classes(size: int, max_shared: int) -> int:
+    """The widest row ms_fused_cluster takes: every block's slice within fused_max_classes."""
+    v = vector_width(size)
+    return fused_max_classes(size, max_shared) // v * v * CLUSTER
+
+
+def one_pass_max_classes(size: int, device: "DeviceShape") -> int:
+    """Planner::one_pass_max_classes (src/op.rs one_pass_max_classes on a CUDA device): the widest
+    row loss_and_grad reads once, through ms_fused_cluster where the device has clusters, else
+    ms_fused."""
+    if device.clusters:
+        return cluster_max_classes(size, device.max_shared_per_block)
+    return fused_max_classes(size, device.max_shared_per_block)
 
 
 def partial_blocks_per_sm(size: int) -> int:
@@ -294,6 +350,9 @@ assert [fused_max_classes(n, DEFAULT_SHARED) for n in (4, 2, 8)] == [11_773, 23_
 assert [fused_max_classes(n, 227 * 1024) for n in (4, 2, 8)] == [57_597, 115_193, 28_799]
 assert split_count(64, 1_000_000, 4, 132) == 16 and split_count(512, 1_000_000, 2, 132) == 2
 assert split_count(2, 1_000_000, 4, 132) == 245
+assert [warp_max_classes(n) for n in (4, 2, 8)] == [1021, 2041, 511]
+assert cluster_max_classes(2, 227 * 1024) == 921_536 and cluster_max_classes(4, 227 * 1024) == 460_768
+assert cluster_slice(128_256, 2) == 16_032
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,17 +365,49 @@ class Launch:
 TARGETS_LAUNCH = Launch((1, 1, 1), (TARGETS_BLOCK, 1, 1))
 
 
+# The one-pass kinds of plan_loss_and_grad (LossAndGradPlan::FusedWarp / Fused / FusedCluster) and
+# the kernel root each launches (src/cuda.rs: Inputs::fused with that root, the same arguments).
+ONE_PASS_ROOTS = {"fused_warp": "ms_fused_warp", "fused": "ms_fused", "fused_cluster": "ms_fused_cluster"}
+# The script's kinds -> src/launch.rs LossAndGradPlan's paths, in Planner::loss_and_grad's order.
+PLAN_PATHS = {"fused_warp": "FusedWarp", "fused": "Fused", "fused_cluster": "FusedCluster", "split": "Split"}
+# What --selftest-params finds in Planner::loss_and_grad (comments and whitespace removed) for
+# each path: the condition, the grid and the dynamic shared memory plan_loss_and_grad computes.
+PLAN_PATH_EXPRS = {
+    "FusedWarp": [
+        "ifshape.classes<=warp_max_classes(size){",
+        "letshared=(WARP_ROWS*fused_shared_bytes(shape.classes,size))asu32;",
+        "grid:[self.grid(shape.rows.div_ceil(WARP_ROWS)),1,1],block:[BLOCK,1,1],shared_mem_bytes:shared",
+    ],
+    "Fused": [
+        "}elseifshape.classes<=self.fused_max_classes(size){",
+        "letshared=fused_shared_bytes(shape.classes,size)asu32;",
+        "grid:[self.grid(shape.rows),1,1],block:[BLOCK,1,1],shared_mem_bytes:shared",
+    ],
+    "FusedCluster": [
+        "}elseifself.device.clusters&&shape.classes<=cluster_max_classes(size,self.device.max_shared_per_block){",
+        "letshared=fused_shared_bytes(cluster_slice(shape.classes,size),size)asu32;",
+        "letclusters=shape.rows.min(self.grid_cap/CLUSTER).max(1);",
+        "grid:[(clusters*CLUSTER)asu32,1,1],block:[BLOCK,1,1],shared_mem_bytes:shared",
+    ],
+    "Split": [
+        "forward:self.forward(cfg,shape,size,scale_grad)?,backward_variant:kernel_variant(cfg,false),"
+        "backward:self.backward_launch(shape,size),",
+    ],
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The launches of one op, as src/launch.rs Planner plans them. kind: 'fused' (ms_fused),
-    'split' (partial -> finalize -> backward: loss_and_grad), 'forward' (partial -> finalize)
-    or 'backward' (ms_backward)."""
+    """The launches of one op, as src/launch.rs Planner plans them. kind: 'fused_warp'
+    (ms_fused_warp), 'fused' (ms_fused), 'fused_cluster' (ms_fused_cluster), 'split' (partial ->
+    finalize -> backward: loss_and_grad), 'forward' (partial -> finalize) or 'backward'
+    (ms_backward)."""
 
     kind: str
     splits: int
-    variant: str  # ms_fused's / ms_forward_partial's, or ms_backward's for kind 'backward'
+    variant: str  # the one-pass kernel's / ms_forward_partial's, or ms_backward's for kind 'backward'
     backward_variant: Optional[str] = None  # ms_backward's, for kind 'split'
-    fused: Optional[Launch] = None
+    fused: Optional[Launch] = None  # the one-pass launch (kinds fused_warp, fused, fused_cluster)
     partial: Optional[Launch] = None
     finalize: Optional[Launch] = None
     backward: Optional[Launch] = None
@@ -346,11 +437,27 @@ def plan_backward(cfg: "LossCfg", rows: int, classes: int, size: int) -> Plan:
 
 def plan_loss_and_grad(cfg: "LossCfg", rows: int, classes: int, size: int, scale_grad: bool,
                        device: DeviceShape, force_split: bool = False) -> Plan:
-    """Planner::loss_and_grad: ms_fused when C <= fused_max_classes(size, the device's opt-in
-    limit), else the split forward then ms_backward (force_split: always the latter)."""
+    """Planner::loss_and_grad, its paths in its order:
+    1. ms_fused_warp when C <= warp_max_classes(size): a warp per row, WARP_ROWS rows per block,
+       grid ceil(B / 8) (capped), dynamic smem WARP_ROWS * fused_shared_bytes(C) <= 32 KiB;
+    2. ms_fused when C <= fused_max_classes(size, the device's opt-in limit): a block per row;
+    3. ms_fused_cluster where the device has clusters and C <= cluster_max_classes: a cluster of
+       CLUSTER blocks per row, grid CLUSTER * max(1, min(B, MAX_GRID // CLUSTER)), dynamic smem
+       fused_shared_bytes(cluster_slice(C)) per block;
+    4. else the split forward then ms_backward (force_split: always this one)."""
+    variant = kernel_variant(cfg, scale_grad)
+    if not force_split and classes <= warp_max_classes(size):
+        return Plan("fused_warp", 1, variant,
+                    fused=Launch((grid_dim(div_ceil(rows, WARP_ROWS)), 1, 1), (BLOCK, 1, 1),
+                                 WARP_ROWS * fused_shared_bytes(classes, size)))
     if not force_split and classes <= fused_max_classes(size, device.max_shared_per_block):
-        return Plan("fused", 1, kernel_variant(cfg, scale_grad),
+        return Plan("fused", 1, variant,
                     fused=Launch((grid_dim(rows), 1, 1), (BLOCK, 1, 1), fused_shared_bytes(classes, size)))
+    if not force_split and device.clusters and classes <= cluster_max_classes(size, device.max_shared_per_block):
+        clusters = max(min(rows, MAX_GRID // CLUSTER), 1)  # whole clusters within the grid cap
+        return Plan("fused_cluster", 1, variant,
+                    fused=Launch((clusters * CLUSTER, 1, 1), (BLOCK, 1, 1),
+                                 fused_shared_bytes(cluster_slice(classes, size), size)))
     f = plan_forward(cfg, rows, classes, size, scale_grad, device)
     return dataclasses.replace(f, kind="split", backward_variant=kernel_variant(cfg, False),
                                backward=backward_launch(rows, classes, size))
@@ -587,7 +694,8 @@ def check_header_fields() -> List[str]:
                          ("MS_MARGIN_SPHERE", MARGIN_SPHERE), ("MS_STAT_COLUMNS", STAT_COLUMNS),
                          ("MS_ROWINFO_COLUMNS", ROWINFO_COLUMNS), ("MS_PARTIAL_COLUMNS", PARTIAL_COLUMNS),
                          ("MS_BLOCK", BLOCK), ("MS_FINALIZE_BLOCK", FINALIZE_BLOCK),
-                         ("MS_TARGETS_BLOCK", TARGETS_BLOCK), ("MS_TARGET_IGNORED", TARGET_IGNORED),
+                         ("MS_TARGETS_BLOCK", TARGETS_BLOCK), ("MS_CLUSTER", CLUSTER),
+                         ("MS_TARGET_IGNORED", TARGET_IGNORED),
                          ("MS_TARGET_INVALID", TARGET_INVALID)):
         dm = re.search(rf"#define\s+{macro}\s+\(?\s*(-?\d+)\s*\)?", text)
         if not dm or int(dm.group(1)) != value:
@@ -613,31 +721,45 @@ def _rust_int(text: str) -> int:
     return value
 
 
+def _squash(text: str) -> str:
+    """Rust source without comments and with all whitespace removed (for expression checks)."""
+    return re.sub(r"\s+", "", re.sub(r"//[^\n]*", "", text))
+
+
 def check_rust_sources() -> Tuple[List[str], int]:
-    """The script's launch planning against src/launch.rs and its mirror of MsParams against
-    src/kernel_params.rs: the constants, the field order, and every number the Rust tests and
-    const asserts state for split_count and fused_max_classes. Returns (problems, checks made)."""
+    """The script's launch planning against src/launch.rs (and src/cuda.rs's roots, src/op.rs's
+    documented limits) and its mirror of MsParams against src/kernel_params.rs: the constants,
+    the field order, every number the Rust tests and const asserts state for split_count,
+    fused_max_classes, warp_max_classes, cluster_max_classes and cluster_slice, the paths of
+    LossAndGradPlan in Planner::loss_and_grad's order with their conditions, grids and shared
+    memory. Returns (problems, checks made)."""
     problems, checks = [], 0
     launch = (REPO / "src" / "launch.rs").read_text()
     consts = {"BLOCK": BLOCK, "FINALIZE_BLOCK": FINALIZE_BLOCK, "TARGETS_BLOCK": TARGETS_BLOCK,
               "MAX_GRID": MAX_GRID, "PARTIAL_COLUMNS": PARTIAL_COLUMNS, "DEFAULT_SHARED": DEFAULT_SHARED,
               "FUSED_STATIC_RESERVE": FUSED_STATIC_RESERVE, "SPLIT_MIN_COLUMNS": SPLIT_MIN_COLUMNS,
-              "SPLIT_WAVES": SPLIT_WAVES}
+              "SPLIT_WAVES": SPLIT_WAVES, "WARP_SHARED": WARP_SHARED, "CLUSTER": CLUSTER}
     for name, value in consts.items():
         m = re.search(rf"const {name}: \w+ = ([\d_ *]+);", launch)
         checks += 1
         if not m or _rust_int(m.group(1)) != value:
             problems.append(f"src/launch.rs {name} = {m and m.group(1)}, the script has {value}")
+    checks += 1
+    if not re.search(r"const WARP_ROWS: usize = BLOCK as usize / 32;", launch) or WARP_ROWS != BLOCK // 32:
+        problems.append("src/launch.rs WARP_ROWS is not BLOCK / 32 (the script's WARP_ROWS)")
     for name, dev in (("DEFAULT", DEVICE_DEFAULT), ("H200", DEVICE_H200)):
         m = re.search(rf"const {name}: DeviceShape = DeviceShape \{{\s*sm_count: ([\d_]+),\s*"
-                      rf"max_shared_per_block: ([\w_ *]+),", launch)
+                      rf"max_shared_per_block: ([\w_ *]+),\s*clusters: (true|false),", launch)
         checks += 1
         if not m:
-            problems.append(f"src/launch.rs: DeviceShape::{name} not found")
+            problems.append(f"src/launch.rs: DeviceShape::{name} {{ sm_count, max_shared_per_block, clusters }} "
+                            "not found")
             continue
         shared = DEFAULT_SHARED if m.group(2).strip() == "DEFAULT_SHARED" else _rust_int(m.group(2))
-        if (_rust_int(m.group(1)), shared) != (dev.sm_count, dev.max_shared_per_block):
-            problems.append(f"src/launch.rs DeviceShape::{name} = ({m.group(1)}, {m.group(2)}), the script has {dev}")
+        if (_rust_int(m.group(1)), shared, m.group(3) == "true") != (dev.sm_count, dev.max_shared_per_block,
+                                                                      dev.clusters):
+            problems.append(f"src/launch.rs DeviceShape::{name} = ({m.group(1)}, {m.group(2)}, {m.group(3)}), "
+                            f"the script has {dev}")
     devices = {"d": DEVICE_H200, "DeviceShape::H200": DEVICE_H200, "DeviceShape::DEFAULT": DEVICE_DEFAULT}
     found = 0
     for m in re.finditer(r"assert_eq!\(split_count\(([\d_]+), ([\d_]+), (\d+), ([\w:]+)\), ([\d_]+)\)", launch):
@@ -657,12 +779,89 @@ def check_rust_sources() -> Tuple[List[str], int]:
             problems.append(f"fused_max_classes({size}, {shared}) = {got}, src/launch.rs says {want}")
     if found < 8:
         problems.append(f"src/launch.rs: only {found} split_count / fused_max_classes asserts found (expected >= 8)")
+    found = 0
+    for m in re.finditer(r"warp_max_classes\((\d+)\) == ([\d_]+)", launch):
+        size, want = m.groups()
+        found += 1
+        checks += 1
+        if warp_max_classes(int(size)) != _rust_int(want):
+            problems.append(f"warp_max_classes({size}) = {warp_max_classes(int(size))}, src/launch.rs says {want}")
+    for m in re.finditer(r"cluster_max_classes\((\d+), ([\w_ *]+)\) == ([\d_]+)", launch):
+        size, shared, want = m.groups()
+        found += 1
+        checks += 1
+        got = cluster_max_classes(int(size), _rust_int(shared))
+        if got != _rust_int(want):
+            problems.append(f"cluster_max_classes({size}, {shared}) = {got}, src/launch.rs says {want}")
+    for m in re.finditer(r"assert_eq!\(cluster_slice\(([\d_]+), (\d+)\), ([\d_]+)\)", launch):
+        classes, size, want = m.groups()
+        found += 1
+        checks += 1
+        got = cluster_slice(_rust_int(classes), int(size))
+        if got != _rust_int(want):
+            problems.append(f"cluster_slice({classes}, {size}) = {got}, src/launch.rs says {want}")
+    if found < 6:
+        problems.append(f"src/launch.rs: only {found} warp_max_classes / cluster_max_classes / cluster_slice "
+                        "asserts found (expected >= 6)")
+    # The definitions of the limits, as the script computes them.
+    defs = _squash(launch)
+    for what, expr in (
+            ("warp_max_classes", "fused_max_classes(size,WARP_SHARED/WARP_ROWS+FUSED_STATIC_RESERVE)"),
+            ("cluster_slice", "classes.div_ceil(CLUSTER).next_multiple_of(vector_width(size))"),
+            ("cluster_max_classes",
+             "fused_max_classes(size,max_shared)/vector_width(size)*vector_width(size)*CLUSTER"),
+            ("one_pass_max_classes", "ifself.device.clusters{cluster_max_classes(size,self.device.max_shared_per_block)"
+                                     "}else{self.fused_max_classes(size)}")):
+        checks += 1
+        if expr not in defs:
+            problems.append(f"src/launch.rs {what}: `{expr}` not found (the script's {what} computes that)")
     em = re.search(r"pub\(crate\) enum LossAndGradPlan \{(.*?)\n\}", launch, re.S)
     paths = re.findall(r"^    (\w+) \{", em.group(1), re.M) if em else []
     checks += 1
-    if paths != ["Fused", "Split"]:
-        problems.append(f"src/launch.rs LossAndGradPlan has the paths {paths}; the script models Fused and Split only "
+    if sorted(paths) != sorted(PLAN_PATHS.values()):
+        problems.append(f"src/launch.rs LossAndGradPlan has the paths {paths}; the script models "
+                        f"{list(PLAN_PATHS.values())} "
                         "(plan_loss_and_grad): update it")
+    # Planner::loss_and_grad: the paths in the script's order, each with its condition and launch.
+    lm = re.search(r"pub\(crate\) fn loss_and_grad\((.*?)\n    \}\n", launch, re.S)
+    body = _squash(lm.group(1)) if lm else ""
+    order = re.findall(r"LossAndGradPlan::(\w+)\{", body)
+    checks += 1
+    if order != list(PLAN_PATHS.values()):
+        problems.append(f"src/launch.rs Planner::loss_and_grad plans {order}, in that order; the script plans "
+                        f"{list(PLAN_PATHS.values())}")
+    for path, exprs in PLAN_PATH_EXPRS.items():
+        for expr in exprs:
+            checks += 1
+            if expr not in body:
+                problems.append(f"src/launch.rs Planner::loss_and_grad ({path}): `{expr}` not found; the script's "
+                                "plan_loss_and_grad is written after it")
+    # Every one-pass path: one split, the variant with scale_grad (Plan(kind, 1, variant) above).
+    one_pass = "params:params(cfg,shape,1,scale_grad)?,variant:kernel_variant(cfg,scale_grad),"
+    checks += 1
+    if body.count(one_pass) != len(ONE_PASS_ROOTS):
+        problems.append(f"src/launch.rs Planner::loss_and_grad: `{one_pass}` found {body.count(one_pass)} times, "
+                        f"the script's {len(ONE_PASS_ROOTS)} one-pass paths use it")
+    # src/cuda.rs: each one-pass path launches its root through Inputs::fused (ms_fused's arguments).
+    cuda = _squash((REPO / "src" / "cuda.rs").read_text())
+    roots = dict(re.findall(r"LossAndGradPlan::(\w+)\{[\w,]*\}=>inputs\.fused\(\"(\w+)\"", cuda))
+    want_roots = {PLAN_PATHS[k]: v for k, v in ONE_PASS_ROOTS.items()}
+    checks += 1
+    if roots != want_roots:
+        problems.append(f"src/cuda.rs launches the one-pass paths as {roots}; the script as {want_roots}")
+    # src/op.rs documents the one-pass limits: the script's values must be the ones it states.
+    op = (REPO / "src" / "op.rs").read_text()
+    dm = re.search(r"((?:\s*///[^\n]*\n)+)\s*pub fn one_pass_max_classes", op)
+    doc = " ".join(l.strip().lstrip("/").strip() for l in dm.group(1).splitlines()) if dm else ""
+    doc_numbers = {int(n.replace(" ", "")) for n in re.findall(r"\d{1,3}(?: \d{3})+|\d+", doc)}
+    stated = [(dev, sz) for dev in (DEVICE_H200, DEVICE_A100, DEVICE_DEFAULT) for sz in (4, 2, 8)]
+    values = [one_pass_max_classes(sz, dev) for dev, sz in stated]
+    values += [fused_max_classes(sz, DEVICE_H200.max_shared_per_block) for sz in (4, 2, 8)]
+    missing = [v for v in values if v not in doc_numbers]
+    checks += 1
+    if not doc or missing:
+        problems.append(f"src/op.rs one_pass_max_classes docs: the script's limits {missing or values} are not "
+                        "stated there (H200 cluster / block, A100, 48 KiB)")
     kp = (REPO / "src" / "kernel_params.rs").read_text()
     sm = re.search(r"pub\(crate\) struct MsParams \{(.*?)\n\}", kp, re.S)
     rust_fields = re.findall(r"pub (\w+):", sm.group(1)) if sm else []
@@ -856,11 +1055,14 @@ def ptx_params_of(sig: str) -> List[str]:
     return [{"p": "8", "q": "8", "i": "4", "S": f"S{MS_PARAMS_SIZE}/8"}[c] for c in sig]
 
 
-def expected_entries(suffixes: List[str]) -> Dict[str, Tuple[str, str]]:
-    """Every entry point the launches may name for these element suffixes: name -> (module,
-    root). ms_targets comes for both accumulation types whatever the element types."""
+def expected_entries(suffixes: List[str], arch: str) -> Dict[str, Tuple[str, str]]:
+    """Every entry point the launches may name for these element suffixes, compiled for `arch`:
+    name -> (module, root). ms_targets comes for both accumulation types whatever the element
+    types; ms_fused_cluster only from sm_90 (ENTRY_MIN_ARCH)."""
     want = {}
     for root in ENTRY_SIGNATURES:
+        if arch_number(arch) < ENTRY_MIN_ARCH.get(root, 0):
+            continue
         sfxs = ACC_SUFFIXES if root == "ms_targets" else suffixes
         for sfx in sfxs:
             for name in entry_names(root, sfx):
@@ -868,14 +1070,22 @@ def expected_entries(suffixes: List[str]) -> Dict[str, Tuple[str, str]]:
     return want
 
 
-def check_ptx_signatures(ptx_paths: Dict[str, Path], suffixes: List[str]) -> Tuple[List[str], int, List[str]]:
+def check_ptx_signatures(ptx_paths: Dict[str, Path], suffixes: List[str],
+                         arch: str) -> Tuple[List[str], int, List[str]]:
     """The PTX's kernel parameter lists (count and sizes) against ENTRY_SIGNATURES, for every
     entry the launches may name (per variant, per element type; ms_targets per target and
-    accumulation type). Returns (problems, entries checked, the PTX's entries the script does
-    not know: not an error by themselves, the script never launches them)."""
+    accumulation type) when compiled for `arch`; below an entry's ENTRY_MIN_ARCH its absence
+    is checked too. Returns (problems, entries checked, the PTX's entries the script does not
+    know: not an error by themselves, the script never launches them)."""
     problems, unknown = [], []
     by_module = {stem: ptx_entries(path.read_text()) for stem, path in ptx_paths.items()}
-    want = expected_entries(suffixes)
+    want = expected_entries(suffixes, arch)
+    for root, min_arch in ENTRY_MIN_ARCH.items():
+        if arch_number(arch) < min_arch:
+            present = [n for n in by_module.get(ENTRY_MODULE[root], {}) if n.startswith(root + "_")]
+            if present:
+                problems.append(f"{arch}: {len(present)} {root}_* entries in {ENTRY_MODULE[root]}.ptx (e.g. "
+                                f"{present[0]}); the script expects them from sm_{min_arch} only")
     for name, (module, root) in want.items():
         expect = ptx_params_of(ENTRY_SIGNATURES[root])
         got = by_module.get(module, {}).get(name)
@@ -955,6 +1165,33 @@ def selftest_planning() -> Tuple[List[str], int]:
                          ((512, 1_000_000, 2, 132), 2), ((1024, 32_000, 2, 132), 1),
                          ((2, 1_000_000, 4, 132), 245)):
         want(f"split_count{args}", split_count(*args), expect)
+    # ms_fused_warp: 1021 f32, 2041 f16 / bf16, 511 f64 classes; the largest C whose WARP_ROWS slots
+    # fit in WARP_SHARED.
+    for size, w in ((4, 1021), (2, 2041), (8, 511)):
+        limit = warp_max_classes(size)
+        want(f"warp_max_classes({size})", limit, w)
+        checks += 1
+        if not (WARP_ROWS * fused_shared_bytes(limit, size) <= WARP_SHARED
+                < WARP_ROWS * fused_shared_bytes(limit + 1, size)):
+            problems.append(f"warp_max_classes({size}) = {limit} is not the largest C whose {WARP_ROWS} slots fit "
+                            f"in {WARP_SHARED} B")
+    # ms_fused_cluster: 921536 bf16, 460768 f32, 230384 f64 at 227 KiB; every block's slice of the
+    # widest row fits, one more class does not.
+    want("cluster_slice(128256, 2)", cluster_slice(128_256, 2), 16_032)
+    want("cluster_slice(1, 4)", cluster_slice(1, 4), 4)
+    for size, w in ((2, 921_536), (4, 460_768), (8, 230_384)):
+        want(f"cluster_max_classes({size}, 227 KiB)", cluster_max_classes(size, 227 * 1024), w)
+        want(f"one_pass_max_classes({size}, H200)", one_pass_max_classes(size, DEVICE_H200), w)
+        for shared in (48 * 1024, 163 * 1024, 227 * 1024):
+            limit = cluster_max_classes(size, shared)
+            checks += 1
+            fits = lambda c: fused_shared_bytes(cluster_slice(c, size), size) + FUSED_STATIC_RESERVE <= shared
+            if not (fits(limit) and not fits(limit + 1) and limit % (CLUSTER * vector_width(size)) == 0):
+                problems.append(f"cluster_max_classes({size}, {shared}) = {limit} is not the largest C whose "
+                                f"{CLUSTER} slices fit")
+    for size, w in ((4, 41_213), (2, 82_425), (8, 20_607)):  # src/op.rs's A100 (no clusters)
+        want(f"one_pass_max_classes({size}, A100)", one_pass_max_classes(size, DEVICE_A100), w)
+    want("one_pass_max_classes(2, 48 KiB)", one_pass_max_classes(2, DEVICE_DEFAULT), 23_545)
     want("fused_shared_bytes(32000, 2)", fused_shared_bytes(32000, 2), 64016)
     want("fused_shared_bytes(1, 4)", fused_shared_bytes(1, 4), 16)
     want("backward_launch(8192, 32000, 2)", backward_launch(8192, 32000, 2).grid, (16, 8192, 1))
@@ -972,12 +1209,16 @@ def selftest_planning() -> Tuple[List[str], int]:
     want("kernel_variant(rbf, false)", kernel_variant(LossCfg(HeadCfg("rbf", s=35)), False), "rbf")
     want("kernel_variant(rbf ls, false)", kernel_variant(LossCfg(HeadCfg("rbf", s=35), label_smoothing=0.1), False),
          "rbf_ext")
-    # The plans of the issue's shapes on an H200 (132 SMs, 227 KiB).
+    # The plans of the issue's shapes on an H200 (132 SMs, 227 KiB, clusters).
     p1 = plan_loss_and_grad(sm, 8192, 32000, 2, False, DEVICE_H200)
     want("H200 8192x32000 bf16 plan", (p1.kind, p1.variant, p1.fused), ("fused", "identity",
                                                                           Launch((8192, 1, 1), (256, 1, 1), 64016)))
     p2 = plan_loss_and_grad(sm, 4096, 128256, 2, False, DEVICE_H200)
-    want("H200 4096x128256 bf16 plan", (p2.kind, p2.splits, p2.partial.grid, p2.backward.grid),
+    want("H200 4096x128256 bf16 plan", (p2.kind, p2.variant, p2.fused),
+         ("fused_cluster", "identity", Launch((4096 * 8, 1, 1), (256, 1, 1), fused_shared_bytes(16_032, 2))))
+    want("fused_shared_bytes(16032, 2)", fused_shared_bytes(16_032, 2), 32080)
+    p2s = plan_loss_and_grad(sm, 4096, 128256, 2, False, dataclasses.replace(DEVICE_H200, clusters=False))
+    want("H200 without clusters 4096x128256 bf16 plan", (p2s.kind, p2s.splits, p2s.partial.grid, p2s.backward.grid),
          ("split", 1, (4096, 1, 1), (63, 4096, 1)))
     p3 = plan_loss_and_grad(sm, 512, 1_000_000, 2, False, DEVICE_H200)
     want("H200 512x1000000 bf16 plan", (p3.kind, p3.splits, p3.partial.grid, p3.finalize.grid, p3.partials_len),
@@ -993,6 +1234,45 @@ def selftest_planning() -> Tuple[List[str], int]:
          (p6.variant, p6.backward_variant), ("identity_ext", "identity"))
     want("100000x8 f32 partial grid (capped)", plan_forward(sm, 100_000, 8, 4, False, DEVICE_H200).partial.grid,
          (MAX_GRID, 1, 1))
+    # The path boundaries (src/launch.rs path_boundary_per_dtype_and_device, warp_path_for_narrow_rows,
+    # cluster_path_on_h200).
+    arc = LossCfg(HeadCfg("arcface", s=64.0, m=0.5))
+    for dev_name, dev in (("48 KiB", DEVICE_DEFAULT), ("H200", DEVICE_H200)):
+        for size in (2, 4, 8):
+            w, f, c = warp_max_classes(size), fused_max_classes(size, dev.max_shared_per_block), \
+                one_pass_max_classes(size, dev)
+            pw = plan_loss_and_grad(sm, 17, w, size, False, dev)
+            want(f"{dev_name} 17x{w} size {size} plan", (pw.kind, pw.fused.grid),
+                 ("fused_warp", (3, 1, 1)))
+            checks += 1
+            if pw.fused.shared_mem != WARP_ROWS * fused_shared_bytes(w, size) or pw.fused.shared_mem > WARP_SHARED:
+                problems.append(f"{dev_name} 17x{w} size {size}: ms_fused_warp smem {pw.fused.shared_mem}")
+            want(f"{dev_name} 17x{w + 1} size {size} plan", plan_loss_and_grad(sm, 17, w + 1, size, False, dev).kind,
+                 "fused")
+            pf = plan_loss_and_grad(arc, 3, f, size, False, dev)
+            want(f"{dev_name} 3x{f} size {size} plan", (pf.kind, pf.variant, pf.fused.shared_mem),
+                 ("fused", "cosine", fused_shared_bytes(f, size)))
+            want(f"{dev_name} 3x{f + 1} size {size} plan", plan_loss_and_grad(arc, 3, f + 1, size, False, dev).kind,
+                 "fused_cluster" if dev.clusters else "split")
+            if dev.clusters:
+                pc = plan_loss_and_grad(arc, 4096, c, size, False, dev)
+                want(f"{dev_name} 4096x{c} size {size} plan", (pc.kind, pc.fused.grid, pc.fused.shared_mem),
+                     ("fused_cluster", (4096 * CLUSTER, 1, 1), fused_shared_bytes(cluster_slice(c, size), size)))
+                want(f"{dev_name} 4096x{c + 1} size {size} plan",
+                     plan_loss_and_grad(arc, 4096, c + 1, size, False, dev).kind, "split")
+    # Grids: ms_fused_warp's ceil(B / 8) capped; ms_fused_cluster's whole clusters within the cap,
+    # at least one.
+    want("H200 1000000x100 f32 warp grid", plan_loss_and_grad(sm, 1_000_000, 100, 4, False, DEVICE_H200).fused.grid,
+         (MAX_GRID, 1, 1))
+    want("H200 9x100 f32 warp grid", plan_loss_and_grad(sm, 9, 100, 4, False, DEVICE_H200).fused.grid, (2, 1, 1))
+    want("H200 100000x200000 bf16 cluster grid",
+         plan_loss_and_grad(sm, 100_000, 200_000, 2, False, DEVICE_H200).fused.grid, (MAX_GRID // 8 * 8, 1, 1))
+    want("H200 1x200000 bf16 cluster grid", plan_loss_and_grad(sm, 1, 200_000, 2, False, DEVICE_H200).fused.grid,
+         (8, 1, 1))
+    want("H200 4096x128256 bf16 forced split", plan_loss_and_grad(sm, 4096, 128256, 2, False, DEVICE_H200,
+                                                                  force_split=True).kind, "split")
+    want("H200 37x1001 bf16 forced split", plan_loss_and_grad(sm, 37, 1001, 2, False, DEVICE_H200,
+                                                              force_split=True).kind, "split")
     return problems, checks
 
 
@@ -1007,12 +1287,15 @@ def selftest_params(args) -> int:
     print("params.cuh field list and #defines vs the script: " + ("OK" if not hp else "MISMATCH"))
     failures += hp
     rp, rn = check_rust_sources()
-    print(f"src/launch.rs constants, DeviceShape::DEFAULT / H200, the split_count / fused_max_classes numbers of "
-          f"its tests and const asserts, and src/kernel_params.rs's field order vs the script ({rn} checks): "
+    print(f"src/launch.rs constants, DeviceShape::DEFAULT / H200, the split_count / fused_max_classes / "
+          f"warp_max_classes / cluster_max_classes / cluster_slice numbers of its tests and const asserts, "
+          f"Planner::loss_and_grad's paths, order, conditions, grids and smem, src/cuda.rs's one-pass roots, "
+          f"src/op.rs's one-pass limits, and src/kernel_params.rs's field order vs the script ({rn} checks): "
           + ("OK" if not rp else "MISMATCH"))
     failures += rp
     pp, pn = selftest_planning()
-    print(f"launch planning (fused smem / limits, split counts, grids, variants, the issue's shapes on an H200; "
+    print(f"launch planning (warp / fused / cluster smem and limits, path boundaries, split counts, grids, "
+          f"variants, the issue's shapes on an H200; "
           f"{pn} checks): " + ("OK" if not pp else "MISMATCH"))
     failures += pp
 
@@ -1040,8 +1323,9 @@ def selftest_params(args) -> int:
             parts = []
             for sfx, size in (("bf16", 2), ("f32", 4), ("f64", 8)):
                 pl = plan_loss_and_grad(cfg, b, c, size, scale_grad, dev)
-                if pl.kind == "fused":
-                    parts.append(f"{sfx}: ms_fused_{pl.variant} grid {pl.fused.grid[0]} smem {pl.fused.shared_mem}")
+                if pl.kind in ONE_PASS_ROOTS:
+                    parts.append(f"{sfx}: {ONE_PASS_ROOTS[pl.kind]}_{pl.variant} grid {pl.fused.grid[0]} "
+                                 f"smem {pl.fused.shared_mem}")
                 else:
                     parts.append(f"{sfx}: partial_{pl.variant} x{pl.splits} grid {pl.partial.grid[0]} -> "
                                  f"backward_{pl.backward_variant} grid {pl.backward.grid[:2]}")
@@ -1111,31 +1395,35 @@ def selftest_params(args) -> int:
         nvcc = find_nvcc(args.nvcc)
         if nvcc is None:
             print("\nnvcc not found: PTX signature check skipped")
-        else:
-            arch = args.arch or "sm_90"
+        for arch in ([args.arch] if args.arch else list(SELFTEST_ARCHS)) if nvcc else []:
             print(f"\nnvcc {nvcc} ({nvcc_version(nvcc)}): compiling kernels/*.cu for {arch} ...", flush=True)
             try:
                 t0 = time.perf_counter()
-                ptx = compile_ptx(nvcc, arch, {s: KERNELS / f"{s}.cu" for s in KERNEL_SOURCES}, tmpd / "ptx")
+                out_dir = tmpd / f"ptx_{arch}"
+                ptx = compile_ptx(nvcc, arch, {s: KERNELS / f"{s}.cu" for s in KERNEL_SOURCES}, out_dir)
                 probe_cu = tmpd / "abi_probe.cu"
                 probe_cu.write_text(device_probe_source())
-                compile_ptx(nvcc, arch, {"abi_probe": probe_cu}, tmpd / "ptx")
+                compile_ptx(nvcc, arch, {"abi_probe": probe_cu}, out_dir)
                 print(f"  compiled in {time.perf_counter() - t0:.0f} s")
                 sfx = element_suffixes(arch)
                 if arch_number(arch) >= 80 and "bf16" not in sfx:
                     failures.append(f"{arch}: bf16 entries expected")
-                sp, n_entries, unknown = check_ptx_signatures(ptx, sfx)
-                print(f"PTX entry signatures: {n_entries} entries ({', '.join(VARIANT_ROOTS)} x {len(VARIANTS)} "
+                sp, n_entries, unknown = check_ptx_signatures(ptx, sfx, arch)
+                roots = [r for r in VARIANT_ROOTS if arch_number(arch) >= ENTRY_MIN_ARCH.get(r, 0)]
+                absent = [r for r in VARIANT_ROOTS if r not in roots]
+                print(f"PTX entry signatures ({arch}): {n_entries} entries ({', '.join(roots)} x {len(VARIANTS)} "
                       f"variants x {sfx}, ms_forward_finalize x {sfx}, ms_targets x {list(TARGET_SUFFIXES)} x "
-                      f"{list(ACC_SUFFIXES)}), parameter counts and sizes vs the launches: "
-                      + ("OK" if not sp else "MISMATCH"))
+                      f"{list(ACC_SUFFIXES)}), parameter counts and sizes vs the launches"
+                      + (f"; {', '.join(absent)} absent below sm_{max(ENTRY_MIN_ARCH[r] for r in absent)}"
+                         if absent else "") + ": " + ("OK" if not sp else "MISMATCH"))
                 if unknown:
                     print(f"  note: {len(unknown)} entries the script never launches: "
                           + ", ".join(sorted({re.sub(r"_(f32|f64|f16|bf16)$", "_<T>", u) for u in unknown})))
                 for module, path in sorted(ptx.items()):
                     entries = ptx_entries(path.read_text())
                     for name in sorted(entries):
-                        if name.endswith(("identity_bf16", "finalize_bf16", "i64_f32")):
+                        if name.endswith(("identity_bf16", "finalize_bf16", "i64_f32")) and arch == (
+                                [args.arch] if args.arch else list(SELFTEST_ARCHS))[-1]:
                             print(f"    {name}: {len(entries[name])} params {entries[name]}")
                 failures += sp
             except Exception as e:  # noqa: BLE001
@@ -1148,6 +1436,11 @@ def selftest_params(args) -> int:
         return 1
     print("selftest-params: all checks passed")
     return 0
+
+
+# The architectures --selftest-params compiles for without --arch: build.rs's fatbin SASS targets
+# (sm_80: no ms_fused_cluster; sm_90: every entry).
+SELFTEST_ARCHS = ("sm_80", "sm_90")
 
 
 def element_suffixes(arch: str) -> List[str]:
@@ -1182,11 +1475,19 @@ DEFAULT_SHAPES = ["8192x32000:bf16", "4096x128256:bf16", "512x1000000:bf16", "64
 
 
 def preflight_shapes(size: int, device: DeviceShape) -> List[Tuple[int, int]]:
-    """Small shapes that take both paths on this device (odd C: unaligned rows): a short row,
-    the widest fused row, one more (split, 3 splits or more), a mid split, and a long row with many
-    splits per block row."""
+    """Small shapes that take every path on this device (odd C: unaligned rows; row counts that
+    leave ms_fused_warp's last block part empty): a short row, the widest ms_fused_warp row and
+    one more (ms_fused), the widest ms_fused row and one more (ms_fused_cluster where the device
+    has clusters, else split), the widest one-pass row and one more (split), a mid row and a long
+    row (many splits per row where it is split)."""
+    warp = warp_max_classes(size)
     limit = fused_max_classes(size, device.max_shared_per_block)
-    return [(37, 1001), (3, limit), (2, limit + 1), (64, 50_001), (2, 300_007)]
+    shapes = [(37, 1001), (19, warp), (3, warp + 1), (3, limit), (2, limit + 1)]
+    if device.clusters:
+        one_pass = one_pass_max_classes(size, device)
+        shapes += [(3, one_pass), (2, one_pass + 1)]
+    shapes += [(64, 50_001), (2, 300_007)]
+    return list(dict.fromkeys(shapes))
 GOAL_COPY_FRACTION = 0.85
 GOAL_VS_COMPILE_LIGER = 1.3
 GOAL_VS_EAGER_ARCFACE = 8.0
@@ -1245,7 +1546,7 @@ class OursKernels:
                                                                        Path("<name>.ptx"), Path("kernels")))
         self.suffixes = element_suffixes(arch)
         problems, _, _ = check_ptx_signatures({k: v for k, v in self.ptx.items() if k != "abi_probe"},
-                                              self.suffixes)
+                                              self.suffixes, arch)
         if problems:
             raise RuntimeError("PTX signatures differ from the launches:\n  " + "\n  ".join(problems))
         self.modules = {stem: cupy.RawModule(path=str(path)) for stem, path in self.ptx.items()}
@@ -1449,8 +1750,8 @@ class OursStep:
     of src/launch.rs for this device (its SM count and opt-in shared memory).
 
     mode 'loss_and_grad': forward_backward (MarginSoftmaxLoss::loss_and_grad): ms_targets (mean),
-    the check's one 8-byte read of first_invalid when check_targets, then ms_fused or
-    partial -> finalize -> backward. mode 'autograd': loss() then backward, as candle's autograd
+    the check's one 8-byte read of first_invalid when check_targets, then ms_fused_warp, ms_fused,
+    ms_fused_cluster (the same arguments) or partial -> finalize -> backward. mode 'autograd': loss() then backward, as candle's autograd
     runs the op: the forward op (ms_targets without mean, the check's read, partial, finalize
     without row info), the reduction, then the op's bwd (row info = [max, ln sum, (a, k, g_y) *
     d loss / d loss_i, scale], formed with torch ops as src/op.rs forms it with candle ops) and
@@ -1485,17 +1786,26 @@ class OursStep:
         if mode == "loss_and_grad":
             self.plan = plan_loss_and_grad(cfg, rows, classes, self.size, False, kernels.device, force_split)
             self.params = make_params(cfg, rows, classes, classes, self.plan.splits, False)
-            if self.plan.kind == "fused":
-                self.fused_name = f"ms_fused_{self.plan.variant}_{self.sfx}"
-                static = kernels.static_smem(self.fused_name, "ms_fused")
+            if self.plan.kind in ONE_PASS_ROOTS:
+                # Inputs::fused of src/cuda.rs, for ms_fused_warp, ms_fused and ms_fused_cluster alike.
+                self.fused_root = ONE_PASS_ROOTS[self.plan.kind]
+                self.fused_name = f"{self.fused_root}_{self.plan.variant}_{self.sfx}"
+                if self.fused_root == "ms_fused_cluster" and arch_number(kernels.arch) < ENTRY_MIN_ARCH[self.fused_root]:
+                    raise RuntimeError(f"{self.fused_name} planned but the kernels were compiled for {kernels.arch} "
+                                       f"(clusters need sm_90)")
+                static = kernels.static_smem(self.fused_name, self.fused_root)
                 if static > FUSED_STATIC_RESERVE:
                     raise RuntimeError(f"{self.fused_name} uses {static} bytes of static shared memory, more than "
                                        f"the {FUSED_STATIC_RESERVE} reserved for it")
                 dynamic = self.plan.fused.shared_mem
                 if dynamic + static > DEFAULT_SHARED:
-                    kernels.allow_dynamic_shared(self.fused_name, "ms_fused", dynamic)
-                self.path = (f"ms_fused_{self.plan.variant} (smem {dynamic} B, grid {self.plan.fused.grid[0]}"
-                             f"{', opted in' if dynamic + static > DEFAULT_SHARED else ''})")
+                    kernels.allow_dynamic_shared(self.fused_name, self.fused_root, dynamic)
+                shape = {"fused_warp": f"{WARP_ROWS} rows per block, ",
+                         "fused": "",
+                         "fused_cluster": f"{CLUSTER} blocks per row of {cluster_slice(classes, self.size)} classes, "
+                         }[self.plan.kind]
+                self.path = (f"{self.fused_root}_{self.plan.variant} ({shape}smem {dynamic} B, grid "
+                             f"{self.plan.fused.grid[0]}{', opted in' if dynamic + static > DEFAULT_SHARED else ''})")
                 self.passes = 2  # one read of the row, one write of the gradient
             else:
                 self.path = (f"partial_{self.plan.variant} x{self.plan.splits} (grid {self.plan.partial.grid[0]}) + "
@@ -1537,8 +1847,8 @@ class OursStep:
         stats = new(b * STAT_COLUMNS, dtype=self.acc)
         grad = new(b, c, dtype=self.dtype)
         grad_scale = new(b, dtype=self.acc)
-        if pl.kind == "fused":
-            launch(self.k, self.fused_name, "ms_fused", pl.fused,
+        if pl.kind in ONE_PASS_ROOTS:
+            launch(self.k, self.fused_name, self.fused_root, pl.fused,
                    (x, y32, self.scale, self.weights, self.poly, self.parg, stats, grad, grad_scale, up))
         else:
             partials = new(pl.partials_len, dtype=self.acc)
@@ -2179,8 +2489,9 @@ def environment(args, kernels, nvcc) -> Dict[str, str]:
 
 
 def query_device_shape(cupy, torch) -> DeviceShape:
-    """src/cuda.rs device_shape: the SM count and max(cudaDevAttrMaxSharedMemoryPerBlockOptin,
-    48 KiB), of the current device."""
+    """src/cuda.rs device_shape: the SM count, max(cudaDevAttrMaxSharedMemoryPerBlockOptin,
+    48 KiB) and cudaDevAttrClusterLaunch (CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH, 120; CuPy may not
+    name it), of the current device."""
     index = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
     sm = int(props.multi_processor_count)
@@ -2199,7 +2510,14 @@ def query_device_shape(cupy, torch) -> DeviceShape:
     torch_optin = getattr(props, "shared_memory_per_block_optin", None)
     if torch_optin is not None and int(torch_optin) != optin:
         print(f"  note: CuPy says {optin} B of opt-in shared memory per block, torch {torch_optin}: using CuPy's")
-    return DeviceShape(sm, max(optin, DEFAULT_SHARED))
+    try:
+        attr = getattr(cupy.cuda.runtime, "cudaDevAttrClusterLaunch", 120)
+        clusters = bool(cupy.cuda.runtime.deviceGetAttribute(attr, index))
+    except Exception as e:  # noqa: BLE001
+        clusters = (props.major, props.minor) >= (9, 0)
+        print(f"  note: cannot read cudaDevAttrClusterLaunch ({type(e).__name__}: {e}): clusters "
+              f"{'assumed' if clusters else 'not assumed'} from sm_{props.major}{props.minor}")
+    return DeviceShape(sm, max(optin, DEFAULT_SHARED), clusters)
 
 
 def main_gpu(args) -> int:
@@ -2229,6 +2547,13 @@ def main_gpu(args) -> int:
 
             cupy.cuda.Device(torch.cuda.current_device()).use()
             device = query_device_shape(cupy, torch)
+            if device.clusters and arch_number(arch) < ENTRY_MIN_ARCH["ms_fused_cluster"]:
+                # The crate's fatbin has sm_90 SASS and plans ms_fused_cluster here; PTX for this
+                # --arch has no cluster entries, so these runs plan as a device without clusters.
+                print(f"!!! --arch {arch} has no ms_fused_cluster (sm_90 and later) but the device launches "
+                      f"clusters: planning as without clusters (the crate would take ms_fused_cluster for rows "
+                      f"past one block); drop --arch to compile for sm_{major}{minor}")
+                device = dataclasses.replace(device, clusters=False)
             kernels = OursKernels(nvcc, arch, build_dir, device)
         except Exception as e:  # noqa: BLE001
             print(f"!!! building / loading the crate's kernels failed: 'ours' is SKIPPED\n{e}")
@@ -2236,10 +2561,15 @@ def main_gpu(args) -> int:
                 traceback.print_exc()
     env = environment(args, kernels, nvcc)
     if device is not None:
+        dts = (("bf16/f16", 2), ("f32", 4), ("f64", 8))
         env["plan_device"] = (f"{device.sm_count} SMs, {device.max_shared_per_block} B of shared memory per block "
-                              f"with the opt-in: one pass (ms_fused) up to C = "
-                              + " / ".join(f"{fused_max_classes(n, device.max_shared_per_block)} ({d})"
-                                           for d, n in (("bf16/f16", 2), ("f32", 4), ("f64", 8))))
+                              f"with the opt-in, clusters {'yes' if device.clusters else 'no'}: ms_fused_warp up to "
+                              f"C = " + " / ".join(f"{warp_max_classes(n)} ({d})" for d, n in dts)
+                              + "; ms_fused up to " + " / ".join(f"{fused_max_classes(n, device.max_shared_per_block)}"
+                                                                 for _, n in dts)
+                              + ("; ms_fused_cluster up to " + " / ".join(
+                                  f"{cluster_max_classes(n, device.max_shared_per_block)}" for _, n in dts)
+                                 if device.clusters else "") + "; split past that")
     print("torch_compare.py: candle-margin-softmax kernels vs PyTorch eager / torch.compile / Liger-Kernel")
     for k, v in env.items():
         print(f"  {k:14} {v}")
@@ -2277,7 +2607,7 @@ def main_gpu(args) -> int:
     results: List[dict] = []
     t_start = time.perf_counter()
     if kernels is not None and not args.no_preflight:
-        print("\n--- preflight: ours vs the f64 reference on small shapes that take both paths (odd C: "
+        print("\n--- preflight: ours vs the f64 reference on small shapes that take every path (odd C: "
               "unaligned rows), not timed")
         pre: List[dict] = []
         for dtype in sorted({d for _, _, d in args.runs}, key=list(DTYPE_INFO).index):
@@ -2370,9 +2700,11 @@ def parse_args(argv=None):
     ap.add_argument("--copy-gib", type=float, default=1.0, help="size of the copy-bandwidth tensor")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     ap.add_argument("--ours-path", choices=["auto", "split"], default="auto",
-                    help="auto: as src/launch.rs (ms_fused when the row fits in the device's opt-in shared "
-                         "memory); split: always partial -> finalize -> backward")
-    ap.add_argument("--arch", default=None, help="nvcc -arch (default: the GPU's, e.g. sm_90)")
+                    help="auto: as src/launch.rs (ms_fused_warp, ms_fused or ms_fused_cluster when the row fits; "
+                         "see plan_loss_and_grad); split: always partial -> finalize -> backward")
+    ap.add_argument("--arch", default=None,
+                    help="nvcc -arch (default: the GPU's, e.g. sm_90, which ms_fused_cluster needs; with "
+                         "--selftest-params: sm_80 and sm_90, build.rs's targets)")
     ap.add_argument("--nvcc", default=None, help="nvcc to use (default: as build.rs finds it)")
     ap.add_argument("--build-dir", default=None, help="where the PTX goes (default: a temporary directory)")
     ap.add_argument("--seed", type=int, default=1234)

@@ -21,48 +21,18 @@ __device__ void backward(const T* __restrict__ x, const int* __restrict__ target
                          const typename AccOf<T>::type* __restrict__ weights, MsParams p,
                          T* __restrict__ grad) {
     typedef typename AccOf<T>::type A;
-    constexpr int V = VecWidth<T>::value;
     const long long thread = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     const long long threads = (long long)gridDim.x * blockDim.x;
     for (long long row = blockIdx.y; row < p.rows; row += gridDim.y) {
         const T* xr = x + row * p.row_stride;
-        T* gr = grad + row * p.classes;
         const long long y = targets[row];
         A info[MS_ROWINFO_COLUMNS];
 #pragma unroll
         for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) {
             info[c] = row_info[row * MS_ROWINFO_COLUMNS + c];
         }
-        const GradRow<A> g = grad_row(info);
-        // Where walk_row's vectors start in xr, gr is 16-byte aligned too iff the two rows are
-        // in the same phase.
-        const bool vector_store =
-            ((reinterpret_cast<uintptr_t>(xr) ^ reinterpret_cast<uintptr_t>(gr)) & 15) == 0;
-        if (y < 0) {
-            fill_row(gr, p.classes, y == MS_TARGET_INVALID ? A(NAN) : A(0), thread, threads);
-            continue;
-        }
-        bool has_target = false;  // this thread wrote element y (as a non-target)
-        walk_row(
-            xr, 0, p.classes, thread, threads,
-            [&](long long j) {
-                gr[j] = from_acc<T>(grad_other_at<TR>(p, g, weights, to_acc(xr[j]), j));
-                has_target |= j == y;
-            },
-            [&](long long j0) {
-                A out[V];
-                if (!grad_vector<TR, V, EXT>(p, g, weights, xr, j0, out)) return false;
-                store_vector(gr + j0, out, vector_store);
-                has_target |= holds(j0, V, y);
-                return true;
-            },
-            [&](long long j0) {
-                A out[V];
-                grad_slow<TR, V>(p, g, weights, xr, j0, out);
-                store_vector(gr + j0, out, vector_store);
-                has_target |= holds(j0, V, y);
-            });
-        if (has_target) gr[y] = from_acc<T>(grad_target(p, info, to_acc(xr[y])));
+        write_gradient<TR, EXT>(p, weights, info, xr, xr, grad + row * p.classes, 0, p.classes, y,
+                                thread, threads);
     }
 }
 

@@ -48,7 +48,7 @@ __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__
                     load_vector(xr + j0, in);
                     return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
                 },
-                [&](long long j0) { push_slow<TR>(p, weights, s, r, xr, j0, y); });
+                [&](long long j0) { push_slow<TR>(p, weights, s, r, xr, 0, j0, y); });
         }
         s = block_reduce_online<MS_BLOCK>(s);
         if (threadIdx.x == 0) {

@@ -23,7 +23,6 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                       typename AccOf<T>::type* __restrict__ grad_scale,
                       const typename AccOf<T>::type* __restrict__ upstream) {
     typedef typename AccOf<T>::type A;
-    constexpr int V = VecWidth<T>::value;
     extern __shared__ __align__(16) unsigned char shared_row[];
     __shared__ A info_s[MS_ROWINFO_COLUMNS];
     require_block<MS_BLOCK>();
@@ -32,27 +31,10 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
         const T* xr = x + row * p.row_stride;
         const long long y = targets[row];
         const A r = scale[row];
-        const long long head = row_head(xr, p.classes);
-        T* cache = reinterpret_cast<T*>(shared_row) + (V - head % V) % V;
+        T* cache = slice_cache(shared_row, xr, p.classes);
         Online<A> s = online_empty<A>();
-        // Fills the cache with the row; a vector push_vector declines is pushed by push_slow
-        // from the cache (this thread wrote it).
-        walk_row(
-            xr, 0, p.classes, threadIdx.x, MS_BLOCK,
-            [&](long long j) {
-                const T v = xr[j];
-                cache[j] = v;
-                if (y >= 0 && j != y) push_other<TR>(p, weights, s, r, to_acc(v), j);
-            },
-            [&](long long j0) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
-                *reinterpret_cast<uint4*>(cache + j0) = raw;
-                if (y < 0) return true;
-                A in[V];
-                load_vector(cache + j0, in);
-                return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
-            },
-            [&](long long j0) { push_slow<TR>(p, weights, s, r, cache, j0, y); });
+        cache_and_push<TR, EXT>(p, weights, xr, 0, p.classes, cache, y, r, threadIdx.x, MS_BLOCK,
+                                s);
         s = block_reduce_online<MS_BLOCK>(s);  // synchronizes: the cached row is complete after it
         if (threadIdx.x == 0) {
             A* st = stats + row * MS_STAT_COLUMNS;
@@ -68,35 +50,8 @@ __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
         A info[MS_ROWINFO_COLUMNS];
 #pragma unroll
         for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = info_s[c];
-        const GradRow<A> g = grad_row(info);
-        T* gr = grad + row * p.classes;
-        const bool vector_store =
-            ((reinterpret_cast<uintptr_t>(xr) ^ reinterpret_cast<uintptr_t>(gr)) & 15) == 0;
-        if (y < 0) {
-            fill_row(gr, p.classes, y == MS_TARGET_INVALID ? A(NAN) : A(0), threadIdx.x, MS_BLOCK);
-        } else {
-            bool has_target = false;  // this thread wrote element y (as a non-target)
-            walk_row(
-                xr, 0, p.classes, threadIdx.x, MS_BLOCK,
-                [&](long long j) {
-                    gr[j] = from_acc<T>(grad_other_at<TR>(p, g, weights, to_acc(cache[j]), j));
-                    has_target |= j == y;
-                },
-                [&](long long j0) {
-                    A out[V];
-                    if (!grad_vector<TR, V, EXT>(p, g, weights, cache, j0, out)) return false;
-                    store_vector(gr + j0, out, vector_store);
-                    has_target |= holds(j0, V, y);
-                    return true;
-                },
-                [&](long long j0) {
-                    A out[V];
-                    grad_slow<TR, V>(p, g, weights, cache, j0, out);
-                    store_vector(gr + j0, out, vector_store);
-                    has_target |= holds(j0, V, y);
-                });
-            if (has_target) gr[y] = from_acc<T>(grad_target(p, info, to_acc(cache[y])));
-        }
+        write_gradient<TR, EXT>(p, weights, info, xr, cache, grad + row * p.classes, 0, p.classes,
+                                y, threadIdx.x, MS_BLOCK);
         __syncthreads();  // the cached row and info_s are rewritten by the next row
     }
 }
@@ -129,25 +84,9 @@ __device__ void fused_warp(const T* __restrict__ x, const int* __restrict__ targ
         const T* xr = x + row * p.row_stride;
         const long long y = targets[row];
         const A r = scale[row];
-        const long long head = row_head(xr, p.classes);
-        T* cache = reinterpret_cast<T*>(shared_row + warp * slot) + (V - head % V) % V;
+        T* cache = slice_cache(shared_row + warp * slot, xr, p.classes);
         Online<A> s = online_empty<A>();
-        walk_row(
-            xr, 0, p.classes, lane, 32,
-            [&](long long j) {
-                const T v = xr[j];
-                cache[j] = v;
-                if (y >= 0 && j != y) push_other<TR>(p, weights, s, r, to_acc(v), j);
-            },
-            [&](long long j0) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
-                *reinterpret_cast<uint4*>(cache + j0) = raw;
-                if (y < 0) return true;
-                A in[V];
-                load_vector(cache + j0, in);
-                return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
-            },
-            [&](long long j0) { push_slow<TR>(p, weights, s, r, cache, j0, y); });
+        cache_and_push<TR, EXT>(p, weights, xr, 0, p.classes, cache, y, r, lane, 32, s);
         s = warp_reduce_online(s);  // lane 0's result is the one used
         A* info_s = info_w[warp];
         if (lane == 0) {
@@ -164,35 +103,8 @@ __device__ void fused_warp(const T* __restrict__ x, const int* __restrict__ targ
         A info[MS_ROWINFO_COLUMNS];
 #pragma unroll
         for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = info_s[c];
-        const GradRow<A> g = grad_row(info);
-        T* gr = grad + row * p.classes;
-        const bool vector_store =
-            ((reinterpret_cast<uintptr_t>(xr) ^ reinterpret_cast<uintptr_t>(gr)) & 15) == 0;
-        if (y < 0) {
-            fill_row(gr, p.classes, y == MS_TARGET_INVALID ? A(NAN) : A(0), lane, 32);
-        } else {
-            bool has_target = false;  // this lane wrote element y (as a non-target)
-            walk_row(
-                xr, 0, p.classes, lane, 32,
-                [&](long long j) {
-                    gr[j] = from_acc<T>(grad_other_at<TR>(p, g, weights, to_acc(cache[j]), j));
-                    has_target |= j == y;
-                },
-                [&](long long j0) {
-                    A out[V];
-                    if (!grad_vector<TR, V, EXT>(p, g, weights, cache, j0, out)) return false;
-                    store_vector(gr + j0, out, vector_store);
-                    has_target |= holds(j0, V, y);
-                    return true;
-                },
-                [&](long long j0) {
-                    A out[V];
-                    grad_slow<TR, V>(p, g, weights, cache, j0, out);
-                    store_vector(gr + j0, out, vector_store);
-                    has_target |= holds(j0, V, y);
-                });
-            if (has_target) gr[y] = from_acc<T>(grad_target(p, info, to_acc(cache[y])));
-        }
+        write_gradient<TR, EXT>(p, weights, info, xr, cache, grad + row * p.classes, 0, p.classes,
+                                y, lane, 32);
         __syncwarp();  // the slot and the row info are rewritten by the warp's next row
     }
 }
@@ -274,26 +186,9 @@ __device__ void fused_cluster(const T* __restrict__ x, const int* __restrict__ t
         const T* xr = x + row * p.row_stride;
         const long long y = targets[row];
         const A r = scale[row];
-        const long long head = row_head(xr + start, end - start);
-        // cache[j - start] holds class j of the slice.
-        T* cache = reinterpret_cast<T*>(shared_row) + (V - head % V) % V;
+        T* cache = slice_cache(shared_row, xr + start, end - start);
         Online<A> s = online_empty<A>();
-        walk_row(
-            xr, start, end, threadIdx.x, MS_BLOCK,
-            [&](long long j) {
-                const T v = xr[j];
-                cache[j - start] = v;
-                if (y >= 0 && j != y) push_other<TR>(p, weights, s, r, to_acc(v), j);
-            },
-            [&](long long j0) {
-                const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
-                *reinterpret_cast<uint4*>(cache + (j0 - start)) = raw;
-                if (y < 0) return true;
-                A in[V];
-                load_vector(cache + (j0 - start), in);
-                return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
-            },
-            [&](long long j0) { push_slow<TR>(p, weights, s, r, cache - start, j0, y); });
+        cache_and_push<TR, EXT>(p, weights, xr, start, end, cache, y, r, threadIdx.x, MS_BLOCK, s);
         s = block_reduce_online<MS_BLOCK>(s);
         if (threadIdx.x == 0) slice_state = s;
         cluster.sync();  // every slice's state is published
@@ -320,39 +215,8 @@ __device__ void fused_cluster(const T* __restrict__ x, const int* __restrict__ t
         A info[MS_ROWINFO_COLUMNS];
 #pragma unroll
         for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = info_s[c];
-        const GradRow<A> g = grad_row(info);
-        T* gr = grad + row * p.classes;
-        const bool vector_store =
-            ((reinterpret_cast<uintptr_t>(xr) ^ reinterpret_cast<uintptr_t>(gr)) & 15) == 0;
-        if (y < 0) {
-            const A fill = y == MS_TARGET_INVALID ? A(NAN) : A(0);
-            fill_row(gr + start, end - start, fill, threadIdx.x, MS_BLOCK);
-        } else {
-            bool has_target = false;  // this thread wrote element y (as a non-target)
-            walk_row(
-                xr, start, end, threadIdx.x, MS_BLOCK,
-                [&](long long j) {
-                    gr[j] = from_acc<T>(
-                        grad_other_at<TR>(p, g, weights, to_acc(cache[j - start]), j));
-                    has_target |= j == y;
-                },
-                [&](long long j0) {
-                    A out[V];
-                    if (!grad_vector<TR, V, EXT>(p, g, weights, cache - start, j0, out)) {
-                        return false;
-                    }
-                    store_vector(gr + j0, out, vector_store);
-                    has_target |= holds(j0, V, y);
-                    return true;
-                },
-                [&](long long j0) {
-                    A out[V];
-                    grad_slow<TR, V>(p, g, weights, cache - start, j0, out);
-                    store_vector(gr + j0, out, vector_store);
-                    has_target |= holds(j0, V, y);
-                });
-            if (has_target) gr[y] = from_acc<T>(grad_target(p, info, to_acc(cache[y - start])));
-        }
+        write_gradient<TR, EXT>(p, weights, info, xr, cache, grad + row * p.classes, start, end, y,
+                                threadIdx.x, MS_BLOCK);
         cluster.sync();  // the published states are read; the cache and info_s are free
     }
 }

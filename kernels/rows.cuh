@@ -125,27 +125,28 @@ __device__ __forceinline__ bool push_vector(const MsParams& p, const A* __restri
     return true;
 }
 
-// The vectors push_vector declines, entry by entry (online_push), the target skipped.
+// The vectors push_vector declines, entry by entry (online_push), the target skipped; class j
+// at src[j - offset].
 template <int TR, typename T, typename A>
 __device__ void push_slow(const MsParams& p, const A* __restrict__ weights, Online<A>& s, A r,
-                          const T* x, long long j0, long long y) {
+                          const T* src, long long offset, long long j0, long long y) {
     constexpr int V = VecWidth<T>::value;
     for (int i = 0; i < V; ++i) {
-        if (j0 + i != y) push_other<TR>(p, weights, s, r, to_acc(x[j0 + i]), j0 + i);
+        if (j0 + i != y) push_other<TR>(p, weights, s, r, to_acc(src[j0 - offset + i]), j0 + i);
     }
 }
 
-// The gradient of the V elements at x + j0 (aligned) of a row into out, all as non-target
-// elements: the caller overwrites the target's afterwards (grad_target at one call site per
-// kernel: its margin math is large). Returns false, having written nothing, under
-// soft-capping: grad_slow takes those vectors.
+// The gradient of the V elements of classes j0.. (at src + (j0 - offset), 16-byte aligned) into
+// out, all as non-target elements: the caller overwrites the target's afterwards (grad_target
+// at one call site per kernel: its margin math is large). Returns false, having written
+// nothing, under soft-capping: grad_slow takes those vectors.
 template <int TR, int V, bool EXT, typename T, typename A>
 __device__ __forceinline__ bool grad_vector(const MsParams& p, const GradRow<A>& g,
-                                            const A* __restrict__ weights, const T* x,
-                                            long long j0, A* out) {
+                                            const A* __restrict__ weights, const T* src,
+                                            long long offset, long long j0, A* out) {
     if (MS_UNLIKELY(EXT && p.softcapped)) return false;
     A in[V];
-    load_vector(x + j0, in);
+    load_vector(src + (j0 - offset), in);
 #pragma unroll
     for (int i = 0; i < V; ++i) {
         out[i] = grad_other<TR, EXT, false>(p, g, in[i], smoothing_weight(p, weights, j0 + i));
@@ -156,9 +157,10 @@ __device__ __forceinline__ bool grad_vector(const MsParams& p, const GradRow<A>&
 // The vectors grad_vector declines, element by element.
 template <int TR, int V, typename T, typename A>
 __device__ void grad_slow(const MsParams& p, const GradRow<A>& g, const A* __restrict__ weights,
-                          const T* x, long long j0, A* out) {
+                          const T* src, long long offset, long long j0, A* out) {
     for (int i = 0; i < V; ++i) {
-        out[i] = grad_other_any<TR>(p, g, to_acc(x[j0 + i]), smoothing_weight(p, weights, j0 + i));
+        out[i] = grad_other_any<TR>(p, g, to_acc(src[j0 - offset + i]),
+                                    smoothing_weight(p, weights, j0 + i));
     }
 }
 
@@ -197,6 +199,87 @@ __device__ __forceinline__ void fill_row(T* out, long long n, A value, long long
     walk_row(
         out, 0, n, thread, threads, [&](long long j) { out[j] = from_acc<T>(value); },
         [&](long long j0) { store_vector(out + j0, values, true); });
+}
+
+// Where the shared-memory copy of the n classes at `from` starts in `base`: offset by less than
+// one vector, so that the elements walk_row reads by vectors sit at 16-byte boundaries of
+// shared memory too (fused_shared_bytes(n) bytes from base hold it: src/launch.rs).
+template <typename T>
+__device__ __forceinline__ T* slice_cache(unsigned char* base, const T* from, long long n) {
+    constexpr int V = VecWidth<T>::value;
+    return reinterpret_cast<T*>(base) + (V - row_head(from, n) % V) % V;
+}
+
+// The forward half of the one-pass kernels: copies classes [start, end) of the row xr to
+// cache (class j at cache[j - start], laid out by slice_cache) while adding its non-target
+// entries, for target y and row scale r, to s; the slice spread over `threads` threads.
+template <int TR, bool EXT, typename T, typename A>
+__device__ __forceinline__ void cache_and_push(const MsParams& p, const A* __restrict__ weights,
+                                               const T* xr, long long start, long long end,
+                                               T* cache, long long y, A r, long long thread,
+                                               long long threads, Online<A>& s) {
+    constexpr int V = VecWidth<T>::value;
+    walk_row(
+        xr, start, end, thread, threads,
+        [&](long long j) {
+            const T v = xr[j];
+            cache[j - start] = v;
+            if (y >= 0 && j != y) push_other<TR>(p, weights, s, r, to_acc(v), j);
+        },
+        [&](long long j0) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(xr + j0);
+            *reinterpret_cast<uint4*>(cache + (j0 - start)) = raw;
+            if (y < 0) return true;
+            A in[V];
+            load_vector(cache + (j0 - start), in);
+            return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
+        },
+        // This thread cached the vector: push_slow reads it back.
+        [&](long long j0) { push_slow<TR>(p, weights, s, r, cache, start, j0, y); });
+}
+
+// The gradient of classes [start, end) of the row xr into its gradient row gr, from the row's
+// backward info and the inputs at src (class j at src[j - start]: the row itself, or its
+// shared-memory copy); an ignored row gets zeros, an invalid one NaN. The slice spread over
+// `threads` threads; the thread whose part holds the target writes its gradient last.
+template <int TR, bool EXT, typename T, typename A>
+__device__ __forceinline__ void write_gradient(const MsParams& p, const A* __restrict__ weights,
+                                               const A* info, const T* xr, const T* src,
+                                               T* gr, long long start, long long end,
+                                               long long y, long long thread,
+                                               long long threads) {
+    constexpr int V = VecWidth<T>::value;
+    if (y < 0) {
+        fill_row(gr + start, end - start, y == MS_TARGET_INVALID ? A(NAN) : A(0), thread,
+                 threads);
+        return;
+    }
+    const GradRow<A> g = grad_row(info);
+    // Where walk_row's vectors start in xr, gr is 16-byte aligned too iff the rows are in the
+    // same phase (the usual case).
+    const bool vector_store =
+        ((reinterpret_cast<uintptr_t>(xr) ^ reinterpret_cast<uintptr_t>(gr)) & 15) == 0;
+    bool has_target = false;  // this thread wrote element y (as a non-target)
+    walk_row(
+        xr, start, end, thread, threads,
+        [&](long long j) {
+            gr[j] = from_acc<T>(grad_other_at<TR>(p, g, weights, to_acc(src[j - start]), j));
+            has_target |= j == y;
+        },
+        [&](long long j0) {
+            A out[V];
+            if (!grad_vector<TR, V, EXT>(p, g, weights, src, start, j0, out)) return false;
+            store_vector(gr + j0, out, vector_store);
+            has_target |= holds(j0, V, y);
+            return true;
+        },
+        [&](long long j0) {
+            A out[V];
+            grad_slow<TR, V>(p, g, weights, src, start, j0, out);
+            store_vector(gr + j0, out, vector_store);
+            has_target |= holds(j0, V, y);
+        });
+    if (has_target) gr[y] = from_acc<T>(grad_target(p, info, to_acc(src[y - start])));
 }
 
 // Stamps the entry points {op}_{identity|cosine|rbf}[_ext]_{SUFFIX} of one body: the element

@@ -527,7 +527,10 @@ mod tests {
                     .loss_and_grad(&cfg, shape(3, limit + 1), size, false)
                     .unwrap();
                 if device.clusters {
-                    assert!(matches!(wider, LossAndGradPlan::FusedCluster { .. }), "{wider:?}");
+                    assert!(
+                        matches!(wider, LossAndGradPlan::FusedCluster { .. }),
+                        "{wider:?}"
+                    );
                 } else {
                     assert!(matches!(wider, LossAndGradPlan::Split { .. }), "{wider:?}");
                 }

@@ -171,12 +171,15 @@ impl MarginSoftmaxLoss {
     /// (16 MiB of f32) per thread stay allocated; wider rows allocate theirs per call. The row
     /// kernels run at the best SIMD level the CPU has (see [`crate::SimdLevel`]).
     ///
-    /// On a CUDA device (feature `cuda`) a row that fits in shared memory next to the kernel's
-    /// scratch — C ≤ 11776 for f32, C ≤ 23552 for f16 / bf16, C ≤ 5888 for f64 — is handled by
-    /// one block that reads it once and writes its gradient once; wider rows take three kernels
-    /// (partial statistics over column slices, per-row finalize, backward): two reads and one
-    /// write. Either way the launch shapes depend only on B, C and the dtype, so the results are
-    /// bitwise reproducible.
+    /// On a CUDA device (feature `cuda`) a row that fits in shared memory is read once and its
+    /// gradient written once: by a warp (C ≤ 1021 f32, 2041 f16 / bf16, 511 f64), by a block
+    /// (up to the shared memory a block may opt into: C ≤ 57 597 f32 / 115 193 bf16 on an
+    /// H100 / H200), or on sm_90 by a cluster of 8 blocks (C ≤ 460 768 f32 / 921 536 bf16 on an
+    /// H100 / H200); [`crate::one_pass_max_classes`] gives the limit of a device. Wider rows take
+    /// three kernels (partial statistics over column slices, per-row finalize, backward): two
+    /// reads and one write. The targets are converted and checked on the GPU, and the forward
+    /// reads back one value (see [`Self::check_targets`]). The launch shapes depend only on B,
+    /// C, the dtype and the device, so the results are bitwise reproducible on a device.
     ///
     /// # Errors
     /// As [`Self::loss`].
