@@ -495,6 +495,7 @@ fn one_pass_wide_rows(dut: &Dut) {
 /// 8160 / 16320 / 4064): below, at and past each boundary, odd widths (misaligned rows), ignored
 /// rows, every head, every dtype, plain and with all options, more rows than the grid's
 /// clusters (grid-stride), against the CPU fused op.
+#[cfg(feature = "kernel-emu")]
 fn cluster_rows() {
     use candle_margin_softmax::kernel_emu::DeviceShape;
     let dut = Dut::emulated_as(DeviceShape {
