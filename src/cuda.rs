@@ -132,6 +132,28 @@ struct DeviceTargets<A> {
     upstream: CudaSlice<A>,
 }
 
+/// Target `at` of a u8 / u32 / i64 storage, read back (for an error message).
+fn target_value(dev: &CudaDevice, storage: &CudaStorage, at: usize, name: &str) -> Result<i64> {
+    fn one<T: CudaDType + DeviceRepr + Into<i64>>(
+        dev: &CudaDevice,
+        storage: &CudaStorage,
+        at: usize,
+        name: &str,
+    ) -> Result<i64> {
+        let slice = view(storage.as_cuda_slice::<T>()?, at..at + 1, "targets", name)?;
+        let mut host = dev.clone_dtoh(&slice)?;
+        match host.pop() {
+            Some(v) => Ok(v.into()),
+            None => bail!("{OP_NAME}({name}): internal error: no target at {at}"),
+        }
+    }
+    match storage.dtype() {
+        DType::U8 => one::<u8>(dev, storage, at, name),
+        DType::U32 => one::<u32>(dev, storage, at, name),
+        _ => one::<i64>(dev, storage, at, name),
+    }
+}
+
 /// `ms_targets`: the targets converted (and the mean's factor formed) on the device. With
 /// `check`, the first invalid row is read back (the one host synchronization of a forward)
 /// and turned into the CPU path's `Err`; without, nothing is read.
@@ -205,32 +227,11 @@ fn device_targets<A: CudaAcc>(
         unsafe { b.launch(config(&TARGETS_LAUNCH)) }.w()?;
     }
     if check && rows > 0 {
-        let first = dev.clone_dtoh(&first_invalid)?[0];
+        let first = dev.clone_dtoh(&first_invalid)?.pop().unwrap_or(-1);
         if first >= 0 && (first as usize) < rows {
             let row = first as usize;
             let at = start + row;
-            let value: i64 = match storage.dtype() {
-                DType::U8 => dev.clone_dtoh(&view(
-                    storage.as_cuda_slice::<u8>()?,
-                    at..at + 1,
-                    "targets",
-                    name,
-                )?)?[0]
-                    .into(),
-                DType::U32 => dev.clone_dtoh(&view(
-                    storage.as_cuda_slice::<u32>()?,
-                    at..at + 1,
-                    "targets",
-                    name,
-                )?)?[0]
-                    .into(),
-                _ => dev.clone_dtoh(&view(
-                    storage.as_cuda_slice::<i64>()?,
-                    at..at + 1,
-                    "targets",
-                    name,
-                )?)?[0],
-            };
+            let value = target_value(dev, storage, start + row, name)?;
             return Err(target_error(cfg, value, row, classes));
         }
     }

@@ -128,6 +128,7 @@ type Backward<T, A> = unsafe extern "C" fn(
 type Fused<T, A> = unsafe extern "C" fn(
     *const Launch,
     i32,
+    i32,
     *const T,
     *const i32,
     *const A,
@@ -139,11 +140,12 @@ type Fused<T, A> = unsafe extern "C" fn(
     *mut A,
     *const A,
 );
-/// `ms_targets_{I}_{A}`: raw, rows, classes, ignore_index, has_ignore, weights, has_weights,
-/// mean, out, first_invalid, upstream.
-type Targets<I, A> = unsafe extern "C" fn(
+/// `ms_targets_{u8|u32|i64}_{A}` by the targets' dtype code (0, 1, 2): raw, rows, classes,
+/// ignore_index, has_ignore, weights, has_weights, mean, out, first_invalid, upstream.
+type Targets<A> = unsafe extern "C" fn(
     *const Launch,
-    *const I,
+    i32,
+    *const std::ffi::c_void,
     i64,
     i64,
     i64,
@@ -161,26 +163,16 @@ struct Kernels<T, A> {
     partial: Partial<T, A>,
     finalize: Finalize<T, A>,
     backward: Backward<T, A>,
+    /// `ms_fused`, `ms_fused_warp` or `ms_fused_cluster` by [`OnePass`].
     fused: Fused<T, A>,
-    /// `ms_fused_warp`: `ms_fused`'s arguments.
-    fused_warp: Fused<T, A>,
-    /// `ms_fused_cluster`: `ms_fused`'s arguments, launched in clusters of `MS_CLUSTER`.
-    fused_cluster: Fused<T, A>,
 }
 
-/// Which of the one-pass kernels a `loss_and_grad` plan launches.
+/// Which of the one-pass kernels a `loss_and_grad` plan launches (capi.cpp's `kind`).
 #[derive(Clone, Copy)]
 enum OnePass {
-    Block,
-    Warp,
-    Cluster,
-}
-
-/// `ms_targets` for one accumulation type, per target dtype.
-struct TargetKernels<A> {
-    u8: Targets<u8, A>,
-    u32: Targets<u32, A>,
-    i64: Targets<i64, A>,
+    Block = 0,
+    Warp = 1,
+    Cluster = 2,
 }
 
 /// An input element type and its emulated kernels.
@@ -190,14 +182,13 @@ trait EmuElement: Element<Acc: EmuAcc> {
 
 /// An accumulation type and its emulated `ms_targets`.
 trait EmuAcc: Acc {
-    const TARGETS: TargetKernels<Self>;
+    const TARGETS: Targets<Self>;
 }
 
 /// Declares `ms_emu_{kernel}_{suffix}` of kernels/emu/capi.cpp for one element type. f16 and
 /// bf16 are `#[repr(transparent)]` over u16, as `__half` and `__nv_bfloat16` are 2-byte structs.
 macro_rules! emu_element {
-    ($t:ty, $acc:ty, $partial:ident, $finalize:ident, $backward:ident, $fused:ident,
-     $fused_warp:ident, $fused_cluster:ident) => {
+    ($t:ty, $acc:ty, $partial:ident, $finalize:ident, $backward:ident, $fused:ident) => {
         unsafe extern "C" {
             fn $partial(
                 l: *const Launch,
@@ -235,34 +226,7 @@ macro_rules! emu_element {
             );
             fn $fused(
                 l: *const Launch,
-                variant: i32,
-                x: *const $t,
-                targets: *const i32,
-                scale: *const $acc,
-                weights: *const $acc,
-                poly: *const $acc,
-                p: *const MsParams,
-                stats: *mut $acc,
-                grad: *mut $t,
-                grad_scale: *mut $acc,
-                upstream: *const $acc,
-            );
-            fn $fused_warp(
-                l: *const Launch,
-                variant: i32,
-                x: *const $t,
-                targets: *const i32,
-                scale: *const $acc,
-                weights: *const $acc,
-                poly: *const $acc,
-                p: *const MsParams,
-                stats: *mut $acc,
-                grad: *mut $t,
-                grad_scale: *mut $acc,
-                upstream: *const $acc,
-            );
-            fn $fused_cluster(
-                l: *const Launch,
+                kind: i32,
                 variant: i32,
                 x: *const $t,
                 targets: *const i32,
@@ -282,8 +246,6 @@ macro_rules! emu_element {
                 finalize: $finalize,
                 backward: $backward,
                 fused: $fused,
-                fused_warp: $fused_warp,
-                fused_cluster: $fused_cluster,
             };
         }
     };
@@ -295,9 +257,7 @@ emu_element!(
     ms_emu_forward_partial_f32,
     ms_emu_forward_finalize_f32,
     ms_emu_backward_f32,
-    ms_emu_fused_f32,
-    ms_emu_fused_warp_f32,
-    ms_emu_fused_cluster_f32
+    ms_emu_fused_f32
 );
 emu_element!(
     f64,
@@ -305,9 +265,7 @@ emu_element!(
     ms_emu_forward_partial_f64,
     ms_emu_forward_finalize_f64,
     ms_emu_backward_f64,
-    ms_emu_fused_f64,
-    ms_emu_fused_warp_f64,
-    ms_emu_fused_cluster_f64
+    ms_emu_fused_f64
 );
 emu_element!(
     f16,
@@ -315,9 +273,7 @@ emu_element!(
     ms_emu_forward_partial_f16,
     ms_emu_forward_finalize_f16,
     ms_emu_backward_f16,
-    ms_emu_fused_f16,
-    ms_emu_fused_warp_f16,
-    ms_emu_fused_cluster_f16
+    ms_emu_fused_f16
 );
 emu_element!(
     bf16,
@@ -325,80 +281,47 @@ emu_element!(
     ms_emu_forward_partial_bf16,
     ms_emu_forward_finalize_bf16,
     ms_emu_backward_bf16,
-    ms_emu_fused_bf16,
-    ms_emu_fused_warp_bf16,
-    ms_emu_fused_cluster_bf16
+    ms_emu_fused_bf16
 );
 
-/// Declares `ms_emu_targets_{u8,u32,i64}_{suffix}` for one accumulation type.
-macro_rules! emu_acc {
-    ($acc:ty, $u8:ident, $u32:ident, $i64:ident) => {
-        unsafe extern "C" {
-            fn $u8(
-                l: *const Launch,
-                raw: *const u8,
-                rows: i64,
-                classes: i64,
-                ignore_index: i64,
-                has_ignore: i32,
-                weights: *const $acc,
-                has_weights: i32,
-                mean: i32,
-                out: *mut i32,
-                first_invalid: *mut i64,
-                upstream: *mut $acc,
-            );
-            fn $u32(
-                l: *const Launch,
-                raw: *const u32,
-                rows: i64,
-                classes: i64,
-                ignore_index: i64,
-                has_ignore: i32,
-                weights: *const $acc,
-                has_weights: i32,
-                mean: i32,
-                out: *mut i32,
-                first_invalid: *mut i64,
-                upstream: *mut $acc,
-            );
-            fn $i64(
-                l: *const Launch,
-                raw: *const i64,
-                rows: i64,
-                classes: i64,
-                ignore_index: i64,
-                has_ignore: i32,
-                weights: *const $acc,
-                has_weights: i32,
-                mean: i32,
-                out: *mut i32,
-                first_invalid: *mut i64,
-                upstream: *mut $acc,
-            );
-        }
-        impl EmuAcc for $acc {
-            const TARGETS: TargetKernels<$acc> = TargetKernels {
-                u8: $u8,
-                u32: $u32,
-                i64: $i64,
-            };
-        }
-    };
+unsafe extern "C" {
+    fn ms_emu_targets_f32(
+        l: *const Launch,
+        dtype: i32,
+        raw: *const std::ffi::c_void,
+        rows: i64,
+        classes: i64,
+        ignore_index: i64,
+        has_ignore: i32,
+        weights: *const f32,
+        has_weights: i32,
+        mean: i32,
+        out: *mut i32,
+        first_invalid: *mut i64,
+        upstream: *mut f32,
+    );
+    fn ms_emu_targets_f64(
+        l: *const Launch,
+        dtype: i32,
+        raw: *const std::ffi::c_void,
+        rows: i64,
+        classes: i64,
+        ignore_index: i64,
+        has_ignore: i32,
+        weights: *const f64,
+        has_weights: i32,
+        mean: i32,
+        out: *mut i32,
+        first_invalid: *mut i64,
+        upstream: *mut f64,
+    );
 }
-
-emu_acc!(
-    f32,
-    ms_emu_targets_u8_f32,
-    ms_emu_targets_u32_f32,
-    ms_emu_targets_i64_f32
-);
-emu_acc!(
-    f64,
-    ms_emu_targets_u8_f64,
-    ms_emu_targets_u32_f64,
-    ms_emu_targets_i64_f64
-);
+impl EmuAcc for f32 {
+    const TARGETS: Targets<f32> = ms_emu_targets_f32;
+}
+impl EmuAcc for f64 {
+    const TARGETS: Targets<f64> = ms_emu_targets_f64;
+}
 
 #[cfg(test)]
 unsafe extern "C" {
@@ -445,7 +368,7 @@ fn device_targets<A: EmuAcc>(
     let has_weights = i32::from(cfg.class_weights.is_some());
     let (ignore_index, has_ignore) = cfg.ignore_index.map_or((0, 0), |i| (i, 1));
     macro_rules! run {
-        ($t:ty, $kernel:ident) => {{
+        ($t:ty, $code:literal) => {{
             let raw = contiguous::<$t>(targets.0, targets.1, "targets", name)?;
             if raw.len() != rows || (has_weights == 1 && weights.len() != shape.classes) {
                 bail!("{OP_NAME}({name}): internal error: targets or weights of the wrong size")
@@ -453,12 +376,14 @@ fn device_targets<A: EmuAcc>(
             // SAFETY: the arguments match `ms_targets_I_A(const I* raw, long long rows, long
             // long classes, long long ignore_index, int has_ignore, const A* weights, int
             // has_weights, int mean, int* out, long long* first_invalid, A* upstream)` in
-            // kernels/targets.cu; raw and out hold `rows` elements, weights C when has_weights
-            // (checked above; else one, never read), first_invalid and upstream one each.
+            // kernels/targets.cu, I the type of the dtype code (capi.cpp); raw and out hold
+            // `rows` elements, weights C when has_weights (checked above; else one, never
+            // read), first_invalid and upstream one each.
             unsafe {
-                (A::TARGETS.$kernel)(
+                (A::TARGETS)(
                     &TARGETS_LAUNCH,
-                    raw.as_ptr(),
+                    $code,
+                    raw.as_ptr().cast(),
                     rows as i64,
                     shape.classes as i64,
                     ignore_index,
@@ -478,9 +403,9 @@ fn device_targets<A: EmuAcc>(
         }};
     }
     match targets.0.dtype() {
-        DType::U8 => run!(u8, u8),
-        DType::U32 => run!(u32, u32),
-        DType::I64 => run!(i64, i64),
+        DType::U8 => run!(u8, 0),
+        DType::U32 => run!(u32, 1),
+        DType::I64 => run!(i64, 2),
         other => bail!("{OP_NAME}({name}): targets must be u8, u32 or i64, got {other:?}"),
     }
     Ok(out)
@@ -668,11 +593,6 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
             grad: poisoned_elements(rows * classes),
             grad_scale: poisoned(rows),
         };
-        let kernel = match kind {
-            OnePass::Block => T::KERNELS.fused,
-            OnePass::Warp => T::KERNELS.fused_warp,
-            OnePass::Cluster => T::KERNELS.fused_cluster,
-        };
         // SAFETY: the arguments match `ms_fused{|_warp|_cluster}_{variant}_T(const T* x,
         // const int* targets, const ACC* scale, const ACC* weights, const ACC* poly, MsParams
         // p, ACC* stats, T* grad, ACC* grad_scale, const ACC* upstream)`; the inputs as in
@@ -680,8 +600,9 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
         // the plan's, which holds the row (or the cluster block's slice), and a cluster launch's
         // grid is a multiple of MS_CLUSTER (planned).
         unsafe {
-            kernel(
+            (T::KERNELS.fused)(
                 launch,
+                kind as i32,
                 variant_index(variant),
                 self.x.as_ptr(),
                 self.targets.targets.as_ptr(),

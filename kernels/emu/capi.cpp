@@ -95,29 +95,17 @@ extern "C" void ms_emu_abi(unsigned long long out[11]) {
                                              T* grad) {                                          \
         launch(l, MS_EMU_PICK(ms_backward, SUFFIX), x, targets, row_info, weights, *p, grad);    \
     }                                                                                            \
+    /* kind: 0 ms_fused, 1 ms_fused_warp, 2 ms_fused_cluster (in clusters of MS_CLUSTER). */    \
     extern "C" void ms_emu_fused_##SUFFIX(                                                       \
-        const EmuLaunch* l, int variant, const T* x, const int* targets,                         \
+        const EmuLaunch* l, int kind, int variant, const T* x, const int* targets,               \
         const AccOf<T>::type* scale, const AccOf<T>::type* weights, const AccOf<T>::type* poly,  \
         const MsParams* p, AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale,           \
         const AccOf<T>::type* upstream) {                                                        \
-        launch(l, MS_EMU_PICK(ms_fused, SUFFIX), x, targets, scale, weights, poly, *p, stats,    \
-               grad, grad_scale, upstream);                                                      \
-    }                                                                                            \
-    extern "C" void ms_emu_fused_warp_##SUFFIX(                                                  \
-        const EmuLaunch* l, int variant, const T* x, const int* targets,                         \
-        const AccOf<T>::type* scale, const AccOf<T>::type* weights, const AccOf<T>::type* poly,  \
-        const MsParams* p, AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale,           \
-        const AccOf<T>::type* upstream) {                                                        \
-        launch(l, MS_EMU_PICK(ms_fused_warp, SUFFIX), x, targets, scale, weights, poly, *p,      \
-               stats, grad, grad_scale, upstream);                                               \
-    }                                                                                            \
-    extern "C" void ms_emu_fused_cluster_##SUFFIX(                                               \
-        const EmuLaunch* l, int variant, const T* x, const int* targets,                         \
-        const AccOf<T>::type* scale, const AccOf<T>::type* weights, const AccOf<T>::type* poly,  \
-        const MsParams* p, AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale,           \
-        const AccOf<T>::type* upstream) {                                                        \
-        launch_in_clusters(l, MS_CLUSTER, MS_EMU_PICK(ms_fused_cluster, SUFFIX), x, targets,     \
-                           scale, weights, poly, *p, stats, grad, grad_scale, upstream);         \
+        auto kernel = kind == 0   ? MS_EMU_PICK(ms_fused, SUFFIX)                                \
+                      : kind == 1 ? MS_EMU_PICK(ms_fused_warp, SUFFIX)                           \
+                                  : MS_EMU_PICK(ms_fused_cluster, SUFFIX);                       \
+        launch_in_clusters(l, kind == 2 ? MS_CLUSTER : 1, kernel, x, targets, scale, weights,    \
+                           poly, *p, stats, grad, grad_scale, upstream);                         \
     }
 
 MS_EMU_ENTRIES(float, f32)
@@ -125,18 +113,26 @@ MS_EMU_ENTRIES(double, f64)
 MS_EMU_ENTRIES(__half, f16)
 MS_EMU_ENTRIES(__nv_bfloat16, bf16)
 
-#define MS_EMU_TARGETS(I, ISUFFIX, A, ASUFFIX)                                                   \
-    extern "C" void ms_emu_targets_##ISUFFIX##_##ASUFFIX(                                        \
-        const EmuLaunch* l, const I* raw, long long rows, long long classes,                     \
+// dtype: 0 u8, 1 u32, 2 i64 (the raw targets' type).
+#define MS_EMU_TARGETS(A, ASUFFIX)                                                               \
+    extern "C" void ms_emu_targets_##ASUFFIX(                                                    \
+        const EmuLaunch* l, int dtype, const void* raw, long long rows, long long classes,       \
         long long ignore_index, int has_ignore, const A* weights, int has_weights, int mean,     \
         int* out, long long* first_invalid, A* upstream) {                                       \
-        launch(l, ms_targets_##ISUFFIX##_##ASUFFIX, raw, rows, classes, ignore_index,            \
-               has_ignore, weights, has_weights, mean, out, first_invalid, upstream);            \
+        if (dtype == 0) {                                                                        \
+            launch(l, ms_targets_u8_##ASUFFIX, static_cast<const unsigned char*>(raw), rows,     \
+                   classes, ignore_index, has_ignore, weights, has_weights, mean, out,           \
+                   first_invalid, upstream);                                                     \
+        } else if (dtype == 1) {                                                                 \
+            launch(l, ms_targets_u32_##ASUFFIX, static_cast<const unsigned int*>(raw), rows,     \
+                   classes, ignore_index, has_ignore, weights, has_weights, mean, out,           \
+                   first_invalid, upstream);                                                     \
+        } else {                                                                                 \
+            launch(l, ms_targets_i64_##ASUFFIX, static_cast<const long long*>(raw), rows,        \
+                   classes, ignore_index, has_ignore, weights, has_weights, mean, out,           \
+                   first_invalid, upstream);                                                     \
+        }                                                                                        \
     }
 
-MS_EMU_TARGETS(unsigned char, u8, float, f32)
-MS_EMU_TARGETS(unsigned int, u32, float, f32)
-MS_EMU_TARGETS(long long, i64, float, f32)
-MS_EMU_TARGETS(unsigned char, u8, double, f64)
-MS_EMU_TARGETS(unsigned int, u32, double, f64)
-MS_EMU_TARGETS(long long, i64, double, f64)
+MS_EMU_TARGETS(float, f32)
+MS_EMU_TARGETS(double, f64)
