@@ -230,7 +230,6 @@ fn device_targets<A: CudaAcc>(
         let first = dev.clone_dtoh(&first_invalid)?.pop().unwrap_or(-1);
         if first >= 0 && (first as usize) < rows {
             let row = first as usize;
-            let at = start + row;
             let value = target_value(dev, storage, start + row, name)?;
             return Err(target_error(cfg, value, row, classes));
         }
