@@ -121,8 +121,10 @@ __device__ void fused_warp(const T* __restrict__ x, const int* __restrict__ targ
                                    AccOf<T>::type* grad_scale, const AccOf<T>::type* upstream) { \
         fused<T, TR, EXT>(x, targets, scale, weights, poly, p, stats, grad, grad_scale, upstream);    \
     }
+// The warp kernel's `_ext` entries keep more per-row state live across their element loops:
+// at 64 registers they spill, so they are compiled for 2 blocks per SM (128 registers).
 #define MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, MIN_BLOCKS)                                \
-    extern "C" __global__ void __launch_bounds__(MS_BLOCK, MIN_BLOCKS)                           \
+    extern "C" __global__ void __launch_bounds__(MS_BLOCK, (EXT) ? 2 : (MIN_BLOCKS))             \
         ms_fused_warp_##NAME##_##SUFFIX(const T* x, const int* targets,                          \
                                         const AccOf<T>::type* scale,                             \
                                         const AccOf<T>::type* weights,                           \
