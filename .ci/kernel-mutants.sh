@@ -33,6 +33,9 @@ mutants=(
     "divergent_shuffle|kernels/common.cuh|s#if \(warp == 0\) \{#if (warp == 0 && lane < 16) {#"
     "unguarded_lane_read|kernels/common.cuh|s{s = lane < WARPS \? warp_states\[lane\] : online_empty<A>\(\);}{s = warp_states[lane];}"
     "static_shared_oob|kernels/common.cuh|s{warp_states\[warp\] = s;}{warp_states[warp * 5] = s;}"
+    # Caught by kernels::emu::l2_rows (MUTANTS_FILTER=kernels::emu::l2_rows): the L2 kernel's
+    # grid barrier dropped, so a group's gradient may read partial states not yet written.
+    "l2_no_grid_barrier|kernels/fused.cu|s{if \(g < groups\) grid\.sync\(\);}{(void)grid;}"
     "host_fused_smem_short|src/launch.rs|s{\(classes \* size\)\.next_multiple_of\(16\)}{(classes * size).saturating_sub(4)}"
 )
 

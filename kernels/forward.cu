@@ -8,57 +8,16 @@
 //     bitwise reproducible) and applies the criterion.
 #include "rows.cuh"
 
-// The slice of a row that split `split` of `splits` covers: a multiple of the vector width.
-template <typename T>
-__device__ __forceinline__ void split_range(const MsParams& p, int split, long long& start,
-                                            long long& end) {
-    constexpr int V = VecWidth<T>::value;
-    long long per = (p.classes + p.splits - 1) / p.splits;
-    per = (per + V - 1) / V * V;
-    start = (long long)split * per;
-    end = start + per < p.classes ? start + per : p.classes;
-}
-
 template <typename T, int TR, bool EXT>
 __device__ void forward_partial(const T* __restrict__ x, const int* __restrict__ targets,
                                 const typename AccOf<T>::type* __restrict__ scale,
                                 const typename AccOf<T>::type* __restrict__ weights, MsParams p,
                                 typename AccOf<T>::type* __restrict__ partials) {
-    typedef typename AccOf<T>::type A;
-    constexpr int V = VecWidth<T>::value;
     require_block<MS_BLOCK>();
     const long long blocks = p.rows * p.splits;
     for (long long block = blockIdx.x; block < blocks; block += gridDim.x) {
-        const long long row = block / p.splits;
-        const int split = (int)(block % p.splits);
-        const long long y = targets[row];
-        Online<A> s = online_empty<A>();
-        if (y >= 0) {
-            long long start, end;
-            split_range<T>(p, split, start, end);
-            const T* xr = x + row * p.row_stride;
-            const A r = scale[row];
-            walk_row(
-                xr, start, end, threadIdx.x, MS_BLOCK,
-                [&](long long j) {
-                    if (j != y) push_other<TR>(p, weights, s, r, to_acc(xr[j]), j);
-                },
-                [&](long long j0) {
-                    A in[V];
-                    load_vector(xr + j0, in);
-                    return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
-                },
-                [&](long long j0) { push_slow<TR>(p, weights, s, r, xr, 0, j0, y); });
-        }
-        s = block_reduce_online<MS_BLOCK>(s);
-        if (threadIdx.x == 0) {
-            A* out = partials + block * MS_PARTIAL_COLUMNS;
-            out[0] = s.max;
-            out[1] = s.sum_exp;
-            out[2] = s.sum_exp_v;
-            out[3] = s.sum_wv;
-            out[4] = s.sum_wz;
-        }
+        push_split<T, TR, EXT>(x, targets, scale, weights, p, block / p.splits,
+                               (int)(block % p.splits), partials);
     }
 }
 
@@ -85,13 +44,7 @@ __device__ void forward_finalize(const T* __restrict__ x, const int* __restrict_
             Online<A> others = online_empty<A>();
             const A* q = partials + row * p.splits * MS_PARTIAL_COLUMNS;
             for (int k = 0; k < p.splits; ++k, q += MS_PARTIAL_COLUMNS) {
-                Online<A> part;
-                part.max = q[0];
-                part.sum_exp = q[1];
-                part.sum_exp_v = q[2];
-                part.sum_wv = q[3];
-                part.sum_wz = q[4];
-                others = online_merge(others, part);
+                others = online_merge(others, load_partial(q));
             }
             const A weight = p.has_weights ? weights[y] : A(1);
             finalize_row(p, poly, weight, scale[row], to_acc(x[row * p.row_stride + y]), others, up,

@@ -7,12 +7,16 @@
 // do not fit in one block's shared memory but in MS_CLUSTER blocks' take ms_fused_cluster: a
 // thread-block cluster per row, each block holding a slice, the slices' statistics merged
 // through distributed shared memory; still one read and one write per element. Wider rows take
-// forward_partial -> forward_finalize -> backward.
+// ms_fused_l2 (below: the second read from L2), or forward_partial -> forward_finalize ->
+// backward on a GPU without cooperative launch.
 //
 // Shared memory layout: element j of the row at row_s[pad + j], pad < V chosen so that the
 // elements walk_row reads by vectors sit at 16-byte boundaries of shared memory too; the
 // dynamic size is round_up((C + V - 1) * sizeof(T), 16).
 #include "rows.cuh"
+#ifdef __CUDACC__
+#include <cooperative_groups.h>
+#endif
 
 template <typename T, int TR, bool EXT>
 __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
@@ -109,6 +113,92 @@ __device__ void fused_warp(const T* __restrict__ x, const int* __restrict__ targ
     }
 }
 
+// loss_and_grad for rows wider than one pass allows (kernels/README.md: which rows on which
+// GPU), one read from memory and a second from L2: a cooperative grid of co-resident blocks
+// takes the rows in groups of `group_rows` (planned so that two groups fit in L2 with room to
+// spare) and each row in p.splits slices (split_range). Phase g, for g = 0..groups:
+//   - the slices of group g - 1 (read in phase g - 1, still in L2): every block merges its row's
+//     p.splits partial states in the same fixed order (merge_partials: the same bits in every
+//     block), finishes the row (the slice-0 block writes its statistics and d(loss)/d(scale))
+//     and writes its slice's gradient;
+//   - the slices of group g (from memory): their online states into `partials` (push_split);
+// then a grid barrier (none after the last phase). The backward of a group thus overlaps the
+// forward of the next: one barrier per group. partials: rows * p.splits * MS_PARTIAL_COLUMNS.
+template <typename T, int TR, bool EXT>
+__device__ void fused_l2(const T* __restrict__ x, const int* __restrict__ targets,
+                         const typename AccOf<T>::type* __restrict__ scale,
+                         const typename AccOf<T>::type* __restrict__ weights,
+                         const typename AccOf<T>::type* __restrict__ poly, MsParams p,
+                         typename AccOf<T>::type* __restrict__ stats, T* __restrict__ grad,
+                         typename AccOf<T>::type* __restrict__ grad_scale,
+                         const typename AccOf<T>::type* __restrict__ upstream,
+                         typename AccOf<T>::type* __restrict__ partials, long long group_rows) {
+    typedef typename AccOf<T>::type A;
+    __shared__ A info_s[MS_ROWINFO_COLUMNS];
+    require_block<MS_BLOCK>();
+    cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+    const A up = *upstream;
+    // The host checks that rows * splits fits in an int (src/launch.rs: params): the phase
+    // bookkeeping lives in 32-bit registers, the element loops' state in the rest.
+    const int rows = (int)p.rows;
+    const int splits = p.splits;
+    const int group = (int)group_rows;
+    const int groups = (rows + group - 1) / group;
+    for (int g = 0; g <= groups; ++g) {
+        // Rows [back, back + back_rows) take their gradient, [ahead, ahead + ahead_rows) their
+        // partial states.
+        const int back = (g - 1) * group;
+        const int back_rows = g == 0 ? 0 : (int)min_ll(group, rows - back);
+        const int ahead = g * group;
+        const int ahead_rows = g == groups ? 0 : (int)min_ll(group, rows - ahead);
+        const int back_items = back_rows * splits;
+        const int items = back_items + ahead_rows * splits;
+        for (int item = blockIdx.x; item < items; item += gridDim.x) {
+            if (item >= back_items) {
+                const int k = item - back_items;
+                push_split<T, TR, EXT>(x, targets, scale, weights, p, ahead + k / splits,
+                                       k % splits, partials);
+                continue;
+            }
+            const long long row = back + item / splits;
+            const int split = item % splits;
+            const T* xr = x + row * p.row_stride;
+            const long long y = targets[row];
+            const A r = scale[row];
+            if (threadIdx.x < 32) {
+                const Online<A> others =
+                    merge_partials(partials + row * splits * MS_PARTIAL_COLUMNS, splits);
+                if (threadIdx.x == 0) {
+                    A row_stats[MS_STAT_COLUMNS];
+                    if (y < 0) {
+                        finalize_skipped_row(y, r, row_stats, info_s);
+                    } else {
+                        const A weight = p.has_weights ? weights[y] : A(1);
+                        finalize_row(p, poly, weight, r, to_acc(xr[y]), others, up, row_stats,
+                                     info_s);
+                    }
+                    if (split == 0) {
+                        A* st = stats + row * MS_STAT_COLUMNS;
+#pragma unroll
+                        for (int c = 0; c < MS_STAT_COLUMNS; ++c) st[c] = row_stats[c];
+                        grad_scale[row] = row_stats[7] * up;
+                    }
+                }
+            }
+            __syncthreads();
+            A info[MS_ROWINFO_COLUMNS];
+#pragma unroll
+            for (int c = 0; c < MS_ROWINFO_COLUMNS; ++c) info[c] = info_s[c];
+            long long start, end;
+            split_range<T>(p, split, start, end);
+            write_gradient<TR, EXT>(p, weights, info, xr, xr + start, grad + row * p.classes,
+                                    start, end, y, threadIdx.x, MS_BLOCK);
+            __syncthreads();  // info_s is rewritten by the block's next item
+        }
+        if (g < groups) grid.sync();  // group g's partial states are complete
+    }
+}
+
 // MIN_BLOCKS, the blocks per SM the entry is compiled for, bounds its registers by
 // 65536 / (MS_BLOCK * MIN_BLOCKS): 4 (64 registers) for the f32-accumulating entries, 2 (128) for
 // f64, whose pow is a real call: at the 64-register target ptxas picks for 256-thread blocks
@@ -135,12 +225,30 @@ __device__ void fused_warp(const T* __restrict__ x, const int* __restrict__ targ
         fused_warp<T, TR, EXT>(x, targets, scale, weights, poly, p, stats, grad, grad_scale,     \
                                upstream);                                                        \
     }
+// The L2 kernel holds both halves of a row's work in one loop: at 64 registers it spills, so
+// it is compiled for 3 blocks per SM (80 registers), its `_ext` entries and f64 for 2 (128),
+// and runs as a cooperative grid of exactly that many blocks per SM, the residency the register
+// bound guarantees (src/launch.rs: l2_blocks_per_sm).
+#define MS_FUSED_L2_ENTRY(T, SUFFIX, NAME, TR, EXT, MIN_BLOCKS)                                  \
+    extern "C" __global__ void __launch_bounds__(MS_BLOCK, (EXT) ? 2 : (MIN_BLOCKS))             \
+        ms_fused_l2_##NAME##_##SUFFIX(const T* x, const int* targets,                            \
+                                      const AccOf<T>::type* scale,                               \
+                                      const AccOf<T>::type* weights,                             \
+                                      const AccOf<T>::type* poly, MsParams p,                    \
+                                      AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale, \
+                                      const AccOf<T>::type* upstream,                            \
+                                      AccOf<T>::type* partials, long long group_rows) {          \
+        fused_l2<T, TR, EXT>(x, targets, scale, weights, poly, p, stats, grad, grad_scale,       \
+                             upstream, partials, group_rows);                                    \
+    }
 #define MS_FUSED_ENTRY_4(T, SUFFIX, NAME, TR, EXT) \
     MS_FUSED_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)    \
-    MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)
+    MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, 4) \
+    MS_FUSED_L2_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)
 #define MS_FUSED_ENTRY_2(T, SUFFIX, NAME, TR, EXT) \
     MS_FUSED_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)    \
-    MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)
+    MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, 2) \
+    MS_FUSED_L2_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)
 
 MS_PER_TRANSFORM(MS_FUSED_ENTRY_4, float, f32)
 MS_PER_TRANSFORM(MS_FUSED_ENTRY_2, double, f64)
@@ -150,9 +258,6 @@ MS_PER_TRANSFORM(MS_FUSED_ENTRY_4, __nv_bfloat16, bf16)
 #endif
 
 #if __CUDA_ARCH__ >= 900
-#ifdef __CUDACC__
-#include <cooperative_groups.h>
-#endif
 
 // loss_and_grad for rows that fit in the shared memory of MS_CLUSTER blocks (sm_90): the blocks
 // of a cluster take consecutive slices of a row (of round_up(ceil(C / MS_CLUSTER), V) classes,

@@ -282,6 +282,87 @@ __device__ __forceinline__ void write_gradient(const MsParams& p, const A* __res
     if (has_target) gr[y] = from_acc<T>(grad_target(p, info, to_acc(src[y - start])));
 }
 
+// The slice of a row that split `split` of p.splits covers: its start a multiple of the vector
+// width (the last slice shorter, or empty when the rounding leaves it nothing).
+template <typename T>
+__device__ __forceinline__ void split_range(const MsParams& p, long long split, long long& start,
+                                            long long& end) {
+    constexpr int V = VecWidth<T>::value;
+    long long per = (p.classes + p.splits - 1) / p.splits;
+    per = (per + V - 1) / V * V;
+    start = split * per < p.classes ? split * per : p.classes;
+    end = start + per < p.classes ? start + per : p.classes;
+}
+
+// One block's part of a split row: the online state of the non-target entries of slice `split`
+// of row `row` (empty for an ignored or invalid row), reduced over the block and written by
+// thread 0 to partials[(row * p.splits + split) * MS_PARTIAL_COLUMNS ..]. Every thread of the
+// block calls it (it synchronizes).
+template <typename T, int TR, bool EXT>
+__device__ __forceinline__ void push_split(const T* __restrict__ x, const int* __restrict__ targets,
+                                           const typename AccOf<T>::type* __restrict__ scale,
+                                           const typename AccOf<T>::type* __restrict__ weights,
+                                           const MsParams& p, long long row, long long split,
+                                           typename AccOf<T>::type* __restrict__ partials) {
+    typedef typename AccOf<T>::type A;
+    constexpr int V = VecWidth<T>::value;
+    const long long y = targets[row];
+    Online<A> s = online_empty<A>();
+    if (y >= 0) {
+        long long start, end;
+        split_range<T>(p, split, start, end);
+        const T* xr = x + row * p.row_stride;
+        const A r = scale[row];
+        walk_row(
+            xr, start, end, threadIdx.x, MS_BLOCK,
+            [&](long long j) {
+                if (j != y) push_other<TR>(p, weights, s, r, to_acc(xr[j]), j);
+            },
+            [&](long long j0) {
+                A in[V];
+                load_vector(xr + j0, in);
+                return push_vector<TR, V, EXT>(p, weights, s, r, in, j0, y);
+            },
+            [&](long long j0) { push_slow<TR>(p, weights, s, r, xr, 0, j0, y); });
+    }
+    s = block_reduce_online<MS_BLOCK>(s);
+    if (threadIdx.x == 0) {
+        A* out = partials + (row * p.splits + split) * MS_PARTIAL_COLUMNS;
+        out[0] = s.max;
+        out[1] = s.sum_exp;
+        out[2] = s.sum_exp_v;
+        out[3] = s.sum_wv;
+        out[4] = s.sum_wz;
+    }
+}
+
+// The online state of one (row, split) as push_split wrote it.
+template <typename A> __device__ __forceinline__ Online<A> load_partial(const A* q) {
+    Online<A> s;
+    s.max = q[0];
+    s.sum_exp = q[1];
+    s.sum_exp_v = q[2];
+    s.sum_wv = q[3];
+    s.sum_wz = q[4];
+    return s;
+}
+
+__device__ __forceinline__ long long min_ll(long long a, long long b) { return a < b ? a : b; }
+
+// The merge of the n partial states at q (push_split's layout) by one warp, in an order fixed
+// by n alone: lane l merges its run of consecutive states in order, then the warp's butterfly
+// (warp_reduce_online). Every lane of the warp calls it; lane 0's result is the one to use, the
+// same bits wherever it is computed.
+template <typename A> __device__ Online<A> merge_partials(const A* q, long long n) {
+    const long long lane = threadIdx.x & 31;
+    const long long run = (n + 31) / 32;
+    const long long from = min_ll(lane * run, n);
+    const long long to = min_ll(from + run, n);
+    Online<A> s = online_empty<A>();
+    for (long long k = from; k < to; ++k) s = online_merge(s, load_partial(q + k * MS_PARTIAL_COLUMNS));
+    return warp_reduce_online(s);
+}
+
 // Stamps the entry points {op}_{identity|cosine|rbf}[_ext]_{SUFFIX} of one body: the element
 // loops are compiled once per transform, and once more with the options that add work per
 // element (label smoothing, the row scale's gradient, soft-capping: `_ext`), so that the loop

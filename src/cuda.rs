@@ -110,6 +110,8 @@ fn device_shape(dev: &CudaDevice) -> Result<DeviceShape> {
         sm_count: limits.sm_count,
         max_shared_per_block: limits.max_dynamic_shared_optin.max(DEFAULT_SHARED),
         clusters: limits.cluster_launch,
+        cooperative: limits.cooperative_launch,
+        l2_bytes: limits.l2_bytes,
     })
 }
 
@@ -326,6 +328,12 @@ struct LossAndGrad<T: CudaElement> {
     grad_scale: CudaSlice<T::Acc>,
 }
 
+/// `ms_fused_l2`'s extra arguments: the rows a group and the length of its partials' buffer.
+struct L2Work {
+    group_rows: usize,
+    partials_len: usize,
+}
+
 /// What every forward launch reads, prepared once per call.
 struct Inputs<'a, T: CudaElement> {
     dev: &'a CudaDevice,
@@ -438,13 +446,15 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
         Ok(stats)
     }
 
-    /// `{root}_{variant}` (`ms_fused`, `ms_fused_warp` or `ms_fused_cluster`: the same arguments): the
+    /// `{root}_{variant}` (`ms_fused`, `ms_fused_warp`, `ms_fused_cluster`, or with `l2`
+    /// `ms_fused_l2`, cooperative: the same arguments, and the L2 kernel's two more): the
     /// statistics, the gradient and d(loss)/d(scale) in one launch.
     fn fused(
         &self,
         root: &str,
         (p, variant, launch): (&MsParams, &str, &Launch),
         weights: &CudaView<'_, T::Acc>,
+        l2: Option<L2Work>,
     ) -> Result<LossAndGrad<T>> {
         let RowShape { rows, classes, .. } = self.shape;
         let func = kernel::<T>(self.dev, &FUSED, root, Some(variant))?;
@@ -462,6 +472,16 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             // the device's limit).
             func.allow_dynamic_shared(dynamic)?;
         }
+        let cooperative = l2.is_some();
+        let mut l2 = match l2 {
+            // SAFETY: ms_fused_l2 writes every (row, slice)'s partial state before the grid
+            // barrier after which it reads it.
+            Some(work) => Some((
+                unsafe { self.dev.alloc::<T::Acc>(work.partials_len) }?,
+                work.group_rows as i64,
+            )),
+            None => None,
+        };
         // SAFETY: ms_fused writes all 8 statistics, all C gradient elements and the scale
         // gradient of every row (ignored rows too: zeros).
         let (mut stats, mut grad, mut grad_scale) = unsafe {
@@ -483,6 +503,10 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             b.arg(&mut grad);
             b.arg(&mut grad_scale);
             b.arg(&self.targets.upstream);
+            if let Some((partials, group_rows)) = &mut l2 {
+                b.arg(partials);
+                b.arg(&*group_rows);
+            }
             // SAFETY: the arguments match `ms_fused{|_warp|_cluster}_{variant}_T(const T* x,
             // const int* targets, const ACC* scale, const ACC* weights, const ACC* poly, MsParams
             // p, ACC* stats, T* grad, ACC* grad_scale, const ACC* upstream)` in kernels/fused.cu;
@@ -491,8 +515,20 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             // planned by src/launch.rs), and with the kernel's static shared memory (checked
             // above) stays within the device's opt-in limit, which the function was opted into
             // above; ms_fused_cluster's grid is a multiple of its compile-time cluster size
-            // (planned), and it is planned only on devices with cluster launch.
-            unsafe { b.launch(config(launch)) }.w()?;
+            // (planned), and it is planned only on devices with cluster launch. ms_fused_l2
+            // (`l2`) takes `ACC* partials, long long group_rows` more: partials holds the
+            // plan's rows·splits·5; its grid is l2_blocks_per_sm blocks per SM at most, the
+            // residency its __launch_bounds__ guarantee with no dynamic shared memory, so the
+            // cooperative launch's blocks are co-resident (the driver refuses it otherwise), and
+            // it is planned only on devices with cooperative launch.
+            unsafe {
+                if cooperative {
+                    b.launch_cooperative(config(launch))
+                } else {
+                    b.launch(config(launch))
+                }
+            }
+            .w()?;
         }
         Ok(LossAndGrad {
             stats,
@@ -725,17 +761,37 @@ fn forward_backward_typed<T: CudaElement>(
                 params,
                 variant,
                 fused,
-            } => inputs.fused("ms_fused", (params, variant, fused), weights),
+            } => inputs.fused("ms_fused", (params, variant, fused), weights, None),
             LossAndGradPlan::FusedWarp {
                 params,
                 variant,
                 fused,
-            } => inputs.fused("ms_fused_warp", (params, variant, fused), weights),
+            } => inputs.fused("ms_fused_warp", (params, variant, fused), weights, None),
             LossAndGradPlan::FusedCluster {
                 params,
                 variant,
                 cluster,
-            } => inputs.fused("ms_fused_cluster", (params, variant, cluster), weights),
+            } => inputs.fused(
+                "ms_fused_cluster",
+                (params, variant, cluster),
+                weights,
+                None,
+            ),
+            LossAndGradPlan::FusedL2 {
+                params,
+                variant,
+                launch,
+                group_rows,
+                partials_len,
+            } => inputs.fused(
+                "ms_fused_l2",
+                (params, variant, launch),
+                weights,
+                Some(L2Work {
+                    group_rows: *group_rows,
+                    partials_len: *partials_len,
+                }),
+            ),
             LossAndGradPlan::Split {
                 forward,
                 backward_variant,

@@ -297,6 +297,10 @@ pub(crate) struct DeviceLimits {
     pub max_dynamic_shared_optin: usize,
     /// CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH: thread-block clusters can be launched (sm_90+).
     pub cluster_launch: bool,
+    /// CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH: cooperative grids (grid-wide barriers).
+    pub cooperative_launch: bool,
+    /// CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, in bytes.
+    pub l2_bytes: usize,
 }
 
 /// Device limits by CUdevice ordinal: they are properties of the GPU, not of a context.
@@ -337,6 +341,14 @@ pub(crate) fn device_limits(dev: &CudaDevice) -> Result<DeviceLimits> {
             CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH,
             "cluster launch support",
         )? != 0,
+        cooperative_launch: read(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH,
+            "cooperative launch support",
+        )? != 0,
+        l2_bytes: read(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE,
+            "L2 cache size",
+        )?,
     };
     let mut cache = lock(&LIMITS);
     if !cache.iter().any(|(d, _)| *d == device) {

@@ -139,6 +139,8 @@ type Fused<T, A> = unsafe extern "C" fn(
     *mut T,
     *mut A,
     *const A,
+    *mut A,
+    i64,
 );
 /// `ms_targets_{u8|u32|i64}_{A}` by the targets' dtype code (0, 1, 2): raw, rows, classes,
 /// ignore_index, has_ignore, weights, has_weights, mean, out, first_invalid, upstream.
@@ -163,7 +165,7 @@ struct Kernels<T, A> {
     partial: Partial<T, A>,
     finalize: Finalize<T, A>,
     backward: Backward<T, A>,
-    /// `ms_fused`, `ms_fused_warp` or `ms_fused_cluster` by [`OnePass`].
+    /// `ms_fused`, `ms_fused_warp`, `ms_fused_cluster` or `ms_fused_l2` by [`OnePass`].
     fused: Fused<T, A>,
 }
 
@@ -173,6 +175,14 @@ enum OnePass {
     Block = 0,
     Warp = 1,
     Cluster = 2,
+    /// Cooperative, with the partial states' buffer and the rows a group ([`L2Work`]).
+    L2 = 3,
+}
+
+/// `ms_fused_l2`'s extra arguments: the rows a group and the length of its partials' buffer.
+struct L2Work {
+    group_rows: usize,
+    partials_len: usize,
 }
 
 /// An input element type and its emulated kernels.
@@ -238,6 +248,8 @@ macro_rules! emu_element {
                 grad: *mut $t,
                 grad_scale: *mut $acc,
                 upstream: *const $acc,
+                partials: *mut $acc,
+                group_rows: i64,
             );
         }
         impl EmuElement for $t {
@@ -322,6 +334,10 @@ impl EmuAcc for f32 {
 impl EmuAcc for f64 {
     const TARGETS: Targets<f64> = ms_emu_targets_f64;
 }
+
+/// The most blocks the emulator runs in one cooperative grid (`cuda_emu::max_cooperative_blocks`
+/// in kernels/emu/cuda_emu.h; the ABI test compares them).
+const EMULATED_COOPERATIVE_BLOCKS: usize = 64;
 
 #[cfg(test)]
 unsafe extern "C" {
@@ -577,17 +593,35 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
         Ok(grad)
     }
 
-    /// `ms_fused`, `ms_fused_warp` or `ms_fused_cluster`: the statistics, the gradient and
-    /// d(loss)/d(scale) in one launch.
+    /// `ms_fused`, `ms_fused_warp`, `ms_fused_cluster` or `ms_fused_l2` (with `l2`): the
+    /// statistics, the gradient and d(loss)/d(scale) in one launch.
     fn fused(
         &self,
         kind: OnePass,
-        params: &MsParams,
-        variant: &str,
-        launch: &Launch,
+        (params, variant, launch): (&MsParams, &str, &Launch),
+        l2: Option<L2Work>,
     ) -> Result<LossAndGrad<T>> {
         let RowShape { rows, classes, .. } = self.shape;
         let f = self.forward_inputs()?;
+        let (mut partials, group_rows) = match l2 {
+            Some(work) => {
+                // The emulator runs a cooperative grid's blocks at once, each on an OS thread,
+                // and aborts the process past its limit: refuse here instead.
+                let blocks = launch.grid.iter().map(|&g| g as usize).product::<usize>();
+                if blocks > EMULATED_COOPERATIVE_BLOCKS {
+                    bail!(
+                        "{OP_NAME}: the emulated ms_fused_l2 runs at most \
+                         {EMULATED_COOPERATIVE_BLOCKS} blocks, the plan has {blocks} (lower the \
+                         emulated device's SM count or the grid cap)"
+                    )
+                }
+                (
+                    poisoned::<T::Acc>(work.partials_len),
+                    work.group_rows as i64,
+                )
+            }
+            None => (Vec::new(), 0),
+        };
         let mut out = LossAndGrad {
             stats: poisoned(rows * STAT_COLUMNS),
             grad: poisoned_elements(rows * classes),
@@ -598,7 +632,9 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
         // p, ACC* stats, T* grad, ACC* grad_scale, const ACC* upstream)`; the inputs as in
         // `forward`, the outputs rows·8, rows·C and rows; the launch's dynamic shared memory is
         // the plan's, which holds the row (or the cluster block's slice), and a cluster launch's
-        // grid is a multiple of MS_CLUSTER (planned).
+        // grid is a multiple of MS_CLUSTER (planned); ms_fused_l2 (kind L2) also takes
+        // `partials`, rows·splits·5 elements (the plan's), and its group size; the other kinds
+        // never read those two.
         unsafe {
             (T::KERNELS.fused)(
                 launch,
@@ -614,6 +650,8 @@ impl<'a, T: EmuElement> Inputs<'a, T> {
                 out.grad.as_mut_ptr(),
                 out.grad_scale.as_mut_ptr(),
                 self.targets.upstream.as_ptr(),
+                partials.as_mut_ptr(),
+                group_rows,
             )
         };
         Ok(out)
@@ -758,17 +796,31 @@ fn forward_backward_typed<T: EmuElement>(
             params,
             variant,
             fused,
-        } => inputs.fused(OnePass::Block, &params, variant, &fused)?,
+        } => inputs.fused(OnePass::Block, (&params, variant, &fused), None)?,
         LossAndGradPlan::FusedWarp {
             params,
             variant,
             fused,
-        } => inputs.fused(OnePass::Warp, &params, variant, &fused)?,
+        } => inputs.fused(OnePass::Warp, (&params, variant, &fused), None)?,
         LossAndGradPlan::FusedCluster {
             params,
             variant,
             cluster,
-        } => inputs.fused(OnePass::Cluster, &params, variant, &cluster)?,
+        } => inputs.fused(OnePass::Cluster, (&params, variant, &cluster), None)?,
+        LossAndGradPlan::FusedL2 {
+            params,
+            variant,
+            launch,
+            group_rows,
+            partials_len,
+        } => inputs.fused(
+            OnePass::L2,
+            (&params, variant, &launch),
+            Some(L2Work {
+                group_rows,
+                partials_len,
+            }),
+        )?,
         LossAndGradPlan::Split {
             forward,
             backward_variant,
@@ -797,8 +849,8 @@ mod tests {
     /// The Rust mirrors of the kernel ABI agree with the C++ build of the kernels.
     #[test]
     fn abi_matches_the_kernels() {
-        let mut got = [0u64; 11];
-        // SAFETY: ms_emu_abi writes exactly 11 values.
+        let mut got = [0u64; 12];
+        // SAFETY: ms_emu_abi writes exactly 12 values.
         unsafe { ms_emu_abi(got.as_mut_ptr()) };
         let want = [
             std::mem::size_of::<MsParams>(),
@@ -812,12 +864,13 @@ mod tests {
             std::mem::size_of::<Launch>(),
             TARGETS_BLOCK as usize,
             CLUSTER,
+            EMULATED_COOPERATIVE_BLOCKS,
         ]
         .map(|v| v as u64);
         assert_eq!(
             got, want,
             "[sizeof MsParams, alignof, MS_BLOCK, MS_FINALIZE_BLOCK, stat, rowinfo, partial \
-             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK, MS_CLUSTER]"
+             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK, MS_CLUSTER, cuda_emu::max_cooperative_blocks]"
         );
     }
 }

@@ -1,6 +1,7 @@
 //! Launch planning for the kernels of `kernels/*.cu`, in one pure-Rust place: which path a call
-//! takes (the fused one-block-per-row kernel or the split forward → backward), how many blocks
-//! each row of the split forward gets, and every launch's grid, block and dynamic shared memory.
+//! takes (a warp, a block or a cluster per row, the L2 kernel's row groups, or the split
+//! forward → backward), how many blocks each row of the split forward gets, and every launch's
+//! grid, block and dynamic shared memory.
 //! The CUDA backend (`src/cuda.rs`) launches exactly these plans on a GPU and the emulated
 //! backend (`src/emu.rs`, feature `kernel-emu`) runs the same plans through the SIMT emulator,
 //! so CI exercises the launch code as well as the kernels.
@@ -50,6 +51,12 @@ pub struct DeviceShape {
     pub max_shared_per_block: usize,
     /// Thread-block clusters with distributed shared memory (sm_90 and later).
     pub clusters: bool,
+    /// Cooperative launch (`cudaDevAttrCooperativeLaunch`: grid-wide barriers), which
+    /// `ms_fused_l2` needs; without it rows wider than one pass take the split path.
+    pub cooperative: bool,
+    /// The L2 cache, in bytes (`cudaDevAttrL2CacheSize`): `ms_fused_l2` sizes its row groups
+    /// from it.
+    pub l2_bytes: usize,
 }
 
 impl DeviceShape {
@@ -60,14 +67,18 @@ impl DeviceShape {
         sm_count: 132,
         max_shared_per_block: DEFAULT_SHARED,
         clusters: false,
+        cooperative: false,
+        l2_bytes: 0,
     };
     /// NVIDIA H200 / H100 SXM: 132 SMs, 227 KiB of shared memory a block with the opt-in,
-    /// clusters.
+    /// clusters, cooperative launch, 50 MiB of L2.
     #[cfg(any(test, feature = "kernel-emu"))]
     pub const H200: DeviceShape = DeviceShape {
         sm_count: 132,
         max_shared_per_block: 227 * 1024,
         clusters: true,
+        cooperative: true,
+        l2_bytes: 50 * 1024 * 1024,
     };
 }
 
@@ -153,6 +164,41 @@ pub(crate) fn split_count(rows: usize, classes: usize, size: usize, device: Devi
     (SPLIT_WAVES * resident / rows.max(1))
         .min(classes.div_ceil(SPLIT_MIN_COLUMNS))
         .max(1)
+}
+
+/// Blocks of `ms_fused_l2` per SM: the `__launch_bounds__` minimum its entries are compiled for
+/// (kernels/fused.cu: 3, or 2 for the `_ext` entries and f64), which guarantees that many are
+/// resident at once; its cooperative grid is exactly that many per SM.
+pub(crate) const fn l2_blocks_per_sm(size: usize, ext: bool) -> usize {
+    if size == 8 || ext { 2 } else { 3 }
+}
+
+/// `ms_fused_l2` groups rows so that one group's inputs take at most 1 / L2_SHARE of the L2: the
+/// group whose gradient is being written (read a second time, from L2) and the next group
+/// (read the first time) are in flight together, with the gradients' writes passing through L2
+/// as well.
+const L2_SHARE: usize = 3;
+
+/// `ms_fused_l2`'s row groups: (rows a group, slices a row, blocks of the grid). A group holds
+/// ⌊L2 / L2_SHARE / row bytes⌋ rows (at least 1, at most B); the grid is the device's resident
+/// blocks ([`l2_blocks_per_sm`] per SM, within the grid cap), and each row of a group gets an
+/// equal share of it (at least 1 slice, none under [`SPLIT_MIN_COLUMNS`] columns), so that one
+/// phase gives each block at most one slice to read and one to write.
+pub(crate) fn l2_groups(
+    rows: usize,
+    classes: usize,
+    size: usize,
+    ext: bool,
+    device: DeviceShape,
+    grid_cap: usize,
+) -> (usize, usize, usize) {
+    let row_bytes = classes.max(1) * size;
+    let group_rows = (device.l2_bytes / L2_SHARE / row_bytes).clamp(1, rows.max(1));
+    let grid = (device.sm_count.max(1) * l2_blocks_per_sm(size, ext)).min(grid_cap);
+    let splits = (grid / group_rows)
+        .min(classes.div_ceil(SPLIT_MIN_COLUMNS))
+        .max(1);
+    (group_rows, splits, grid)
 }
 
 /// The element loops of a launch (kernels/rows.cuh, `MS_PER_TRANSFORM`): the head's transform,
@@ -247,9 +293,9 @@ pub(crate) struct BackwardPlan {
 
 /// `loss_and_grad`: `ms_fused_warp` for narrow rows ([`warp_max_classes`]), `ms_fused` when the
 /// row fits in the shared memory a block may have on the device, `ms_fused_cluster` (sm_90) when
-/// it fits in [`CLUSTER`] blocks', else the split
-/// forward (its finalize also writing the backward's row info and d(loss)/d(scale)) then
-/// `ms_backward`.
+/// it fits in [`CLUSTER`] blocks', else `ms_fused_l2` where the device has cooperative launch
+/// ([`l2_groups`]), else the split forward (its finalize also writing the backward's row info
+/// and d(loss)/d(scale)) then `ms_backward`.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum LossAndGradPlan {
     Fused {
@@ -268,6 +314,15 @@ pub(crate) enum LossAndGradPlan {
         params: MsParams,
         variant: &'static str,
         cluster: Launch,
+    },
+    /// `ms_fused_l2`: a cooperative `launch` over row groups of `group_rows` rows, each row in
+    /// `params.splits` slices, their partial states in a buffer of `partials_len` elements.
+    FusedL2 {
+        params: MsParams,
+        variant: &'static str,
+        launch: Launch,
+        group_rows: usize,
+        partials_len: usize,
     },
     Split {
         forward: ForwardPlan,
@@ -439,6 +494,37 @@ impl Planner {
                     shared_mem_bytes: shared,
                 },
             })
+        } else if self.device.cooperative {
+            let variant = kernel_variant(cfg, scale_grad);
+            let ext = variant.ends_with("_ext");
+            let (group_rows, splits, grid) = l2_groups(
+                shape.rows,
+                shape.classes,
+                size,
+                ext,
+                self.device,
+                self.grid_cap,
+            );
+            let params = params(cfg, shape, splits, scale_grad)?;
+            // A phase's work items (a group's slices, twice) are counted in an i32.
+            if (2 * group_rows * splits) > i32::MAX as usize {
+                bail!(
+                    "{OP_NAME}({}): too many slices for the CUDA L2 kernel",
+                    cfg.head.name()
+                )
+            }
+            Ok(LossAndGradPlan::FusedL2 {
+                params,
+                variant,
+                launch: Launch {
+                    // ≤ grid_cap ≤ MAX_GRID.
+                    grid: [grid as u32, 1, 1],
+                    block: [BLOCK, 1, 1],
+                    shared_mem_bytes: 0,
+                },
+                group_rows,
+                partials_len: shape.rows * splits * PARTIAL_COLUMNS,
+            })
         } else {
             Ok(LossAndGradPlan::Split {
                 forward: self.forward(cfg, shape, size, scale_grad)?,
@@ -590,15 +676,10 @@ mod tests {
             ));
             assert!(matches!(
                 plan(limit + 1, size).unwrap(),
-                LossAndGradPlan::Split { .. }
+                LossAndGradPlan::FusedL2 { .. }
             ));
         }
-        // (512, 1e6) bf16 and (64, 1e6) f32 are past a cluster: split.
-        assert!(matches!(
-            plan(1_000_000, 2).unwrap(),
-            LossAndGradPlan::Split { .. }
-        ));
-        // No clusters without the capability.
+        // No clusters without the capability: one block, then the L2 kernel.
         let a100 = Planner::device(DeviceShape {
             clusters: false,
             ..DeviceShape::H200
@@ -606,7 +687,71 @@ mod tests {
         let plan = a100
             .loss_and_grad(&cfg, shape(4096, 128_256), 2, false)
             .unwrap();
+        assert!(matches!(plan, LossAndGradPlan::FusedL2 { .. }));
+        // Nor the L2 kernel without cooperative launch: the split path.
+        let plain = Planner::device(DeviceShape {
+            cooperative: false,
+            ..DeviceShape::H200
+        });
+        let plan = plain
+            .loss_and_grad(&cfg, shape(64, 1_000_000), 4, false)
+            .unwrap();
         assert!(matches!(plan, LossAndGradPlan::Split { .. }));
+    }
+
+    /// The rows past a cluster on an H200 (50 MiB of L2, a group within a third of it).
+    #[test]
+    fn l2_path_on_h200() {
+        let h200 = Planner::device(DeviceShape::H200);
+        let check = |cfg: &MarginSoftmaxLoss, rows, classes, size, want: (usize, usize, u32)| {
+            match h200
+                .loss_and_grad(cfg, shape(rows, classes), size, false)
+                .unwrap()
+            {
+                LossAndGradPlan::FusedL2 {
+                    params,
+                    launch,
+                    group_rows,
+                    partials_len,
+                    ..
+                } => {
+                    assert_eq!((group_rows, params.splits as usize, launch.grid[0]), want);
+                    assert_eq!(partials_len, rows * want.1 * PARTIAL_COLUMNS);
+                    // A group's inputs within a third of the L2 (or one row).
+                    assert!(group_rows == 1 || group_rows * classes * size <= (50 << 20) / 3);
+                    // A phase gives each block at most one slice to read and one to write.
+                    assert!(group_rows * want.1 <= launch.grid[0] as usize);
+                }
+                other => panic!("{other:?}"),
+            }
+        };
+        let arcface = MarginSoftmaxLoss::new(Head::arcface());
+        // (512, 1e6) bf16: 2 MB rows, 8 a group, 396 blocks (3 per SM), 49 slices of ~20k.
+        check(&arcface, 512, 1_000_000, 2, (8, 49, 396));
+        // (64, 1e6) f32: 4 MB rows, 4 a group, 99 slices.
+        check(&arcface, 64, 1_000_000, 4, (4, 99, 396));
+        // f64 and the `_ext` entries: 2 blocks per SM.
+        check(&arcface, 64, 1_000_000, 8, (2, 132, 264));
+        let mut smooth = MarginSoftmaxLoss::new(Head::arcface());
+        smooth.label_smoothing = 0.1;
+        check(&smooth, 64, 1_000_000, 4, (4, 66, 264));
+        // One row wider than the budget: a group of one, slices of at least 4096 columns.
+        check(&arcface, 3, 10_000_000, 4, (1, 396, 396));
+        check(&arcface, 3, 500_000, 8, (3, 88, 264));
+        // The grid cap bounds the grid, hence the slices.
+        let capped = Planner::grid_cap(16, DeviceShape::H200);
+        match capped
+            .loss_and_grad(&arcface, shape(2, 460_769), 4, false)
+            .unwrap()
+        {
+            LossAndGradPlan::FusedL2 {
+                params,
+                launch,
+                group_rows,
+                ..
+            } => assert_eq!((group_rows, params.splits, launch.grid[0]), (2, 8, 16)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

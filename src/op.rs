@@ -217,8 +217,9 @@ pub(crate) fn forward(
 /// pass (one read and one write per element) on `device` for inputs of `dtype`. On a CUDA
 /// device: rows that fit in the shared memory one block may opt into take one block per row;
 /// on sm_90 and later, rows that fit in the shared memory of a cluster of 8 blocks take a
-/// cluster per row (distributed shared memory); wider rows take the split path (the forward in
-/// several blocks per row, then the backward: two reads and one write). On an H100 / H200
+/// cluster per row (distributed shared memory); wider rows take a cooperative kernel that reads
+/// groups of rows sized to the L2 cache once from memory and a second time, for the gradient,
+/// from L2. On an H100 / H200
 /// (227 KiB a block, clusters) one block holds C ≤ 57 597 f32, 115 193 f16 / bf16, 28 799 f64,
 /// a cluster C ≤ 460 768, 921 536 and 230 384 (this function's value there); on an A100
 /// (163 KiB, no clusters) 41 213, 82 425 and 20 607; on a GPU without the opt-in (48 KiB)

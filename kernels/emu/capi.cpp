@@ -43,6 +43,18 @@ void launch(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
     launch_in_clusters(l, 1, kernel, std::forward<A>(args)...);
 }
 
+// A cooperative launch (cudaLaunchCooperativeKernel: grid.sync() allowed), no dynamic shared
+// memory beyond 48 KiB.
+template <class... P, class... A>
+void launch_cooperative(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
+    cuda_emu::LaunchConfig c;
+    c.grid = dim3(l->grid[0], l->grid[1], l->grid[2]);
+    c.block = dim3(l->block[0], l->block[1], l->block[2]);
+    c.dynamic_smem = l->shared_mem_bytes;
+    c.cooperative = true;
+    cuda_emu::launch_ex(c, kernel, std::forward<A>(args)...);
+}
+
 // The entry point of `variant` (src/launch.rs's variant_index: MS_PER_TRANSFORM's order).
 template <class K> K pick(int variant, K identity, K cosine, K rbf, K identity_ext, K cosine_ext,
                           K rbf_ext) {
@@ -60,13 +72,14 @@ template <class K> K pick(int variant, K identity, K cosine, K rbf, K identity_e
 // The constants of the kernel ABI as this build sees them, for the Rust side to compare with its
 // own: sizeof(MsParams), alignof(MsParams), MS_BLOCK, MS_FINALIZE_BLOCK, MS_STAT_COLUMNS,
 // MS_ROWINFO_COLUMNS, MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M, sizeof(EmuLaunch), MS_TARGETS_BLOCK,
-// MS_CLUSTER.
-extern "C" void ms_emu_abi(unsigned long long out[11]) {
-    const unsigned long long v[11] = {sizeof(MsParams),   alignof(MsParams), MS_BLOCK,
+// MS_CLUSTER, and the emulator's largest cooperative grid.
+extern "C" void ms_emu_abi(unsigned long long out[12]) {
+    const unsigned long long v[12] = {sizeof(MsParams),   alignof(MsParams), MS_BLOCK,
                                       MS_FINALIZE_BLOCK,  MS_STAT_COLUMNS,   MS_ROWINFO_COLUMNS,
                                       MS_PARTIAL_COLUMNS, MS_MAX_SPHERE_M,   sizeof(EmuLaunch),
-                                      MS_TARGETS_BLOCK,   MS_CLUSTER};
-    for (int i = 0; i < 11; ++i) out[i] = v[i];
+                                      MS_TARGETS_BLOCK,   MS_CLUSTER,
+                                      cuda_emu::max_cooperative_blocks};
+    for (int i = 0; i < 12; ++i) out[i] = v[i];
 }
 
 #define MS_EMU_PICK(OP, SUFFIX)                                                                  \
@@ -95,12 +108,19 @@ extern "C" void ms_emu_abi(unsigned long long out[11]) {
                                              T* grad) {                                          \
         launch(l, MS_EMU_PICK(ms_backward, SUFFIX), x, targets, row_info, weights, *p, grad);    \
     }                                                                                            \
-    /* kind: 0 ms_fused, 1 ms_fused_warp, 2 ms_fused_cluster (in clusters of MS_CLUSTER). */    \
+    /* kind: 0 ms_fused, 1 ms_fused_warp, 2 ms_fused_cluster (in clusters of MS_CLUSTER), 3   \
+       ms_fused_l2 (cooperative; the only kind that takes partials and group_rows). */          \
     extern "C" void ms_emu_fused_##SUFFIX(                                                       \
         const EmuLaunch* l, int kind, int variant, const T* x, const int* targets,               \
         const AccOf<T>::type* scale, const AccOf<T>::type* weights, const AccOf<T>::type* poly,  \
         const MsParams* p, AccOf<T>::type* stats, T* grad, AccOf<T>::type* grad_scale,           \
-        const AccOf<T>::type* upstream) {                                                        \
+        const AccOf<T>::type* upstream, AccOf<T>::type* partials, long long group_rows) {       \
+        if (kind == 3) {                                                                         \
+            launch_cooperative(l, MS_EMU_PICK(ms_fused_l2, SUFFIX), x, targets, scale, weights,  \
+                               poly, *p, stats, grad, grad_scale, upstream, partials,            \
+                               group_rows);                                                      \
+            return;                                                                              \
+        }                                                                                        \
         auto kernel = kind == 0   ? MS_EMU_PICK(ms_fused, SUFFIX)                                \
                       : kind == 1 ? MS_EMU_PICK(ms_fused_warp, SUFFIX)                           \
                                   : MS_EMU_PICK(ms_fused_cluster, SUFFIX);                       \

@@ -204,7 +204,7 @@ kernel_tests!(
         big_1024x32000,
         big_64x1m,
     ],
-    emu_only: [cluster_rows],
+    emu_only: [cluster_rows, l2_rows],
 );
 
 /// The largest C that `loss_and_grad` runs through the fused one-block-per-row kernel on the
@@ -454,7 +454,9 @@ fn unchecked_targets(dut: &Dut) {
 /// both boundaries, one below, at and past, against the CPU fused op, plain and with the
 /// combination of options. (On another GPU the test checks its own one-pass limit.)
 fn one_pass_wide_rows(dut: &Dut) {
-    let wide = dut.as_h200();
+    // Past a cluster the L2 kernel's cooperative grid: 16 blocks where emulated (one OS thread
+    // each), the GPU's own on a GPU.
+    let wide = dut.as_h200().with_grid_cap(16);
     let mut f = Failures::default();
     for dtype in parity::ALL_DTYPES {
         let limit = fused_limit(&wide, dtype);
@@ -502,6 +504,8 @@ fn cluster_rows() {
         sm_count: 4,
         max_shared_per_block: 6 * 1024,
         clusters: true,
+        cooperative: false,
+        l2_bytes: 0,
     });
     let mut f = Failures::default();
     for dtype in parity::ALL_DTYPES {
@@ -551,6 +555,69 @@ fn cluster_rows() {
         }
     }
     f.finish("kernels: rows over a thread-block cluster");
+}
+
+/// The L2 path (`ms_fused_l2`: a cooperative grid over groups of rows, each row in slices whose
+/// partial states every block merges in one fixed order, a group's gradient written while the
+/// next group is read) at small widths, on an emulated GPU with 3 SMs (a grid of 9 blocks, 6 for
+/// the `_ext` entries and f64), 6 KiB of shared memory a block (one block per row up to 1021
+/// f32 / 2041 f16 / 509 f64 classes), no clusters and 192 KiB of L2 (groups within 64 KiB):
+/// one slice a row with groups of several rows, 3 and 5 slices a row with groups of one to three
+/// rows, groups that do not divide B, odd widths (misaligned rows), ignored rows, every head,
+/// every dtype, plain, with all options and soft-capped, and a grid cap of 2 (blocks taking
+/// several slices a phase), against the CPU fused op.
+#[cfg(feature = "kernel-emu")]
+fn l2_rows() {
+    use candle_margin_softmax::kernel_emu::DeviceShape;
+    let dut = Dut::emulated_as(DeviceShape {
+        sm_count: 3,
+        max_shared_per_block: 6 * 1024,
+        clusters: false,
+        cooperative: true,
+        l2_bytes: 192 * 1024,
+    });
+    let mut f = Failures::default();
+    for dtype in parity::ALL_DTYPES {
+        let limit = fused_limit(&dut, dtype);
+        let block_limit = (4096 / dtype.size_in_bytes()) - (16 / dtype.size_in_bytes() - 1);
+        if limit != block_limit {
+            f.0.push(format!("{}: one-pass limit {limit}", dtype_name(dtype)));
+        }
+        for c in [limit + 1, 9001, 4 * 4096 + 3] {
+            for (hn, head) in [
+                ("arcface", Head::arcface()),
+                ("softmax", Head::softmax()),
+                ("rbf", Head::rbf()),
+            ] {
+                for (on, opts) in [
+                    ("plain", Opts::default()),
+                    ("combo", Opts::combo()),
+                    ("softcap", Opts::default().with_softcap()),
+                ] {
+                    if on == "softcap" && hn != "arcface" {
+                        continue;
+                    }
+                    let label = format!("l2 {hn}+{on} 7x{c} {}", dtype_name(dtype));
+                    if let Err(e) = vs_cpu_op(&dut, &label, head, &opts, (7, c), dtype, &mut f) {
+                        f.err(&label, e);
+                    }
+                }
+            }
+        }
+        let label = format!("l2 grid cap 2, 5x9001 {}", dtype_name(dtype));
+        if let Err(e) = vs_cpu_op(
+            &dut.with_grid_cap(2),
+            &label,
+            Head::arcface(),
+            &Opts::combo(),
+            (5, 9001),
+            dtype,
+            &mut f,
+        ) {
+            f.err(&label, e);
+        }
+    }
+    f.finish("kernels: rows past one pass through L2");
 }
 
 // ---- The fused / split boundary of loss_and_grad. ----
