@@ -36,7 +36,7 @@ structure=(kernels::emu::parity_small_heads kernels::emu::fused_split_boundary
     kernels::emu::split_rows kernels::emu::grid_stride kernels::emu::row_alignment
     kernels::emu::deterministic kernels::emu::reduction_variants
     kernels::emu::target_errors_match_cpu kernels::emu::edge_empty_batch
-    kernels::emu::unchecked_targets kernels::emu::cluster_rows kernels::emu::l2_rows)
+    kernels::emu::unchecked_targets kernels::emu::cluster_rows kernels::emu::l2_rows_few)
 if [ -n "${KERNEL_EMU_FILTER:-}" ]; then
     read -r -a all <<<"$KERNEL_EMU_FILTER"
     # shellcheck disable=SC2034

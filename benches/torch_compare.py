@@ -25,7 +25,15 @@ d(loss)/d(logits) [B, C] in the logits' dtype). For the crate ("ours") that is w
         row, grid 8 * max(1, min(B, 65535 // 8)), dynamic smem smem(S) per block;
         a, b and c take ms_fused's 10 arguments, and the function is opted into its dynamic shared
         memory when that plus its static shared memory passes 48 KiB; one read, one write;
-     d. else `ms_forward_partial_<variant>_<T>` (splits = clamp(floor(2 * SMs * (4, or 2 for
+     d. `ms_fused_l2_<variant>_<T>` where the device has cooperative launch
+        (cudaDevAttrCooperativeLaunch), as a COOPERATIVE launch (cuLaunchCooperativeKernel: CuPy's
+        enable_cooperative_groups) of grid = min(SMs * (3, or 2 for f64 and `_ext`), 65535) blocks
+        of 256, no dynamic smem: rows in groups of G = clamp(floor(L2 / 3 / (C * sizeof(T))), 1, B)
+        (L2 = cudaDevAttrL2CacheSize), each row in splits = max(min(grid // G, ceil(C / 4096)), 1)
+        slices; ms_fused's 10 arguments plus `ACC* partials` (B * splits * 5 elements) and
+        `long long group_rows` (G); one read from memory, the gradient's second read from L2, one
+        write;
+     e. else `ms_forward_partial_<variant>_<T>` (splits = clamp(floor(2 * SMs * (4, or 2 for
         f64) / B), 1, ceil(C / 4096)) blocks per row) -> `ms_forward_finalize_<T>` (row info and
         d(loss)/d(scale), the device's upstream folded in) -> `ms_backward_<variant>_<T>`;
      <variant> is identity / cosine / rbf, `_ext` with label smoothing or soft-capping
@@ -64,7 +72,8 @@ providers but ours-autograd) and 2 reads + 1 write for ours-autograd.
 
 Default run (no arguments): the issue's shapes 8192x32000:bf16, 4096x128256:bf16,
 512x1000000:bf16, 64x1000000:f32 (a shape without `:dtype` runs in each of --dtypes; on an H200
-they take ms_fused, ms_fused_cluster, split and split), problems
+they take ms_fused, ms_fused_cluster, ms_fused_l2 and ms_fused_l2: groups of 8 rows x 49 slices and of
+4 rows x 99 slices, grid 396 (264 and 33 / 66 slices for ce_ls's `_ext` entries)), problems
 ce ce_ls arcface, do_bench warmup 50 ms / rep 200 ms, up to 3 rotating input sets (at most
 --input-budget-gib 6 GiB of inputs per group). Expected on an H200 (an estimate, not measured
 with this version): about 4-6 minutes, most of it torch.compile (one compilation per shape and
@@ -207,6 +216,9 @@ ENTRY_SIGNATURES = {
     # launches all three through Inputs::fused)
     "ms_fused_warp": "pppppSpppp",
     "ms_fused_cluster": "pppppSpppp",
+    # ms_fused_l2_{variant}_T: ms_fused's arguments, then ACC* partials, long long group_rows
+    # (src/cuda.rs: Inputs::fused with L2Work; launched cooperatively)
+    "ms_fused_l2": "pppppSpppppq",
     # ms_targets_I_A(const I* raw, long long rows, long long classes, long long ignore_index,
     #                int has_ignore, const A* weights, int has_weights, int mean, int* out,
     #                long long* first_invalid, A* upstream)
@@ -219,6 +231,7 @@ ENTRY_MODULE = {
     "ms_fused": "fused",
     "ms_fused_warp": "fused",
     "ms_fused_cluster": "fused",
+    "ms_fused_l2": "fused",
     "ms_targets": "targets",
 }
 # Entries compiled only from an architecture on: ms_fused_cluster is inside
@@ -228,7 +241,7 @@ ENTRY_MIN_ARCH = {"ms_fused_cluster": 90}
 # The element loops of MS_PER_TRANSFORM (kernels/rows.cuh), in its order (src/launch.rs
 # variant_index): the entries `{root}_{variant}_{T}` of the roots below.
 VARIANTS = ("identity", "cosine", "rbf", "identity_ext", "cosine_ext", "rbf_ext")
-VARIANT_ROOTS = ("ms_forward_partial", "ms_backward", "ms_fused", "ms_fused_warp", "ms_fused_cluster")
+VARIANT_ROOTS = ("ms_forward_partial", "ms_backward", "ms_fused", "ms_fused_warp", "ms_fused_cluster", "ms_fused_l2")
 # ms_targets_{I}_{A}: raw target types (candle's U8, U32, I64) x accumulation types.
 TARGET_SUFFIXES = ("u8", "u32", "i64")
 ACC_SUFFIXES = ("f32", "f64")
@@ -258,6 +271,7 @@ WARP_ROWS = BLOCK // 32  # rows per block of ms_fused_warp (a warp each)
 CLUSTER = 8  # blocks per row of ms_fused_cluster (MS_CLUSTER, its __cluster_dims__)
 SPLIT_MIN_COLUMNS = 4096
 SPLIT_WAVES = 2
+L2_SHARE = 3  # ms_fused_l2's row group takes at most 1 / L2_SHARE of the L2 (src/launch.rs L2_SHARE)
 I32_MAX = 2**31 - 1
 # MS_TARGET_IGNORED / MS_TARGET_INVALID of params.cuh (the int32 targets ms_targets writes).
 TARGET_IGNORED, TARGET_INVALID = -1, -2
@@ -271,16 +285,20 @@ def div_ceil(a: int, b: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class DeviceShape:
     """src/launch.rs DeviceShape: the SM count, the shared memory one block may opt into
-    (cudaDevAttrMaxSharedMemoryPerBlockOptin, at least 48 KiB) and whether the device launches
-    thread-block clusters (CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH, sm_90 and later)."""
+    (cudaDevAttrMaxSharedMemoryPerBlockOptin, at least 48 KiB), whether the device launches
+    thread-block clusters (CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH, sm_90 and later), whether it has
+    cooperative launch (CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH: ms_fused_l2's grid barriers) and
+    its L2 cache in bytes (CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE: ms_fused_l2's row groups)."""
 
     sm_count: int
     max_shared_per_block: int
     clusters: bool = False
+    cooperative: bool = False
+    l2_bytes: int = 0
 
 
-DEVICE_DEFAULT = DeviceShape(132, DEFAULT_SHARED, False)  # DeviceShape::DEFAULT (no opt-in)
-DEVICE_H200 = DeviceShape(132, 227 * 1024, True)  # DeviceShape::H200 (and H100 SXM)
+DEVICE_DEFAULT = DeviceShape(132, DEFAULT_SHARED, False, False, 0)  # DeviceShape::DEFAULT (no opt-in)
+DEVICE_H200 = DeviceShape(132, 227 * 1024, True, True, 50 * 1024 * 1024)  # DeviceShape::H200 (and H100 SXM)
 DEVICE_A100 = DeviceShape(108, 163 * 1024, False)  # src/op.rs's A100 figures (163 KiB, no clusters)
 
 
@@ -345,6 +363,26 @@ def grid_dim(blocks: int) -> int:
     return min(max(blocks, 1), MAX_GRID)
 
 
+def l2_blocks_per_sm(size: int, ext: bool) -> int:
+    """ms_fused_l2's blocks per SM (src/launch.rs l2_blocks_per_sm): 2 for f64 and the `_ext`
+    entries, else 3; its cooperative grid is that many per SM (the entries' __launch_bounds__
+    minimum guarantees at least that many resident: checked on the PTX in --selftest-params)."""
+    return 2 if size == 8 or ext else 3
+
+
+def l2_groups(rows: int, classes: int, size: int, ext: bool, device: "DeviceShape",
+              grid_cap: int = MAX_GRID) -> Tuple[int, int, int]:
+    """src/launch.rs l2_groups: (rows a group, slices a row, blocks of the grid). A group holds
+    floor(L2 / L2_SHARE / row bytes) rows, clamped to [1, max(B, 1)]; the grid is
+    SMs * l2_blocks_per_sm within the grid cap; each row gets max(min(grid // G, ceil(C / 4096)), 1)
+    slices."""
+    row_bytes = max(classes, 1) * size
+    group_rows = min(max(device.l2_bytes // L2_SHARE // row_bytes, 1), max(rows, 1))
+    grid = min(max(device.sm_count, 1) * l2_blocks_per_sm(size, ext), grid_cap)
+    splits = max(min(grid // group_rows, div_ceil(classes, SPLIT_MIN_COLUMNS)), 1)
+    return group_rows, splits, grid
+
+
 # The numbers asserted in src/launch.rs (and documented on MarginSoftmaxLoss::loss_and_grad).
 assert [fused_max_classes(n, DEFAULT_SHARED) for n in (4, 2, 8)] == [11_773, 23_545, 5_887]
 assert [fused_max_classes(n, 227 * 1024) for n in (4, 2, 8)] == [57_597, 115_193, 28_799]
@@ -353,6 +391,8 @@ assert split_count(2, 1_000_000, 4, 132) == 245
 assert [warp_max_classes(n) for n in (4, 2, 8)] == [1021, 2041, 511]
 assert cluster_max_classes(2, 227 * 1024) == 921_536 and cluster_max_classes(4, 227 * 1024) == 460_768
 assert cluster_slice(128_256, 2) == 16_032
+assert l2_groups(512, 1_000_000, 2, False, DEVICE_H200) == (8, 49, 396)
+assert l2_groups(64, 1_000_000, 4, False, DEVICE_H200) == (4, 99, 396)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,8 +408,12 @@ TARGETS_LAUNCH = Launch((1, 1, 1), (TARGETS_BLOCK, 1, 1))
 # The one-pass kinds of plan_loss_and_grad (LossAndGradPlan::FusedWarp / Fused / FusedCluster) and
 # the kernel root each launches (src/cuda.rs: Inputs::fused with that root, the same arguments).
 ONE_PASS_ROOTS = {"fused_warp": "ms_fused_warp", "fused": "ms_fused", "fused_cluster": "ms_fused_cluster"}
+# Every kind src/cuda.rs launches through Inputs::fused: the one-pass ones and ms_fused_l2 (the same
+# 10 arguments, then partials and group_rows; a cooperative launch).
+FUSED_ROOTS = {**ONE_PASS_ROOTS, "fused_l2": "ms_fused_l2"}
 # The script's kinds -> src/launch.rs LossAndGradPlan's paths, in Planner::loss_and_grad's order.
-PLAN_PATHS = {"fused_warp": "FusedWarp", "fused": "Fused", "fused_cluster": "FusedCluster", "split": "Split"}
+PLAN_PATHS = {"fused_warp": "FusedWarp", "fused": "Fused", "fused_cluster": "FusedCluster", "fused_l2": "FusedL2",
+              "split": "Split"}
 # What --selftest-params finds in Planner::loss_and_grad (comments and whitespace removed) for
 # each path: the condition, the grid and the dynamic shared memory plan_loss_and_grad computes.
 PLAN_PATH_EXPRS = {
@@ -389,6 +433,15 @@ PLAN_PATH_EXPRS = {
         "letclusters=shape.rows.min(self.grid_cap/CLUSTER).max(1);",
         "grid:[(clusters*CLUSTER)asu32,1,1],block:[BLOCK,1,1],shared_mem_bytes:shared",
     ],
+    "FusedL2": [
+        "}elseifself.device.cooperative{letvariant=kernel_variant(cfg,scale_grad);"
+        "letext=variant.ends_with(\"_ext\");",
+        "let(group_rows,splits,grid)=l2_groups(shape.rows,shape.classes,size,ext,self.device,self.grid_cap,);",
+        "letparams=params(cfg,shape,splits,scale_grad)?;",
+        "if(2*group_rows*splits)>i32::MAXasusize{bail!(",
+        "Ok(LossAndGradPlan::FusedL2{params,variant,launch:Launch{grid:[gridasu32,1,1],block:[BLOCK,1,1],"
+        "shared_mem_bytes:0,},group_rows,partials_len:shape.rows*splits*PARTIAL_COLUMNS,})",
+    ],
     "Split": [
         "forward:self.forward(cfg,shape,size,scale_grad)?,backward_variant:kernel_variant(cfg,false),"
         "backward:self.backward_launch(shape,size),",
@@ -399,19 +452,20 @@ PLAN_PATH_EXPRS = {
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """The launches of one op, as src/launch.rs Planner plans them. kind: 'fused_warp'
-    (ms_fused_warp), 'fused' (ms_fused), 'fused_cluster' (ms_fused_cluster), 'split' (partial ->
-    finalize -> backward: loss_and_grad), 'forward' (partial -> finalize) or 'backward'
-    (ms_backward)."""
+    (ms_fused_warp), 'fused' (ms_fused), 'fused_cluster' (ms_fused_cluster), 'fused_l2'
+    (ms_fused_l2, cooperative), 'split' (partial -> finalize -> backward: loss_and_grad), 'forward'
+    (partial -> finalize) or 'backward' (ms_backward)."""
 
     kind: str
-    splits: int
-    variant: str  # the one-pass kernel's / ms_forward_partial's, or ms_backward's for kind 'backward'
+    splits: int  # MsParams.splits: ms_forward_partial's blocks a row, ms_fused_l2's slices a row
+    variant: str  # the fused kernel's / ms_forward_partial's, or ms_backward's for kind 'backward'
     backward_variant: Optional[str] = None  # ms_backward's, for kind 'split'
-    fused: Optional[Launch] = None  # the one-pass launch (kinds fused_warp, fused, fused_cluster)
+    fused: Optional[Launch] = None  # the fused launch (kinds fused_warp, fused, fused_cluster, fused_l2)
     partial: Optional[Launch] = None
     finalize: Optional[Launch] = None
     backward: Optional[Launch] = None
-    partials_len: int = 0
+    partials_len: int = 0  # ms_forward_partial's / ms_fused_l2's partial states, in ACC elements
+    group_rows: int = 0  # ms_fused_l2's rows a group
 
 
 def plan_forward(cfg: "LossCfg", rows: int, classes: int, size: int, scale_grad: bool, device: DeviceShape) -> Plan:
@@ -444,7 +498,9 @@ def plan_loss_and_grad(cfg: "LossCfg", rows: int, classes: int, size: int, scale
     3. ms_fused_cluster where the device has clusters and C <= cluster_max_classes: a cluster of
        CLUSTER blocks per row, grid CLUSTER * max(1, min(B, MAX_GRID // CLUSTER)), dynamic smem
        fused_shared_bytes(cluster_slice(C)) per block;
-    4. else the split forward then ms_backward (force_split: always this one)."""
+    4. ms_fused_l2 where the device has cooperative launch: l2_groups' (group_rows, splits, grid),
+       a cooperative launch of grid blocks, no dynamic smem, B * splits * PARTIAL_COLUMNS partials;
+    5. else the split forward then ms_backward (force_split: always this one)."""
     variant = kernel_variant(cfg, scale_grad)
     if not force_split and classes <= warp_max_classes(size):
         return Plan("fused_warp", 1, variant,
@@ -458,6 +514,14 @@ def plan_loss_and_grad(cfg: "LossCfg", rows: int, classes: int, size: int, scale
         return Plan("fused_cluster", 1, variant,
                     fused=Launch((clusters * CLUSTER, 1, 1), (BLOCK, 1, 1),
                                  fused_shared_bytes(cluster_slice(classes, size), size)))
+    if not force_split and device.cooperative:
+        group_rows, splits, grid = l2_groups(rows, classes, size, variant.endswith("_ext"), device)
+        if rows * splits > I32_MAX:  # params(): the rows' slices are counted in an int
+            raise ValueError(f"shape ({rows}, {classes}): too many rows for the CUDA forward grid")
+        if 2 * group_rows * splits > I32_MAX:  # a phase's work items are counted in an int
+            raise ValueError(f"shape ({rows}, {classes}): too many slices for the CUDA L2 kernel")
+        return Plan("fused_l2", splits, variant, fused=Launch((grid, 1, 1), (BLOCK, 1, 1), 0),
+                    partials_len=rows * splits * PARTIAL_COLUMNS, group_rows=group_rows)
     f = plan_forward(cfg, rows, classes, size, scale_grad, device)
     return dataclasses.replace(f, kind="split", backward_variant=kernel_variant(cfg, False),
                                backward=backward_launch(rows, classes, size))
@@ -738,7 +802,7 @@ def check_rust_sources() -> Tuple[List[str], int]:
     consts = {"BLOCK": BLOCK, "FINALIZE_BLOCK": FINALIZE_BLOCK, "TARGETS_BLOCK": TARGETS_BLOCK,
               "MAX_GRID": MAX_GRID, "PARTIAL_COLUMNS": PARTIAL_COLUMNS, "DEFAULT_SHARED": DEFAULT_SHARED,
               "FUSED_STATIC_RESERVE": FUSED_STATIC_RESERVE, "SPLIT_MIN_COLUMNS": SPLIT_MIN_COLUMNS,
-              "SPLIT_WAVES": SPLIT_WAVES, "WARP_SHARED": WARP_SHARED, "CLUSTER": CLUSTER}
+              "SPLIT_WAVES": SPLIT_WAVES, "WARP_SHARED": WARP_SHARED, "CLUSTER": CLUSTER, "L2_SHARE": L2_SHARE}
     for name, value in consts.items():
         m = re.search(rf"const {name}: \w+ = ([\d_ *]+);", launch)
         checks += 1
@@ -747,19 +811,26 @@ def check_rust_sources() -> Tuple[List[str], int]:
     checks += 1
     if not re.search(r"const WARP_ROWS: usize = BLOCK as usize / 32;", launch) or WARP_ROWS != BLOCK // 32:
         problems.append("src/launch.rs WARP_ROWS is not BLOCK / 32 (the script's WARP_ROWS)")
+    # The struct's fields, in order (the script's DeviceShape has the same), and the two constants.
+    sm = re.search(r"pub struct DeviceShape \{(.*?)\n\}", launch, re.S)
+    checks += 1
+    rust_dev_fields = re.findall(r"pub (\w+):", sm.group(1)) if sm else []
+    if rust_dev_fields != [f.name for f in dataclasses.fields(DeviceShape)]:
+        problems.append(f"src/launch.rs DeviceShape fields {rust_dev_fields}, the script's "
+                        f"{[f.name for f in dataclasses.fields(DeviceShape)]}")
     for name, dev in (("DEFAULT", DEVICE_DEFAULT), ("H200", DEVICE_H200)):
         m = re.search(rf"const {name}: DeviceShape = DeviceShape \{{\s*sm_count: ([\d_]+),\s*"
-                      rf"max_shared_per_block: ([\w_ *]+),\s*clusters: (true|false),", launch)
+                      rf"max_shared_per_block: ([\w_ *]+),\s*clusters: (true|false),\s*"
+                      rf"cooperative: (true|false),\s*l2_bytes: ([\d_ *]+),", launch)
         checks += 1
         if not m:
-            problems.append(f"src/launch.rs: DeviceShape::{name} {{ sm_count, max_shared_per_block, clusters }} "
-                            "not found")
+            problems.append(f"src/launch.rs: DeviceShape::{name} {{ sm_count, max_shared_per_block, clusters, "
+                            "cooperative, l2_bytes }} not found")
             continue
         shared = DEFAULT_SHARED if m.group(2).strip() == "DEFAULT_SHARED" else _rust_int(m.group(2))
-        if (_rust_int(m.group(1)), shared, m.group(3) == "true") != (dev.sm_count, dev.max_shared_per_block,
-                                                                      dev.clusters):
-            problems.append(f"src/launch.rs DeviceShape::{name} = ({m.group(1)}, {m.group(2)}, {m.group(3)}), "
-                            f"the script has {dev}")
+        got = (_rust_int(m.group(1)), shared, m.group(3) == "true", m.group(4) == "true", _rust_int(m.group(5)))
+        if got != dataclasses.astuple(dev):
+            problems.append(f"src/launch.rs DeviceShape::{name} = {got}, the script has {dev}")
     devices = {"d": DEVICE_H200, "DeviceShape::H200": DEVICE_H200, "DeviceShape::DEFAULT": DEVICE_DEFAULT}
     found = 0
     for m in re.finditer(r"assert_eq!\(split_count\(([\d_]+), ([\d_]+), (\d+), ([\w:]+)\), ([\d_]+)\)", launch):
@@ -803,6 +874,55 @@ def check_rust_sources() -> Tuple[List[str], int]:
     if found < 6:
         problems.append(f"src/launch.rs: only {found} warp_max_classes / cluster_max_classes / cluster_slice "
                         "asserts found (expected >= 6)")
+    # ms_fused_l2's planning: l2_blocks_per_sm and l2_groups as the script computes them, and the
+    # (group_rows, splits, grid) of src/launch.rs's l2_path_on_h200 test.
+    fns = {}
+    for fname in ("l2_blocks_per_sm", "l2_groups"):
+        fm = re.search(rf"fn {fname}\((.*?)\n\}}\n", launch, re.S)
+        fns[fname] = _squash(fm.group(1)) if fm else ""
+    for fname, expr in (
+            ("l2_blocks_per_sm", "size:usize,ext:bool)->usize{ifsize==8||ext{2}else{3}"),
+            ("l2_groups", "letrow_bytes=classes.max(1)*size;"),
+            ("l2_groups", "letgroup_rows=(device.l2_bytes/L2_SHARE/row_bytes).clamp(1,rows.max(1));"),
+            ("l2_groups", "letgrid=(device.sm_count.max(1)*l2_blocks_per_sm(size,ext)).min(grid_cap);"),
+            ("l2_groups", "letsplits=(grid/group_rows).min(classes.div_ceil(SPLIT_MIN_COLUMNS)).max(1);"),
+            ("l2_groups", "(group_rows,splits,grid)")):
+        checks += 1
+        if expr not in fns[fname]:
+            problems.append(f"src/launch.rs {fname}: `{expr}` not found (the script's {fname} computes that)")
+    tm = re.search(r"fn l2_path_on_h200\(\) \{(.*?)\n    \}\n", launch, re.S)
+    l2_test = tm.group(1) if tm else ""
+    arc_l2 = LossCfg(HeadCfg("arcface", s=64.0, m=0.5))
+    l2_cfgs = {"arcface": arc_l2, "smooth": dataclasses.replace(arc_l2, label_smoothing=0.1)}
+    found = 0
+    for m in re.finditer(r"check\(&(\w+), ([\d_]+), ([\d_]+), (\d+), \(([\d_]+), ([\d_]+), ([\d_]+)\)\);", l2_test):
+        name, rows, classes, size = m.group(1), _rust_int(m.group(2)), _rust_int(m.group(3)), int(m.group(4))
+        want_l2 = tuple(_rust_int(v) for v in m.groups()[4:])
+        found += 1
+        checks += 1
+        if name not in l2_cfgs:
+            problems.append(f"src/launch.rs l2_path_on_h200: unknown configuration `{name}` (the script knows "
+                            f"{list(l2_cfgs)})")
+            continue
+        pl = plan_loss_and_grad(l2_cfgs[name], rows, classes, size, False, DEVICE_H200)
+        got = (pl.kind, (pl.group_rows, pl.splits, pl.fused and pl.fused.grid[0]), pl.partials_len)
+        if got != ("fused_l2", want_l2, rows * want_l2[1] * PARTIAL_COLUMNS):
+            problems.append(f"{name} {rows}x{classes} size {size} on an H200: the script plans {got}, "
+                            f"src/launch.rs l2_path_on_h200 says FusedL2 {want_l2}")
+    for m in re.finditer(r"Planner::grid_cap\((\d+), DeviceShape::H200\);.*?shape\(([\d_]+), ([\d_]+)\), (\d+), "
+                         r"false\).*?=> assert_eq!\(\(group_rows, params\.splits, launch\.grid\[0\]\), "
+                         r"\(([\d_]+), ([\d_]+), ([\d_]+)\)\)", l2_test, re.S):
+        cap, rows, classes, size = (_rust_int(v) for v in m.groups()[:4])
+        want_l2 = tuple(_rust_int(v) for v in m.groups()[4:])
+        found += 1
+        checks += 1
+        got = l2_groups(rows, classes, size, False, DEVICE_H200, grid_cap=cap)
+        if got != want_l2:
+            problems.append(f"l2_groups({rows}, {classes}, {size}, false, H200, cap {cap}) = {got}, "
+                            f"src/launch.rs l2_path_on_h200 says {want_l2}")
+    if found < 7:
+        problems.append(f"src/launch.rs l2_path_on_h200: only {found} (group_rows, splits, grid) checks found "
+                        "(expected >= 7)")
     # The definitions of the limits, as the script computes them.
     defs = _squash(launch)
     for what, expr in (
@@ -842,13 +962,34 @@ def check_rust_sources() -> Tuple[List[str], int]:
     if body.count(one_pass) != len(ONE_PASS_ROOTS):
         problems.append(f"src/launch.rs Planner::loss_and_grad: `{one_pass}` found {body.count(one_pass)} times, "
                         f"the script's {len(ONE_PASS_ROOTS)} one-pass paths use it")
-    # src/cuda.rs: each one-pass path launches its root through Inputs::fused (ms_fused's arguments).
+    # src/cuda.rs: each fused path launches its root through Inputs::fused (ms_fused's arguments).
     cuda = _squash((REPO / "src" / "cuda.rs").read_text())
     roots = dict(re.findall(r"LossAndGradPlan::(\w+)\{[\w,]*\}=>inputs\.fused\(\"(\w+)\"", cuda))
-    want_roots = {PLAN_PATHS[k]: v for k, v in ONE_PASS_ROOTS.items()}
+    want_roots = {PLAN_PATHS[k]: v for k, v in FUSED_ROOTS.items()}
     checks += 1
     if roots != want_roots:
-        problems.append(f"src/cuda.rs launches the one-pass paths as {roots}; the script as {want_roots}")
+        problems.append(f"src/cuda.rs launches the fused paths as {roots}; the script as {want_roots}")
+    # ms_fused_l2: the one-pass paths without L2 work; FusedL2 with its group_rows and partials_len,
+    # appended as `ACC* partials, long long group_rows`, launched cooperatively; DeviceShape's two
+    # new fields from the device attributes the script reads (query_device_shape).
+    cuda_module = _squash((REPO / "src" / "cuda_module.rs").read_text())
+    for where, text, expr in (
+            ("src/cuda.rs", cuda, "(params,variant,fused),weights,None"),
+            ("src/cuda.rs", cuda, "(params,variant,cluster),weights,None"),
+            ("src/cuda.rs", cuda, "LossAndGradPlan::FusedL2{params,variant,launch,group_rows,partials_len,}"
+                                  "=>inputs.fused(\"ms_fused_l2\",(params,variant,launch),weights,"
+                                  "Some(L2Work{group_rows:*group_rows,partials_len:*partials_len,}),)"),
+            ("src/cuda.rs", cuda, "self.dev.alloc::<T::Acc>(work.partials_len)}?,work.group_rowsasi64,"),
+            ("src/cuda.rs", cuda, "b.arg(&self.targets.upstream);ifletSome((partials,group_rows))=&mutl2{"
+                                  "b.arg(partials);b.arg(&*group_rows);}"),
+            ("src/cuda.rs", cuda, "ifcooperative{b.launch_cooperative(config(launch))}else{b.launch(config(launch))}"),
+            ("src/cuda.rs", cuda, "cooperative:limits.cooperative_launch,l2_bytes:limits.l2_bytes,"),
+            ("src/cuda_module.rs", cuda_module, "CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH,"),
+            ("src/cuda_module.rs", cuda_module, "CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE,")):
+        checks += 1
+        if expr not in text:
+            problems.append(f"{where}: `{expr}` not found (the script's ms_fused_l2 launch / device query "
+                            "follows it)")
     # src/op.rs documents the one-pass limits: the script's values must be the ones it states.
     op = (REPO / "src" / "op.rs").read_text()
     dm = re.search(r"((?:\s*///[^\n]*\n)+)\s*pub fn one_pass_max_classes", op)
@@ -1098,6 +1239,47 @@ def check_ptx_signatures(ptx_paths: Dict[str, Path], suffixes: List[str],
     return problems, len(want), unknown
 
 
+_BOUNDS_RE = re.compile(r"\.entry\s+(\w+)\s*\(.*?\)\s*((?:\.(?:maxntid|minnctapersm|reqntid|maxnreg|explicitcluster|"
+                        r"reqnctapercluster|maxclusterrank)[^\n]*\n\s*)*)", re.S)
+
+
+def ptx_launch_bounds(ptx_text: str) -> Dict[str, Tuple[Optional[int], Optional[int]]]:
+    """Each .entry's __launch_bounds__ as the PTX states them: (.maxntid's x, .minnctapersm), None
+    where absent."""
+    out = {}
+    for m in _BOUNDS_RE.finditer(ptx_text):
+        mx = re.search(r"\.maxntid\s+(\d+)", m.group(2))
+        mn = re.search(r"\.minnctapersm\s+(\d+)", m.group(2))
+        out[m.group(1)] = (int(mx.group(1)) if mx else None, int(mn.group(1)) if mn else None)
+    return out
+
+
+def check_l2_launch_bounds(ptx_paths: Dict[str, Path], suffixes: List[str]) -> Tuple[List[str], List[str], int]:
+    """ms_fused_l2's cooperative grid is l2_blocks_per_sm(size, ext) blocks per SM (src/launch.rs),
+    which the driver launches only if that many are co-resident: each entry's __launch_bounds__
+    (.maxntid BLOCK, .minnctapersm N) must guarantee N >= that (no dynamic shared memory; its
+    static shared memory is a few bytes). Returns (problems, notes where N is larger than the
+    planned count, entries checked)."""
+    problems, notes = [], []
+    bounds = ptx_launch_bounds(ptx_paths[ENTRY_MODULE["ms_fused_l2"]].read_text()) \
+        if ENTRY_MODULE["ms_fused_l2"] in ptx_paths else {}
+    n = 0
+    for sfx in suffixes:
+        size = DTYPE_INFO[sfx][1]
+        for name in entry_names("ms_fused_l2", sfx):
+            ext = name[:-len(sfx) - 1].endswith("_ext")
+            planned = l2_blocks_per_sm(size, ext)
+            n += 1
+            maxntid, min_blocks = bounds.get(name, (None, None))
+            if maxntid != BLOCK or min_blocks is None or min_blocks < planned:
+                problems.append(f"{name}: __launch_bounds__ (.maxntid {maxntid}, .minnctapersm {min_blocks}) do not "
+                                f"guarantee the {planned} blocks of {BLOCK} per SM its cooperative grid launches "
+                                "(src/launch.rs l2_blocks_per_sm)")
+            elif min_blocks != planned:
+                notes.append(f"{name}: .minnctapersm {min_blocks}, the plan launches {planned} per SM")
+    return problems, notes, n
+
+
 # The device-side layout probe, run before the first launch on a GPU: the device compiler's
 # sizeof / alignof / offsetof and the bytes the kernel receives.
 def device_probe_source() -> str:
@@ -1217,15 +1399,62 @@ def selftest_planning() -> Tuple[List[str], int]:
     want("H200 4096x128256 bf16 plan", (p2.kind, p2.variant, p2.fused),
          ("fused_cluster", "identity", Launch((4096 * 8, 1, 1), (256, 1, 1), fused_shared_bytes(16_032, 2))))
     want("fused_shared_bytes(16032, 2)", fused_shared_bytes(16_032, 2), 32080)
+    # Without clusters the row past one block takes ms_fused_l2 (src/launch.rs: "No clusters without
+    # the capability"), and without cooperative launch as well the split path.
     p2s = plan_loss_and_grad(sm, 4096, 128256, 2, False, dataclasses.replace(DEVICE_H200, clusters=False))
-    want("H200 without clusters 4096x128256 bf16 plan", (p2s.kind, p2s.splits, p2s.partial.grid, p2s.backward.grid),
-         ("split", 1, (4096, 1, 1), (63, 4096, 1)))
+    want("H200 without clusters 4096x128256 bf16 plan", (p2s.kind, p2s.group_rows, p2s.splits, p2s.fused.grid),
+         ("fused_l2", 68, 5, (396, 1, 1)))
+    p2n = plan_loss_and_grad(sm, 4096, 128256, 2, False,
+                             dataclasses.replace(DEVICE_H200, clusters=False, cooperative=False))
+    want("H200 without clusters or cooperative launch 4096x128256 bf16 plan",
+         (p2n.kind, p2n.splits, p2n.partial.grid, p2n.backward.grid), ("split", 1, (4096, 1, 1), (63, 4096, 1)))
+    # The issue's two rows past a cluster: ms_fused_l2 (src/launch.rs l2_path_on_h200): groups of 8
+    # rows x 49 slices and of 4 x 99, 396 blocks (3 per SM), a cooperative launch without dynamic smem.
     p3 = plan_loss_and_grad(sm, 512, 1_000_000, 2, False, DEVICE_H200)
-    want("H200 512x1000000 bf16 plan", (p3.kind, p3.splits, p3.partial.grid, p3.finalize.grid, p3.partials_len),
-         ("split", 2, (1024, 1, 1), (4, 1, 1), 1024 * PARTIAL_COLUMNS))
+    want("H200 512x1000000 bf16 plan", (p3.kind, p3.variant, p3.group_rows, p3.splits, p3.fused, p3.partials_len),
+         ("fused_l2", "identity", 8, 49, Launch((396, 1, 1), (256, 1, 1), 0), 512 * 49 * PARTIAL_COLUMNS))
     p4 = plan_loss_and_grad(sm, 64, 1_000_000, 4, False, DEVICE_H200)
-    want("H200 64x1000000 f32 plan", (p4.kind, p4.splits, p4.partial.grid, p4.backward.grid),
+    want("H200 64x1000000 f32 plan", (p4.kind, p4.variant, p4.group_rows, p4.splits, p4.fused, p4.partials_len),
+         ("fused_l2", "identity", 4, 99, Launch((396, 1, 1), (256, 1, 1), 0), 64 * 99 * PARTIAL_COLUMNS))
+    # The same rows with label smoothing (ce_ls: identity_ext, 2 blocks per SM) and for arcface.
+    ls = dataclasses.replace(sm, label_smoothing=0.1)
+    p3e = plan_loss_and_grad(ls, 512, 1_000_000, 2, False, DEVICE_H200)
+    want("H200 512x1000000 bf16 ls plan", (p3e.kind, p3e.variant, p3e.group_rows, p3e.splits, p3e.fused.grid),
+         ("fused_l2", "identity_ext", 8, 33, (264, 1, 1)))
+    p4e = plan_loss_and_grad(ls, 64, 1_000_000, 4, False, DEVICE_H200)
+    want("H200 64x1000000 f32 ls plan", (p4e.kind, p4e.variant, p4e.group_rows, p4e.splits, p4e.fused.grid),
+         ("fused_l2", "identity_ext", 4, 66, (264, 1, 1)))
+    p3a = plan_loss_and_grad(LossCfg(HeadCfg("arcface", s=64.0, m=0.5)), 512, 1_000_000, 2, False, DEVICE_H200)
+    want("H200 512x1000000 bf16 arcface plan", (p3a.kind, p3a.variant, p3a.group_rows, p3a.splits),
+         ("fused_l2", "cosine", 8, 49))
+    # An H200 without cooperative launch: the split path (src/launch.rs: "Nor the L2 kernel without
+    # cooperative launch"), 2 and 16 blocks per row.
+    plain = dataclasses.replace(DEVICE_H200, cooperative=False)
+    p3s = plan_loss_and_grad(sm, 512, 1_000_000, 2, False, plain)
+    want("H200 without cooperative launch 512x1000000 bf16 plan",
+         (p3s.kind, p3s.splits, p3s.partial.grid, p3s.finalize.grid, p3s.partials_len),
+         ("split", 2, (1024, 1, 1), (4, 1, 1), 1024 * PARTIAL_COLUMNS))
+    p4s = plan_loss_and_grad(sm, 64, 1_000_000, 4, False, plain)
+    want("H200 without cooperative launch 64x1000000 f32 plan", (p4s.kind, p4s.splits, p4s.partial.grid,
+                                                                  p4s.backward.grid),
          ("split", 16, (1024, 1, 1), (977, 64, 1)))
+    # l2_groups on the numbers of src/launch.rs l2_path_on_h200, and its bounds: a group's inputs
+    # within 1 / L2_SHARE of the L2 (or one row), at most one slice to read and one to write per
+    # block in a phase, slices of at least SPLIT_MIN_COLUMNS columns (or one).
+    for args_, expect in (((512, 1_000_000, 2, False), (8, 49, 396)), ((64, 1_000_000, 4, False), (4, 99, 396)),
+                          ((64, 1_000_000, 8, False), (2, 132, 264)), ((64, 1_000_000, 4, True), (4, 66, 264)),
+                          ((3, 10_000_000, 4, False), (1, 396, 396)), ((3, 500_000, 8, False), (3, 88, 264))):
+        want(f"l2_groups{args_} on an H200", l2_groups(*args_, DEVICE_H200), expect)
+    want("l2_groups(2, 460769, 4, false, H200, cap 16)", l2_groups(2, 460_769, 4, False, DEVICE_H200, 16), (2, 8, 16))
+    want("l2_groups(0, 0, 2, false, 48 KiB)", l2_groups(0, 0, 2, False, DEVICE_DEFAULT), (1, 1, 396))
+    for rows, classes, size, ext in ((512, 1_000_000, 2, False), (64, 1_000_000, 4, True), (3, 10_000_000, 4, False),
+                                     (100_000, 921_537, 2, False), (7, 4097, 8, True), (5000, 1_000_000, 4, False)):
+        g, s, grid = l2_groups(rows, classes, size, ext, DEVICE_H200)
+        checks += 1
+        if not ((g == 1 or g * classes * size <= DEVICE_H200.l2_bytes // L2_SHARE) and g * s <= grid
+                and (s == 1 or s <= div_ceil(classes, SPLIT_MIN_COLUMNS)) and 1 <= g <= rows
+                and grid == DEVICE_H200.sm_count * l2_blocks_per_sm(size, ext)):
+            problems.append(f"l2_groups({rows}, {classes}, {size}, {ext}, H200) = {(g, s, grid)} breaks its bounds")
     p5 = plan_loss_and_grad(dataclasses.replace(sm, label_smoothing=0.1), 3, 40000, 2, True, DEVICE_DEFAULT)
     want("48 KiB 3x40000 bf16 ls + scale_grad plan", (p5.kind, p5.variant, p5.backward_variant),
          ("split", "identity_ext", "identity_ext"))
@@ -1253,13 +1482,16 @@ def selftest_planning() -> Tuple[List[str], int]:
             want(f"{dev_name} 3x{f} size {size} plan", (pf.kind, pf.variant, pf.fused.shared_mem),
                  ("fused", "cosine", fused_shared_bytes(f, size)))
             want(f"{dev_name} 3x{f + 1} size {size} plan", plan_loss_and_grad(arc, 3, f + 1, size, False, dev).kind,
-                 "fused_cluster" if dev.clusters else "split")
+                 "fused_cluster" if dev.clusters else "fused_l2" if dev.cooperative else "split")
             if dev.clusters:
                 pc = plan_loss_and_grad(arc, 4096, c, size, False, dev)
                 want(f"{dev_name} 4096x{c} size {size} plan", (pc.kind, pc.fused.grid, pc.fused.shared_mem),
                      ("fused_cluster", (4096 * CLUSTER, 1, 1), fused_shared_bytes(cluster_slice(c, size), size)))
-                want(f"{dev_name} 4096x{c + 1} size {size} plan",
-                     plan_loss_and_grad(arc, 4096, c + 1, size, False, dev).kind, "split")
+                pl2 = plan_loss_and_grad(arc, 4096, c + 1, size, False, dev)
+                want(f"{dev_name} 4096x{c + 1} size {size} plan", pl2.kind, "fused_l2" if dev.cooperative else "split")
+                if dev.cooperative:
+                    want(f"{dev_name} 4096x{c + 1} size {size} ms_fused_l2 (group_rows, splits, grid)",
+                         (pl2.group_rows, pl2.splits, pl2.fused.grid[0]), l2_groups(4096, c + 1, size, False, dev))
     # Grids: ms_fused_warp's ceil(B / 8) capped; ms_fused_cluster's whole clusters within the cap,
     # at least one.
     want("H200 1000000x100 f32 warp grid", plan_loss_and_grad(sm, 1_000_000, 100, 4, False, DEVICE_H200).fused.grid,
@@ -1287,15 +1519,18 @@ def selftest_params(args) -> int:
     print("params.cuh field list and #defines vs the script: " + ("OK" if not hp else "MISMATCH"))
     failures += hp
     rp, rn = check_rust_sources()
-    print(f"src/launch.rs constants, DeviceShape::DEFAULT / H200, the split_count / fused_max_classes / "
+    print(f"src/launch.rs constants, DeviceShape (fields, DEFAULT / H200), the split_count / fused_max_classes / "
           f"warp_max_classes / cluster_max_classes / cluster_slice numbers of its tests and const asserts, "
-          f"Planner::loss_and_grad's paths, order, conditions, grids and smem, src/cuda.rs's one-pass roots, "
+          f"l2_blocks_per_sm / l2_groups and the l2_path_on_h200 numbers, "
+          f"Planner::loss_and_grad's paths, order, conditions, grids and smem, src/cuda.rs's fused roots and "
+          f"ms_fused_l2 launch (partials, group_rows, cooperative) and device attributes, "
           f"src/op.rs's one-pass limits, and src/kernel_params.rs's field order vs the script ({rn} checks): "
           + ("OK" if not rp else "MISMATCH"))
     failures += rp
     pp, pn = selftest_planning()
     print(f"launch planning (warp / fused / cluster smem and limits, path boundaries, split counts, grids, "
-          f"variants, the issue's shapes on an H200; "
+          f"variants, l2_groups, the issue's shapes on an H200 (ms_fused_l2 past a cluster) and without "
+          f"clusters / cooperative launch; "
           f"{pn} checks): " + ("OK" if not pp else "MISMATCH"))
     failures += pp
 
@@ -1326,6 +1561,9 @@ def selftest_params(args) -> int:
                 if pl.kind in ONE_PASS_ROOTS:
                     parts.append(f"{sfx}: {ONE_PASS_ROOTS[pl.kind]}_{pl.variant} grid {pl.fused.grid[0]} "
                                  f"smem {pl.fused.shared_mem}")
+                elif pl.kind == "fused_l2":
+                    parts.append(f"{sfx}: ms_fused_l2_{pl.variant} (cooperative) groups of {pl.group_rows} "
+                                 f"x{pl.splits} grid {pl.fused.grid[0]}")
                 else:
                     parts.append(f"{sfx}: partial_{pl.variant} x{pl.splits} grid {pl.partial.grid[0]} -> "
                                  f"backward_{pl.backward_variant} grid {pl.backward.grid[:2]}")
@@ -1419,6 +1657,19 @@ def selftest_params(args) -> int:
                 if unknown:
                     print(f"  note: {len(unknown)} entries the script never launches: "
                           + ", ".join(sorted({re.sub(r"_(f32|f64|f16|bf16)$", "_<T>", u) for u in unknown})))
+                bp, bnotes, n_bounds = check_l2_launch_bounds(ptx, sfx)
+                print(f"ms_fused_l2 launch bounds ({arch}): {n_bounds} entries guarantee the {BLOCK}-thread blocks per "
+                      f"SM of their cooperative grid (l2_blocks_per_sm: 3, 2 for f64 and _ext): "
+                      + ("OK" if not bp else "MISMATCH"))
+                if bnotes:
+                    groups: Dict[str, List[str]] = {}
+                    for note in bnotes:
+                        name, _, what = note.partition(": ")
+                        groups.setdefault(what, []).append(name[len("ms_fused_l2_"):])
+                    print(f"  note: {len(bnotes)} entries are compiled for more blocks per SM than the plan launches "
+                          "(safe: fewer co-resident blocks than guaranteed): "
+                          + "; ".join(f"ms_fused_l2_{{{', '.join(names)}}}: {what}" for what, names in groups.items()))
+                failures += bp
                 for module, path in sorted(ptx.items()):
                     entries = ptx_entries(path.read_text())
                     for name in sorted(entries):
@@ -1478,14 +1729,19 @@ def preflight_shapes(size: int, device: DeviceShape) -> List[Tuple[int, int]]:
     """Small shapes that take every path on this device (odd C: unaligned rows; row counts that
     leave ms_fused_warp's last block part empty): a short row, the widest ms_fused_warp row and
     one more (ms_fused), the widest ms_fused row and one more (ms_fused_cluster where the device
-    has clusters, else split), the widest one-pass row and one more (split), a mid row and a long
-    row (many splits per row where it is split)."""
+    has clusters, else ms_fused_l2 where it has cooperative launch, else split), the widest
+    one-pass row and one more (ms_fused_l2 or split), on a device with cooperative launch
+    2 G + 1 rows one past the one-pass limit (ms_fused_l2 with G rows a group: three groups, the
+    last of one row), a mid row and a long row (many splits per row where it is split)."""
     warp = warp_max_classes(size)
     limit = fused_max_classes(size, device.max_shared_per_block)
     shapes = [(37, 1001), (19, warp), (3, warp + 1), (3, limit), (2, limit + 1)]
+    one_pass = one_pass_max_classes(size, device)
     if device.clusters:
-        one_pass = one_pass_max_classes(size, device)
         shapes += [(3, one_pass), (2, one_pass + 1)]
+    if device.cooperative:
+        group_rows = l2_groups(1 << 30, one_pass + 1, size, False, device)[0]
+        shapes += [(2 * group_rows + 1, one_pass + 1)]
     shapes += [(64, 50_001), (2, 300_007)]
     return list(dict.fromkeys(shapes))
 GOAL_COPY_FRACTION = 0.85
@@ -1547,9 +1803,16 @@ class OursKernels:
         self.suffixes = element_suffixes(arch)
         problems, _, _ = check_ptx_signatures({k: v for k, v in self.ptx.items() if k != "abi_probe"},
                                               self.suffixes, arch)
+        problems += check_l2_launch_bounds(self.ptx, self.suffixes)[0]
         if problems:
             raise RuntimeError("PTX signatures differ from the launches:\n  " + "\n  ".join(problems))
         self.modules = {stem: cupy.RawModule(path=str(path)) for stem, path in self.ptx.items()}
+        # ms_fused_l2 needs a cooperative launch (cuLaunchCooperativeKernel, as src/cuda.rs's
+        # launch_cooperative): CuPy launches a RawModule's kernels that way when the module is made
+        # with enable_cooperative_groups=True (for a PTX path that only selects the launch call), so
+        # its module is loaded a second time with the flag, on first use (cooperative_func).
+        self._coop_modules: Dict[str, object] = {}
+        self._coop_funcs = {}
         self._funcs = {}
         self._dynamic_smem: Dict[str, int] = {}
 
@@ -1558,6 +1821,30 @@ class OursKernels:
         if name not in self._funcs:
             self._funcs[name] = self.modules[ENTRY_MODULE[root]].get_function(name)
         return self._funcs[name]
+
+    def cooperative_func(self, name: str, root: str):
+        """The entry point `name` as a RawKernel that CuPy launches with cuLaunchCooperativeKernel."""
+        if name not in self._coop_funcs:
+            stem = ENTRY_MODULE[root]
+            if stem not in self._coop_modules:
+                self._coop_modules[stem] = self.cupy.RawModule(path=str(self.ptx[stem]),
+                                                               enable_cooperative_groups=True)
+            f = self._coop_modules[stem].get_function(name)
+            if not getattr(f, "enable_cooperative_groups", True):
+                raise RuntimeError(f"{name}: this CuPy's RawModule does not pass enable_cooperative_groups on")
+            self._coop_funcs[name] = f
+        return self._coop_funcs[name]
+
+    def cooperative_capacity(self, name: str, root: str, block: int, dynamic_smem: int) -> int:
+        """The most blocks of `block` threads a cooperative launch of `name` may have on this device:
+        cuOccupancyMaxActiveBlocksPerMultiprocessor x the SM count (the driver refuses a larger
+        cooperative grid; the crate's launch then fails, while CuPy would shrink the grid with a
+        warning, so OursStep checks the planned grid against this first)."""
+        from cupy.cuda import driver
+
+        f = self.cooperative_func(name, root)
+        per_sm = int(driver.occupancyMaxActiveBlocksPerMultiprocessor(f.kernel.ptr, block, dynamic_smem))
+        return per_sm * self.device.sm_count
 
     def static_smem(self, name: str, root: str) -> int:
         """CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES (RawKernel.attributes; the shared_size_bytes
@@ -1688,9 +1975,10 @@ def _pack_args(sig: str, args, what: str):
     return tuple(packed)
 
 
-def launch(kernels: OursKernels, name: str, root: str, lc: Launch, args) -> None:
-    """One planned launch on PyTorch's current stream."""
-    f = kernels.func(name, root)
+def launch(kernels: OursKernels, name: str, root: str, lc: Launch, args, cooperative: bool = False) -> None:
+    """One planned launch on PyTorch's current stream; `cooperative`: with cuLaunchCooperativeKernel
+    (ms_fused_l2, as src/cuda.rs's launch_cooperative)."""
+    f = kernels.cooperative_func(name, root) if cooperative else kernels.func(name, root)
     with on_torch_stream(kernels.cupy):
         f(lc.grid, lc.block, _pack_args(ENTRY_SIGNATURES[root], args, name), shared_mem=lc.shared_mem)
 
@@ -1751,7 +2039,9 @@ class OursStep:
 
     mode 'loss_and_grad': forward_backward (MarginSoftmaxLoss::loss_and_grad): ms_targets (mean),
     the check's one 8-byte read of first_invalid when check_targets, then ms_fused_warp, ms_fused,
-    ms_fused_cluster (the same arguments) or partial -> finalize -> backward. mode 'autograd': loss() then backward, as candle's autograd
+    ms_fused_cluster (the same arguments), ms_fused_l2 (the same, then a partials buffer of
+    plan.partials_len accumulation elements and group_rows; a cooperative launch) or partial ->
+    finalize -> backward. mode 'autograd': loss() then backward, as candle's autograd
     runs the op: the forward op (ms_targets without mean, the check's read, partial, finalize
     without row info), the reduction, then the op's bwd (row info = [max, ln sum, (a, k, g_y) *
     d loss / d loss_i, scale], formed with torch ops as src/op.rs forms it with candle ops) and
@@ -1786,9 +2076,10 @@ class OursStep:
         if mode == "loss_and_grad":
             self.plan = plan_loss_and_grad(cfg, rows, classes, self.size, False, kernels.device, force_split)
             self.params = make_params(cfg, rows, classes, classes, self.plan.splits, False)
-            if self.plan.kind in ONE_PASS_ROOTS:
-                # Inputs::fused of src/cuda.rs, for ms_fused_warp, ms_fused and ms_fused_cluster alike.
-                self.fused_root = ONE_PASS_ROOTS[self.plan.kind]
+            if self.plan.kind in FUSED_ROOTS:
+                # Inputs::fused of src/cuda.rs, for ms_fused_warp, ms_fused, ms_fused_cluster and
+                # ms_fused_l2 alike.
+                self.fused_root = FUSED_ROOTS[self.plan.kind]
                 self.fused_name = f"{self.fused_root}_{self.plan.variant}_{self.sfx}"
                 if self.fused_root == "ms_fused_cluster" and arch_number(kernels.arch) < ENTRY_MIN_ARCH[self.fused_root]:
                     raise RuntimeError(f"{self.fused_name} planned but the kernels were compiled for {kernels.arch} "
@@ -1800,13 +2091,26 @@ class OursStep:
                 dynamic = self.plan.fused.shared_mem
                 if dynamic + static > DEFAULT_SHARED:
                     kernels.allow_dynamic_shared(self.fused_name, self.fused_root, dynamic)
+                if self.plan.kind == "fused_l2":
+                    # src/cuda.rs: launch_cooperative; the driver refuses a grid whose blocks are not
+                    # all co-resident (the __launch_bounds__ guarantee l2_blocks_per_sm per SM).
+                    grid = self.plan.fused.grid[0]
+                    capacity = kernels.cooperative_capacity(self.fused_name, self.fused_root, self.plan.fused.block[0],
+                                                            dynamic)
+                    if grid > capacity:
+                        raise RuntimeError(f"{self.fused_name}: the planned cooperative grid of {grid} blocks exceeds "
+                                           f"the {capacity} that can be co-resident on this device")
                 shape = {"fused_warp": f"{WARP_ROWS} rows per block, ",
                          "fused": "",
-                         "fused_cluster": f"{CLUSTER} blocks per row of {cluster_slice(classes, self.size)} classes, "
+                         "fused_cluster": f"{CLUSTER} blocks per row of {cluster_slice(classes, self.size)} classes, ",
+                         "fused_l2": f"cooperative, groups of {self.plan.group_rows} rows, {self.plan.splits} slices "
+                                     f"a row, 2nd read from L2, ",
                          }[self.plan.kind]
                 self.path = (f"{self.fused_root}_{self.plan.variant} ({shape}smem {dynamic} B, grid "
                              f"{self.plan.fused.grid[0]}{', opted in' if dynamic + static > DEFAULT_SHARED else ''})")
-                self.passes = 2  # one read of the row, one write of the gradient
+                # One read of the row, one write of the gradient (ms_fused_l2: the gradient's second
+                # read of the row is meant to hit L2, so 2 passes of memory traffic as well).
+                self.passes = 2
             else:
                 self.path = (f"partial_{self.plan.variant} x{self.plan.splits} (grid {self.plan.partial.grid[0]}) + "
                              f"finalize + backward_{self.plan.backward_variant} (grid {self.plan.backward.grid[:2]})")
@@ -1850,6 +2154,13 @@ class OursStep:
         if pl.kind in ONE_PASS_ROOTS:
             launch(self.k, self.fused_name, self.fused_root, pl.fused,
                    (x, y32, self.scale, self.weights, self.poly, self.parg, stats, grad, grad_scale, up))
+        elif pl.kind == "fused_l2":
+            # The kernel writes every (row, slice)'s partial state before the grid barrier after
+            # which it reads it (poison: NaN before the launch, as the other buffers).
+            partials = new(pl.partials_len, dtype=self.acc)
+            launch(self.k, self.fused_name, self.fused_root, pl.fused,
+                   (x, y32, self.scale, self.weights, self.poly, self.parg, stats, grad, grad_scale, up, partials,
+                    pl.group_rows), cooperative=True)
         else:
             partials = new(pl.partials_len, dtype=self.acc)
             row_info = new(b * ROWINFO_COLUMNS, dtype=self.acc)
@@ -2490,8 +2801,9 @@ def environment(args, kernels, nvcc) -> Dict[str, str]:
 
 def query_device_shape(cupy, torch) -> DeviceShape:
     """src/cuda.rs device_shape: the SM count, max(cudaDevAttrMaxSharedMemoryPerBlockOptin,
-    48 KiB) and cudaDevAttrClusterLaunch (CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH, 120; CuPy may not
-    name it), of the current device."""
+    48 KiB), cudaDevAttrClusterLaunch (CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH, 120; CuPy may not
+    name it), cudaDevAttrCooperativeLaunch (CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, 95) and
+    cudaDevAttrL2CacheSize (CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, 38), of the current device."""
     index = torch.cuda.current_device()
     props = torch.cuda.get_device_properties(index)
     sm = int(props.multi_processor_count)
@@ -2517,7 +2829,25 @@ def query_device_shape(cupy, torch) -> DeviceShape:
         clusters = (props.major, props.minor) >= (9, 0)
         print(f"  note: cannot read cudaDevAttrClusterLaunch ({type(e).__name__}: {e}): clusters "
               f"{'assumed' if clusters else 'not assumed'} from sm_{props.major}{props.minor}")
-    return DeviceShape(sm, max(optin, DEFAULT_SHARED), clusters)
+    try:
+        attr = getattr(cupy.cuda.runtime, "cudaDevAttrCooperativeLaunch", 95)
+        cooperative = bool(cupy.cuda.runtime.deviceGetAttribute(attr, index))
+    except Exception as e:  # noqa: BLE001
+        # The crate fails where it cannot read it; the script plans without ms_fused_l2 (split).
+        cooperative = False
+        print(f"  note: cannot read cudaDevAttrCooperativeLaunch ({type(e).__name__}: {e}): planning without "
+              "ms_fused_l2 (split past one pass)")
+    try:
+        attr = getattr(cupy.cuda.runtime, "cudaDevAttrL2CacheSize", 38)
+        l2_bytes = int(cupy.cuda.runtime.deviceGetAttribute(attr, index))
+    except Exception as e:  # noqa: BLE001
+        l2_bytes = int(getattr(props, "L2_cache_size", 0) or 0)
+        print(f"  note: cannot read cudaDevAttrL2CacheSize ({type(e).__name__}: {e}): using torch's "
+              f"L2_cache_size, {l2_bytes} B")
+    torch_l2 = getattr(props, "L2_cache_size", None)
+    if torch_l2 is not None and int(torch_l2) != l2_bytes:
+        print(f"  note: CuPy says {l2_bytes} B of L2, torch {torch_l2}: using CuPy's")
+    return DeviceShape(sm, max(optin, DEFAULT_SHARED), clusters, cooperative, l2_bytes)
 
 
 def main_gpu(args) -> int:
@@ -2569,7 +2899,12 @@ def main_gpu(args) -> int:
                                                                  for _, n in dts)
                               + ("; ms_fused_cluster up to " + " / ".join(
                                   f"{cluster_max_classes(n, device.max_shared_per_block)}" for _, n in dts)
-                                 if device.clusters else "") + "; split past that")
+                                 if device.clusters else "")
+                              + (f"; cooperative launch, {device.l2_bytes / 2**20:g} MiB of L2: ms_fused_l2 past that "
+                                 f"(row groups within {device.l2_bytes // L2_SHARE} B, grid "
+                                 f"{min(device.sm_count * l2_blocks_per_sm(4, False), MAX_GRID)}, or "
+                                 f"{min(device.sm_count * l2_blocks_per_sm(8, False), MAX_GRID)} for "
+                                 "f64 and _ext)" if device.cooperative else "; no cooperative launch: split past that"))
     print("torch_compare.py: candle-margin-softmax kernels vs PyTorch eager / torch.compile / Liger-Kernel")
     for k, v in env.items():
         print(f"  {k:14} {v}")
@@ -2700,8 +3035,9 @@ def parse_args(argv=None):
     ap.add_argument("--copy-gib", type=float, default=1.0, help="size of the copy-bandwidth tensor")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     ap.add_argument("--ours-path", choices=["auto", "split"], default="auto",
-                    help="auto: as src/launch.rs (ms_fused_warp, ms_fused or ms_fused_cluster when the row fits; "
-                         "see plan_loss_and_grad); split: always partial -> finalize -> backward")
+                    help="auto: as src/launch.rs (ms_fused_warp, ms_fused or ms_fused_cluster when the row fits, "
+                         "else ms_fused_l2 with cooperative launch; see plan_loss_and_grad); split: always "
+                         "partial -> finalize -> backward")
     ap.add_argument("--arch", default=None,
                     help="nvcc -arch (default: the GPU's, e.g. sm_90, which ms_fused_cluster needs; with "
                          "--selftest-params: sm_80 and sm_90, build.rs's targets)")

@@ -244,7 +244,7 @@ __device__ void fused_l2(const T* __restrict__ x, const int* __restrict__ target
 #define MS_FUSED_ENTRY_4(T, SUFFIX, NAME, TR, EXT) \
     MS_FUSED_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)    \
     MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, 4) \
-    MS_FUSED_L2_ENTRY(T, SUFFIX, NAME, TR, EXT, 4)
+    MS_FUSED_L2_ENTRY(T, SUFFIX, NAME, TR, EXT, 3)
 #define MS_FUSED_ENTRY_2(T, SUFFIX, NAME, TR, EXT) \
     MS_FUSED_ENTRY(T, SUFFIX, NAME, TR, EXT, 2)    \
     MS_FUSED_WARP_ENTRY(T, SUFFIX, NAME, TR, EXT, 2) \
