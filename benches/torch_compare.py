@@ -440,7 +440,7 @@ PLAN_PATH_EXPRS = {
         "letparams=params(cfg,shape,splits,scale_grad)?;",
         "if(2*group_rows*splits)>i32::MAXasusize{bail!(",
         "Ok(LossAndGradPlan::FusedL2{params,variant,launch:Launch{grid:[gridasu32,1,1],block:[BLOCK,1,1],"
-        "shared_mem_bytes:0,},group_rows,partials_len:shape.rows*splits*PARTIAL_COLUMNS,})",
+        "shared_mem_bytes:0,},work:L2Work{group_rows,partials_len:shape.rows*splits*PARTIAL_COLUMNS,},})",
     ],
     "Split": [
         "forward:self.forward(cfg,shape,size,scale_grad)?,backward_variant:kernel_variant(cfg,false),"
@@ -976,9 +976,9 @@ def check_rust_sources() -> Tuple[List[str], int]:
     for where, text, expr in (
             ("src/cuda.rs", cuda, "(params,variant,fused),weights,None"),
             ("src/cuda.rs", cuda, "(params,variant,cluster),weights,None"),
-            ("src/cuda.rs", cuda, "LossAndGradPlan::FusedL2{params,variant,launch,group_rows,partials_len,}"
+            ("src/cuda.rs", cuda, "LossAndGradPlan::FusedL2{params,variant,launch,work,}"
                                   "=>inputs.fused(\"ms_fused_l2\",(params,variant,launch),weights,"
-                                  "Some(L2Work{group_rows:*group_rows,partials_len:*partials_len,}),)"),
+                                  "Some(*work),)"),
             ("src/cuda.rs", cuda, "self.dev.alloc::<T::Acc>(work.partials_len)}?,work.group_rowsasi64,"),
             ("src/cuda.rs", cuda, "b.arg(&self.targets.upstream);ifletSome((partials,group_rows))=&mutl2{"
                                   "b.arg(partials);b.arg(&*group_rows);}"),

@@ -18,6 +18,30 @@
 #include <cooperative_groups.h>
 #endif
 
+// Finishes a row that several blocks share (a cluster's, or the L2 kernel's slices), in each of
+// them, from the statistics of its non-target entries `others` (the same bits in every block):
+// its backward info into `info`; the one block with `owner` also writes its statistics to st and
+// d(loss)/d(scale) to *grad_scale. xr is the row (its target's input is read for y >= 0 only).
+template <typename T, typename A>
+__device__ __forceinline__ void finish_shared_row(const MsParams& p, const A* __restrict__ poly,
+                                                  const A* __restrict__ weights, const T* xr,
+                                                  long long y, A r, const Online<A>& others,
+                                                  A up, bool owner, A* st, A* grad_scale,
+                                                  A* info) {
+    A row_stats[MS_STAT_COLUMNS];
+    if (y < 0) {
+        finalize_skipped_row(y, r, row_stats, info);
+    } else {
+        const A weight = p.has_weights ? weights[y] : A(1);
+        finalize_row(p, poly, weight, r, to_acc(xr[y]), others, up, row_stats, info);
+    }
+    if (owner) {
+#pragma unroll
+        for (int c = 0; c < MS_STAT_COLUMNS; ++c) st[c] = row_stats[c];
+        *grad_scale = row_stats[7] * up;
+    }
+}
+
 template <typename T, int TR, bool EXT>
 __device__ void fused(const T* __restrict__ x, const int* __restrict__ targets,
                       const typename AccOf<T>::type* __restrict__ scale,
@@ -169,20 +193,8 @@ __device__ void fused_l2(const T* __restrict__ x, const int* __restrict__ target
                 const Online<A> others =
                     merge_partials(partials + row * splits * MS_PARTIAL_COLUMNS, splits);
                 if (threadIdx.x == 0) {
-                    A row_stats[MS_STAT_COLUMNS];
-                    if (y < 0) {
-                        finalize_skipped_row(y, r, row_stats, info_s);
-                    } else {
-                        const A weight = p.has_weights ? weights[y] : A(1);
-                        finalize_row(p, poly, weight, r, to_acc(xr[y]), others, up, row_stats,
-                                     info_s);
-                    }
-                    if (split == 0) {
-                        A* st = stats + row * MS_STAT_COLUMNS;
-#pragma unroll
-                        for (int c = 0; c < MS_STAT_COLUMNS; ++c) st[c] = row_stats[c];
-                        grad_scale[row] = row_stats[7] * up;
-                    }
+                    finish_shared_row(p, poly, weights, xr, y, r, others, up, split == 0,
+                                      stats + row * MS_STAT_COLUMNS, grad_scale + row, info_s);
                 }
             }
             __syncthreads();
@@ -304,19 +316,8 @@ __device__ void fused_cluster(const T* __restrict__ x, const int* __restrict__ t
             for (unsigned k = 0; k < MS_CLUSTER; ++k) {
                 others = online_merge(others, *cluster.map_shared_rank(&slice_state, k));
             }
-            A row_stats[MS_STAT_COLUMNS];
-            if (y < 0) {
-                finalize_skipped_row(y, r, row_stats, info_s);
-            } else {
-                const A weight = p.has_weights ? weights[y] : A(1);
-                finalize_row(p, poly, weight, r, to_acc(xr[y]), others, up, row_stats, info_s);
-            }
-            if (rank == 0) {
-                A* st = stats + row * MS_STAT_COLUMNS;
-#pragma unroll
-                for (int c = 0; c < MS_STAT_COLUMNS; ++c) st[c] = row_stats[c];
-                grad_scale[row] = row_stats[7] * up;
-            }
+            finish_shared_row(p, poly, weights, xr, y, r, others, up, rank == 0,
+                              stats + row * MS_STAT_COLUMNS, grad_scale + row, info_s);
         }
         __syncthreads();
         A info[MS_ROWINFO_COLUMNS];

@@ -32,8 +32,8 @@ use crate::config::{MarginSoftmaxLoss, OP_NAME};
 use crate::cuda_module::{self, BACKWARD, FORWARD, FUSED, Kernel, TARGETS};
 use crate::kernel_params::MsParams;
 use crate::launch::{
-    DEFAULT_SHARED, DeviceShape, FUSED_STATIC_RESERVE, ForwardPlan, Launch, LossAndGradPlan,
-    Planner, RowShape, TARGETS_LAUNCH,
+    DEFAULT_SHARED, DeviceShape, FUSED_STATIC_RESERVE, ForwardPlan, L2Work, Launch,
+    LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH,
 };
 use crate::math::{Acc, Element};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
@@ -326,12 +326,6 @@ struct LossAndGrad<T: CudaElement> {
     stats: CudaSlice<T::Acc>,
     grad: CudaSlice<T>,
     grad_scale: CudaSlice<T::Acc>,
-}
-
-/// `ms_fused_l2`'s extra arguments: the rows a group and the length of its partials' buffer.
-struct L2Work {
-    group_rows: usize,
-    partials_len: usize,
 }
 
 /// What every forward launch reads, prepared once per call.
@@ -781,16 +775,12 @@ fn forward_backward_typed<T: CudaElement>(
                 params,
                 variant,
                 launch,
-                group_rows,
-                partials_len,
+                work,
             } => inputs.fused(
                 "ms_fused_l2",
                 (params, variant, launch),
                 weights,
-                Some(L2Work {
-                    group_rows: *group_rows,
-                    partials_len: *partials_len,
-                }),
+                Some(*work),
             ),
             LossAndGradPlan::Split {
                 forward,

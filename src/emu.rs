@@ -25,7 +25,7 @@ use crate::config::{MarginSoftmaxLoss, OP_NAME};
 use crate::host::{contiguous, with_element};
 use crate::kernel_params::MsParams;
 use crate::launch::{
-    ForwardPlan, Launch, LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH, variant_index,
+    ForwardPlan, L2Work, Launch, LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH, variant_index,
 };
 use crate::math::{Acc, Element};
 use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
@@ -177,12 +177,6 @@ enum OnePass {
     Cluster = 2,
     /// Cooperative, with the partial states' buffer and the rows a group ([`L2Work`]).
     L2 = 3,
-}
-
-/// `ms_fused_l2`'s extra arguments: the rows a group and the length of its partials' buffer.
-struct L2Work {
-    group_rows: usize,
-    partials_len: usize,
 }
 
 /// An input element type and its emulated kernels.
@@ -811,16 +805,8 @@ fn forward_backward_typed<T: EmuElement>(
             params,
             variant,
             launch,
-            group_rows,
-            partials_len,
-        } => inputs.fused(
-            OnePass::L2,
-            (&params, variant, &launch),
-            Some(L2Work {
-                group_rows,
-                partials_len,
-            }),
-        )?,
+            work,
+        } => inputs.fused(OnePass::L2, (&params, variant, &launch), Some(work))?,
         LossAndGradPlan::Split {
             forward,
             backward_variant,

@@ -315,14 +315,13 @@ pub(crate) enum LossAndGradPlan {
         variant: &'static str,
         cluster: Launch,
     },
-    /// `ms_fused_l2`: a cooperative `launch` over row groups of `group_rows` rows, each row in
-    /// `params.splits` slices, their partial states in a buffer of `partials_len` elements.
+    /// `ms_fused_l2`: a cooperative `launch` over row groups, each row in `params.splits`
+    /// slices.
     FusedL2 {
         params: MsParams,
         variant: &'static str,
         launch: Launch,
-        group_rows: usize,
-        partials_len: usize,
+        work: L2Work,
     },
     Split {
         forward: ForwardPlan,
@@ -330,6 +329,15 @@ pub(crate) enum LossAndGradPlan {
         backward_variant: &'static str,
         backward: Launch,
     },
+}
+
+/// `ms_fused_l2`'s two arguments beyond `ms_fused`'s: the rows a group, and the length of the
+/// buffer of the slices' partial states (rows × splits × [`PARTIAL_COLUMNS`] elements of the
+/// accumulation type) that the backend allocates for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct L2Work {
+    pub group_rows: usize,
+    pub partials_len: usize,
 }
 
 /// `ms_targets`: one block.
@@ -522,8 +530,10 @@ impl Planner {
                     block: [BLOCK, 1, 1],
                     shared_mem_bytes: 0,
                 },
-                group_rows,
-                partials_len: shape.rows * splits * PARTIAL_COLUMNS,
+                work: L2Work {
+                    group_rows,
+                    partials_len: shape.rows * splits * PARTIAL_COLUMNS,
+                },
             })
         } else {
             Ok(LossAndGradPlan::Split {
@@ -711,8 +721,11 @@ mod tests {
                 LossAndGradPlan::FusedL2 {
                     params,
                     launch,
-                    group_rows,
-                    partials_len,
+                    work:
+                        L2Work {
+                            group_rows,
+                            partials_len,
+                        },
                     ..
                 } => {
                     assert_eq!((group_rows, params.splits as usize, launch.grid[0]), want);
@@ -747,7 +760,7 @@ mod tests {
             LossAndGradPlan::FusedL2 {
                 params,
                 launch,
-                group_rows,
+                work: L2Work { group_rows, .. },
                 ..
             } => assert_eq!((group_rows, params.splits, launch.grid[0]), (2, 8, 16)),
             other => panic!("{other:?}"),
