@@ -25,10 +25,10 @@ mkdir -p "$work"
 
 # name | file | perl substitution (applied once, must match)
 mutants=(
-    "no_barrier_info|kernels/fused.cu|s{(\n\s*)__syncthreads\(\);(\s*\n\s*A row_info\[)}{\$1// (barrier removed)\$2}"
+    "no_barrier_info|kernels/fused.cu|s{(\n\s*)__syncthreads\(\);(\s*\n\s*A info\[MS_ROWINFO_COLUMNS\];)}{\$1// (barrier removed)\$2}"
     "no_barrier_reduce|kernels/common.cuh|s{__syncthreads\(\);(\s*// the previous call)}{// (barrier removed)\$1}"
-    "vector_tail|kernels/forward.cu|s{if \(j0 \+ V <= end\)}{if (j0 < end)}"
-    "misaligned|kernels/forward.cu|s{if \(aligned16\(xr\)\)}{if (true)}"
+    "vector_tail|kernels/rows.cuh|s{/ V;(\s*const long long tail = body \+ vectors \* V;\s*for \(long long j = start \+ thread; j < body; j \+= threads\) scalar\(j\);\s*for \(long long k = thread; k < vectors;\))}{/ V + 1;\$1}"
+    "misaligned|kernels/rows.cuh|s{long long head = misalign == 0 \? 0 : \(long long\)\(\(16 - misalign\) / sizeof\(T\)\);\s*if \(head > n \|\| !aligned16\(from \+ head\)\) head = n;}{long long head = 0; (void)misalign;}"
     "divergent_barrier|kernels/common.cuh|s{if \(lane == 0\) warp_states\[warp\] = s;\s*__syncthreads\(\);}{if (lane == 0) { warp_states[warp] = s; __syncthreads(); }}"
     "divergent_shuffle|kernels/common.cuh|s#if \(warp == 0\) \{#if (warp == 0 && lane < 16) {#"
     "unguarded_lane_read|kernels/common.cuh|s{s = lane < WARPS \? warp_states\[lane\] : online_empty<A>\(\);}{s = warp_states[lane];}"
