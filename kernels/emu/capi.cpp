@@ -23,18 +23,24 @@ struct EmuLaunch {
 };
 
 namespace {
+// The emulator's launch configuration of a planned launch. Above 48 KiB of dynamic shared memory
+// the CUDA backend opts the kernel into exactly the launch's size (the planner keeps it within
+// the device's limit); the emulator still refuses more than an H200 allows.
+cuda_emu::LaunchConfig config(const EmuLaunch* l) {
+    cuda_emu::LaunchConfig c;
+    c.grid = dim3(l->grid[0], l->grid[1], l->grid[2]);
+    c.block = dim3(l->block[0], l->block[1], l->block[2]);
+    c.dynamic_smem = l->shared_mem_bytes;
+    c.max_dynamic_smem = std::max<size_t>(48 * 1024, l->shared_mem_bytes);
+    return c;
+}
+
 // `cluster`: blocks per thread-block cluster (the kernel's __cluster_dims__ on a GPU).
 template <class... P, class... A>
 void launch_in_clusters(const EmuLaunch* l, unsigned cluster, void (*kernel)(P...),
                         A&&... args) {
-    cuda_emu::LaunchConfig c;
+    cuda_emu::LaunchConfig c = config(l);
     c.cluster = dim3(cluster, 1, 1);
-    c.grid = dim3(l->grid[0], l->grid[1], l->grid[2]);
-    c.block = dim3(l->block[0], l->block[1], l->block[2]);
-    c.dynamic_smem = l->shared_mem_bytes;
-    // Above 48 KiB the CUDA backend opts the kernel into exactly the launch's size (the planner
-    // keeps it within the device's limit); the emulator still refuses more than an H200 allows.
-    c.max_dynamic_smem = std::max<size_t>(48 * 1024, l->shared_mem_bytes);
     cuda_emu::launch_ex(c, kernel, std::forward<A>(args)...);
 }
 
@@ -43,14 +49,10 @@ void launch(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
     launch_in_clusters(l, 1, kernel, std::forward<A>(args)...);
 }
 
-// A cooperative launch (cudaLaunchCooperativeKernel: grid.sync() allowed), no dynamic shared
-// memory beyond 48 KiB.
+// A cooperative launch (cudaLaunchCooperativeKernel: grid.sync() allowed).
 template <class... P, class... A>
 void launch_cooperative(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
-    cuda_emu::LaunchConfig c;
-    c.grid = dim3(l->grid[0], l->grid[1], l->grid[2]);
-    c.block = dim3(l->block[0], l->block[1], l->block[2]);
-    c.dynamic_smem = l->shared_mem_bytes;
+    cuda_emu::LaunchConfig c = config(l);
     c.cooperative = true;
     cuda_emu::launch_ex(c, kernel, std::forward<A>(args)...);
 }
