@@ -33,6 +33,7 @@ mod cuda;
 mod cuda_module;
 #[cfg(feature = "kernel-emu")]
 mod emu;
+mod heads;
 mod host;
 #[cfg(all(test, feature = "kernel-host-check"))]
 mod kernel_check;
@@ -50,6 +51,7 @@ mod simd;
 #[cfg(feature = "kernel-emu")]
 pub use emu::kernel_emu;
 
+pub use heads::{DEFAULT_CHUNK_SCORES, DEFAULT_NORM_EPS, MarginHead, PartialFc};
 pub use op::one_pass_max_classes;
 pub use simd::{SimdLevel, with_simd_level};
 

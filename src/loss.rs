@@ -314,7 +314,7 @@ impl MarginSoftmaxLoss {
         self.loss_and_grad_impl(input, targets, &scale, true)
     }
 
-    fn loss_and_grad_impl(
+    pub(crate) fn loss_and_grad_impl(
         &self,
         input: &Tensor,
         targets: &Tensor,
@@ -347,7 +347,7 @@ pub(crate) fn fixed_row_scale(
 
 /// Per-row losses \[B\] from the op's statistics, reduced with plain candle ops (so the autograd
 /// graph runs through the op's `bwd` for column 0 only).
-fn reduce(reduction: Reduction, stats: &Tensor) -> Result<Tensor> {
+pub(crate) fn reduce(reduction: Reduction, stats: &Tensor) -> Result<Tensor> {
     let per_row = stats.narrow(1, op::STAT_LOSS, 1)?.squeeze(1)?;
     if per_row.dim(0)? == 0 && reduction != Reduction::None {
         // Σ over no rows is 0 (and Mean's 0/0 is 0 by our convention); candle cannot narrow an

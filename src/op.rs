@@ -213,6 +213,40 @@ pub(crate) fn forward(
     )
 }
 
+/// The per-row statistics [B, STAT_COLUMNS] without an autograd node, with dℓ/dr in the last
+/// column when `scale_grad` (the head modules' first pass, which differentiates by hand).
+pub(crate) fn row_stats(
+    cfg: &MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    scale: &Tensor,
+    scale_grad: bool,
+) -> Result<Tensor> {
+    input.apply_op3_no_bwd(
+        targets,
+        scale,
+        &MarginSoftmaxForward {
+            cfg: cfg.clone(),
+            scale_grad,
+        },
+    )
+}
+
+/// d(loss)/d(input) \[B, C\] from the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded
+/// in): the backward op, without an autograd node.
+pub(crate) fn gradient_from_row_info(
+    cfg: &MarginSoftmaxLoss,
+    input: &Tensor,
+    targets: &Tensor,
+    row_info: &Tensor,
+) -> Result<Tensor> {
+    input.apply_op3_no_bwd(
+        targets,
+        row_info,
+        &MarginSoftmaxBackward { cfg: cfg.clone() },
+    )
+}
+
 /// The widest row (number of classes C) that [`MarginSoftmaxLoss::loss_and_grad`] reads in one
 /// pass (one read and one write per element) on `device` for inputs of `dtype`. On a CUDA
 /// device: rows that fit in the shared memory one block may opt into take one block per row;

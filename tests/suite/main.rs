@@ -8,6 +8,7 @@ mod dispatch;
 mod edge;
 mod errors;
 mod finite_diff;
+mod heads;
 #[cfg(any(feature = "cuda", feature = "kernel-emu"))]
 mod kernels;
 mod parity;
