@@ -14,29 +14,31 @@
 //! batch order), so the losses and accuracies printed are the same on every run; only the
 //! timings vary.
 //!
-//! The model: a 32 → 64 → 64 → 16 MLP (GELU) gives an embedding f; a classifier weight W [K, 16]
-//! (a `Var`) turns it into the head's input, and the fused loss back-propagates through it:
+//! The model: a 32 → 64 → 64 → 16 MLP (GELU) gives an embedding f; a [`MarginHead`] owning the
+//! class centres W [K, 16] (a seeded `Var`) forms the head's input from it and computes the loss,
+//! back-propagating into f and W:
 //! - softmax: logits f·Wᵀ + b, s = 1;
 //! - CosFace, ArcFace, Combined: cos θ = f̂·Ŵᵀ (rows L2-normalized) with the papers' defaults
 //!   (s = 64; m = 0.35, m = 0.5, (m1, m2, m3) = (1, 0.3, 0.2));
 //! - SphereFace: the same cosines, m = 4, with the per-row scale r_i = ‖f_i‖ of the original
-//!   A-Softmax (`loss_with_row_scale`), and the official λ schedule
+//!   A-Softmax (`MarginHead::feature_norm_scale`), and the official λ schedule
 //!   λ(it) = max(5, 1000·(1 + γ·it)^−1) run about 4× faster (γ = 0.5 instead of 0.12), so that λ
 //!   reaches its floor of 5 at step ~400 of this short run (1410 steps) instead of ~1660;
-//! - RBF: squared distances d² = ‖f̂‖² + ‖W_j‖² − 2·f̂·W_jᵀ from the normalized embedding f̂,
+//! - RBF: squared distances d² = ‖f̂‖² + ‖W_j‖² − 2·f̂·W_jᵀ from the normalized embedding f̂ (the
+//!   network's last step here; the head takes whatever embedding it is given),
 //!   with s = 16, γ = 1 (the paper's defaults s = 35, γ = 16 are meant for unnormalized
 //!   high-dimensional features, whose squared distances are far larger than here).
 //!
 //! Optimizer: AdamW (lr 3e-3, weight decay 1e-4) with a cosine learning-rate decay to 5%,
-//! batches of 128, 30 epochs. Accuracy is the argmax over classes of the head's input without
-//! any margin (logits, cos θ, or −d²). The time per step covers the forward pass, the loss,
+//! batches of 128, 30 epochs. Accuracy is that of `MarginHead::predict`: the argmax over classes
+//! of the logits without any margin. The time per step covers the forward pass, the loss,
 //! the backward pass and the optimizer update.
 
 use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{D, DType, Device, Module, Tensor, Var};
-use candle_margin_softmax::{Head, MarginSoftmaxLoss, SphereFaceLambda};
+use candle_margin_softmax::{Head, MarginHead, MarginSoftmaxLoss, SphereFaceLambda};
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -164,29 +166,19 @@ impl Mlp {
     }
 }
 
-/// Rows scaled to unit L2 norm, and the norms [N].
-fn normalize_rows(t: &Tensor) -> Result<(Tensor, Tensor)> {
+/// Rows scaled to unit L2 norm: the RBF run's embedding layer (see the module docs).
+fn normalize_rows(t: &Tensor) -> Result<Tensor> {
     let norms = (t.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?;
-    Ok((t.broadcast_div(&norms)?, norms.squeeze(1)?))
+    Ok(t.broadcast_div(&norms)?)
 }
 
-/// What the classifier feeds the loss.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Input {
-    /// f·Wᵀ + b.
-    Logits,
-    /// f̂·Ŵᵀ, with the head's fixed scale s.
-    Cosine,
-    /// f̂·Ŵᵀ, with the per-row scale r_i = ‖f_i‖ (original A-Softmax).
-    CosineFeatureNorm,
-    /// ‖f̂ − W_j‖² (the score for accuracy is −d²).
-    SquaredDistance,
-}
-
-/// One training run: a head, what it reads, and the optimiser settings.
+/// One training run: a head, its options, and the optimiser settings.
 struct Run {
     head: Head,
-    input: Input,
+    /// SphereFace: the per-row scale r_i = ‖f_i‖ of the original A-Softmax.
+    feature_norm: bool,
+    /// RBF: the embedding is L2-normalized before the head.
+    unit_embedding: bool,
     lr: f64,
     /// SphereFace's λ schedule, applied per optimiser step.
     lambda: Option<SphereFaceLambda>,
@@ -195,11 +187,11 @@ struct Run {
 impl Run {
     /// The hyper-parameters, for the log.
     fn describe(&self) -> String {
-        let input = match self.input {
-            Input::Logits => "on logits f·Wᵀ + b",
-            Input::Cosine => "on cos θ = f̂·Ŵᵀ",
-            Input::CosineFeatureNorm => "on cos θ = f̂·Ŵᵀ, per-row scale r_i = ‖f_i‖",
-            Input::SquaredDistance => "on d² = ‖f̂ − W_j‖²",
+        let input = match self.head {
+            Head::Softmax { .. } => "on logits f·Wᵀ + b",
+            Head::Rbf { .. } => "on d² = ‖f̂ − W_j‖²",
+            _ if self.feature_norm => "on cos θ = f̂·Ŵᵀ, per-row scale r_i = ‖f_i‖",
+            _ => "on cos θ = f̂·Ŵᵀ",
         };
         let head = match self.head {
             Head::Softmax { s } => format!("s = {s}"),
@@ -232,42 +224,15 @@ impl Run {
             (head, _) => head,
         }
     }
-}
 
-/// The classifier: W [K, EMBED_DIM] (and a bias for the softmax head).
-struct Classifier {
-    w: Var,
-    b: Option<Var>,
-}
-
-impl Classifier {
-    /// Returns (the head's input [N, K], the per-row scale [N] for `CosineFeatureNorm`).
-    fn input(&self, kind: Input, f: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-        let w = self.w.as_tensor();
-        Ok(match kind {
-            Input::Logits => {
-                let logits = f.matmul(&w.t()?)?;
-                match &self.b {
-                    Some(b) => (logits.broadcast_add(b.as_tensor())?, None),
-                    None => (logits, None),
-                }
-            }
-            Input::Cosine | Input::CosineFeatureNorm => {
-                let (f_hat, norms) = normalize_rows(f)?;
-                let (w_hat, _) = normalize_rows(w)?;
-                let cos = f_hat.matmul(&w_hat.t()?)?;
-                let scale = (kind == Input::CosineFeatureNorm).then_some(norms);
-                (cos, scale)
-            }
-            Input::SquaredDistance => {
-                let (f_hat, _) = normalize_rows(f)?;
-                let f2 = f_hat.sqr()?.sum_keepdim(1)?; // [N, 1]
-                let w2 = w.sqr()?.sum_keepdim(1)?.t()?; // [1, K]
-                let cross = f_hat.matmul(&w.t()?)?; // [N, K]
-                let d2 = f2.broadcast_add(&w2)?.broadcast_sub(&(cross * 2.0)?)?;
-                (d2, None)
-            }
-        })
+    /// The embedding the head reads.
+    fn embed(&self, mlp: &Mlp, x: &Tensor) -> Result<Tensor> {
+        let f = mlp.forward(x)?;
+        if self.unit_embedding {
+            normalize_rows(&f)
+        } else {
+            Ok(f)
+        }
     }
 }
 
@@ -287,15 +252,14 @@ struct Outcome {
     ms_per_step: f64,
 }
 
-fn evaluate(mlp: &Mlp, clf: &Classifier, kind: Input, split: &Split) -> Result<f32> {
-    let f = mlp.forward(&split.x)?;
-    let (scores, _) = clf.input(kind, &f)?;
-    let scores = if kind == Input::SquaredDistance {
-        scores.neg()?
-    } else {
-        scores
-    };
-    accuracy(&scores, &split.y)
+/// Accuracy of the head's prediction (the arg-max of its logits without margin).
+fn evaluate(mlp: &Mlp, head: &MarginHead, run: &Run, split: &Split) -> Result<f32> {
+    let pred = head.predict(&run.embed(mlp, &split.x)?)?;
+    Ok(pred
+        .eq(&split.y)?
+        .to_dtype(DType::F32)?
+        .mean_all()?
+        .to_scalar::<f32>()?)
 }
 
 fn train(run: &Run, train: &Split, test: &Split, seed: u64, dev: &Device) -> Result<Outcome> {
@@ -309,14 +273,21 @@ fn train(run: &Run, train: &Split, test: &Split, seed: u64, dev: &Device) -> Res
         dev,
     )?;
     vars.push(w.clone());
-    let b = if run.input == Input::Logits {
+    let b = if matches!(run.head, Head::Softmax { .. }) {
         let b = Var::zeros(CLASSES, DType::F32, dev)?;
         vars.push(b.clone());
-        Some(b)
+        Some(b.as_tensor().clone())
     } else {
         None
     };
-    let clf = Classifier { w, b };
+    // The head owns W (and the bias) and does the normalization, the d² expansion or the linear
+    // layer itself; W is a seeded `Var` here so that every run is reproducible.
+    let mut head = MarginHead::from_weight(
+        MarginSoftmaxLoss::new(run.head_at(0)),
+        w.as_tensor().clone(),
+        b,
+    )?
+    .feature_norm_scale(run.feature_norm)?;
     let params = ParamsAdamW {
         lr: run.lr,
         weight_decay: 1e-4,
@@ -344,13 +315,8 @@ fn train(run: &Run, train: &Split, test: &Split, seed: u64, dev: &Device) -> Res
             let y = train.y.index_select(&idx, 0)?;
 
             let start = Instant::now();
-            let f = mlp.forward(&x)?;
-            let (input, scale) = clf.input(run.input, &f)?;
-            let cfg = MarginSoftmaxLoss::new(run.head_at(step));
-            let loss = match &scale {
-                Some(r) => cfg.loss_with_row_scale(&input, &y, r)?,
-                None => cfg.loss(&input, &y)?,
-            };
+            head.set_config(MarginSoftmaxLoss::new(run.head_at(step)))?;
+            let loss = head.loss(&run.embed(&mlp, &x)?, &y)?;
             opt.backward_step(&loss)?;
             step_time += start.elapsed().as_secs_f64();
 
@@ -358,7 +324,7 @@ fn train(run: &Run, train: &Split, test: &Split, seed: u64, dev: &Device) -> Res
             step += 1;
         }
         if epoch % REPORT_EVERY == 0 || epoch == 1 {
-            let test_acc = evaluate(&mlp, &clf, run.input, test)?;
+            let test_acc = evaluate(&mlp, &head, run, test)?;
             let lambda = match run.head_at(step) {
                 Head::SphereFace { lambda, .. } => format!("  lambda {lambda:7.2}"),
                 _ => String::new(),
@@ -371,8 +337,8 @@ fn train(run: &Run, train: &Split, test: &Split, seed: u64, dev: &Device) -> Res
         }
     }
     Ok(Outcome {
-        train_acc: evaluate(&mlp, &clf, run.input, train)?,
-        test_acc: evaluate(&mlp, &clf, run.input, test)?,
+        train_acc: evaluate(&mlp, &head, run, train)?,
+        test_acc: evaluate(&mlp, &head, run, test)?,
         ms_per_step: 1e3 * step_time / step as f64,
     })
 }
@@ -427,32 +393,37 @@ fn main() -> Result<()> {
     let runs = [
         Run {
             head: Head::softmax(),
-            input: Input::Logits,
+            feature_norm: false,
+            unit_embedding: false,
             lr: 3e-3,
             lambda: None,
         },
         Run {
             head: Head::cosface(),
-            input: Input::Cosine,
+            feature_norm: false,
+            unit_embedding: false,
             lr: 3e-3,
             lambda: None,
         },
         Run {
             head: Head::arcface(),
-            input: Input::Cosine,
+            feature_norm: false,
+            unit_embedding: false,
             lr: 3e-3,
             lambda: None,
         },
         Run {
             head: Head::combined(),
-            input: Input::Cosine,
+            feature_norm: false,
+            unit_embedding: false,
             lr: 3e-3,
             lambda: None,
         },
         Run {
             // `s` is unused: the per-row scale r_i = ‖f_i‖ replaces it.
             head: Head::sphereface(0.0),
-            input: Input::CosineFeatureNorm,
+            feature_norm: true,
+            unit_embedding: false,
             lr: 3e-3,
             lambda: Some(sphereface_lambda),
         },
@@ -461,7 +432,8 @@ fn main() -> Result<()> {
                 s: 16.0,
                 gamma: 1.0,
             },
-            input: Input::SquaredDistance,
+            feature_norm: false,
+            unit_embedding: true,
             lr: 3e-3,
             lambda: None,
         },

@@ -340,6 +340,37 @@ impl MarginHead {
         Ok(self)
     }
 
+    /// Replaces the loss configuration (the same head family: e.g. SphereFace's λ of the current
+    /// iteration, see [`crate::SphereFaceLambda`]), keeping W, the bias and the other settings.
+    ///
+    /// # Errors
+    /// An invalid configuration, class weights not of length C, or another head family (the
+    /// parameters' shapes and initialization belong to it).
+    pub fn set_config(&mut self, loss: MarginSoftmaxLoss) -> Result<()> {
+        if form_of(&loss.head) != form_of(&self.loss.head)
+            || (self.feature_norm_scale && form_of(&loss.head) != Form::Cosine)
+        {
+            bail!(
+                "{HEAD_OP}({}): set_config cannot change the head family (to {})",
+                self.name(),
+                loss.head.name()
+            )
+        }
+        loss.validate_for(accumulation_dtype(self.weight.dtype()))?;
+        if let Some(w) = &loss.class_weights
+            && w.len() != self.classes()
+        {
+            bail!(
+                "{HEAD_OP}({}): class_weights must have shape [C] = [{}], got [{}]",
+                loss.head.name(),
+                self.classes(),
+                w.len()
+            )
+        }
+        self.loss = loss;
+        Ok(())
+    }
+
     /// W \[C, D\].
     pub fn weight(&self) -> &Tensor {
         &self.weight
