@@ -91,14 +91,22 @@ static ALLOCATOR: Counting = Counting;
 
 /// Runs `step` and returns (the loss, the bytes it allocated at its peak beyond what was live
 /// before it, the same up to the end of the backward, its wall time in ms).
-fn measure(step: impl FnOnce() -> Result<(f32, usize)>) -> Result<(f32, usize, usize, f64)> {
+fn measure(
+    step: impl FnOnce() -> Result<(f32, usize, usize)>,
+) -> Result<(f32, usize, usize, usize, f64)> {
     let before = CURRENT.load(Ordering::Relaxed);
     PEAK.store(before, Ordering::Relaxed);
     let t = Instant::now();
-    let (loss, fwd_bwd) = step()?;
+    let (loss, fwd, fwd_bwd) = step()?;
     let ms = t.elapsed().as_secs_f64() * 1e3;
     let peak = PEAK.load(Ordering::Relaxed).saturating_sub(before);
-    Ok((loss, peak, fwd_bwd.saturating_sub(before), ms))
+    Ok((
+        loss,
+        peak,
+        fwd.saturating_sub(before),
+        fwd_bwd.saturating_sub(before),
+        ms,
+    ))
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -149,8 +157,9 @@ fn problem(b: usize, d: usize, c: usize, seed: u64) -> Result<Problem> {
 }
 
 /// One training step along `path`: loss, backward, SGD update of W and the embeddings.
-/// Returns the loss and the allocator's peak (absolute) at the end of the backward.
-fn step(p: &Problem, path: Path) -> Result<(f32, usize)> {
+/// Returns the loss and the allocator's peaks (absolute) at the end of the loss call and at the
+/// end of the backward.
+fn step(p: &Problem, path: Path) -> Result<(f32, usize, usize)> {
     let cfg = MarginSoftmaxLoss::new(Head::arcface());
     let loss = match path {
         Path::Head(chunk) => {
@@ -171,6 +180,7 @@ fn step(p: &Problem, path: Path) -> Result<(f32, usize)> {
             }
         }
     };
+    let loss_peak = PEAK.load(Ordering::Relaxed);
     let mut opt = SGD::new(vec![p.w.clone(), p.emb.clone()], LR)?;
     // `opt.backward_step(&loss)` is `loss.backward()` then `opt.step(&grads)`; split so that the
     // peak up to the end of the backward is seen too.
@@ -178,7 +188,11 @@ fn step(p: &Problem, path: Path) -> Result<(f32, usize)> {
     let fwd_bwd_peak = PEAK.load(Ordering::Relaxed);
     opt.step(&grads)?;
     drop(grads);
-    Ok((loss.to_dtype(DType::F32)?.to_scalar::<f32>()?, fwd_bwd_peak))
+    Ok((
+        loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        loss_peak,
+        fwd_bwd_peak,
+    ))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -215,6 +229,8 @@ fn parse_shapes(s: &str) -> Vec<(usize, usize, usize)> {
 struct Row {
     path: Path,
     peak: usize,
+    /// The peak up to the end of the loss call (the head computes its gradients there).
+    loss_peak: usize,
     fwd_bwd_peak: usize,
     times: Vec<f64>,
     loss: f32,
@@ -250,9 +266,9 @@ fn main() -> Result<()> {
     );
     println!();
     println!(
-        "| B×D×C | path | peak MiB | peak / head | fwd+bwd peak MiB | fwd+bwd / head | median step ms | time / head | runs (ms) | loss (warm-up) |"
+        "| B×D×C | path | peak MiB | peak / head | loss() peak MiB | fwd+bwd peak MiB | fwd+bwd / head | median step ms | time / head | runs (ms) | loss (warm-up) |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
     for &(b, d, c) in &shapes {
         let p = problem(b, d, c, 0x5eed ^ (b * 31 + d * 7 + c) as u64)?;
         let mut rows: Vec<Row> = paths
@@ -260,6 +276,7 @@ fn main() -> Result<()> {
             .map(|&path| Row {
                 path,
                 peak: 0,
+                loss_peak: 0,
                 fwd_bwd_peak: 0,
                 times: Vec::new(),
                 loss: f32::NAN,
@@ -269,8 +286,9 @@ fn main() -> Result<()> {
         for round in 0..=reps {
             for row in rows.iter_mut().filter(|r| r.error.is_none()) {
                 match measure(|| step(&p, row.path)) {
-                    Ok((loss, peak, fwd_bwd, ms)) => {
+                    Ok((loss, peak, fwd, fwd_bwd, ms)) => {
                         row.peak = row.peak.max(peak);
+                        row.loss_peak = row.loss_peak.max(fwd);
                         row.fwd_bwd_peak = row.fwd_bwd_peak.max(fwd_bwd);
                         if round == 0 {
                             row.loss = loss;
@@ -303,7 +321,7 @@ fn main() -> Result<()> {
         for row in &rows {
             if let Some(e) = &row.error {
                 println!(
-                    "| {b}×{d}×{c} | {} | error: {e} | | | | | | | |",
+                    "| {b}×{d}×{c} | {} | error: {e} | | | | | | | | |",
                     row.path.name()
                 );
                 continue;
@@ -311,10 +329,11 @@ fn main() -> Result<()> {
             let ms = median(row.times.clone());
             let runs: Vec<String> = row.times.iter().map(|t| format!("{t:.0}")).collect();
             println!(
-                "| {b}×{d}×{c} | {} | {:.1} | {:.2}× | {:.1} | {:.2}× | {ms:.0} | {:.2}× | {} | {:.4} |",
+                "| {b}×{d}×{c} | {} | {:.1} | {:.2}× | {:.1} | {:.1} | {:.2}× | {ms:.0} | {:.2}× | {} | {:.4} |",
                 row.path.name(),
                 row.peak as f64 / MIB,
                 row.peak as f64 / head_peak,
+                row.loss_peak as f64 / MIB,
                 row.fwd_bwd_peak as f64 / MIB,
                 row.fwd_bwd_peak as f64 / head_fb,
                 ms / head_ms,

@@ -504,8 +504,9 @@ impl MarginHead {
     /// during this call (the module docs' second pass) and `backward()` only hands them over
     /// (scaled, if the upstream gradient is not 1); with [`Reduction::None`] the second pass runs
     /// in `backward()`, with the per-row upstream gradient. Nothing of size \[B, C\] is held unless
-    /// the chunk covers every class; W's gradient is accumulated in f32 inside the matmuls for f16
-    /// / bf16 weights and the per-slice corrections are formed in f32.
+    /// the chunk covers every class. For f16 / bf16 weights and embeddings everything is computed in f32
+    /// (W converted a slice at a time, never whole) and the gradients are rounded to the
+    /// parameters' dtype once, at the end.
     ///
     /// # Errors
     /// Embeddings not of shape \[B, D\], or not of W's dtype and device; targets not u8 / u32 / i64
@@ -684,17 +685,19 @@ fn sample_classes(pfc: PartialFc, call: u64, targets: &[Option<usize>], classes:
 struct Problem {
     /// The loss configuration for these classes, reading targets as i64 with −1 for ignored rows.
     cfg: MarginSoftmaxLoss,
-    /// The caller's reduction (the op computes per-row values).
     form: Form,
+    /// W's dtype (the gradients' dtype).
     dtype: DType,
+    /// The dtype everything is computed in: f32 for f16 / bf16 weights (W is converted a slice at
+    /// a time), else W's.
     acc: DType,
-    /// Embeddings as the scores read them: f̂ for the cosine heads, f otherwise (detached).
+    /// Embeddings as the scores read them, in `acc`: f̂ for the cosine heads, f otherwise.
     features: Tensor,
     /// The raw embeddings in the accumulation dtype (for the backward of the normalization).
     raw: Tensor,
     weight: Tensor,
     bias: Option<Tensor>,
-    /// Cosine heads: n_j = 1/max(‖W_j‖, ε) in the weight's dtype; RBF: ‖W_j‖².
+    /// In `acc`: for the cosine heads n_j = 1/max(‖W_j‖, ε); RBF: ‖W_j‖².
     per_class: Option<Tensor>,
     /// Cosine heads: n_j²·[‖W_j‖ > ε] in the accumulation dtype.
     per_class_acc: Option<Tensor>,
@@ -762,21 +765,20 @@ impl Problem {
         let (features, per_class, per_class_acc, per_row) = match form {
             Form::Cosine => {
                 let norm = raw.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(eps)?;
-                let features = raw.broadcast_div(&norm)?.to_dtype(dtype)?;
+                let features = raw.broadcast_div(&norm)?;
                 let (inv, inv_sq) = per_class_norms(&weight, eps, acc)?;
-                (features, Some(inv.to_dtype(dtype)?), Some(inv_sq), None)
+                (features, Some(inv), Some(inv_sq), None)
             }
             Form::Rbf => {
                 let sq = class_sq_norms(&weight, acc)?;
-                let f2 = raw.sqr()?.sum_keepdim(1)?.to_dtype(dtype)?;
-                (
-                    embeddings.detach(),
-                    Some(sq.to_dtype(dtype)?),
-                    None,
-                    Some(f2),
-                )
+                let f2 = raw.sqr()?.sum_keepdim(1)?;
+                (raw.clone(), Some(sq), None, Some(f2))
             }
-            Form::Linear => (embeddings.detach(), None, None, None),
+            Form::Linear => (raw.clone(), None, None, None),
+        };
+        let bias = match bias {
+            Some(b) => Some(b.to_dtype(acc)?),
+            None => None,
         };
         let scale = if head.feature_norm_scale {
             raw.sqr()?.sum(1)?.sqrt()?
@@ -825,11 +827,29 @@ impl Problem {
         self.weight.dims()[0]
     }
 
-    /// The scores x_ij \[rows, cols\] of the module docs' table.
+    /// W's rows [c0, c0 + c) in the compute dtype (a view for f32 / f64, a converted copy of
+    /// the slice only for f16 / bf16).
+    fn weight_slice(&self, c0: usize, c: usize) -> Result<Tensor> {
+        self.weight.narrow(0, c0, c)?.to_dtype(self.acc)
+    }
+
+    /// The scores x_ij \[rows, cols\] of the module docs' table, in the compute dtype. For a
+    /// half-precision W, the product is formed a slice of classes at a time, so that W is never
+    /// converted whole.
     fn scores(&self, rows: (usize, usize), cols: (usize, usize)) -> Result<Tensor> {
         let f = self.features.narrow(0, rows.0, rows.1)?;
-        let w = self.weight.narrow(0, cols.0, cols.1)?;
-        let product = f.matmul(&w.t()?)?;
+        let product = if self.dtype == self.acc || cols.1 <= self.slice_classes {
+            f.matmul(&self.weight_slice(cols.0, cols.1)?.t()?)?
+        } else {
+            let mut parts = Vec::new();
+            let mut c0 = cols.0;
+            while c0 < cols.0 + cols.1 {
+                let c = self.slice_classes.min(cols.0 + cols.1 - c0);
+                parts.push(f.matmul(&self.weight_slice(c0, c)?.t()?)?);
+                c0 += c;
+            }
+            Tensor::cat(&parts, 1)?
+        };
         let column = |t: &Option<Tensor>| -> Result<Tensor> {
             t.as_ref()
                 .expect("per-class constants of this form")
@@ -944,7 +964,7 @@ impl Problem {
             // One extra column stands for "the target is in another slice": the op's backward
             // treats the target column specially, so rows whose target lies elsewhere point at
             // it, and its gradient is dropped.
-            let padded = Tensor::cat(&[&scores, &Tensor::zeros((rows, 1), self.dtype, dev)?], 1)?;
+            let padded = Tensor::cat(&[&scores, &Tensor::zeros((rows, 1), self.acc, dev)?], 1)?;
             let local: Vec<i64> = self
                 .targets
                 .iter()
@@ -1027,49 +1047,39 @@ impl SliceSums {
         })
     }
 
-    /// Adds the slice of classes [c0, c0 + c) with scores x and δ = d(loss)/dx, both \[B, c\].
+    /// Adds the slice of classes [c0, c0 + c) with scores x and δ = d(loss)/dx, both \[B, c\] in
+    /// the compute dtype.
     fn add(&mut self, p: &Problem, c0: usize, x: &Tensor, delta: &Tensor) -> Result<()> {
         let c = x.dim(1)?;
-        let w = p.weight.narrow(0, c0, c)?;
+        let w = p.weight_slice(c0, c)?;
         let (d_features, d_weight) = match p.form {
             Form::Cosine => {
                 let n = p.per_class.as_ref().expect("cosine").narrow(0, c0, c)?;
                 let g = delta.broadcast_mul(&n.unsqueeze(0)?)?;
-                let d_features = g.matmul(&w)?.to_dtype(p.acc)?;
-                let a = g.t()?.matmul(&p.features)?.to_dtype(p.acc)?;
+                let a = g.t()?.matmul(&p.features)?;
                 let n2 = p.per_class_acc.as_ref().expect("cosine").narrow(0, c0, c)?;
-                let coef = delta
-                    .to_dtype(p.acc)?
-                    .mul(&x.to_dtype(p.acc)?)?
-                    .sum(0)?
-                    .mul(&n2)?;
-                let d_weight = a.sub(&w.to_dtype(p.acc)?.broadcast_mul(&coef.unsqueeze(1)?)?)?;
-                (d_features, d_weight.to_dtype(p.dtype)?)
+                let coef = delta.mul(x)?.sum(0)?.mul(&n2)?;
+                let d_weight = a.sub(&w.broadcast_mul(&coef.unsqueeze(1)?)?)?;
+                (g.matmul(&w)?, d_weight)
             }
             Form::Rbf => {
-                let delta_acc = delta.to_dtype(p.acc)?;
-                let row_sum = delta_acc.sum_keepdim(1)?;
-                let d_features =
-                    ((p.raw.broadcast_mul(&row_sum)? - delta.matmul(&w)?.to_dtype(p.acc)?)? * 2.0)?;
-                let col_sum = delta_acc.sum(0)?.unsqueeze(1)?;
-                let d_weight = ((w.to_dtype(p.acc)?.broadcast_mul(&col_sum)?
-                    - delta.t()?.matmul(&p.features)?.to_dtype(p.acc)?)?
-                    * 2.0)?;
-                (d_features, d_weight.to_dtype(p.dtype)?)
+                let row_sum = delta.sum_keepdim(1)?;
+                let d_features = ((p.raw.broadcast_mul(&row_sum)? - delta.matmul(&w)?)? * 2.0)?;
+                let col_sum = delta.sum(0)?.unsqueeze(1)?;
+                let d_weight =
+                    ((w.broadcast_mul(&col_sum)? - delta.t()?.matmul(&p.features)?)? * 2.0)?;
+                (d_features, d_weight)
             }
             Form::Linear => {
                 if let Some(bias) = &self.bias {
-                    let db = delta.to_dtype(p.acc)?.sum(0)?.to_dtype(p.dtype)?;
-                    bias.slice_set(&db, 0, c0)?;
+                    bias.slice_set(&delta.sum(0)?.to_dtype(p.dtype)?, 0, c0)?;
                 }
-                (
-                    delta.matmul(&w)?.to_dtype(p.acc)?,
-                    delta.t()?.matmul(&p.features)?,
-                )
+                (delta.matmul(&w)?, delta.t()?.matmul(&p.features)?)
             }
         };
         self.features = (&self.features + d_features)?;
-        self.weight.slice_set(&d_weight.contiguous()?, 0, c0)?;
+        self.weight
+            .slice_set(&d_weight.to_dtype(p.dtype)?.contiguous()?, 0, c0)?;
         Ok(())
     }
 

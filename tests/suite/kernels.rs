@@ -195,6 +195,7 @@ kernel_tests!(
         softcap_weighted_smoothing_paths,
         unchecked_targets,
         one_pass_wide_rows,
+        head_modules,
     ],
     gpu_only: [
         parity_large_heads,
@@ -216,6 +217,15 @@ fn fused_limit(dut: &Dut, dtype: DType) -> usize {
 }
 
 // ---- The CPU suite's grids on the device. ----
+
+/// The head modules (`MarginHead`: chunked row statistics and slice gradients through the op's
+/// forward and backward kernels) against the composition, f64 and f32, chunked and whole.
+fn head_modules(dut: &Dut) {
+    dut.run(|dev| {
+        crate::heads::head_grid(dev, DType::F64, (1e-12, 1e-12), &[Some(5), None]);
+        crate::heads::head_grid(dev, DType::F32, (2e-5, 5e-5), &[Some(7)]);
+    });
+}
 
 fn parity_small_heads(dut: &Dut) {
     dut.run(parity::small_heads);
