@@ -58,9 +58,11 @@ pub const DEFAULT_CHUNK_SCORES: usize = 1 << 21;
 /// is read at most ⌈B / 32⌉ times, whatever the chunk size.
 const MIN_STAT_ROWS: usize = 32;
 
-/// Partial FC (InsightFace's arcface_torch): each call samples ⌊rate·C⌋ classes, every class that
-/// is a target of the batch plus uniformly drawn others, and computes the loss over those classes
-/// only; W's gradient is zero outside them.
+/// Partial FC (InsightFace's arcface_torch): each call samples ⌊rate·C⌋ classes (at least 1),
+/// every class that is a target of the batch plus uniformly drawn others (the targets alone when
+/// they are more), and computes the loss over those classes only, as if they were all the
+/// classes: label smoothing spreads over them and the smoothing's Σ w_j sums their class weights.
+/// W's gradient (and the bias's) is zero outside them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PartialFc {
     /// The fraction of classes sampled per call, in (0, 1].

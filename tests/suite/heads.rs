@@ -620,3 +620,27 @@ fn head_errors_name_the_op() -> Result<()> {
     }
     Ok(())
 }
+
+/// An empty batch: the loss is 0 (Mean and Sum) or empty (None), W's gradient zero.
+#[test]
+fn empty_batch() -> Result<()> {
+    let dev = Device::Cpu;
+    for reduction in [Reduction::Mean, Reduction::Sum, Reduction::None] {
+        for chunk in [1usize, 1000] {
+            let w = Var::from_tensor(&Tensor::ones((5, 3), DType::F32, &dev)?)?;
+            let head = MarginHead::from_weight(
+                MarginSoftmaxLoss::new(Head::arcface()).reduction(reduction),
+                w.as_tensor().clone(),
+                None,
+            )?
+            .chunk_classes(chunk)?;
+            let f = Var::from_tensor(&Tensor::zeros((0, 3), DType::F32, &dev)?)?;
+            let loss = head.loss(f.as_tensor(), &Tensor::zeros(0, DType::U32, &dev)?)?;
+            let grads = loss.sum_all()?.backward()?;
+            assert_eq!(vec_f64(&loss.sum_all()?)?, vec![0.0]);
+            let dw = grads.get(&w).expect("W's gradient");
+            assert!(vec_f64(dw)?.iter().all(|&v| v == 0.0));
+        }
+    }
+    Ok(())
+}
