@@ -418,14 +418,20 @@ impl MarginHead {
                 embeddings.dtype()
             )
         }
-        if !embeddings.device().same_device(self.weight.device()) {
+        self.check_device(embeddings, "embeddings")?;
+        Ok(rows)
+    }
+
+    fn check_device(&self, t: &Tensor, what: &str) -> Result<()> {
+        if !t.device().same_device(self.weight.device()) {
             bail!(
-                "{HEAD_OP}({name}): embeddings are on {:?} but the weight is on {:?}",
-                embeddings.device().location(),
+                "{HEAD_OP}({}): {what} are on {:?} but the weight is on {:?}",
+                self.name(),
+                t.device().location(),
                 self.weight.device().location()
             )
         }
-        Ok(rows)
+        Ok(())
     }
 
     /// The op's input for `embeddings` \[B, D\], composed from plain candle ops (differentiable,
@@ -529,13 +535,7 @@ impl MarginHead {
                 targets.dims()
             )
         }
-        if !targets.device().same_device(self.weight.device()) {
-            bail!(
-                "{HEAD_OP}({name}): targets are on {:?} but the weight is on {:?}",
-                targets.device().location(),
-                self.weight.device().location()
-            )
-        }
+        self.check_device(targets, "targets")?;
         let values: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
         let classes = self.classes();
         let host_targets = validate_targets(&values, &self.loss, classes)?;

@@ -548,69 +548,51 @@ fn head_errors_name_the_op() -> Result<()> {
             )),
         ),
     ];
+    let err = |r: Result<MarginHead>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    let fresh = || MarginHead::from_weight(arc.clone(), w.clone(), None);
+    let rbf = || MarginHead::from_weight(MarginSoftmaxLoss::new(Head::rbf()), w.clone(), None);
     let mut builder: Vec<(&str, String)> = vec![
-        (
-            "chunk 0",
-            MarginHead::from_weight(arc.clone(), w.clone(), None)?
-                .chunk_classes(0)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
-        ),
+        ("chunk 0", err(fresh()?.chunk_classes(0))),
         (
             "weight rank",
-            MarginHead::from_weight(arc.clone(), Tensor::zeros(4, DType::F32, &dev)?, None)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
+            err(MarginHead::from_weight(
+                arc.clone(),
+                Tensor::zeros(4, DType::F32, &dev)?,
+                None,
+            )),
         ),
         (
             "bias on arcface",
-            MarginHead::from_weight(
+            err(MarginHead::from_weight(
                 arc.clone(),
                 w.clone(),
                 Some(Tensor::zeros(10, DType::F32, &dev)?),
-            )
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default(),
+            )),
         ),
         (
             "bias shape",
-            MarginHead::from_weight(
+            err(MarginHead::from_weight(
                 MarginSoftmaxLoss::new(Head::softmax()),
                 w.clone(),
                 Some(Tensor::zeros(9, DType::F32, &dev)?),
-            )
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default(),
+            )),
+        ),
+        ("feature norm on rbf", err(rbf()?.feature_norm_scale(true))),
+        (
+            "cosines of rbf",
+            msg(rbf()?.cosines(&Tensor::zeros((2, 4), DType::F32, &dev)?)),
         ),
         (
-            "feature norm on rbf",
-            MarginHead::from_weight(MarginSoftmaxLoss::new(Head::rbf()), w.clone(), None)?
-                .feature_norm_scale(true)
+            "set_config to another family",
+            rbf()?
+                .set_config(arc.clone())
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default(),
-        ),
-        (
-            "cosines of rbf",
-            msg(
-                MarginHead::from_weight(MarginSoftmaxLoss::new(Head::rbf()), w.clone(), None)?
-                    .cosines(&Tensor::zeros((2, 4), DType::F32, &dev)?),
-            ),
         ),
     ];
     for rate in [0.0, -0.5, 1.5, f64::NAN] {
-        builder.push((
-            "rate",
-            MarginHead::from_weight(arc.clone(), w.clone(), None)?
-                .partial_fc(rate, 1)
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default(),
-        ));
+        builder.push(("rate", err(fresh()?.partial_fc(rate, 1))));
     }
     for (what, m) in cases.iter().chain(&builder) {
         assert!(
