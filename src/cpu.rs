@@ -20,7 +20,7 @@ use crate::math::{
     Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, SoftCap, Transform,
     times_nonzero, weighted_smoothing,
 };
-use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::op::{PARTIAL_STATE, ROWINFO_COLUMNS, STAT_COLUMNS};
 use crate::prepare::{read_weights, upstream_factor, weight_of};
 use crate::simd::{Dispatch, RowKernel};
 
@@ -99,6 +99,57 @@ impl<'s, A: Acc> RowCache<'s, A> {
 }
 
 impl<A: Acc> Online<A> {
+    /// The state of no entry yet, for a slice's partial statistics. The max starts at the most
+    /// negative finite value, not −∞, so that a slice of masked logits (z = −∞) gives
+    /// exp(−∞ − max) = 0, not NaN, and sums to an empty state.
+    fn empty() -> Self {
+        Self {
+            max: <A as Float>::min_value(),
+            sum_exp: A::zero(),
+            sum_exp_v: A::zero(),
+            sum_wv: A::zero(),
+            sum_wz: A::zero(),
+        }
+    }
+
+    /// The state of two disjoint sets of entries together.
+    fn merge(self, other: &Self) -> Self {
+        let max = if other.max > self.max {
+            other.max
+        } else {
+            self.max
+        };
+        let (fa, fb) = ((self.max - max).exp(), (other.max - max).exp());
+        Self {
+            max,
+            sum_exp: times_nonzero(self.sum_exp, fa) + times_nonzero(other.sum_exp, fb),
+            sum_exp_v: times_nonzero(self.sum_exp_v, fa) + times_nonzero(other.sum_exp_v, fb),
+            sum_wv: self.sum_wv + other.sum_wv,
+            sum_wz: self.sum_wz + other.sum_wz,
+        }
+    }
+
+    /// The partial-statistics columns (see [`crate::op::PARTIAL_STATE`]).
+    fn to_partial(&self) -> [A; PARTIAL_STATE] {
+        [
+            self.max,
+            self.sum_exp,
+            self.sum_exp_v,
+            self.sum_wv,
+            self.sum_wz,
+        ]
+    }
+
+    fn of_partial(p: &[A]) -> Self {
+        Self {
+            max: p[0],
+            sum_exp: p[1],
+            sum_exp_v: p[2],
+            sum_wv: p[3],
+            sum_wz: p[4],
+        }
+    }
+
     fn new(z_target: A) -> Self {
         Self {
             max: z_target,
@@ -273,13 +324,33 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
     let mut online = Online::new(z_target);
     online.absorb(&row[..y], 0, pass, cache.as_deref_mut());
     online.absorb(&row[y + 1..], y + 1, pass, cache);
-    let log_sum = online.sum_exp.ln();
-    // Σ_j w_j·z_j, the target included (w_j = 1 unless the smoothing term reads the weights).
+    // w_j = 1 unless the smoothing term reads the weights.
     let w_target = pass.weights.map_or(T::Acc::one(), |w| w[y]);
+    finish_row(
+        &online,
+        (z_target, v_target, w_target),
+        weight,
+        pass,
+        criterion,
+    )
+}
+
+/// A row's statistics from the online state of all its entries (seeded with the target's) and
+/// the target's logit z_y, ∂z_y/∂r and smoothing weight: the criterion, and dℓ/dr.
+#[inline(always)]
+fn finish_row<A: Acc, H>(
+    online: &Online<A>,
+    (z_target, v_target, w_target): (A, A, A),
+    weight: A,
+    pass: &RowPass<'_, A, H>,
+    criterion: &Criterion<A>,
+) -> [A; STAT_COLUMNS] {
+    let log_sum = online.sum_exp.ln();
+    // Σ_j w_j·z_j, the target included.
     let sum_wz_others = if pass.cap.is_some() {
         online.sum_wz
     } else {
-        scale * online.sum_wv
+        pass.scale * online.sum_wv
     };
     let sum_wz = sum_wz_others + times_nonzero(w_target, z_target);
     let r = criterion.row(online.max, log_sum, z_target, sum_wz, weight);
@@ -290,7 +361,7 @@ fn forward_row<T: Element, H: Transform<T::Acc>>(
             + times_nonzero(r.k, online.sum_wv)
             + times_nonzero(r.g_target, v_target)
     } else {
-        T::Acc::zero()
+        A::zero()
     };
     [
         r.loss, online.max, log_sum, weight, r.a, r.k, r.g_target, d_scale,
@@ -950,4 +1021,157 @@ fn fused_rows<T: Element>(
             })
     });
     (stats, grad_scale)
+}
+
+/// The online state of the non-target entries of a slice of each row, [B, PARTIAL_STATE] in the
+/// accumulation dtype (and the split count, 1: the layout of the kernels' [B, splits, 5]) (see [`crate::op::slice_partials`]): `local_targets[i]` is the row's
+/// target as a column of the slice, −1 for an ignored row (an empty state), and any value ≥ the
+/// slice's width for a target in another slice (every entry counts). The slice's class weights
+/// are the configuration's (already cut to the slice).
+pub(crate) fn slice_partials(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    local_targets: &[i64],
+    scale: (&CpuStorage, &Layout),
+    scale_grad: bool,
+) -> Result<(CpuStorage, usize)> {
+    let partials = with_element!(
+        x.0,
+        cfg.head.name(),
+        slice_partials_typed(cfg, x, local_targets, scale, scale_grad)
+    )?;
+    Ok((partials, 1))
+}
+
+fn slice_partials_typed<T: Element>(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    local_targets: &[i64],
+    scale: (&CpuStorage, &Layout),
+    scale_grad: bool,
+) -> Result<CpuStorage> {
+    let name = cfg.head.name();
+    let rows = Rows::<T>::new(x.0, x.1, name)?;
+    let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+    let weights = if weighted_smoothing(cfg) {
+        read_weights::<T::Acc>(cfg)
+    } else {
+        None
+    };
+    let cap = SoftCap::<T::Acc>::new(cfg);
+    let simd = Dispatch::current();
+    let mut out = vec![T::Acc::zero(); rows.rows * PARTIAL_STATE];
+    with_transform!(cfg.head, T::Acc, |transform| {
+        out.par_chunks_mut(PARTIAL_STATE)
+            .with_min_len(rows_per_task(rows.classes))
+            .enumerate()
+            .for_each(|(i, o)| {
+                let kernel = PartialKernel {
+                    row: rows.row(i),
+                    target: local_targets[i],
+                    pass: RowPass {
+                        scale: scales[i],
+                        scale_grad,
+                        transform: &transform,
+                        cap,
+                        weights: weights.as_deref(),
+                    },
+                };
+                o.copy_from_slice(&simd.run(kernel))
+            })
+    });
+    Ok(T::Acc::to_cpu_storage_owned(out))
+}
+
+/// One row's slice state (see [`slice_partials`]).
+struct PartialKernel<'c, T: Element, H> {
+    row: &'c [T],
+    target: i64,
+    pass: RowPass<'c, T::Acc, H>,
+}
+
+impl<T: Element, H: Transform<T::Acc>> RowKernel for PartialKernel<'_, T, H> {
+    type Output = [T::Acc; PARTIAL_STATE];
+    #[inline(always)]
+    fn run(self) -> Self::Output {
+        let mut online = Online::empty();
+        match self.target {
+            t if t < 0 => {}
+            t if (t as usize) < self.row.len() => {
+                let y = t as usize;
+                online.absorb(&self.row[..y], 0, &self.pass, None);
+                online.absorb(&self.row[y + 1..], y + 1, &self.pass, None);
+            }
+            _ => online.absorb(self.row, 0, &self.pass, None),
+        }
+        online.to_partial()
+    }
+}
+
+/// Merges the slices' states of each row in the order given (`parts[k]` is slice k's
+/// [B, PARTIAL_STATE]), the same order on every caller, so that every rank of a sharded loss
+/// gets the same bits.
+pub(crate) fn merge_partials<A: Acc>(parts: &[Vec<A>], rows: usize) -> Vec<A> {
+    let mut out = Vec::with_capacity(rows * PARTIAL_STATE);
+    for i in 0..rows {
+        let at =
+            |k: usize| Online::of_partial(&parts[k][i * PARTIAL_STATE..(i + 1) * PARTIAL_STATE]);
+        let mut state = Online::empty();
+        for k in 0..parts.len() {
+            state = state.merge(&at(k));
+        }
+        out.extend_from_slice(&state.to_partial());
+    }
+    out
+}
+
+/// The statistics [B, STAT_COLUMNS] of whole rows from their non-target entries' merged state
+/// `others` [B, PARTIAL_STATE] and each target's input `target_inputs` [B] (the forward op's
+/// result up to rounding: the target is absorbed last instead of first). `targets` are the rows'
+/// classes among all `classes` (`None`: ignored, statistics 0).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn finalize_partials<A: Acc>(
+    cfg: &MarginSoftmaxLoss,
+    classes: usize,
+    targets: &[Option<usize>],
+    others: &[A],
+    target_inputs: &[A],
+    scales: &[A],
+    scale_grad: bool,
+) -> Vec<A> {
+    let weights = read_weights::<A>(cfg);
+    let smoothing = if weighted_smoothing(cfg) {
+        weights.as_deref()
+    } else {
+        None
+    };
+    let margin = Margin::<A>::new(&cfg.head, cfg.margin_grad);
+    let criterion = Criterion::<A>::new(cfg, classes);
+    let cap = SoftCap::<A>::new(cfg);
+    let mut out = vec![A::zero(); targets.len() * STAT_COLUMNS];
+    with_transform!(cfg.head, A, |transform| {
+        for (i, (o, &target)) in out.chunks_mut(STAT_COLUMNS).zip(targets).enumerate() {
+            let Some(y) = target else { continue };
+            let pass = RowPass {
+                scale: scales[i],
+                scale_grad,
+                transform: &transform,
+                cap,
+                weights: smoothing,
+            };
+            let (z_target, v_target, _) =
+                target_logit(target_inputs[i], scales[i], &transform, &margin, &cap);
+            let rest = Online::of_partial(&others[i * PARTIAL_STATE..(i + 1) * PARTIAL_STATE]);
+            let online = Online::new(z_target).merge(&rest);
+            let w_target = smoothing.map_or(A::one(), |w| w[y]);
+            o.copy_from_slice(&finish_row(
+                &online,
+                (z_target, v_target, w_target),
+                weight_of(&weights, y),
+                &pass,
+                &criterion,
+            ));
+        }
+    });
+    out
 }

@@ -36,7 +36,7 @@ use crate::launch::{
     LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH,
 };
 use crate::math::{Acc, Element};
-use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::op::{PARTIAL_STATE, ROWINFO_COLUMNS, STAT_COLUMNS};
 use crate::prepare::{kernel_poly, target_error};
 
 // SAFETY: MsParams is #[repr(C)], Copy, holds only plain integers and floats, and mirrors the
@@ -821,4 +821,59 @@ fn forward_backward_typed<T: CudaElement>(
         }
     })?;
     Ok(wrap(out))
+}
+
+/// The op over one slice of the classes (`op::slice_partials`): `ms_forward_partial` with the
+/// slice-local targets as given (−1: ignored, ≥ the slice's width: the target is in another
+/// slice, every entry counts), uploaded as i32 (the targets kernel would reject the latter).
+/// Returns the states [rows, splits, 5] and the split count.
+pub(crate) fn slice_partials(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CudaStorage, &Layout),
+    local_targets: &[i64],
+    scale: (&CudaStorage, &Layout),
+    scale_grad: bool,
+) -> Result<(CudaStorage, usize)> {
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        slice_partials_typed(cfg, x, local_targets, scale, scale_grad)
+    )
+}
+
+fn slice_partials_typed<T: CudaElement>(
+    cfg: &MarginSoftmaxLoss,
+    x: (&CudaStorage, &Layout),
+    local_targets: &[i64],
+    scale: (&CudaStorage, &Layout),
+    scale_grad: bool,
+) -> Result<(CudaStorage, usize)> {
+    let name = cfg.head.name();
+    let shape = RowShape::new(x.1, name)?;
+    let dev = x.0.device();
+    if shape.rows == 0 {
+        return Ok((empty::<T::Acc>(dev)?, 1));
+    }
+    if local_targets.len() != shape.rows {
+        bail!(
+            "{OP_NAME}({name}): internal error: {} slice targets for {} rows",
+            local_targets.len(),
+            shape.rows
+        )
+    }
+    let plan = planner(dev)?.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
+    let targets: Vec<i32> = local_targets
+        .iter()
+        .map(|&t| t.clamp(-1, shape.classes as i64) as i32)
+        .collect();
+    let partials = with_weights::<T::Acc, _>(cfg, dev, |weights| {
+        let device_targets = DeviceTargets {
+            targets: dev.clone_htod(&targets)?,
+            upstream: dev.alloc_zeros::<T::Acc>(1)?,
+        };
+        let inputs = Inputs::<T>::new(cfg, shape, x, device_targets, scale)?;
+        inputs.partial(&plan, weights)
+    })?;
+    let splits = plan.partials_len / (shape.rows * PARTIAL_STATE);
+    Ok((CudaStorage::wrap_cuda_slice(partials, dev.clone()), splits))
 }

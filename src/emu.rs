@@ -28,7 +28,7 @@ use crate::launch::{
     ForwardPlan, L2Work, Launch, LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH, variant_index,
 };
 use crate::math::{Acc, Element};
-use crate::op::{ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::op::{PARTIAL_STATE, ROWINFO_COLUMNS, STAT_COLUMNS};
 use crate::prepare::{kernel_poly, read_weights, target_error};
 
 thread_local! {
@@ -859,4 +859,76 @@ mod tests {
              columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK, MS_CLUSTER, cuda_emu::max_cooperative_blocks]"
         );
     }
+}
+
+/// The op over one slice of the classes (`op::slice_partials`): `ms_forward_partial` with the
+/// slice-local targets as given (−1: ignored, ≥ the slice's width: the target is in another
+/// slice, every entry counts), as the CUDA backend launches it. Returns the states [rows, splits,
+/// 5] and the split count.
+pub(crate) fn slice_partials(
+    planner: Planner,
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    local_targets: &[i64],
+    scale: (&CpuStorage, &Layout),
+    scale_grad: bool,
+) -> Result<(CpuStorage, usize)> {
+    with_element!(
+        x.0,
+        cfg.head.name(),
+        slice_partials_typed(planner, cfg, x, local_targets, scale, scale_grad)
+    )
+}
+
+fn slice_partials_typed<T: EmuElement>(
+    planner: Planner,
+    cfg: &MarginSoftmaxLoss,
+    x: (&CpuStorage, &Layout),
+    local_targets: &[i64],
+    scale: (&CpuStorage, &Layout),
+    scale_grad: bool,
+) -> Result<(CpuStorage, usize)> {
+    let name = cfg.head.name();
+    let shape = RowShape::new(x.1, name)?;
+    if shape.rows == 0 {
+        return Ok((T::Acc::to_cpu_storage_owned(Vec::new()), 1));
+    }
+    let data = x.0.as_slice::<T>()?;
+    let xs = &data[x.1.start_offset().min(data.len())..];
+    let scale = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+    let weights = read_weights::<T::Acc>(cfg).unwrap_or_else(|| vec![T::Acc::zero()]);
+    let last_row_end = (shape.rows - 1) * shape.row_stride + shape.classes;
+    if xs.len() < last_row_end
+        || scale.len() != shape.rows
+        || local_targets.len() != shape.rows
+        || (cfg.class_weights.is_some() && weights.len() != shape.classes)
+    {
+        bail!("{OP_NAME}({name}): internal error: the buffers do not match the shape {shape:?}")
+    }
+    // Targets travel as i32: −1, a column, or the slice's width (the planner bounds C by i32).
+    let targets: Vec<i32> = local_targets
+        .iter()
+        .map(|&t| t.clamp(-1, shape.classes as i64) as i32)
+        .collect();
+    let plan = planner.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
+    let mut partials = poisoned::<T::Acc>(plan.partials_len);
+    // SAFETY: as in `Inputs::forward` for `ms_forward_partial_{variant}_T(const T* x, const int*
+    // targets, const ACC* scale, const ACC* weights, MsParams p, ACC* partials)`: x holds the
+    // rows up to the last row's end, targets and scale `rows` each, weights C elements when
+    // p.has_weights (else one, never read), partials the plan's length (all checked above), and
+    // plan.params describes exactly this shape.
+    unsafe {
+        (T::KERNELS.partial)(
+            &plan.partial,
+            variant_index(plan.variant),
+            xs.as_ptr(),
+            targets.as_ptr(),
+            scale.as_ptr(),
+            weights.as_ptr(),
+            &plan.params,
+            partials.as_mut_ptr(),
+        )
+    };
+    let splits = plan.partials_len / (shape.rows * PARTIAL_STATE);
+    Ok((T::Acc::to_cpu_storage_owned(partials), splits))
 }

@@ -41,6 +41,7 @@ use crate::config::{ClassWeights, Head, MarginSoftmaxLoss, Reduction, accumulati
 use crate::loss::{check_inputs, reduce};
 use crate::op::{self, STAT_D_SCALE, STAT_GRAD_CONSTANTS, STAT_MAX};
 use crate::prepare::{upstream_factor, validate_targets};
+use crate::shard::{ClassShard, Communicator, all_reduce_sum};
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
@@ -53,10 +54,6 @@ pub const DEFAULT_NORM_EPS: f64 = 1e-12;
 /// How many scores a chunk holds by default: B × (classes per slice) in the gradient pass and
 /// (rows per group) × C in the statistics pass, 2²¹ (8 MiB of f32).
 pub const DEFAULT_CHUNK_SCORES: usize = 1 << 21;
-
-/// The statistics pass takes at least this many rows a group (or all of B, if fewer), so that W
-/// is read at most ⌈B / 32⌉ times, whatever the chunk size.
-const MIN_STAT_ROWS: usize = 32;
 
 /// Partial FC (InsightFace's arcface_torch): each call samples ⌊rate·C⌋ classes (at least 1),
 /// every class that is a target of the batch plus uniformly drawn others (the targets alone when
@@ -140,8 +137,9 @@ impl MarginHead {
     /// `nn.Linear`, uniform(±1/√D). No bias: see [`MarginHead::new_with_bias`].
     ///
     /// # Errors
-    /// `in_dim` or `classes` 0, an invalid loss configuration, class weights not of length
-    /// `classes`, or the var builder's own errors (a stored tensor of another shape).
+    /// `in_dim` or `classes` 0, an invalid loss configuration, or the var builder's own errors
+    /// (a stored tensor of another shape). (Class weights are checked by the loss: C of them, or
+    /// all shards' classes for [`MarginHead::sharded_loss`].)
     pub fn new(
         loss: MarginSoftmaxLoss,
         in_dim: usize,
@@ -206,16 +204,15 @@ impl MarginHead {
     ///
     /// # Errors
     /// W not of rank 2 with C, D > 0 or not a float tensor; a bias for a head other than Softmax,
-    /// or one not of shape \[C\], W's dtype and W's device; an invalid loss configuration or class
-    /// weights not of length C.
+    /// or one not of shape \[C\], W's dtype and W's device; an invalid loss configuration.
     pub fn from_weight(
         loss: MarginSoftmaxLoss,
         weight: Tensor,
         bias: Option<Tensor>,
     ) -> Result<Self> {
         let name = loss.head.name();
-        let classes = match weight.dims() {
-            &[c, d] if c > 0 && d > 0 => c,
+        match weight.dims() {
+            &[c, d] if c > 0 && d > 0 => {}
             d => bail!("{HEAD_OP}({name}): weight must have shape [C, D] with C, D > 0, got {d:?}"),
         };
         if !matches!(
@@ -228,14 +225,6 @@ impl MarginHead {
             )
         }
         loss.validate_for(accumulation_dtype(weight.dtype()))?;
-        if let Some(w) = &loss.class_weights
-            && w.len() != classes
-        {
-            bail!(
-                "{HEAD_OP}({name}): class_weights must have shape [C] = [{classes}], got [{}]",
-                w.len()
-            )
-        }
         let head = Self {
             loss,
             weight,
@@ -346,7 +335,7 @@ impl MarginHead {
     /// iteration, see [`crate::SphereFaceLambda`]), keeping W, the bias and the other settings.
     ///
     /// # Errors
-    /// An invalid configuration, class weights not of length C, or another head family (the
+    /// An invalid configuration, or another head family (the
     /// parameters' shapes and initialization belong to it).
     pub fn set_config(&mut self, loss: MarginSoftmaxLoss) -> Result<()> {
         if form_of(&loss.head) != form_of(&self.loss.head)
@@ -359,16 +348,6 @@ impl MarginHead {
             )
         }
         loss.validate_for(accumulation_dtype(self.weight.dtype()))?;
-        if let Some(w) = &loss.class_weights
-            && w.len() != self.classes()
-        {
-            bail!(
-                "{HEAD_OP}({}): class_weights must have shape [C] = [{}], got [{}]",
-                loss.head.name(),
-                self.classes(),
-                w.len()
-            )
-        }
         self.loss = loss;
         Ok(())
     }
@@ -506,7 +485,8 @@ impl MarginHead {
     }
 
     /// The loss of `embeddings` \[B, D\] (W's dtype and device) against `targets` \[B\] (u8, u32 or
-    /// i64, as for [`MarginSoftmaxLoss::loss`]), reduced as the configuration says; f32 (f64 for
+    /// i64, as for [`MarginSoftmaxLoss::loss`]), reduced as the configuration says (class
+    /// weights, if any, of length C); f32 (f64 for
     /// f64). Differentiable through candle autograd into the embeddings, W and the bias, whichever
     /// track gradients. With [`Reduction::Mean`] or [`Reduction::Sum`] the gradients are computed
     /// during this call (the module docs' second pass) and `backward()` only hands them over
@@ -521,6 +501,51 @@ impl MarginHead {
     /// of shape \[B\] on W's device, or with a value outside [0, C) that is not `ignore_index`;
     /// and every error of [`MarginSoftmaxLoss::loss`] for the configuration.
     pub fn loss(&self, embeddings: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        self.loss_impl(embeddings, targets, None)
+    }
+
+    /// The loss of a head whose W holds one shard of the classes ([`ClassShard`]: this rank's
+    /// `count` classes from `offset`, of `total`), every rank calling it with the same
+    /// `embeddings` and `targets` (global class indices in [0, total)) and its own W slice. The
+    /// ranks exchange through `comm` a few values per row, merged in rank order, so every rank
+    /// returns the same loss as the unsharded head over all classes (up to rounding), and the
+    /// same bits as every other rank. Gradients: W's into this rank's slice, the embeddings' the
+    /// sum over ranks (every rank gets the whole gradient, as for a replicated input), the bias's
+    /// into this rank's slice. Every option but Partial FC; the chunking is per rank.
+    ///
+    /// # Errors
+    /// As [`MarginHead::loss`] (targets checked against `shard.total`), and for a shard whose
+    /// `count` is not W's row count or that does not fit in `total`, Partial FC, or a failed
+    /// exchange. Every rank must make the same calls in the same order, also `backward()` with
+    /// [`Reduction::None`] (its gradient pass exchanges the embeddings' gradient).
+    pub fn sharded_loss(
+        &self,
+        embeddings: &Tensor,
+        targets: &Tensor,
+        shard: ClassShard,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Tensor> {
+        let name = self.name();
+        shard.validate()?;
+        if shard.count != self.classes() {
+            bail!(
+                "{HEAD_OP}({name}): the shard holds {} classes but W has {} rows",
+                shard.count,
+                self.classes()
+            )
+        }
+        if self.partial_fc.is_some() {
+            bail!("{HEAD_OP}({name}): Partial FC is not supported with a sharded loss")
+        }
+        self.loss_impl(embeddings, targets, Some(Sharding { shard, comm }))
+    }
+
+    fn loss_impl(
+        &self,
+        embeddings: &Tensor,
+        targets: &Tensor,
+        sharding: Option<Sharding>,
+    ) -> Result<Tensor> {
         let rows = self.check_embeddings(embeddings)?;
         let name = self.name();
         if !matches!(targets.dtype(), DType::U8 | DType::U32 | DType::I64) {
@@ -538,7 +563,16 @@ impl MarginHead {
         self.check_device(targets, "targets")?;
         let values: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
         let classes = self.classes();
-        let host_targets = validate_targets(&values, &self.loss, classes)?;
+        let total = sharding.as_ref().map_or(classes, |s| s.shard.total);
+        if let Some(w) = &self.loss.class_weights
+            && w.len() != total
+        {
+            bail!(
+                "{HEAD_OP}({name}): class_weights must have shape [C] = [{total}] (all classes), got [{}]",
+                w.len()
+            )
+        }
+        let host_targets = validate_targets(&values, &self.loss, total)?;
         let sample = match self.partial_fc {
             Some(pfc) => {
                 let call = self.calls.fetch_add(1, Ordering::Relaxed);
@@ -546,7 +580,7 @@ impl MarginHead {
             }
             None => None,
         };
-        let problem = Problem::new(self, embeddings, host_targets, sample)?;
+        let problem = Problem::new(self, embeddings, host_targets, sample, sharding)?;
         let tracked = embeddings.track_op()
             || self.weight.track_op()
             || self.bias.as_ref().is_some_and(|b| b.track_op());
@@ -712,9 +746,19 @@ struct Problem {
     targets_tensor: Tensor,
     eps: f64,
     slice_classes: usize,
-    group_rows: usize,
     /// Partial FC: the sampled classes (u32 \[C'\]) and C.
     sampled: Option<(Tensor, usize)>,
+    /// The classes of the whole problem: W's rows, or all shards' classes when sharded.
+    total_classes: usize,
+    /// Sharded: this rank's classes and the ranks' communicator.
+    sharding: Option<Sharding>,
+}
+
+/// A sharded loss's shard and communicator.
+#[derive(Clone)]
+struct Sharding {
+    shard: ClassShard,
+    comm: Arc<dyn Communicator>,
 }
 
 impl Problem {
@@ -723,6 +767,7 @@ impl Problem {
         embeddings: &Tensor,
         targets: Vec<Option<usize>>,
         sample: Option<Sample>,
+        sharding: Option<Sharding>,
     ) -> Result<Self> {
         let dev = head.weight.device().clone();
         let dtype = head.weight.dtype();
@@ -787,17 +832,13 @@ impl Problem {
         } else {
             Tensor::full(head.loss.head.scale(), rows, &dev)?.to_dtype(acc)?
         };
+        let total_classes = sharding.as_ref().map_or(classes, |s| s.shard.total);
         let index: Vec<i64> = targets.iter().map(|t| t.map_or(-1, |y| y as i64)).collect();
         let targets_tensor = Tensor::from_vec(index, rows, &dev)?;
         let slice_classes = head
             .chunk_classes
             .unwrap_or((DEFAULT_CHUNK_SCORES / rows.max(1)).max(1))
             .min(classes);
-        let group_rows = if slice_classes >= classes {
-            rows
-        } else {
-            (slice_classes * rows / classes).clamp(rows.min(MIN_STAT_ROWS), rows.max(1))
-        };
         Ok(Self {
             cfg,
             form,
@@ -816,8 +857,9 @@ impl Problem {
             targets_tensor,
             eps,
             slice_classes,
-            group_rows: group_rows.max(1),
             sampled,
+            total_classes,
+            sharding,
         })
     }
 
@@ -877,11 +919,50 @@ impl Problem {
         }
     }
 
+    /// Each row's target as a column of the slice [c0, c0 + c) of this W: −1 for an ignored
+    /// row, `c` (no column) for a target in another slice or on another rank.
+    fn local_targets(&self, c0: usize, c: usize) -> Vec<i64> {
+        let first = self.class_offset() + c0;
+        self.targets
+            .iter()
+            .map(|t| match t {
+                None => -1,
+                Some(y) if (first..first + c).contains(y) => (y - first) as i64,
+                Some(_) => c as i64,
+            })
+            .collect()
+    }
+
+    fn class_offset(&self) -> usize {
+        self.sharding.as_ref().map_or(0, |s| s.shard.offset)
+    }
+
+    /// The configuration over the slice [c0, c0 + c) of this W: its class weights, and one more
+    /// (1) for the padding column of the gradient pass when `pad`.
+    fn slice_config(&self, c0: usize, c: usize, pad: bool) -> Result<MarginSoftmaxLoss> {
+        let mut cfg = self.cfg.clone();
+        if let Some(w) = &self.cfg.class_weights {
+            let first = self.class_offset() + c0;
+            let mut values = w.values()[first..first + c].to_vec();
+            if pad {
+                values.push(1.0);
+            }
+            let n = values.len();
+            let dev = self.weight.device();
+            cfg.class_weights = Some(ClassWeights::new(&Tensor::from_vec(values, n, dev)?)?);
+        }
+        Ok(cfg)
+    }
+
     /// The statistics pass, or the whole computation in one fused pass when one slice covers
-    /// every class and the loss is reduced.
+    /// every class, the loss is reduced and not sharded.
     fn first_pass(&self, need_grads: bool) -> Result<FirstPass> {
         let (rows, classes) = (self.rows(), self.classes());
-        if need_grads && self.slice_classes >= classes && self.cfg.reduction != Reduction::None {
+        if need_grads
+            && self.slice_classes >= classes
+            && self.cfg.reduction != Reduction::None
+            && self.sharding.is_none()
+        {
             let scores = self.scores((0, rows), (0, classes))?;
             check_inputs(&self.cfg, &scores, &self.targets_tensor, Some(&self.scale))?;
             let (loss, grad, grad_scale) = self.cfg.loss_and_grad_impl(
@@ -895,30 +976,83 @@ impl Problem {
             let grads = acc.finish(self, self.scale_grad.then_some(&grad_scale))?;
             return Ok(FirstPass::Fused { loss, grads });
         }
-        let mut parts = Vec::new();
-        let mut r0 = 0;
-        while r0 < rows {
-            let r = self.group_rows.min(rows - r0);
-            let scores = self.scores((r0, r), (0, classes))?;
-            let targets = self.targets_tensor.narrow(0, r0, r)?;
-            let scale = self.scale.narrow(0, r0, r)?;
-            check_inputs(&self.cfg, &scores, &targets, Some(&scale))?;
-            parts.push(op::row_stats(
-                &self.cfg,
-                &scores,
-                &targets,
-                &scale,
-                self.scale_grad,
-            )?);
-            r0 += r;
-        }
-        let stats = if parts.is_empty() {
-            Tensor::zeros((0, op::STAT_COLUMNS), self.acc, self.weight.device())?
-        } else {
-            Tensor::cat(&parts, 0)?
-        };
+        let stats = self.statistics()?;
         let loss = reduce(self.cfg.reduction, &stats)?;
         Ok(FirstPass::Stats { stats, loss })
+    }
+
+    /// The op's statistics of the whole rows [B, STAT_COLUMNS]: each slice of classes reduced to
+    /// its online state by the op, the states merged in slice order (and, sharded, gathered and
+    /// merged in rank order), and the criterion applied.
+    fn statistics(&self) -> Result<Tensor> {
+        let (rows, classes) = (self.rows(), self.classes());
+        let dev = self.weight.device();
+        let mut parts = Vec::new();
+        let mut target_inputs = Tensor::zeros(rows, self.acc, dev)?;
+        let mut owned = vec![0u8; rows];
+        let mut c0 = 0;
+        while c0 < classes {
+            let c = self.slice_classes.min(classes - c0);
+            let scores = self.scores((0, rows), (c0, c))?;
+            let local = self.local_targets(c0, c);
+            // The target's input, for the rows whose target is in this slice.
+            let index: Vec<u32> = local
+                .iter()
+                .map(|&t| t.clamp(0, c as i64 - 1) as u32)
+                .collect();
+            let owns: Vec<u8> = local
+                .iter()
+                .map(|&t| u8::from(t >= 0 && t < c as i64))
+                .collect();
+            for (o, &k) in owned.iter_mut().zip(&owns) {
+                *o |= k;
+            }
+            let picked = scores
+                .gather(&Tensor::from_vec(index, (rows, 1), dev)?, 1)?
+                .squeeze(1)?;
+            target_inputs =
+                Tensor::from_vec(owns, rows, dev)?.where_cond(&picked, &target_inputs)?;
+            let cfg = self.slice_config(c0, c, false)?;
+            parts.push(op::slice_partials(
+                &cfg,
+                &scores,
+                local,
+                &self.scale,
+                self.scale_grad,
+            )?);
+            c0 += c;
+        }
+        let mut merged = op::merge_partials(&parts)?;
+        if let Some(sharding) = &self.sharding {
+            // Gather every rank's [state, target input, owns] and merge the ranks in order.
+            let owns = Tensor::from_vec(owned, rows, dev)?.to_dtype(self.acc)?;
+            let packed = Tensor::cat(
+                &[&merged, &target_inputs.unsqueeze(1)?, &owns.unsqueeze(1)?],
+                1,
+            )?;
+            let all = sharding.comm.all_gather(&packed)?;
+            let mut states = Vec::with_capacity(all.dim(0)?);
+            for k in 0..all.dim(0)? {
+                let part = all.get(k)?;
+                states.push(part.narrow(1, 0, op::PARTIAL_STATE)?);
+                let owns_k = part
+                    .narrow(1, op::PARTIAL_STATE + 1, 1)?
+                    .squeeze(1)?
+                    .ne(0.0)?;
+                let input_k = part.narrow(1, op::PARTIAL_STATE, 1)?.squeeze(1)?;
+                target_inputs = owns_k.where_cond(&input_k, &target_inputs)?;
+            }
+            merged = op::merge_partials(&states)?;
+        }
+        op::finalize(
+            &self.cfg,
+            self.total_classes,
+            &self.targets,
+            &merged,
+            &target_inputs,
+            &self.scale,
+            self.scale_grad,
+        )
     }
 
     /// The per-row factor folded into the gradient: `upstream` (the autograd gradient of a
@@ -967,23 +1101,8 @@ impl Problem {
             // treats the target column specially, so rows whose target lies elsewhere point at
             // it, and its gradient is dropped.
             let padded = Tensor::cat(&[&scores, &Tensor::zeros((rows, 1), self.acc, dev)?], 1)?;
-            let local: Vec<i64> = self
-                .targets
-                .iter()
-                .map(|t| match t {
-                    None => -1,
-                    Some(y) if (c0..c0 + c).contains(y) => (y - c0) as i64,
-                    Some(_) => c as i64,
-                })
-                .collect();
-            let local = Tensor::from_vec(local, rows, dev)?;
-            let mut cfg = self.cfg.clone();
-            if let Some(w) = &self.cfg.class_weights {
-                let mut values = w.values()[c0..c0 + c].to_vec();
-                values.push(1.0);
-                cfg.class_weights =
-                    Some(ClassWeights::new(&Tensor::from_vec(values, c + 1, dev)?)?);
-            }
+            let local = Tensor::from_vec(self.local_targets(c0, c), rows, dev)?;
+            let cfg = self.slice_config(c0, c, true)?;
             let grad = op::gradient_from_row_info(&cfg, &padded, &local, &row_info)?
                 .narrow(1, 0, c)?
                 .contiguous()?;
@@ -1087,7 +1206,11 @@ impl SliceSums {
 
     /// The parameters' gradients: the normalization's backward for the cosine heads (and the
     /// feature-norm scale's term), Partial FC's scatter into \[C, D\].
-    fn finish(self, p: &Problem, d_scale: Option<&Tensor>) -> Result<Gradients> {
+    fn finish(mut self, p: &Problem, d_scale: Option<&Tensor>) -> Result<Gradients> {
+        if let Some(sharding) = &p.sharding {
+            // Every rank's classes contribute to the embeddings' gradient.
+            self.features = all_reduce_sum(sharding.comm.as_ref(), &self.features)?;
+        }
         let mut d_raw = match p.form {
             Form::Cosine => {
                 // f̂ = f / max(‖f‖, ε): d f = (d f̂ − f̂·(f̂·d f̂)) / ‖f‖ where ‖f‖ > ε, d f̂ / ε

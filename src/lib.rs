@@ -46,6 +46,7 @@ mod math;
 mod op;
 mod prepare;
 pub mod reference;
+mod shard;
 mod simd;
 
 #[cfg(feature = "kernel-emu")]
@@ -53,6 +54,7 @@ pub use emu::kernel_emu;
 
 pub use heads::{DEFAULT_CHUNK_SCORES, DEFAULT_NORM_EPS, MarginHead, PartialFc};
 pub use op::one_pass_max_classes;
+pub use shard::{ClassShard, Communicator, InProcessCommunicator, InProcessGroup};
 pub use simd::{SimdLevel, with_simd_level};
 
 pub use config::{

@@ -55,6 +55,9 @@ pub(crate) const STAT_D_SCALE: usize = 7;
 pub(crate) const STAT_COLUMNS: usize = 8;
 /// [M, ln Σ, a, k, g_y, r] per row for the backward op.
 pub(crate) const ROWINFO_COLUMNS: usize = 6;
+/// The online state of a slice's non-target entries, per row: max, Σ exp(z − max),
+/// Σ exp(z − max)·v, Σ w·v, Σ w·z (the kernels' `MS_PARTIAL_COLUMNS` layout).
+pub(crate) const PARTIAL_STATE: usize = 5;
 
 struct MarginSoftmaxForward {
     cfg: MarginSoftmaxLoss,
@@ -213,25 +216,6 @@ pub(crate) fn forward(
     )
 }
 
-/// The per-row statistics [B, STAT_COLUMNS] without an autograd node, with dℓ/dr in the last
-/// column when `scale_grad` (the head modules' first pass, which differentiates by hand).
-pub(crate) fn row_stats(
-    cfg: &MarginSoftmaxLoss,
-    input: &Tensor,
-    targets: &Tensor,
-    scale: &Tensor,
-    scale_grad: bool,
-) -> Result<Tensor> {
-    input.apply_op3_no_bwd(
-        targets,
-        scale,
-        &MarginSoftmaxForward {
-            cfg: cfg.clone(),
-            scale_grad,
-        },
-    )
-}
-
 /// d(loss)/d(input) \[B, C\] from the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded
 /// in): the backward op, without an autograd node.
 pub(crate) fn gradient_from_row_info(
@@ -245,6 +229,169 @@ pub(crate) fn gradient_from_row_info(
         row_info,
         &MarginSoftmaxBackward { cfg: cfg.clone() },
     )
+}
+
+/// The op over one slice of the classes: the online state of each row's non-target entries in
+/// the slice, [B, PARTIAL_STATE] in the accumulation dtype. `local_targets[i]`: the row's target
+/// as a column of the slice, −1 for an ignored row, ≥ the slice's width for a target in another
+/// slice. `cfg` carries the slice's class weights. With [`merge_partials`] and [`finalize`], the
+/// forward op's statistics of whole rows that no tensor holds whole (the head modules' slices,
+/// the shards of a sharded loss). The backends return [B, splits, PARTIAL_STATE] (a device
+/// backend may cut a wide slice into column splits), which [`slice_partials`] merges.
+struct SlicePartials {
+    cfg: MarginSoftmaxLoss,
+    local_targets: Vec<i64>,
+    scale_grad: bool,
+}
+
+impl candle_core::CustomOp2 for SlicePartials {
+    fn name(&self) -> &'static str {
+        "margin_softmax_ce_slice_partials"
+    }
+
+    fn cpu_fwd(
+        &self,
+        input: &CpuStorage,
+        input_layout: &Layout,
+        scale: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let rows = input_layout.dims()[0];
+        let (partials, splits) = on_cpu!(slice_partials(
+            &self.cfg,
+            (input, input_layout),
+            &self.local_targets,
+            (scale, scale_layout),
+            self.scale_grad,
+        ))?;
+        Ok((partials, Shape::from((rows, splits, PARTIAL_STATE))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        input: &CudaStorage,
+        input_layout: &Layout,
+        scale: &CudaStorage,
+        scale_layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let rows = input_layout.dims()[0];
+        let (partials, splits) = cuda::slice_partials(
+            &self.cfg,
+            (input, input_layout),
+            &self.local_targets,
+            (scale, scale_layout),
+            self.scale_grad,
+        )?;
+        Ok((partials, Shape::from((rows, splits, PARTIAL_STATE))))
+    }
+}
+
+/// See [`SlicePartials`]. `input` \[B, c\] row-contiguous, `scale` \[B\] in the accumulation
+/// dtype.
+pub(crate) fn slice_partials(
+    cfg: &MarginSoftmaxLoss,
+    input: &Tensor,
+    local_targets: Vec<i64>,
+    scale: &Tensor,
+    scale_grad: bool,
+) -> Result<Tensor> {
+    let states = input.apply_op2_no_bwd(
+        scale,
+        &SlicePartials {
+            cfg: cfg.clone(),
+            local_targets,
+            scale_grad,
+        },
+    )?;
+    // A device backend may cut a wide slice into column splits: merged here, in split order.
+    let splits = states.dim(1)?;
+    if splits == 1 {
+        return states.squeeze(1);
+    }
+    let parts = (0..splits)
+        .map(|k| states.narrow(1, k, 1)?.squeeze(1))
+        .collect::<Result<Vec<_>>>()?;
+    merge_partials(&parts)
+}
+
+/// The states of the slices of each row merged in the order of `parts` (each [B,
+/// PARTIAL_STATE], the accumulation dtype), on the host: every caller that merges the same
+/// parts in the same order gets the same bits (the ranks of a sharded loss). Returns [B,
+/// PARTIAL_STATE] on `parts[0]`'s device.
+pub(crate) fn merge_partials(parts: &[Tensor]) -> Result<Tensor> {
+    let first = &parts[0];
+    let rows = first.dim(0)?;
+    let merged = match first.dtype() {
+        DType::F64 => {
+            let host = parts
+                .iter()
+                .map(|t| t.flatten_all()?.to_vec1::<f64>())
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::from_vec(
+                cpu::merge_partials(&host, rows),
+                (rows, PARTIAL_STATE),
+                first.device(),
+            )?
+        }
+        _ => {
+            let host = parts
+                .iter()
+                .map(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>())
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::from_vec(
+                cpu::merge_partials(&host, rows),
+                (rows, PARTIAL_STATE),
+                first.device(),
+            )?
+        }
+    };
+    Ok(merged)
+}
+
+/// The forward op's statistics [B, STAT_COLUMNS] (on the host, from a few values per row) of rows
+/// whose non-target entries' merged state is `others` [B, PARTIAL_STATE] and whose target input
+/// is `target_inputs` \[B\]; `targets` among `classes` classes, `scale` the row scale \[B\].
+/// The accumulation dtype of `others`; the result on its device.
+pub(crate) fn finalize(
+    cfg: &MarginSoftmaxLoss,
+    classes: usize,
+    targets: &[Option<usize>],
+    others: &Tensor,
+    target_inputs: &Tensor,
+    scale: &Tensor,
+    scale_grad: bool,
+) -> Result<Tensor> {
+    let rows = targets.len();
+    let dev = others.device();
+    match others.dtype() {
+        DType::F64 => {
+            let read = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
+            let stats = cpu::finalize_partials(
+                cfg,
+                classes,
+                targets,
+                &read(others)?,
+                &read(target_inputs)?,
+                &read(scale)?,
+                scale_grad,
+            );
+            Tensor::from_vec(stats, (rows, STAT_COLUMNS), dev)
+        }
+        _ => {
+            let read = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            let stats = cpu::finalize_partials(
+                cfg,
+                classes,
+                targets,
+                &read(others)?,
+                &read(target_inputs)?,
+                &read(scale)?,
+                scale_grad,
+            );
+            Tensor::from_vec(stats, (rows, STAT_COLUMNS), dev)
+        }
+    }
 }
 
 /// The widest row (number of classes C) that [`MarginSoftmaxLoss::loss_and_grad`] reads in one

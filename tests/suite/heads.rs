@@ -16,24 +16,24 @@ const EPS: f64 = 1e-12;
 
 /// What a head test varies besides the head and the criterion.
 #[derive(Clone, Copy)]
-struct Layout {
-    rows: usize,
-    dim: usize,
-    classes: usize,
-    bias: bool,
+pub struct Layout {
+    pub rows: usize,
+    pub dim: usize,
+    pub classes: usize,
+    pub bias: bool,
 }
 
 /// The seeded parameters and inputs of one case: embeddings [B, D], W [C, D], bias [C].
-struct Case {
-    f: Var,
-    w: Var,
-    b: Option<Var>,
-    targets: Tensor,
+pub struct Case {
+    pub f: Var,
+    pub w: Var,
+    pub b: Option<Var>,
+    pub targets: Tensor,
     /// The upstream gradient of a per-row loss (random, so that the per-row factors are tested).
-    upstream: Tensor,
+    pub upstream: Tensor,
 }
 
-fn case(label: &str, l: Layout, opts: &Opts, dtype: DType, dev: &Device) -> Result<Case> {
+pub fn case(label: &str, l: Layout, opts: &Opts, dtype: DType, dev: &Device) -> Result<Case> {
     let mut r = rng(seed_of(label));
     let normal = Normal::new(0.0, 1.0).unwrap();
     let mut draw = |n: usize, scale: f64| -> Vec<f64> {
@@ -112,7 +112,7 @@ fn composed(
 }
 
 /// The backward root: the loss, or Σ_i g_i·ℓ_i for per-row losses.
-fn root_of(loss: &Tensor, upstream: &Tensor) -> Result<Tensor> {
+pub fn root_of(loss: &Tensor, upstream: &Tensor) -> Result<Tensor> {
     if loss.rank() == 0 {
         Ok(loss.clone())
     } else {
@@ -121,7 +121,7 @@ fn root_of(loss: &Tensor, upstream: &Tensor) -> Result<Tensor> {
 }
 
 /// Loss and gradients of the head module on the case.
-fn of_head(head: &MarginHead, c: &Case) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+pub fn of_head(head: &MarginHead, c: &Case) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
     let loss = head.loss(c.f.as_tensor(), &c.targets)?;
     let grads = root_of(&loss, &c.upstream)?.backward()?;
     let g = |v: &Var| -> Result<Tensor> {
@@ -168,7 +168,7 @@ fn check_case(
 
 /// The option sets the head grid runs: plain, everything together (smoothing with class
 /// weights, focal, Poly-1, z-loss, ignored rows), per-row losses, soft-capping, the sum.
-fn head_options() -> Vec<(&'static str, Opts)> {
+pub fn head_options() -> Vec<(&'static str, Opts)> {
     vec![
         ("plain", Opts::default()),
         ("combo", Opts::combo()),
@@ -306,17 +306,22 @@ fn heads_match_composition_half() {
 /// width where the default chunk is several slices.
 #[test]
 fn chunk_sizes_agree() -> Result<()> {
-    let dev = Device::Cpu;
+    chunks_agree(&Device::Cpu, 3001, &[1, 97, 1000, 3000, 5000])
+}
+
+/// The loss and gradients of an ArcFace head with every option over `classes` classes, for each
+/// chunk size in `chunks`, against the one-slice (fused) computation.
+pub fn chunks_agree(dev: &Device, classes: usize, chunks: &[usize]) -> Result<()> {
     let layout = Layout {
         rows: 40,
         dim: 16,
-        classes: 3001,
+        classes,
         bias: false,
     };
     let opts = Opts::combo();
-    let c = case("chunks", layout, &opts, DType::F64, &dev)?;
+    let c = case("chunks", layout, &opts, DType::F64, dev)?;
     let cfg = opts
-        .cfg(Head::arcface(), layout.classes, DType::F64, &dev, 7)?
+        .cfg(Head::arcface(), layout.classes, DType::F64, dev, 7)?
         .ignore_index(Some(crate::common::IGNORE));
     let run = |chunk: usize| -> Result<Vec<Vec<f64>>> {
         let m = MarginHead::from_weight(cfg.clone(), c.w.as_tensor().clone(), None)?
@@ -325,7 +330,7 @@ fn chunk_sizes_agree() -> Result<()> {
         Ok(vec![vec_f64(&l)?, vec_f64(&df)?, vec_f64(&dw)?])
     };
     let whole = run(layout.classes)?;
-    for chunk in [1, 97, 1000, 3000, 5000] {
+    for &chunk in chunks {
         let got = run(chunk)?;
         for (k, (g, w)) in got.iter().zip(&whole).enumerate() {
             crate::common::compare_vec(&format!("chunk {chunk} part {k}"), g, w, 1e-12, 1e-6)

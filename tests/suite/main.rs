@@ -14,3 +14,4 @@ mod kernels;
 mod parity;
 mod props;
 mod semantics;
+mod shard;
