@@ -826,41 +826,6 @@ fn forward_backward_typed<T: EmuElement>(
     Ok(wrap(out))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernel_params::MAX_SPHERE_M;
-    use crate::launch::{BLOCK, CLUSTER, FINALIZE_BLOCK, PARTIAL_COLUMNS, TARGETS_BLOCK};
-
-    /// The Rust mirrors of the kernel ABI agree with the C++ build of the kernels.
-    #[test]
-    fn abi_matches_the_kernels() {
-        let mut got = [0u64; 12];
-        // SAFETY: ms_emu_abi writes exactly 12 values.
-        unsafe { ms_emu_abi(got.as_mut_ptr()) };
-        let want = [
-            std::mem::size_of::<MsParams>(),
-            std::mem::align_of::<MsParams>(),
-            BLOCK as usize,
-            FINALIZE_BLOCK as usize,
-            STAT_COLUMNS,
-            ROWINFO_COLUMNS,
-            PARTIAL_COLUMNS,
-            MAX_SPHERE_M,
-            std::mem::size_of::<Launch>(),
-            TARGETS_BLOCK as usize,
-            CLUSTER,
-            EMULATED_COOPERATIVE_BLOCKS,
-        ]
-        .map(|v| v as u64);
-        assert_eq!(
-            got, want,
-            "[sizeof MsParams, alignof, MS_BLOCK, MS_FINALIZE_BLOCK, stat, rowinfo, partial \
-             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK, MS_CLUSTER, cuda_emu::max_cooperative_blocks]"
-        );
-    }
-}
-
 /// The op over one slice of the classes (`op::slice_partials`): `ms_forward_partial` with the
 /// slice-local targets as given (−1: ignored, ≥ the slice's width: the target is in another
 /// slice, every entry counts), as the CUDA backend launches it. Returns the states [rows, splits,
@@ -931,4 +896,39 @@ fn slice_partials_typed<T: EmuElement>(
     };
     let splits = plan.partials_len / (shape.rows * PARTIAL_STATE);
     Ok((T::Acc::to_cpu_storage_owned(partials), splits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel_params::MAX_SPHERE_M;
+    use crate::launch::{BLOCK, CLUSTER, FINALIZE_BLOCK, PARTIAL_COLUMNS, TARGETS_BLOCK};
+
+    /// The Rust mirrors of the kernel ABI agree with the C++ build of the kernels.
+    #[test]
+    fn abi_matches_the_kernels() {
+        let mut got = [0u64; 12];
+        // SAFETY: ms_emu_abi writes exactly 12 values.
+        unsafe { ms_emu_abi(got.as_mut_ptr()) };
+        let want = [
+            std::mem::size_of::<MsParams>(),
+            std::mem::align_of::<MsParams>(),
+            BLOCK as usize,
+            FINALIZE_BLOCK as usize,
+            STAT_COLUMNS,
+            ROWINFO_COLUMNS,
+            PARTIAL_COLUMNS,
+            MAX_SPHERE_M,
+            std::mem::size_of::<Launch>(),
+            TARGETS_BLOCK as usize,
+            CLUSTER,
+            EMULATED_COOPERATIVE_BLOCKS,
+        ]
+        .map(|v| v as u64);
+        assert_eq!(
+            got, want,
+            "[sizeof MsParams, alignof, MS_BLOCK, MS_FINALIZE_BLOCK, stat, rowinfo, partial \
+             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK, MS_CLUSTER, cuda_emu::max_cooperative_blocks]"
+        );
+    }
 }
