@@ -33,17 +33,18 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, bail};
+use candle_core::{DType, Module, Result, Tensor, bail};
 use candle_nn::{Init, VarBuilder};
 
 use crate::config::{ClassWeights, Head, MarginSoftmaxLoss, Reduction, accumulation_dtype};
+use crate::handover::{GradientSource, hand_over};
 use crate::loss::{check_inputs, reduce};
-use crate::op::{self, STAT_D_SCALE, STAT_GRAD_CONSTANTS, STAT_MAX};
+use crate::op::{self, STAT_D_SCALE};
 use crate::prepare::{upstream_factor, validate_targets};
-use crate::shard::{ClassShard, Communicator, all_reduce_sum};
-#[cfg(feature = "cuda")]
-use candle_core::CudaStorage;
+use crate::shard::{
+    ClassShard, Communicator, all_reduce_sum, exchange_states, local_targets, row_info,
+    slice_gradient, slice_weights,
+};
 
 /// The name errors of the head modules start with.
 pub(crate) const HEAD_OP: &str = "margin_head";
@@ -602,33 +603,22 @@ impl MarginHead {
                 )
             }
         };
-        let source = Arc::new(GradientSource {
+        let source = Arc::new(HeadGradients {
             state: Mutex::new(SourceState {
                 pending,
                 handed: None,
             }),
         });
-        // The loss value (a fresh copy), with one pass-through node per tracked parameter whose
-        // backward hands over that parameter's gradient.
-        let mut out = loss.detach().affine(1.0, 0.0)?;
-        let params: [(Slot, Option<&Tensor>); 3] = [
-            (Slot::Embeddings, Some(embeddings)),
-            (Slot::Weight, Some(&self.weight)),
-            (Slot::Bias, self.bias.as_ref()),
-        ];
-        for (slot, param) in params {
-            if let Some(p) = param
-                && p.track_op()
-            {
-                out = out.apply_op2(
-                    p,
-                    HandOver {
-                        slot,
-                        source: source.clone(),
-                    },
-                )?;
-            }
-        }
+        let out = hand_over(
+            HEAD_OP,
+            &loss,
+            &[
+                (Slot::Embeddings as usize, Some(embeddings)),
+                (Slot::Weight as usize, Some(&self.weight)),
+                (Slot::Bias as usize, self.bias.as_ref()),
+            ],
+            source,
+        )?;
         Ok(out)
     }
 }
@@ -922,15 +912,7 @@ impl Problem {
     /// Each row's target as a column of the slice [c0, c0 + c) of this W: −1 for an ignored
     /// row, `c` (no column) for a target in another slice or on another rank.
     fn local_targets(&self, c0: usize, c: usize) -> Vec<i64> {
-        let first = self.class_offset() + c0;
-        self.targets
-            .iter()
-            .map(|t| match t {
-                None => -1,
-                Some(y) if (first..first + c).contains(y) => (y - first) as i64,
-                Some(_) => c as i64,
-            })
-            .collect()
+        local_targets(&self.targets, self.class_offset() + c0, c)
     }
 
     fn class_offset(&self) -> usize {
@@ -940,18 +922,13 @@ impl Problem {
     /// The configuration over the slice [c0, c0 + c) of this W: its class weights, and one more
     /// (1) for the padding column of the gradient pass when `pad`.
     fn slice_config(&self, c0: usize, c: usize, pad: bool) -> Result<MarginSoftmaxLoss> {
-        let mut cfg = self.cfg.clone();
-        if let Some(w) = &self.cfg.class_weights {
-            let first = self.class_offset() + c0;
-            let mut values = w.values()[first..first + c].to_vec();
-            if pad {
-                values.push(1.0);
-            }
-            let n = values.len();
-            let dev = self.weight.device();
-            cfg.class_weights = Some(ClassWeights::new(&Tensor::from_vec(values, n, dev)?)?);
-        }
-        Ok(cfg)
+        slice_weights(
+            &self.cfg,
+            self.class_offset() + c0,
+            c,
+            pad,
+            self.weight.device(),
+        )
     }
 
     /// The statistics pass, or the whole computation in one fused pass when one slice covers
@@ -995,23 +972,7 @@ impl Problem {
             let c = self.slice_classes.min(classes - c0);
             let scores = self.scores((0, rows), (c0, c))?;
             let local = self.local_targets(c0, c);
-            // The target's input, for the rows whose target is in this slice.
-            let index: Vec<u32> = local
-                .iter()
-                .map(|&t| t.clamp(0, c as i64 - 1) as u32)
-                .collect();
-            let owns: Vec<u8> = local
-                .iter()
-                .map(|&t| u8::from(t >= 0 && t < c as i64))
-                .collect();
-            for (o, &k) in owned.iter_mut().zip(&owns) {
-                *o |= k;
-            }
-            let picked = scores
-                .gather(&Tensor::from_vec(index, (rows, 1), dev)?, 1)?
-                .squeeze(1)?;
-            target_inputs =
-                Tensor::from_vec(owns, rows, dev)?.where_cond(&picked, &target_inputs)?;
+            target_inputs = op::pick_target_inputs(&scores, &local, &target_inputs, &mut owned)?;
             let cfg = self.slice_config(c0, c, false)?;
             parts.push(op::slice_partials(
                 &cfg,
@@ -1024,25 +985,8 @@ impl Problem {
         }
         let mut merged = op::merge_partials(&parts)?;
         if let Some(sharding) = &self.sharding {
-            // Gather every rank's [state, target input, owns] and merge the ranks in order.
-            let owns = Tensor::from_vec(owned, rows, dev)?.to_dtype(self.acc)?;
-            let packed = Tensor::cat(
-                &[&merged, &target_inputs.unsqueeze(1)?, &owns.unsqueeze(1)?],
-                1,
-            )?;
-            let all = sharding.comm.all_gather(&packed)?;
-            let mut states = Vec::with_capacity(all.dim(0)?);
-            for k in 0..all.dim(0)? {
-                let part = all.get(k)?;
-                states.push(part.narrow(1, 0, op::PARTIAL_STATE)?);
-                let owns_k = part
-                    .narrow(1, op::PARTIAL_STATE + 1, 1)?
-                    .squeeze(1)?
-                    .ne(0.0)?;
-                let input_k = part.narrow(1, op::PARTIAL_STATE, 1)?.squeeze(1)?;
-                target_inputs = owns_k.where_cond(&input_k, &target_inputs)?;
-            }
-            merged = op::merge_partials(&states)?;
+            (merged, target_inputs) =
+                exchange_states(sharding.comm.as_ref(), &merged, &target_inputs, owned)?;
         }
         op::finalize(
             &self.cfg,
@@ -1080,32 +1024,15 @@ impl Problem {
     /// gradient from the row statistics.
     fn second_pass(&self, stats: &Tensor, upstream: &Tensor) -> Result<Gradients> {
         let (rows, classes) = (self.rows(), self.classes());
-        let up = upstream.unsqueeze(1)?;
-        let row_info = Tensor::cat(
-            &[
-                &stats.narrow(1, STAT_MAX, 2)?,
-                &stats
-                    .narrow(1, STAT_GRAD_CONSTANTS, 3)?
-                    .broadcast_mul(&up)?,
-                &self.scale.unsqueeze(1)?,
-            ],
-            1,
-        )?;
-        let dev = self.weight.device();
+        let row_info = row_info(stats, upstream, &self.scale)?;
         let mut sums = SliceSums::new(self)?;
         let mut c0 = 0;
         while c0 < classes {
             let c = self.slice_classes.min(classes - c0);
             let scores = self.scores((0, rows), (c0, c))?;
-            // One extra column stands for "the target is in another slice": the op's backward
-            // treats the target column specially, so rows whose target lies elsewhere point at
-            // it, and its gradient is dropped.
-            let padded = Tensor::cat(&[&scores, &Tensor::zeros((rows, 1), self.acc, dev)?], 1)?;
-            let local = Tensor::from_vec(self.local_targets(c0, c), rows, dev)?;
             let cfg = self.slice_config(c0, c, true)?;
-            let grad = op::gradient_from_row_info(&cfg, &padded, &local, &row_info)?
-                .narrow(1, 0, c)?
-                .contiguous()?;
+            let local = self.local_targets(c0, c);
+            let grad = slice_gradient(&cfg, &scores, &local, &row_info)?;
             sums.add(self, c0, &scores, &grad)?;
             c0 += c;
         }
@@ -1292,7 +1219,7 @@ enum Pending {
 /// Shared by the pass-through nodes of one loss. Each parameter's gradient is handed over once
 /// and then released (as PyTorch frees a graph after `backward()`), so the head holds no copy of
 /// W's gradient beside candle's gradient store.
-struct GradientSource {
+struct HeadGradients {
     state: Mutex<SourceState>,
 }
 
@@ -1302,11 +1229,11 @@ struct SourceState {
     handed: Option<[Option<Tensor>; 3]>,
 }
 
-impl GradientSource {
+impl GradientSource for HeadGradients {
     /// `slot`'s gradient for this backward. The first node to ask computes every gradient with
     /// its upstream gradient (each node passes the same values on: candle hands them over as
     /// separate tensors); a slot asked for twice means a second backward.
-    fn take(&self, slot: Slot, upstream: &Tensor) -> Result<Option<Tensor>> {
+    fn take(&self, slot: usize, upstream: &Tensor) -> Result<Option<Tensor>> {
         let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if state.handed.is_none() {
             let grads = match std::mem::replace(&mut state.pending, Pending::Spent) {
@@ -1334,7 +1261,7 @@ impl GradientSource {
             state.handed = Some([Some(grads.embeddings), Some(grads.weight), grads.bias]);
         }
         let slots = state.handed.as_mut().expect("set above");
-        match slots[slot as usize].take() {
+        match slots.get_mut(slot).and_then(Option::take) {
             Some(g) => Ok(Some(g)),
             None => bail!(
                 "{HEAD_OP}: this loss was already back-propagated; a head's loss hands its \
@@ -1349,60 +1276,4 @@ enum Slot {
     Embeddings = 0,
     Weight = 1,
     Bias = 2,
-}
-
-/// The pass-through node: forward copies the loss value; backward passes the upstream gradient
-/// on to the value and hands `slot`'s gradient to the parameter.
-struct HandOver {
-    slot: Slot,
-    source: Arc<GradientSource>,
-}
-
-impl HandOver {
-    fn check(layout: &Layout) -> Result<()> {
-        if !layout.is_contiguous() || layout.start_offset() != 0 {
-            bail!("{HEAD_OP}: the loss value must be a fresh contiguous tensor")
-        }
-        Ok(())
-    }
-}
-
-impl CustomOp2 for HandOver {
-    fn name(&self) -> &'static str {
-        HEAD_OP
-    }
-
-    fn cpu_fwd(
-        &self,
-        value: &CpuStorage,
-        layout: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Self::check(layout)?;
-        Ok((value.try_clone(layout)?, layout.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        value: &CudaStorage,
-        layout: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        Self::check(layout)?;
-        Ok((value.try_clone(layout)?, layout.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _value: &Tensor,
-        _param: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let mine = self.source.take(self.slot, grad_res)?;
-        Ok((Some(grad_res.clone()), mine))
-    }
 }

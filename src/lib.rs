@@ -33,6 +33,7 @@ mod cuda;
 mod cuda_module;
 #[cfg(feature = "kernel-emu")]
 mod emu;
+mod handover;
 mod heads;
 mod host;
 #[cfg(all(test, feature = "kernel-host-check"))]
@@ -54,6 +55,8 @@ pub use emu::kernel_emu;
 
 pub use heads::{DEFAULT_CHUNK_SCORES, DEFAULT_NORM_EPS, MarginHead, PartialFc};
 pub use op::one_pass_max_classes;
+#[cfg(feature = "nccl")]
+pub use shard::NcclCommunicator;
 pub use shard::{ClassShard, Communicator, InProcessCommunicator, InProcessGroup};
 pub use simd::{SimdLevel, with_simd_level};
 

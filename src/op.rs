@@ -315,6 +315,35 @@ pub(crate) fn slice_partials(
     merge_partials(&parts)
 }
 
+/// The inputs of the rows' targets that lie in `scores` \[B, c\] (`local`: the rows' targets
+/// as columns of it, as for [`slice_partials`]) in place of `previous` \[B\] (accumulation
+/// dtype); marks those rows in `owned`.
+pub(crate) fn pick_target_inputs(
+    scores: &Tensor,
+    local: &[i64],
+    previous: &Tensor,
+    owned: &mut [u8],
+) -> Result<Tensor> {
+    let (rows, c) = scores.dims2()?;
+    let dev = scores.device();
+    let index: Vec<u32> = local
+        .iter()
+        .map(|&t| t.clamp(0, c.max(1) as i64 - 1) as u32)
+        .collect();
+    let owns: Vec<u8> = local
+        .iter()
+        .map(|&t| u8::from(t >= 0 && t < c as i64))
+        .collect();
+    for (o, &k) in owned.iter_mut().zip(&owns) {
+        *o |= k;
+    }
+    let picked = scores
+        .gather(&Tensor::from_vec(index, (rows, 1), dev)?, 1)?
+        .squeeze(1)?
+        .to_dtype(previous.dtype())?;
+    Tensor::from_vec(owns, rows, dev)?.where_cond(&picked, previous)
+}
+
 /// The states of the slices of each row merged in the order of `parts` (each [B,
 /// PARTIAL_STATE], the accumulation dtype), on the host: every caller that merges the same
 /// parts in the same order gets the same bits (the ranks of a sharded loss). Returns [B,

@@ -341,3 +341,147 @@ fn shard_errors() -> Result<()> {
     assert!(InProcessGroup::new(0).is_err());
     Ok(())
 }
+
+/// Runs `rank_fn(rank, comm)` on one thread per rank, started in `order`; results by rank.
+fn on_ranks<R: Send>(
+    ranks: usize,
+    order: &[usize],
+    rank_fn: impl Fn(usize, Arc<dyn Communicator>) -> Result<R> + Sync,
+) -> Result<Vec<R>> {
+    let comms: Vec<Arc<dyn Communicator>> = InProcessGroup::new(ranks)?
+        .into_iter()
+        .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+        .collect();
+    let rank_fn = &rank_fn;
+    let results: Vec<(usize, Result<R>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = order
+            .iter()
+            .map(|&rank| {
+                let comm = comms[rank].clone();
+                scope.spawn(move || (rank, rank_fn(rank, comm)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rank thread"))
+            .collect()
+    });
+    let mut by_rank: Vec<Option<R>> = (0..ranks).map(|_| None).collect();
+    for (rank, r) in results {
+        by_rank[rank] = Some(r?);
+    }
+    Ok(by_rank
+        .into_iter()
+        .map(|r| r.expect("every rank ran"))
+        .collect())
+}
+
+/// The op-level sharded loss ([`MarginSoftmaxLoss::sharded_loss`]) against the op on the whole
+/// input: every head variant and criterion option (each alone, all together, weighted smoothing,
+/// soft-capping, every reduction), N = 1, 2, 3, 7; loss and each rank's input gradient (its
+/// columns of the whole gradient), f64 to 1e-12 and f32 to 1e-5.
+#[test]
+fn sharded_op_matches_unsharded() {
+    use crate::common::{
+        gen_input, gen_targets, head_variants, input_tensor, options_alone, rng, softcap_options,
+        weighted_smoothing_options,
+    };
+    use candle_margin_softmax::Reduction;
+    let dev = Device::Cpu;
+    let (b, c) = (7, 23);
+    let mut options: Vec<(String, Opts)> = options_alone()
+        .into_iter()
+        .map(|(n, o)| (n.to_string(), o))
+        .collect();
+    options.push(("combo".into(), Opts::combo()));
+    options.push((
+        "combo_none".into(),
+        Opts::combo().with_reduction(Reduction::None),
+    ));
+    options.push((
+        "combo_sum".into(),
+        Opts::combo().with_reduction(Reduction::Sum),
+    ));
+    options.extend(weighted_smoothing_options());
+    options.extend(
+        softcap_options()
+            .into_iter()
+            .map(|(n, o)| (n.to_string(), o)),
+    );
+    let mut failures = Vec::new();
+    let mut cells = 0;
+    for dtype in [DType::F64, DType::F32] {
+        let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+        for (hname, head) in head_variants() {
+            for (oname, opts) in &options {
+                for (sname, shards) in shard_layouts(c) {
+                    cells += 1;
+                    let label = format!("{hname}/{oname}/{sname}/{dtype:?}");
+                    let run = || -> std::result::Result<(), String> {
+                        let e = |e: candle_core::Error| format!("{label}: {e}");
+                        let mut r = rng(seed_of(&label));
+                        let t = gen_targets(&mut r, b, c, opts.ignore);
+                        let x = gen_input(&mut r, &head, b, c, &t);
+                        let up: Vec<f64> = (0..b).map(|i| 0.5 + i as f64 / 3.0).collect();
+                        let cfg = opts
+                            .cfg(head, c, DType::F64, &dev, seed_of(&label))
+                            .map_err(e)?
+                            .ignore_index(Some(IGNORE));
+                        let targets = crate::common::targets_i64(&t, &dev).map_err(e)?;
+                        let upstream = Tensor::from_vec(up, b, &dev).map_err(e)?;
+                        let whole =
+                            Var::from_tensor(&input_tensor(&x, b, c, dtype, &dev).map_err(e)?)
+                                .map_err(e)?;
+                        let want = cfg.loss(whole.as_tensor(), &targets).map_err(e)?;
+                        let want_grad = root_of(&want, &upstream)
+                            .and_then(|r| r.backward())
+                            .map_err(e)?
+                            .get(&whole)
+                            .cloned()
+                            .ok_or(format!("{label}: no gradient"))?;
+                        let order: Vec<usize> = (0..shards.len()).rev().collect();
+                        let got = on_ranks(shards.len(), &order, |rank, comm| {
+                            let s = shards[rank];
+                            let mine = Var::from_tensor(
+                                &whole.as_tensor().narrow(1, s.offset, s.count)?.copy()?,
+                            )?;
+                            let loss = cfg.sharded_loss(mine.as_tensor(), &targets, s, comm)?;
+                            let grads = root_of(&loss, &upstream)?.backward()?;
+                            Ok((vec_f64(&loss)?, grads.get(&mine).cloned()))
+                        });
+                        let got = match got {
+                            Ok(g) => g,
+                            Err(err) => return Err(format!("{label}: {err}")),
+                        };
+                        let want_loss = vec_f64(&want).map_err(e)?;
+                        for (rank, ((loss, grad), s)) in got.iter().zip(&shards).enumerate() {
+                            if *loss != got[0].0 {
+                                return Err(format!("{label}: rank {rank}'s loss bits differ"));
+                            }
+                            crate::common::compare_vec(
+                                &format!("{label} loss"),
+                                loss,
+                                &want_loss,
+                                tol,
+                                1.0,
+                            )?;
+                            let grad = grad.as_ref().ok_or(format!("{label}: no gradient"))?;
+                            let cols = want_grad.narrow(1, s.offset, s.count).map_err(e)?;
+                            compare(&format!("{label} rank {rank} grad"), grad, &cols, tol, 1e-6)?;
+                        }
+                        Ok(())
+                    };
+                    if let Err(msg) = run() {
+                        failures.push(msg);
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {cells} cells failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
