@@ -2,13 +2,16 @@
 //! matrix W \[C, D\] (and, for the Softmax head, an optional bias) and computes the loss of a batch
 //! of embeddings \[B, D\] without ever holding the \[B, C\] logits or their gradient.
 //!
-//! The loss runs in two passes over W, each in chunks, with the fused op on every chunk:
+//! The loss runs in two passes over W, both by slices of `c` classes, with the fused op on every
+//! slice:
 //!
-//! 1. **Row statistics.** Rows are taken in groups of `r` rows: the group's scores \[r, C\] are one
-//!    matmul (plus the head's elementwise form, below), and the fused op's forward keeps its
-//!    per-row statistics (loss, max, ln Σ exp, the gradient constants). Every option of the
-//!    criterion sees whole rows, so nothing in it changes.
-//! 2. **Gradients.** Classes are taken in slices of `c` classes: the slice's scores \[B, c\] are
+//! 1. **Row statistics.** Each slice's scores \[B, c\] are one matmul (plus the head's
+//!    elementwise form, below); the op reduces them to its online per-row state (max, Σ exp,
+//!    Σ z, …), the states are merged in slice order, and the criterion is applied to the merged
+//!    rows on the host with the CPU path's row math, so every option sees whole rows. A
+//!    class-sharded head ([`MarginHead::sharded_loss`]) merges the ranks' states the same way, in
+//!    rank order.
+//! 2. **Gradients.** The slice's scores \[B, c\] are
 //!    recomputed, the op's backward turns them and the row statistics into d(loss)/d(scores)
 //!    \[B, c\], and two matmuls give that slice's contribution to d(loss)/d(embeddings) (summed
 //!    over slices, \[B, D\]) and its rows of d(loss)/dW (written in place, once). W's gradient is
@@ -52,8 +55,7 @@ pub(crate) const HEAD_OP: &str = "margin_head";
 /// The ε of the normalizations: max(‖x‖, ε) as in PyTorch's `F.normalize`.
 pub const DEFAULT_NORM_EPS: f64 = 1e-12;
 
-/// How many scores a chunk holds by default: B × (classes per slice) in the gradient pass and
-/// (rows per group) × C in the statistics pass, 2²¹ (8 MiB of f32).
+/// How many scores a chunk holds by default: B × (classes per slice), 2²¹ (8 MiB of f32).
 pub const DEFAULT_CHUNK_SCORES: usize = 1 << 21;
 
 /// Partial FC (InsightFace's arcface_torch): each call samples ⌊rate·C⌋ classes (at least 1),
@@ -267,8 +269,7 @@ impl MarginHead {
         Ok(self)
     }
 
-    /// Classes per slice of the gradient pass (and, scaled by B / C, rows per group of the
-    /// statistics pass, at least 32): the chunk holds about B·n scores. `n ≥ C` computes the
+    /// Classes per slice of both passes: a chunk holds B·n scores. `n ≥ C` computes the
     /// loss in one pass over \[B, C\]. The default is ⌊[`DEFAULT_CHUNK_SCORES`] / B⌋ (at least 1).
     /// Every chunk size gives the same loss and gradients up to rounding.
     ///

@@ -5,8 +5,8 @@
 //! the embeddings' gradient, the [B, D] partial sums. Every rank merges the gathered states in
 //! rank order, so every rank computes the same bits whatever the timing.
 //!
-//! [`InProcessGroup`] runs N ranks in one process (one thread per rank, or all on one thread in
-//! turn is not possible: a gather waits for every rank), for tests and CPU users; with the
+//! [`InProcessGroup`] runs N ranks in one process, one thread per rank (a gather waits for every
+//! rank, so the ranks cannot take turns on one thread), for tests and CPU users; with the
 //! feature `nccl`, [`NcclCommunicator`] wraps a cudarc NCCL communicator, one per GPU.
 
 use std::sync::{Arc, Condvar, Mutex};
