@@ -658,3 +658,33 @@ impl Failures {
         }
     }
 }
+
+/// The cells of a test grid: every cell runs, and the test fails once at the end, listing every
+/// failed cell.
+#[derive(Default)]
+pub struct GridFailures {
+    cells: usize,
+    failures: Vec<String>,
+}
+
+impl GridFailures {
+    /// Runs one cell; an `Err` is its failure message (which names the cell).
+    pub fn cell(&mut self, run: impl FnOnce() -> std::result::Result<(), String>) {
+        self.cells += 1;
+        if let Err(msg) = run() {
+            self.failures.push(msg);
+        }
+    }
+
+    /// Panics with every failed cell's message, if any failed.
+    pub fn assert_none(self) {
+        assert!(self.cells > 0, "the grid ran no cell");
+        assert!(
+            self.failures.is_empty(),
+            "{} of {} cells failed:\n{}",
+            self.failures.len(),
+            self.cells,
+            self.failures.join("\n")
+        );
+    }
+}

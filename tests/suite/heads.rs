@@ -10,7 +10,9 @@ use candle_nn::{Module, VarBuilder, VarMap};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::common::{Opts, compare, gen_targets, main_heads, rng, seed_of, targets_i64, vec_f64};
+use crate::common::{
+    GridFailures, Opts, compare, gen_targets, main_heads, rng, seed_of, targets_i64, vec_f64,
+};
 
 const EPS: f64 = 1e-12;
 
@@ -231,8 +233,7 @@ pub fn head_grid(dev: &Device, dtype: DType, tol: (f64, f64), chunks: &[Option<u
         .collect();
     heads.push(("softmax_bias".into(), Head::softmax(), true, false));
     heads.push(("sphereface_norm".into(), Head::sphereface(0.0), false, true));
-    let mut failures = Vec::new();
-    let mut cells = 0;
+    let mut grid = GridFailures::default();
     for (hname, head, bias, feature_norm) in &heads {
         for (oname, opts) in head_options() {
             for (lname, layout) in layouts() {
@@ -262,20 +263,12 @@ pub fn head_grid(dev: &Device, dtype: DType, tol: (f64, f64), chunks: &[Option<u
                         }
                         check_case(&label, &m, &c, *feature_norm, tol)
                     };
-                    cells += 1;
-                    if let Err(msg) = run() {
-                        failures.push(msg);
-                    }
+                    grid.cell(run);
                 }
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {cells} cells failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    grid.assert_none();
 }
 
 #[test]

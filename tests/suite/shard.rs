@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_margin_softmax::{ClassShard, Communicator, Head, InProcessGroup, MarginHead};
 
-use crate::common::{IGNORE, Opts, compare, main_heads, seed_of, vec_f64};
+use crate::common::{GridFailures, IGNORE, Opts, compare, main_heads, seed_of, vec_f64};
 use crate::heads::{Case, Layout, case, head_options, of_head, root_of};
 
 /// What one rank returns: loss, d/d embeddings, d/dW of its slice, d/d bias of its slice.
@@ -179,8 +179,7 @@ fn shard_grid(dtype: DType, tol: (f64, f64), chunks: &[Option<usize>]) {
         classes: 23,
         bias: false,
     };
-    let mut failures = Vec::new();
-    let mut cells = 0;
+    let mut grid = GridFailures::default();
     for (hname, head, bias, feature_norm) in &heads {
         for (oname, opts) in head_options() {
             for (sname, shards) in shard_layouts(layout.classes) {
@@ -211,20 +210,12 @@ fn shard_grid(dtype: DType, tol: (f64, f64), chunks: &[Option<usize>]) {
                             .map_err(e)?;
                         check_ranks(&label, &got, &want, &shards, tol)
                     };
-                    cells += 1;
-                    if let Err(msg) = run() {
-                        failures.push(msg);
-                    }
+                    grid.cell(run);
                 }
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {cells} cells failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    grid.assert_none();
 }
 
 #[test]
@@ -408,14 +399,12 @@ fn sharded_op_matches_unsharded() {
             .into_iter()
             .map(|(n, o)| (n.to_string(), o)),
     );
-    let mut failures = Vec::new();
-    let mut cells = 0;
+    let mut grid = GridFailures::default();
     for dtype in [DType::F64, DType::F32] {
         let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
         for (hname, head) in head_variants() {
             for (oname, opts) in &options {
                 for (sname, shards) in shard_layouts(c) {
-                    cells += 1;
                     let label = format!("{hname}/{oname}/{sname}/{dtype:?}");
                     let run = || -> std::result::Result<(), String> {
                         let e = |e: candle_core::Error| format!("{label}: {e}");
@@ -471,17 +460,10 @@ fn sharded_op_matches_unsharded() {
                         }
                         Ok(())
                     };
-                    if let Err(msg) = run() {
-                        failures.push(msg);
-                    }
+                    grid.cell(run);
                 }
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {cells} cells failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    grid.assert_none();
 }
