@@ -26,6 +26,7 @@ use crate::cpu;
 use crate::cuda;
 #[cfg(feature = "kernel-emu")]
 use crate::emu;
+use crate::math::Acc;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
@@ -391,36 +392,49 @@ pub(crate) fn finalize(
     scale: &Tensor,
     scale_grad: bool,
 ) -> Result<Tensor> {
-    let rows = targets.len();
-    let dev = others.device();
     match others.dtype() {
-        DType::F64 => {
-            let read = |t: &Tensor| t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>();
-            let stats = cpu::finalize_partials(
-                cfg,
-                classes,
-                targets,
-                &read(others)?,
-                &read(target_inputs)?,
-                &read(scale)?,
-                scale_grad,
-            );
-            Tensor::from_vec(stats, (rows, STAT_COLUMNS), dev)
-        }
-        _ => {
-            let read = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-            let stats = cpu::finalize_partials(
-                cfg,
-                classes,
-                targets,
-                &read(others)?,
-                &read(target_inputs)?,
-                &read(scale)?,
-                scale_grad,
-            );
-            Tensor::from_vec(stats, (rows, STAT_COLUMNS), dev)
-        }
+        DType::F64 => finalize_as::<f64>(
+            cfg,
+            classes,
+            targets,
+            others,
+            target_inputs,
+            scale,
+            scale_grad,
+        ),
+        _ => finalize_as::<f32>(
+            cfg,
+            classes,
+            targets,
+            others,
+            target_inputs,
+            scale,
+            scale_grad,
+        ),
     }
+}
+
+/// [`finalize`] with the host math in `A`.
+fn finalize_as<A: Acc>(
+    cfg: &MarginSoftmaxLoss,
+    classes: usize,
+    targets: &[Option<usize>],
+    others: &Tensor,
+    target_inputs: &Tensor,
+    scale: &Tensor,
+    scale_grad: bool,
+) -> Result<Tensor> {
+    let read = |t: &Tensor| t.to_dtype(A::DTYPE)?.flatten_all()?.to_vec1::<A>();
+    let stats = cpu::finalize_partials(
+        cfg,
+        classes,
+        targets,
+        &read(others)?,
+        &read(target_inputs)?,
+        &read(scale)?,
+        scale_grad,
+    );
+    Tensor::from_vec(stats, (targets.len(), STAT_COLUMNS), others.device())
 }
 
 /// The widest row (number of classes C) that [`MarginSoftmaxLoss::loss_and_grad`] reads in one
