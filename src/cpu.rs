@@ -1023,8 +1023,9 @@ fn fused_rows<T: Element>(
     (stats, grad_scale)
 }
 
-/// The online state of the non-target entries of a slice of each row, [B, PARTIAL_STATE] in the
-/// accumulation dtype (and the split count, 1: the layout of the kernels' [B, splits, 5]) (see [`crate::op::slice_partials`]): `local_targets[i]` is the row's
+/// The online state of the non-target entries of a slice of each row (see
+/// [`crate::op::slice_partials`]), [B, PARTIAL_STATE] in the accumulation dtype, and the split
+/// count, 1 (the kernels' layout is [B, splits, 5]): `local_targets[i]` is the row's
 /// target as a column of the slice, −1 for an ignored row (an empty state), and any value ≥ the
 /// slice's width for a target in another slice (every entry counts). The slice's class weights
 /// are the configuration's (already cut to the slice).

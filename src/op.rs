@@ -392,26 +392,19 @@ pub(crate) fn finalize(
     scale: &Tensor,
     scale_grad: bool,
 ) -> Result<Tensor> {
-    match others.dtype() {
-        DType::F64 => finalize_as::<f64>(
-            cfg,
-            classes,
-            targets,
-            others,
-            target_inputs,
-            scale,
-            scale_grad,
-        ),
-        _ => finalize_as::<f32>(
-            cfg,
-            classes,
-            targets,
-            others,
-            target_inputs,
-            scale,
-            scale_grad,
-        ),
-    }
+    let finalize_in = match others.dtype() {
+        DType::F64 => finalize_as::<f64>,
+        _ => finalize_as::<f32>,
+    };
+    finalize_in(
+        cfg,
+        classes,
+        targets,
+        others,
+        target_inputs,
+        scale,
+        scale_grad,
+    )
 }
 
 /// [`finalize`] with the host math in `A`.

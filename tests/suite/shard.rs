@@ -17,7 +17,6 @@ use crate::heads::{Case, Layout, case, head_options, of_head, root_of};
 type RankResult = (Vec<f64>, Vec<f64>, Tensor, Option<Tensor>);
 
 /// Runs the ranks of `shards`, one thread each, started in `order` (rank indices).
-#[allow(clippy::too_many_arguments)]
 fn run_sharded(
     cfg: &candle_margin_softmax::MarginSoftmaxLoss,
     c: &Case,
@@ -26,76 +25,49 @@ fn run_sharded(
     feature_norm: bool,
     order: &[usize],
 ) -> Result<Vec<RankResult>> {
-    let comms: Vec<Arc<dyn Communicator>> = InProcessGroup::new(shards.len())?
-        .into_iter()
-        .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-        .collect();
-    let results: Vec<(usize, Result<RankResult>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = order
-            .iter()
-            .map(|&rank| {
-                let comm = comms[rank].clone();
-                let shard = shards[rank];
-                scope.spawn(move || -> (usize, Result<RankResult>) {
-                    let run = || -> Result<RankResult> {
-                        // This rank's own parameters: its slice of W (and of the bias), and
-                        // its copy of the embeddings.
-                        let w = Var::from_tensor(
-                            &c.w.as_tensor()
-                                .narrow(0, shard.offset, shard.count)?
-                                .copy()?,
-                        )?;
-                        let b = match &c.b {
-                            Some(b) => Some(Var::from_tensor(
-                                &b.as_tensor().narrow(0, shard.offset, shard.count)?.copy()?,
-                            )?),
-                            None => None,
-                        };
-                        let f = Var::from_tensor(&c.f.as_tensor().copy()?)?;
-                        let mut head = MarginHead::from_weight(
-                            cfg.clone(),
-                            w.as_tensor().clone(),
-                            b.as_ref().map(|b| b.as_tensor().clone()),
-                        )?
-                        .feature_norm_scale(feature_norm)?;
-                        if let Some(n) = chunk {
-                            head = head.chunk_classes(n)?;
-                        }
-                        let loss = head.sharded_loss(f.as_tensor(), &c.targets, shard, comm)?;
-                        let grads = root_of(&loss, &c.upstream)?.backward()?;
-                        let get = |v: &Var| {
-                            grads
-                                .get(v)
-                                .cloned()
-                                .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
-                        };
-                        Ok((
-                            vec_f64(&loss)?,
-                            vec_f64(&get(&f)?)?,
-                            get(&w)?,
-                            match &b {
-                                Some(b) => Some(get(b)?),
-                                None => None,
-                            },
-                        ))
-                    };
-                    (rank, run())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("rank thread"))
-            .collect()
-    });
-    let mut by_rank: Vec<Option<RankResult>> = (0..shards.len()).map(|_| None).collect();
-    for (rank, r) in results {
-        by_rank[rank] = Some(r?);
-    }
-    Ok(by_rank
-        .into_iter()
-        .map(|r| r.expect("every rank ran"))
-        .collect())
+    on_ranks(shards.len(), order, |rank, comm| {
+        let shard = shards[rank];
+        // This rank's own parameters: its slice of W (and of the bias), and its copy of the
+        // embeddings.
+        let w = Var::from_tensor(
+            &c.w.as_tensor()
+                .narrow(0, shard.offset, shard.count)?
+                .copy()?,
+        )?;
+        let b = match &c.b {
+            Some(b) => Some(Var::from_tensor(
+                &b.as_tensor().narrow(0, shard.offset, shard.count)?.copy()?,
+            )?),
+            None => None,
+        };
+        let f = Var::from_tensor(&c.f.as_tensor().copy()?)?;
+        let mut head = MarginHead::from_weight(
+            cfg.clone(),
+            w.as_tensor().clone(),
+            b.as_ref().map(|b| b.as_tensor().clone()),
+        )?
+        .feature_norm_scale(feature_norm)?;
+        if let Some(n) = chunk {
+            head = head.chunk_classes(n)?;
+        }
+        let loss = head.sharded_loss(f.as_tensor(), &c.targets, shard, comm)?;
+        let grads = root_of(&loss, &c.upstream)?.backward()?;
+        let get = |v: &Var| {
+            grads
+                .get(v)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+        };
+        Ok((
+            vec_f64(&loss)?,
+            vec_f64(&get(&f)?)?,
+            get(&w)?,
+            match &b {
+                Some(b) => Some(get(b)?),
+                None => None,
+            },
+        ))
+    })
 }
 
 /// Shard layouts of `classes` classes: one rank; two even; three uneven with a slice of one
