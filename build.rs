@@ -1,5 +1,5 @@
 //! Compiles each `kernels/<stem>.cu` under the `cuda` feature into `$OUT_DIR/<stem>.fatbin`, a
-//! CUDA fat binary that `src/cuda_module.rs` embeds with
+//! CUDA fat binary that `src/backends/cuda/module.rs` embeds with
 //! `include_bytes!(concat!(env!("OUT_DIR"), "/<stem>.fatbin"))` and loads with
 //! `cuModuleLoadData`. Without the feature it does nothing, so a plain build needs no CUDA
 //! toolkit.
@@ -79,7 +79,7 @@ fn main() -> ExitCode {
 }
 
 /// Feature `kernel-host-check`: the kernels' math (kernels/heads.cuh, kernels/common.cuh) as host
-/// C++ in a static library, for the unit tests of src/kernel_check.rs. Needs a C++ compiler, not
+/// C++ in a static library, for the unit tests of src/backends/kernel_check.rs. Needs a C++ compiler, not
 /// a CUDA toolkit.
 #[cfg(feature = "kernel-host-check")]
 fn build_host_check() {
@@ -94,7 +94,7 @@ fn build_host_check() {
 }
 
 /// Feature `kernel-emu`: kernels/emu/capi.cpp (the real kernels/*.cu under the SIMT emulator
-/// kernels/emu/cuda_emu.h) in a static library, for src/emu.rs. Needs a C++17 compiler (g++ is
+/// kernels/emu/cuda_emu.h) in a static library, for src/backends/emu/. Needs a C++17 compiler (g++ is
 /// what the emulator is tested with) and the CUDA host headers, found in `$CUDA_EMU_INCLUDE`,
 /// `$CUDA_HOME/include`, `$CUDA_PATH/include`, the pinned wheels of .ci/cuda-toolkit.sh or
 /// `/usr/local/cuda/include`.

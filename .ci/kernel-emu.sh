@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA kernels themselves (kernels/*.cu, unmodified) run on the CPU through the SIMT emulator
-# of kernels/emu/, driven by the crate's own launch planning (src/launch.rs, feature
+# of kernels/emu/, driven by the crate's own launch planning (src/backends/launch/mod.rs, feature
 # `kernel-emu`): the emulator's self-test, then the kernel suite (`kernels::emu::*` in the `suite`
 # test binary, the same checks as the GPU suite) and the ABI check, in three builds and several
 # thread orders. "all" is the whole kernel suite; "structure" the part of it that reaches every

@@ -3,7 +3,7 @@
 
 One timed unit is one full training step of the loss: logits [B, C] -> (scalar mean loss,
 d(loss)/d(logits) [B, C] in the logits' dtype). For the crate ("ours") that is what
-`MarginSoftmaxLoss::loss_and_grad` launches on a GPU (src/cuda.rs, planned by src/launch.rs):
+`MarginSoftmaxLoss::loss_and_grad` launches on a GPU (src/backends/cuda/, planned by src/backends/launch/mod.rs):
 
   1. `ms_targets_i64_<acc>` (one block of 1024 threads): the int64 targets converted to int32
      and checked on the device, and the mean's gradient factor 1/sum w written to a one-element
@@ -37,7 +37,7 @@ d(loss)/d(logits) [B, C] in the logits' dtype). For the crate ("ours") that is w
         f64) / B), 1, ceil(C / 4096)) blocks per row) -> `ms_forward_finalize_<T>` (row info and
         d(loss)/d(scale), the device's upstream folded in) -> `ms_backward_<variant>_<T>`;
      <variant> is identity / cosine / rbf, `_ext` with label smoothing or soft-capping
-     (`kernel_variant` in src/launch.rs);
+     (`kernel_variant` in src/backends/launch/mod.rs);
   4. the mean over the per-row losses (two torch sums, as candle's `reduce`).
 
 The kernels are compiled here from kernels/*.cu with nvcc for the GPU's own architecture
@@ -117,14 +117,14 @@ KERNELS = REPO / "kernels"
 KERNEL_SOURCES = ("forward", "backward", "fused", "targets")
 
 # ----------------------------------------------------------------------------------------------
-# The kernel ABI: kernels/params.cuh, mirrored field for field (as src/kernel_params.rs does).
+# The kernel ABI: kernels/params.cuh, mirrored field for field (as src/backends/launch/params.rs does).
 # ----------------------------------------------------------------------------------------------
 
 MS_MAX_SPHERE_M = 16
 TRANSFORM_IDENTITY, TRANSFORM_COSINE, TRANSFORM_RBF = 0, 1, 2
-MARGIN_NONE, MARGIN_ADDITIVE, MARGIN_ANGULAR, MARGIN_SPHERE = 0, 1, 2, 3
+MARGIN_NONE, MARGIN_COSFACE, MARGIN_ARCFACE_COMBINED, MARGIN_SPHEREFACE = 0, 1, 2, 3
 STAT_COLUMNS = 8  # MS_STAT_COLUMNS: loss, max, ln sum, w_y, a, k, g_y, dloss/dscale
-STAT_LOSS, STAT_WEIGHT = 0, 3  # src/op.rs
+STAT_LOSS, STAT_WEIGHT = 0, 3  # src/layout.rs
 ROWINFO_COLUMNS = 6  # MS_ROWINFO_COLUMNS
 PARTIAL_COLUMNS = 5  # MS_PARTIAL_COLUMNS
 EXACT_MARGIN_COS_EPS = 1e-5  # src/config.rs
@@ -197,7 +197,7 @@ EXPECTED_OFFSETS = {
 assert {n: o for n, o, _ in ms_field_layout()} == EXPECTED_OFFSETS
 
 # The kernels' argument lists, from kernels/forward.cu, backward.cu, fused.cu, targets.cu and the
-# launches of src/cuda.rs: 'p' a device pointer (8 bytes), 'q' a long long (8 bytes), 'i' an int
+# launches of src/backends/cuda/: 'p' a device pointer (8 bytes), 'q' a long long (8 bytes), 'i' an int
 # (4 bytes), 'S' MsParams by value (312 bytes, alignment 8).
 ENTRY_SIGNATURES = {
     # ms_forward_partial_{variant}_T(const T* x, const int* targets, const ACC* scale,
@@ -212,12 +212,12 @@ ENTRY_SIGNATURES = {
     # ms_fused_{variant}_T(x, targets, scale, weights, poly, MsParams p, ACC* stats, T* grad,
     #                      ACC* grad_scale, const ACC* upstream)
     "ms_fused": "pppppSpppp",
-    # ms_fused_warp_{variant}_T and ms_fused_cluster_{variant}_T: ms_fused's arguments (src/cuda.rs
+    # ms_fused_warp_{variant}_T and ms_fused_cluster_{variant}_T: ms_fused's arguments (src/backends/cuda/
     # launches all three through Inputs::fused)
     "ms_fused_warp": "pppppSpppp",
     "ms_fused_cluster": "pppppSpppp",
     # ms_fused_l2_{variant}_T: ms_fused's arguments, then ACC* partials, long long group_rows
-    # (src/cuda.rs: Inputs::fused with L2Work; launched cooperatively)
+    # (src/backends/cuda/: Inputs::fused with L2Work; launched cooperatively)
     "ms_fused_l2": "pppppSpppppq",
     # ms_targets_I_A(const I* raw, long long rows, long long classes, long long ignore_index,
     #                int has_ignore, const A* weights, int has_weights, int mean, int* out,
@@ -238,7 +238,7 @@ ENTRY_MODULE = {
 # `#if __CUDA_ARCH__ >= 900` (kernels/fused.cu: thread-block clusters). The bf16 entries need
 # sm_80 (element_suffixes).
 ENTRY_MIN_ARCH = {"ms_fused_cluster": 90}
-# The element loops of MS_PER_TRANSFORM (kernels/rows.cuh), in its order (src/launch.rs
+# The element loops of MS_PER_TRANSFORM (kernels/rows.cuh), in its order (src/backends/launch/mod.rs
 # variant_index): the entries `{root}_{variant}_{T}` of the roots below.
 VARIANTS = ("identity", "cosine", "rbf", "identity_ext", "cosine_ext", "rbf_ext")
 VARIANT_ROOTS = ("ms_forward_partial", "ms_backward", "ms_fused", "ms_fused_warp", "ms_fused_cluster", "ms_fused_l2")
@@ -257,7 +257,7 @@ def entry_names(root: str, suffix: str) -> List[str]:
     return [f"{root}_{suffix}"]
 
 
-# Launch constants of src/launch.rs (BLOCK, FINALIZE_BLOCK and TARGETS_BLOCK are MS_BLOCK,
+# Launch constants of src/backends/launch/mod.rs (BLOCK, FINALIZE_BLOCK and TARGETS_BLOCK are MS_BLOCK,
 # MS_FINALIZE_BLOCK and MS_TARGETS_BLOCK of kernels/params.cuh: ms_fused, ms_forward_partial and
 # ms_targets trap on any other block size). --selftest-params reads them back from both files.
 BLOCK = 256
@@ -271,7 +271,7 @@ WARP_ROWS = BLOCK // 32  # rows per block of ms_fused_warp (a warp each)
 CLUSTER = 8  # blocks per row of ms_fused_cluster (MS_CLUSTER, its __cluster_dims__)
 SPLIT_MIN_COLUMNS = 4096
 SPLIT_WAVES = 2
-L2_SHARE = 3  # ms_fused_l2's row group takes at most 1 / L2_SHARE of the L2 (src/launch.rs L2_SHARE)
+L2_SHARE = 3  # ms_fused_l2's row group takes at most 1 / L2_SHARE of the L2 (src/backends/launch/mod.rs L2_SHARE)
 I32_MAX = 2**31 - 1
 # MS_TARGET_IGNORED / MS_TARGET_INVALID of params.cuh (the int32 targets ms_targets writes).
 TARGET_IGNORED, TARGET_INVALID = -1, -2
@@ -284,7 +284,7 @@ def div_ceil(a: int, b: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class DeviceShape:
-    """src/launch.rs DeviceShape: the SM count, the shared memory one block may opt into
+    """src/backends/launch/mod.rs DeviceShape: the SM count, the shared memory one block may opt into
     (cudaDevAttrMaxSharedMemoryPerBlockOptin, at least 48 KiB), whether the device launches
     thread-block clusters (CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH, sm_90 and later), whether it has
     cooperative launch (CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH: ms_fused_l2's grid barriers) and
@@ -321,7 +321,7 @@ def fused_max_classes(size: int, max_shared: int) -> int:
 
 def warp_max_classes(size: int) -> int:
     """The widest row ms_fused_warp takes: WARP_ROWS slots of fused_shared_bytes within WARP_SHARED
-    (1021 f32, 2041 f16 / bf16, 511 f64), as src/launch.rs warp_max_classes."""
+    (1021 f32, 2041 f16 / bf16, 511 f64), as src/backends/launch/mod.rs warp_max_classes."""
     return fused_max_classes(size, WARP_SHARED // WARP_ROWS + FUSED_STATIC_RESERVE)
 
 
@@ -353,7 +353,7 @@ def partial_blocks_per_sm(size: int) -> int:
 
 def split_count(rows: int, classes: int, size: int, sm_count: int) -> int:
     """Blocks per row of ms_forward_partial: clamp(floor(2 * resident / B), 1, ceil(C / 4096)),
-    resident = SMs * partial_blocks_per_sm(size), as src/launch.rs split_count."""
+    resident = SMs * partial_blocks_per_sm(size), as src/backends/launch/mod.rs split_count."""
     resident = max(sm_count, 1) * partial_blocks_per_sm(size)
     return max(min(SPLIT_WAVES * resident // max(rows, 1), div_ceil(classes, SPLIT_MIN_COLUMNS)), 1)
 
@@ -364,7 +364,7 @@ def grid_dim(blocks: int) -> int:
 
 
 def l2_blocks_per_sm(size: int, ext: bool) -> int:
-    """ms_fused_l2's blocks per SM (src/launch.rs l2_blocks_per_sm): 2 for f64 and the `_ext`
+    """ms_fused_l2's blocks per SM (src/backends/launch/mod.rs l2_blocks_per_sm): 2 for f64 and the `_ext`
     entries, else 3; its cooperative grid is that many per SM (the entries' __launch_bounds__
     minimum guarantees at least that many resident: checked on the PTX in --selftest-params)."""
     return 2 if size == 8 or ext else 3
@@ -372,7 +372,7 @@ def l2_blocks_per_sm(size: int, ext: bool) -> int:
 
 def l2_groups(rows: int, classes: int, size: int, ext: bool, device: "DeviceShape",
               grid_cap: int = MAX_GRID) -> Tuple[int, int, int]:
-    """src/launch.rs l2_groups: (rows a group, slices a row, blocks of the grid). A group holds
+    """src/backends/launch/mod.rs l2_groups: (rows a group, slices a row, blocks of the grid). A group holds
     floor(L2 / L2_SHARE / row bytes) rows, clamped to [1, max(B, 1)]; the grid is
     SMs * l2_blocks_per_sm within the grid cap; each row gets max(min(grid // G, ceil(C / 4096)), 1)
     slices."""
@@ -383,7 +383,7 @@ def l2_groups(rows: int, classes: int, size: int, ext: bool, device: "DeviceShap
     return group_rows, splits, grid
 
 
-# The numbers asserted in src/launch.rs (and documented on MarginSoftmaxLoss::loss_and_grad).
+# The numbers asserted in src/backends/launch/mod.rs (and documented on MarginSoftmaxLoss::loss_and_grad).
 assert [fused_max_classes(n, DEFAULT_SHARED) for n in (4, 2, 8)] == [11_773, 23_545, 5_887]
 assert [fused_max_classes(n, 227 * 1024) for n in (4, 2, 8)] == [57_597, 115_193, 28_799]
 assert split_count(64, 1_000_000, 4, 132) == 16 and split_count(512, 1_000_000, 2, 132) == 2
@@ -406,12 +406,12 @@ TARGETS_LAUNCH = Launch((1, 1, 1), (TARGETS_BLOCK, 1, 1))
 
 
 # The one-pass kinds of plan_loss_and_grad (LossAndGradPlan::FusedWarp / Fused / FusedCluster) and
-# the kernel root each launches (src/cuda.rs: Inputs::fused with that root, the same arguments).
+# the kernel root each launches (src/backends/cuda/: Inputs::fused with that root, the same arguments).
 ONE_PASS_ROOTS = {"fused_warp": "ms_fused_warp", "fused": "ms_fused", "fused_cluster": "ms_fused_cluster"}
-# Every kind src/cuda.rs launches through Inputs::fused: the one-pass ones and ms_fused_l2 (the same
+# Every kind src/backends/cuda/ launches through Inputs::fused: the one-pass ones and ms_fused_l2 (the same
 # 10 arguments, then partials and group_rows; a cooperative launch).
 FUSED_ROOTS = {**ONE_PASS_ROOTS, "fused_l2": "ms_fused_l2"}
-# The script's kinds -> src/launch.rs LossAndGradPlan's paths, in Planner::loss_and_grad's order.
+# The script's kinds -> src/backends/launch/mod.rs LossAndGradPlan's paths, in Planner::loss_and_grad's order.
 PLAN_PATHS = {"fused_warp": "FusedWarp", "fused": "Fused", "fused_cluster": "FusedCluster", "fused_l2": "FusedL2",
               "split": "Split"}
 # What --selftest-params finds in Planner::loss_and_grad (comments and whitespace removed) for
@@ -451,7 +451,7 @@ PLAN_PATH_EXPRS = {
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The launches of one op, as src/launch.rs Planner plans them. kind: 'fused_warp'
+    """The launches of one op, as src/backends/launch/mod.rs Planner plans them. kind: 'fused_warp'
     (ms_fused_warp), 'fused' (ms_fused), 'fused_cluster' (ms_fused_cluster), 'fused_l2'
     (ms_fused_l2, cooperative), 'split' (partial -> finalize -> backward: loss_and_grad), 'forward'
     (partial -> finalize) or 'backward' (ms_backward)."""
@@ -528,7 +528,7 @@ def plan_loss_and_grad(cfg: "LossCfg", rows: int, classes: int, size: int, scale
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss configurations and MsParams::new (src/kernel_params.rs, src/math.rs Margin::new).
+# Loss configurations and MsParams::new (src/backends/launch/params.rs, src/math.rs Margin::new).
 # ----------------------------------------------------------------------------------------------
 
 
@@ -559,7 +559,7 @@ class LossCfg:
 
 
 def kernel_variant(cfg: LossCfg, scale_grad: bool) -> str:
-    """src/launch.rs kernel_variant: the head's transform, `_ext` with label smoothing,
+    """src/backends/launch/mod.rs kernel_variant: the head's transform, `_ext` with label smoothing,
     soft-capping or (forward / fused only: callers pass False for ms_backward) the row scale's
     gradient."""
     ext = cfg.label_smoothing > 0.0 or cfg.softcap is not None or scale_grad
@@ -569,11 +569,11 @@ def kernel_variant(cfg: LossCfg, scale_grad: bool) -> str:
 
 
 def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: int, scale_grad: bool) -> MsParams:
-    """MsParams::new of src/kernel_params.rs, field for field. (The gradient factor is no longer
+    """MsParams::new of src/backends/launch/params.rs, field for field. (The gradient factor is no longer
     a field: ms_targets writes it to a device buffer that the loss kernels read.)"""
     if min(rows, classes, splits) < 0 or cfg.n_poly < 0:
         raise ValueError("negative size")
-    # src/cuda.rs: B and C below 2^31 (targets travel as int32), rows * splits blocks in a grid.
+    # src/backends/cuda/: B and C below 2^31 (targets travel as int32), rows * splits blocks in a grid.
     if max(rows, classes, splits, cfg.n_poly) > I32_MAX or rows * splits > I32_MAX:
         raise ValueError(f"shape ({rows}, {classes}) x {splits} splits is too large for the CUDA kernels")
     h = cfg.head
@@ -621,7 +621,7 @@ def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: 
     p.inv_softcap = 1.0 / cfg.softcap if cfg.softcap is not None else 0.0
 
     def angular(m1: float, m2: float, m3: float, easy: bool) -> None:
-        p.margin = MARGIN_ANGULAR
+        p.margin = MARGIN_ARCFACE_COMBINED
         p.m1, p.m2, p.m3 = m1, m2, m3
         p.fallback_shift = m3 + m2 * math.sin(m2)
         p.easy = int(easy)
@@ -629,7 +629,7 @@ def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: 
         p.exact = int(exact)
 
     if h.kind == "cosface":
-        p.margin = MARGIN_ADDITIVE
+        p.margin = MARGIN_COSFACE
         p.additive_m = h.m
     elif h.kind == "arcface":
         angular(1.0, h.m, 0.0, h.easy_margin)
@@ -639,7 +639,7 @@ def make_params(cfg: LossCfg, rows: int, classes: int, row_stride: int, splits: 
         m = int(h.m)
         if not 1 <= m <= MS_MAX_SPHERE_M or m != h.m:
             raise ValueError(f"SphereFace m must be an integer in 1..{MS_MAX_SPHERE_M}, got {h.m}")
-        p.margin = MARGIN_SPHERE
+        p.margin = MARGIN_SPHEREFACE
         p.sphere_m = m
         setattr(p, "lambda", h.lam)
         for j in range(1, m):
@@ -754,8 +754,8 @@ def check_header_fields() -> List[str]:
         problems.append(f"MS_MAX_SPHERE_M in params.cuh is {mm and mm.group(1)}, the script has {MS_MAX_SPHERE_M}")
     for macro, value in (("MS_TRANSFORM_IDENTITY", TRANSFORM_IDENTITY), ("MS_TRANSFORM_COSINE", TRANSFORM_COSINE),
                          ("MS_TRANSFORM_RBF", TRANSFORM_RBF), ("MS_MARGIN_NONE", MARGIN_NONE),
-                         ("MS_MARGIN_ADDITIVE", MARGIN_ADDITIVE), ("MS_MARGIN_ANGULAR", MARGIN_ANGULAR),
-                         ("MS_MARGIN_SPHERE", MARGIN_SPHERE), ("MS_STAT_COLUMNS", STAT_COLUMNS),
+                         ("MS_MARGIN_COSFACE", MARGIN_COSFACE), ("MS_MARGIN_ARCFACE_COMBINED", MARGIN_ARCFACE_COMBINED),
+                         ("MS_MARGIN_SPHEREFACE", MARGIN_SPHEREFACE), ("MS_STAT_COLUMNS", STAT_COLUMNS),
                          ("MS_ROWINFO_COLUMNS", ROWINFO_COLUMNS), ("MS_PARTIAL_COLUMNS", PARTIAL_COLUMNS),
                          ("MS_BLOCK", BLOCK), ("MS_FINALIZE_BLOCK", FINALIZE_BLOCK),
                          ("MS_TARGETS_BLOCK", TARGETS_BLOCK), ("MS_CLUSTER", CLUSTER),
@@ -791,8 +791,8 @@ def _squash(text: str) -> str:
 
 
 def check_rust_sources() -> Tuple[List[str], int]:
-    """The script's launch planning against src/launch.rs (and src/cuda.rs's roots, src/op.rs's
-    documented limits) and its mirror of MsParams against src/kernel_params.rs: the constants,
+    """The script's launch planning against src/backends/launch/mod.rs (and src/backends/cuda/'s roots, src/op.rs's
+    documented limits) and its mirror of MsParams against src/backends/launch/params.rs: the constants,
     the field order, every number the Rust tests and const asserts state for split_count,
     fused_max_classes, warp_max_classes, cluster_max_classes and cluster_slice, the paths of
     LossAndGradPlan in Planner::loss_and_grad's order with their conditions, grids and shared
@@ -807,16 +807,16 @@ def check_rust_sources() -> Tuple[List[str], int]:
         m = re.search(rf"const {name}: \w+ = ([\d_ *]+);", launch)
         checks += 1
         if not m or _rust_int(m.group(1)) != value:
-            problems.append(f"src/launch.rs {name} = {m and m.group(1)}, the script has {value}")
+            problems.append(f"src/backends/launch/mod.rs {name} = {m and m.group(1)}, the script has {value}")
     checks += 1
     if not re.search(r"const WARP_ROWS: usize = BLOCK as usize / 32;", launch) or WARP_ROWS != BLOCK // 32:
-        problems.append("src/launch.rs WARP_ROWS is not BLOCK / 32 (the script's WARP_ROWS)")
+        problems.append("src/backends/launch/mod.rs WARP_ROWS is not BLOCK / 32 (the script's WARP_ROWS)")
     # The struct's fields, in order (the script's DeviceShape has the same), and the two constants.
     sm = re.search(r"pub struct DeviceShape \{(.*?)\n\}", launch, re.S)
     checks += 1
     rust_dev_fields = re.findall(r"pub (\w+):", sm.group(1)) if sm else []
     if rust_dev_fields != [f.name for f in dataclasses.fields(DeviceShape)]:
-        problems.append(f"src/launch.rs DeviceShape fields {rust_dev_fields}, the script's "
+        problems.append(f"src/backends/launch/mod.rs DeviceShape fields {rust_dev_fields}, the script's "
                         f"{[f.name for f in dataclasses.fields(DeviceShape)]}")
     for name, dev in (("DEFAULT", DEVICE_DEFAULT), ("H200", DEVICE_H200)):
         m = re.search(rf"const {name}: DeviceShape = DeviceShape \{{\s*sm_count: ([\d_]+),\s*"
@@ -824,13 +824,13 @@ def check_rust_sources() -> Tuple[List[str], int]:
                       rf"cooperative: (true|false),\s*l2_bytes: ([\d_ *]+),", launch)
         checks += 1
         if not m:
-            problems.append(f"src/launch.rs: DeviceShape::{name} {{ sm_count, max_shared_per_block, clusters, "
+            problems.append(f"src/backends/launch/mod.rs: DeviceShape::{name} {{ sm_count, max_shared_per_block, clusters, "
                             "cooperative, l2_bytes }} not found")
             continue
         shared = DEFAULT_SHARED if m.group(2).strip() == "DEFAULT_SHARED" else _rust_int(m.group(2))
         got = (_rust_int(m.group(1)), shared, m.group(3) == "true", m.group(4) == "true", _rust_int(m.group(5)))
         if got != dataclasses.astuple(dev):
-            problems.append(f"src/launch.rs DeviceShape::{name} = {got}, the script has {dev}")
+            problems.append(f"src/backends/launch/mod.rs DeviceShape::{name} = {got}, the script has {dev}")
     devices = {"d": DEVICE_H200, "DeviceShape::H200": DEVICE_H200, "DeviceShape::DEFAULT": DEVICE_DEFAULT}
     found = 0
     for m in re.finditer(r"assert_eq!\(split_count\(([\d_]+), ([\d_]+), (\d+), ([\w:]+)\), ([\d_]+)\)", launch):
@@ -839,7 +839,7 @@ def check_rust_sources() -> Tuple[List[str], int]:
         checks += 1
         got = split_count(_rust_int(rows), _rust_int(classes), int(size), devices[dev].sm_count)
         if got != _rust_int(want):
-            problems.append(f"split_count({rows}, {classes}, {size}, {dev}) = {got}, src/launch.rs says {want}")
+            problems.append(f"split_count({rows}, {classes}, {size}, {dev}) = {got}, src/backends/launch/mod.rs says {want}")
     for m in re.finditer(r"fused_max_classes\((\d+), ([\w_ *]+)\) == ([\d_]+)", launch):
         size, shared, want = m.groups()
         found += 1
@@ -847,35 +847,35 @@ def check_rust_sources() -> Tuple[List[str], int]:
         shared_v = DEFAULT_SHARED if shared.strip() == "DEFAULT_SHARED" else _rust_int(shared)
         got = fused_max_classes(int(size), shared_v)
         if got != _rust_int(want):
-            problems.append(f"fused_max_classes({size}, {shared}) = {got}, src/launch.rs says {want}")
+            problems.append(f"fused_max_classes({size}, {shared}) = {got}, src/backends/launch/mod.rs says {want}")
     if found < 8:
-        problems.append(f"src/launch.rs: only {found} split_count / fused_max_classes asserts found (expected >= 8)")
+        problems.append(f"src/backends/launch/mod.rs: only {found} split_count / fused_max_classes asserts found (expected >= 8)")
     found = 0
     for m in re.finditer(r"warp_max_classes\((\d+)\) == ([\d_]+)", launch):
         size, want = m.groups()
         found += 1
         checks += 1
         if warp_max_classes(int(size)) != _rust_int(want):
-            problems.append(f"warp_max_classes({size}) = {warp_max_classes(int(size))}, src/launch.rs says {want}")
+            problems.append(f"warp_max_classes({size}) = {warp_max_classes(int(size))}, src/backends/launch/mod.rs says {want}")
     for m in re.finditer(r"cluster_max_classes\((\d+), ([\w_ *]+)\) == ([\d_]+)", launch):
         size, shared, want = m.groups()
         found += 1
         checks += 1
         got = cluster_max_classes(int(size), _rust_int(shared))
         if got != _rust_int(want):
-            problems.append(f"cluster_max_classes({size}, {shared}) = {got}, src/launch.rs says {want}")
+            problems.append(f"cluster_max_classes({size}, {shared}) = {got}, src/backends/launch/mod.rs says {want}")
     for m in re.finditer(r"assert_eq!\(cluster_slice\(([\d_]+), (\d+)\), ([\d_]+)\)", launch):
         classes, size, want = m.groups()
         found += 1
         checks += 1
         got = cluster_slice(_rust_int(classes), int(size))
         if got != _rust_int(want):
-            problems.append(f"cluster_slice({classes}, {size}) = {got}, src/launch.rs says {want}")
+            problems.append(f"cluster_slice({classes}, {size}) = {got}, src/backends/launch/mod.rs says {want}")
     if found < 6:
-        problems.append(f"src/launch.rs: only {found} warp_max_classes / cluster_max_classes / cluster_slice "
+        problems.append(f"src/backends/launch/mod.rs: only {found} warp_max_classes / cluster_max_classes / cluster_slice "
                         "asserts found (expected >= 6)")
     # ms_fused_l2's planning: l2_blocks_per_sm and l2_groups as the script computes them, and the
-    # (group_rows, splits, grid) of src/launch.rs's l2_path_on_h200 test.
+    # (group_rows, splits, grid) of src/backends/launch/mod.rs's l2_path_on_h200 test.
     fns = {}
     for fname in ("l2_blocks_per_sm", "l2_groups"):
         fm = re.search(rf"fn {fname}\((.*?)\n\}}\n", launch, re.S)
@@ -889,7 +889,7 @@ def check_rust_sources() -> Tuple[List[str], int]:
             ("l2_groups", "(group_rows,splits,grid)")):
         checks += 1
         if expr not in fns[fname]:
-            problems.append(f"src/launch.rs {fname}: `{expr}` not found (the script's {fname} computes that)")
+            problems.append(f"src/backends/launch/mod.rs {fname}: `{expr}` not found (the script's {fname} computes that)")
     tm = re.search(r"fn l2_path_on_h200\(\) \{(.*?)\n    \}\n", launch, re.S)
     l2_test = tm.group(1) if tm else ""
     arc_l2 = LossCfg(HeadCfg("arcface", s=64.0, m=0.5))
@@ -901,14 +901,14 @@ def check_rust_sources() -> Tuple[List[str], int]:
         found += 1
         checks += 1
         if name not in l2_cfgs:
-            problems.append(f"src/launch.rs l2_path_on_h200: unknown configuration `{name}` (the script knows "
+            problems.append(f"src/backends/launch/mod.rs l2_path_on_h200: unknown configuration `{name}` (the script knows "
                             f"{list(l2_cfgs)})")
             continue
         pl = plan_loss_and_grad(l2_cfgs[name], rows, classes, size, False, DEVICE_H200)
         got = (pl.kind, (pl.group_rows, pl.splits, pl.fused and pl.fused.grid[0]), pl.partials_len)
         if got != ("fused_l2", want_l2, rows * want_l2[1] * PARTIAL_COLUMNS):
             problems.append(f"{name} {rows}x{classes} size {size} on an H200: the script plans {got}, "
-                            f"src/launch.rs l2_path_on_h200 says FusedL2 {want_l2}")
+                            f"src/backends/launch/mod.rs l2_path_on_h200 says FusedL2 {want_l2}")
     for m in re.finditer(r"Planner::grid_cap\((\d+), DeviceShape::H200\);.*?shape\(([\d_]+), ([\d_]+)\), (\d+), "
                          r"false\).*?=> assert_eq!\(\(group_rows, params\.splits, launch\.grid\[0\]\), "
                          r"\(([\d_]+), ([\d_]+), ([\d_]+)\)\)", l2_test, re.S):
@@ -919,9 +919,9 @@ def check_rust_sources() -> Tuple[List[str], int]:
         got = l2_groups(rows, classes, size, False, DEVICE_H200, grid_cap=cap)
         if got != want_l2:
             problems.append(f"l2_groups({rows}, {classes}, {size}, false, H200, cap {cap}) = {got}, "
-                            f"src/launch.rs l2_path_on_h200 says {want_l2}")
+                            f"src/backends/launch/mod.rs l2_path_on_h200 says {want_l2}")
     if found < 7:
-        problems.append(f"src/launch.rs l2_path_on_h200: only {found} (group_rows, splits, grid) checks found "
+        problems.append(f"src/backends/launch/mod.rs l2_path_on_h200: only {found} (group_rows, splits, grid) checks found "
                         "(expected >= 7)")
     # The definitions of the limits, as the script computes them.
     defs = _squash(launch)
@@ -934,12 +934,12 @@ def check_rust_sources() -> Tuple[List[str], int]:
                                      "}else{self.fused_max_classes(size)}")):
         checks += 1
         if expr not in defs:
-            problems.append(f"src/launch.rs {what}: `{expr}` not found (the script's {what} computes that)")
+            problems.append(f"src/backends/launch/mod.rs {what}: `{expr}` not found (the script's {what} computes that)")
     em = re.search(r"pub\(crate\) enum LossAndGradPlan \{(.*?)\n\}", launch, re.S)
     paths = re.findall(r"^    (\w+) \{", em.group(1), re.M) if em else []
     checks += 1
     if sorted(paths) != sorted(PLAN_PATHS.values()):
-        problems.append(f"src/launch.rs LossAndGradPlan has the paths {paths}; the script models "
+        problems.append(f"src/backends/launch/mod.rs LossAndGradPlan has the paths {paths}; the script models "
                         f"{list(PLAN_PATHS.values())} "
                         "(plan_loss_and_grad): update it")
     # Planner::loss_and_grad: the paths in the script's order, each with its condition and launch.
@@ -948,44 +948,44 @@ def check_rust_sources() -> Tuple[List[str], int]:
     order = re.findall(r"LossAndGradPlan::(\w+)\{", body)
     checks += 1
     if order != list(PLAN_PATHS.values()):
-        problems.append(f"src/launch.rs Planner::loss_and_grad plans {order}, in that order; the script plans "
+        problems.append(f"src/backends/launch/mod.rs Planner::loss_and_grad plans {order}, in that order; the script plans "
                         f"{list(PLAN_PATHS.values())}")
     for path, exprs in PLAN_PATH_EXPRS.items():
         for expr in exprs:
             checks += 1
             if expr not in body:
-                problems.append(f"src/launch.rs Planner::loss_and_grad ({path}): `{expr}` not found; the script's "
+                problems.append(f"src/backends/launch/mod.rs Planner::loss_and_grad ({path}): `{expr}` not found; the script's "
                                 "plan_loss_and_grad is written after it")
     # Every one-pass path: one split, the variant with scale_grad (Plan(kind, 1, variant) above).
     one_pass = "params:params(cfg,shape,1,scale_grad)?,variant:kernel_variant(cfg,scale_grad),"
     checks += 1
     if body.count(one_pass) != len(ONE_PASS_ROOTS):
-        problems.append(f"src/launch.rs Planner::loss_and_grad: `{one_pass}` found {body.count(one_pass)} times, "
+        problems.append(f"src/backends/launch/mod.rs Planner::loss_and_grad: `{one_pass}` found {body.count(one_pass)} times, "
                         f"the script's {len(ONE_PASS_ROOTS)} one-pass paths use it")
-    # src/cuda.rs: each fused path launches its root through Inputs::fused (ms_fused's arguments).
+    # src/backends/cuda/: each fused path launches its root through Inputs::fused (ms_fused's arguments).
     cuda = _squash((REPO / "src" / "cuda.rs").read_text())
     roots = dict(re.findall(r"LossAndGradPlan::(\w+)\{[\w,]*\}=>inputs\.fused\(\"(\w+)\"", cuda))
     want_roots = {PLAN_PATHS[k]: v for k, v in FUSED_ROOTS.items()}
     checks += 1
     if roots != want_roots:
-        problems.append(f"src/cuda.rs launches the fused paths as {roots}; the script as {want_roots}")
+        problems.append(f"src/backends/cuda/ launches the fused paths as {roots}; the script as {want_roots}")
     # ms_fused_l2: the one-pass paths without L2 work; FusedL2 with its group_rows and partials_len,
     # appended as `ACC* partials, long long group_rows`, launched cooperatively; DeviceShape's two
     # new fields from the device attributes the script reads (query_device_shape).
     cuda_module = _squash((REPO / "src" / "cuda_module.rs").read_text())
     for where, text, expr in (
-            ("src/cuda.rs", cuda, "(params,variant,fused),weights,None"),
-            ("src/cuda.rs", cuda, "(params,variant,cluster),weights,None"),
-            ("src/cuda.rs", cuda, "LossAndGradPlan::FusedL2{params,variant,launch,work,}"
+            ("src/backends/cuda/", cuda, "(params,variant,fused),weights,None"),
+            ("src/backends/cuda/", cuda, "(params,variant,cluster),weights,None"),
+            ("src/backends/cuda/", cuda, "LossAndGradPlan::FusedL2{params,variant,launch,work,}"
                                   "=>inputs.fused(\"ms_fused_l2\",(params,variant,launch),weights,"
                                   "Some(*work),)"),
-            ("src/cuda.rs", cuda, "self.dev.alloc::<T::Acc>(work.partials_len)}?,work.group_rowsasi64,"),
-            ("src/cuda.rs", cuda, "b.arg(&self.targets.upstream);ifletSome((partials,group_rows))=&mutl2{"
+            ("src/backends/cuda/", cuda, "self.dev.alloc::<T::Acc>(work.partials_len)}?,work.group_rowsasi64,"),
+            ("src/backends/cuda/", cuda, "b.arg(&self.targets.upstream);ifletSome((partials,group_rows))=&mutl2{"
                                   "b.arg(partials);b.arg(&*group_rows);}"),
-            ("src/cuda.rs", cuda, "ifcooperative{b.launch_cooperative(config(launch))}else{b.launch(config(launch))}"),
-            ("src/cuda.rs", cuda, "cooperative:limits.cooperative_launch,l2_bytes:limits.l2_bytes,"),
-            ("src/cuda_module.rs", cuda_module, "CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH,"),
-            ("src/cuda_module.rs", cuda_module, "CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE,")):
+            ("src/backends/cuda/", cuda, "ifcooperative{b.launch_cooperative(config(launch))}else{b.launch(config(launch))}"),
+            ("src/backends/cuda/", cuda, "cooperative:limits.cooperative_launch,l2_bytes:limits.l2_bytes,"),
+            ("src/backends/cuda/module.rs", cuda_module, "CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH,"),
+            ("src/backends/cuda/module.rs", cuda_module, "CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE,")):
         checks += 1
         if expr not in text:
             problems.append(f"{where}: `{expr}` not found (the script's ms_fused_l2 launch / device query "
@@ -1009,7 +1009,7 @@ def check_rust_sources() -> Tuple[List[str], int]:
     checks += 1
     ours = [n for n, _ in _MS_FIELDS]
     if rust_fields != ours:
-        problems.append(f"src/kernel_params.rs MsParams fields {rust_fields} differ from the script's {ours}")
+        problems.append(f"src/backends/launch/params.rs MsParams fields {rust_fields} differ from the script's {ours}")
     return problems, checks
 
 
@@ -1255,7 +1255,7 @@ def ptx_launch_bounds(ptx_text: str) -> Dict[str, Tuple[Optional[int], Optional[
 
 
 def check_l2_launch_bounds(ptx_paths: Dict[str, Path], suffixes: List[str]) -> Tuple[List[str], List[str], int]:
-    """ms_fused_l2's cooperative grid is l2_blocks_per_sm(size, ext) blocks per SM (src/launch.rs),
+    """ms_fused_l2's cooperative grid is l2_blocks_per_sm(size, ext) blocks per SM (src/backends/launch/mod.rs),
     which the driver launches only if that many are co-resident: each entry's __launch_bounds__
     (.maxntid BLOCK, .minnctapersm N) must guarantee N >= that (no dynamic shared memory; its
     static shared memory is a few bytes). Returns (problems, notes where N is larger than the
@@ -1274,7 +1274,7 @@ def check_l2_launch_bounds(ptx_paths: Dict[str, Path], suffixes: List[str]) -> T
             if maxntid != BLOCK or min_blocks is None or min_blocks < planned:
                 problems.append(f"{name}: __launch_bounds__ (.maxntid {maxntid}, .minnctapersm {min_blocks}) do not "
                                 f"guarantee the {planned} blocks of {BLOCK} per SM its cooperative grid launches "
-                                "(src/launch.rs l2_blocks_per_sm)")
+                                "(src/backends/launch/mod.rs l2_blocks_per_sm)")
             elif min_blocks != planned:
                 notes.append(f"{name}: .minnctapersm {min_blocks}, the plan launches {planned} per SM")
     return problems, notes, n
@@ -1321,8 +1321,8 @@ def selftest_configs() -> List[Tuple[str, LossCfg, Tuple[int, int], bool]]:
 
 
 def selftest_planning() -> Tuple[List[str], int]:
-    """The launch planning (src/launch.rs) on the numbers of its tests and the brief's, plus the
-    variants of src/launch.rs's `variants` test and the plans of the issue's shapes on an H200."""
+    """The launch planning (src/backends/launch/mod.rs) on the numbers of its tests and the brief's, plus the
+    variants of src/backends/launch/mod.rs's `variants` test and the plans of the issue's shapes on an H200."""
     problems, checks = [], 0
 
     def want(what: str, got, expect) -> None:
@@ -1399,7 +1399,7 @@ def selftest_planning() -> Tuple[List[str], int]:
     want("H200 4096x128256 bf16 plan", (p2.kind, p2.variant, p2.fused),
          ("fused_cluster", "identity", Launch((4096 * 8, 1, 1), (256, 1, 1), fused_shared_bytes(16_032, 2))))
     want("fused_shared_bytes(16032, 2)", fused_shared_bytes(16_032, 2), 32080)
-    # Without clusters the row past one block takes ms_fused_l2 (src/launch.rs: "No clusters without
+    # Without clusters the row past one block takes ms_fused_l2 (src/backends/launch/mod.rs: "No clusters without
     # the capability"), and without cooperative launch as well the split path.
     p2s = plan_loss_and_grad(sm, 4096, 128256, 2, False, dataclasses.replace(DEVICE_H200, clusters=False))
     want("H200 without clusters 4096x128256 bf16 plan", (p2s.kind, p2s.group_rows, p2s.splits, p2s.fused.grid),
@@ -1408,7 +1408,7 @@ def selftest_planning() -> Tuple[List[str], int]:
                              dataclasses.replace(DEVICE_H200, clusters=False, cooperative=False))
     want("H200 without clusters or cooperative launch 4096x128256 bf16 plan",
          (p2n.kind, p2n.splits, p2n.partial.grid, p2n.backward.grid), ("split", 1, (4096, 1, 1), (63, 4096, 1)))
-    # The issue's two rows past a cluster: ms_fused_l2 (src/launch.rs l2_path_on_h200): groups of 8
+    # The issue's two rows past a cluster: ms_fused_l2 (src/backends/launch/mod.rs l2_path_on_h200): groups of 8
     # rows x 49 slices and of 4 x 99, 396 blocks (3 per SM), a cooperative launch without dynamic smem.
     p3 = plan_loss_and_grad(sm, 512, 1_000_000, 2, False, DEVICE_H200)
     want("H200 512x1000000 bf16 plan", (p3.kind, p3.variant, p3.group_rows, p3.splits, p3.fused, p3.partials_len),
@@ -1427,7 +1427,7 @@ def selftest_planning() -> Tuple[List[str], int]:
     p3a = plan_loss_and_grad(LossCfg(HeadCfg("arcface", s=64.0, m=0.5)), 512, 1_000_000, 2, False, DEVICE_H200)
     want("H200 512x1000000 bf16 arcface plan", (p3a.kind, p3a.variant, p3a.group_rows, p3a.splits),
          ("fused_l2", "cosine", 8, 49))
-    # An H200 without cooperative launch: the split path (src/launch.rs: "Nor the L2 kernel without
+    # An H200 without cooperative launch: the split path (src/backends/launch/mod.rs: "Nor the L2 kernel without
     # cooperative launch"), 2 and 16 blocks per row.
     plain = dataclasses.replace(DEVICE_H200, cooperative=False)
     p3s = plan_loss_and_grad(sm, 512, 1_000_000, 2, False, plain)
@@ -1438,7 +1438,7 @@ def selftest_planning() -> Tuple[List[str], int]:
     want("H200 without cooperative launch 64x1000000 f32 plan", (p4s.kind, p4s.splits, p4s.partial.grid,
                                                                   p4s.backward.grid),
          ("split", 16, (1024, 1, 1), (977, 64, 1)))
-    # l2_groups on the numbers of src/launch.rs l2_path_on_h200, and its bounds: a group's inputs
+    # l2_groups on the numbers of src/backends/launch/mod.rs l2_path_on_h200, and its bounds: a group's inputs
     # within 1 / L2_SHARE of the L2 (or one row), at most one slice to read and one to write per
     # block in a phase, slices of at least SPLIT_MIN_COLUMNS columns (or one).
     for args_, expect in (((512, 1_000_000, 2, False), (8, 49, 396)), ((64, 1_000_000, 4, False), (4, 99, 396)),
@@ -1463,7 +1463,7 @@ def selftest_planning() -> Tuple[List[str], int]:
          (p6.variant, p6.backward_variant), ("identity_ext", "identity"))
     want("100000x8 f32 partial grid (capped)", plan_forward(sm, 100_000, 8, 4, False, DEVICE_H200).partial.grid,
          (MAX_GRID, 1, 1))
-    # The path boundaries (src/launch.rs path_boundary_per_dtype_and_device, warp_path_for_narrow_rows,
+    # The path boundaries (src/backends/launch/mod.rs path_boundary_per_dtype_and_device, warp_path_for_narrow_rows,
     # cluster_path_on_h200).
     arc = LossCfg(HeadCfg("arcface", s=64.0, m=0.5))
     for dev_name, dev in (("48 KiB", DEVICE_DEFAULT), ("H200", DEVICE_H200)):
@@ -1519,12 +1519,12 @@ def selftest_params(args) -> int:
     print("params.cuh field list and #defines vs the script: " + ("OK" if not hp else "MISMATCH"))
     failures += hp
     rp, rn = check_rust_sources()
-    print(f"src/launch.rs constants, DeviceShape (fields, DEFAULT / H200), the split_count / fused_max_classes / "
+    print(f"src/backends/launch/mod.rs constants, DeviceShape (fields, DEFAULT / H200), the split_count / fused_max_classes / "
           f"warp_max_classes / cluster_max_classes / cluster_slice numbers of its tests and const asserts, "
           f"l2_blocks_per_sm / l2_groups and the l2_path_on_h200 numbers, "
-          f"Planner::loss_and_grad's paths, order, conditions, grids and smem, src/cuda.rs's fused roots and "
+          f"Planner::loss_and_grad's paths, order, conditions, grids and smem, src/backends/cuda/'s fused roots and "
           f"ms_fused_l2 launch (partials, group_rows, cooperative) and device attributes, "
-          f"src/op.rs's one-pass limits, and src/kernel_params.rs's field order vs the script ({rn} checks): "
+          f"src/op.rs's one-pass limits, and src/backends/launch/params.rs's field order vs the script ({rn} checks): "
           + ("OK" if not rp else "MISMATCH"))
     failures += rp
     pp, pn = selftest_planning()
@@ -1535,7 +1535,7 @@ def selftest_params(args) -> int:
     failures += pp
 
     built = []
-    print("\nconfigurations (variant, path and launches as src/launch.rs plans them on a 48 KiB / 132-SM GPU and "
+    print("\nconfigurations (variant, path and launches as src/backends/launch/mod.rs plans them on a 48 KiB / 132-SM GPU and "
           "on an H200):")
     fmts = {ctypes.c_int64: "<q", ctypes.c_int32: "<i", ctypes.c_double: "<d"}
     for label, cfg, (b, c), scale_grad in selftest_configs():
@@ -1571,9 +1571,9 @@ def selftest_params(args) -> int:
         print(f"    {describe_params(p)}")
         built.append((label.replace(".", "_"), p))
 
-    # Spot checks of the values (src/kernel_params.rs / src/math.rs).
+    # Spot checks of the values (src/backends/launch/params.rs / src/math.rs).
     arc = built[2][1]
-    exp = dict(transform=TRANSFORM_COSINE, margin=MARGIN_ANGULAR, exact=1, easy=0, m1=1.0, m2=0.5, m3=0.0,
+    exp = dict(transform=TRANSFORM_COSINE, margin=MARGIN_ARCFACE_COMBINED, exact=1, easy=0, m1=1.0, m2=0.5, m3=0.0,
                fallback_shift=0.5 * math.sin(0.5), sin_floor=SIN_FLOOR, scale_grad=0, reserved=0, splits=2)
     for k, v in exp.items():
         if getattr(arc, k) != v:
@@ -1807,7 +1807,7 @@ class OursKernels:
         if problems:
             raise RuntimeError("PTX signatures differ from the launches:\n  " + "\n  ".join(problems))
         self.modules = {stem: cupy.RawModule(path=str(path)) for stem, path in self.ptx.items()}
-        # ms_fused_l2 needs a cooperative launch (cuLaunchCooperativeKernel, as src/cuda.rs's
+        # ms_fused_l2 needs a cooperative launch (cuLaunchCooperativeKernel, as src/backends/cuda/'s
         # launch_cooperative): CuPy launches a RawModule's kernels that way when the module is made
         # with enable_cooperative_groups=True (for a PTX path that only selects the launch call), so
         # its module is loaded a second time with the flag, on first use (cooperative_func).
@@ -1857,7 +1857,7 @@ class OursKernels:
             return int(v() if callable(v) else v)
 
     def allow_dynamic_shared(self, name: str, root: str, nbytes: int) -> None:
-        """Kernel::allow_dynamic_shared of src/cuda_module.rs: opts the function into `nbytes` of
+        """Kernel::allow_dynamic_shared of src/backends/cuda/module.rs: opts the function into `nbytes` of
         dynamic shared memory (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES), once per new
         maximum. CuPy: the settable `RawKernel.max_dynamic_shared_size_bytes`; the driver call
         directly if this CuPy lacks it. Read back to make sure it took."""
@@ -1977,7 +1977,7 @@ def _pack_args(sig: str, args, what: str):
 
 def launch(kernels: OursKernels, name: str, root: str, lc: Launch, args, cooperative: bool = False) -> None:
     """One planned launch on PyTorch's current stream; `cooperative`: with cuLaunchCooperativeKernel
-    (ms_fused_l2, as src/cuda.rs's launch_cooperative)."""
+    (ms_fused_l2, as src/backends/cuda/'s launch_cooperative)."""
     f = kernels.cooperative_func(name, root) if cooperative else kernels.func(name, root)
     with on_torch_stream(kernels.cupy):
         f(lc.grid, lc.block, _pack_args(ENTRY_SIGNATURES[root], args, name), shared_mem=lc.shared_mem)
@@ -1986,7 +1986,7 @@ def launch(kernels: OursKernels, name: str, root: str, lc: Launch, args, coopera
 def launch_targets(kernels: OursKernels, raw, tsfx: str, acc_sfx: str, acc, rows: int, classes: int,
                    has_ignore: int, mean: int, ignore_index: int = IGNORE_INDEX, weights=None, has_weights: int = 0,
                    poison: bool = False):
-    """device_targets of src/cuda.rs without the read-back: ms_targets into fresh buffers (int32
+    """device_targets of src/backends/cuda/ without the read-back: ms_targets into fresh buffers (int32
     targets [rows], first_invalid [1] int64, upstream [1] acc). Returns the three."""
     import torch
 
@@ -2030,12 +2030,12 @@ class on_torch_stream:
 
 
 class TargetError(ValueError):
-    """What the crate's check_targets turns an invalid target into (src/prepare.rs target_error)."""
+    """What the crate's check_targets turns an invalid target into (src/targets_and_weights.rs target_error)."""
 
 
 class OursStep:
-    """One step through the crate's kernels, launched as src/cuda.rs launches them, with the plans
-    of src/launch.rs for this device (its SM count and opt-in shared memory).
+    """One step through the crate's kernels, launched as src/backends/cuda/ launches them, with the plans
+    of src/backends/launch/mod.rs for this device (its SM count and opt-in shared memory).
 
     mode 'loss_and_grad': forward_backward (MarginSoftmaxLoss::loss_and_grad): ms_targets (mean),
     the check's one 8-byte read of first_invalid when check_targets, then ms_fused_warp, ms_fused,
@@ -2077,7 +2077,7 @@ class OursStep:
             self.plan = plan_loss_and_grad(cfg, rows, classes, self.size, False, kernels.device, force_split)
             self.params = make_params(cfg, rows, classes, classes, self.plan.splits, False)
             if self.plan.kind in FUSED_ROOTS:
-                # Inputs::fused of src/cuda.rs, for ms_fused_warp, ms_fused, ms_fused_cluster and
+                # Inputs::fused of src/backends/cuda/, for ms_fused_warp, ms_fused, ms_fused_cluster and
                 # ms_fused_l2 alike.
                 self.fused_root = FUSED_ROOTS[self.plan.kind]
                 self.fused_name = f"{self.fused_root}_{self.plan.variant}_{self.sfx}"
@@ -2092,7 +2092,7 @@ class OursStep:
                 if dynamic + static > DEFAULT_SHARED:
                     kernels.allow_dynamic_shared(self.fused_name, self.fused_root, dynamic)
                 if self.plan.kind == "fused_l2":
-                    # src/cuda.rs: launch_cooperative; the driver refuses a grid whose blocks are not
+                    # src/backends/cuda/: launch_cooperative; the driver refuses a grid whose blocks are not
                     # all co-resident (the __launch_bounds__ guarantee l2_blocks_per_sm per SM).
                     grid = self.plan.fused.grid[0]
                     capacity = kernels.cooperative_capacity(self.fused_name, self.fused_root, self.plan.fused.block[0],
@@ -2184,7 +2184,7 @@ class OursStep:
         import torch
 
         b, c, sfx, pl = self.rows, self.classes, self.sfx, self.plan
-        # The forward op (src/cuda.rs forward_typed): no mean in ms_targets, no row info.
+        # The forward op (src/backends/cuda/ forward_typed): no mean in ms_targets, no row info.
         y32, up = self._targets(y, mean=0, check=self.check, poison=poison)
         stats = new(b * STAT_COLUMNS, dtype=self.acc)
         partials = new(pl.partials_len, dtype=self.acc)
@@ -2194,7 +2194,7 @@ class OursStep:
                (x, y32, self.scale, self.weights, self.poly, self.parg, partials, stats, None, None, up))
         loss = self._reduce(stats)
         # The op's bwd (src/op.rs): d loss / d loss_i = 1 / sum w (mean_of_sum), row info from
-        # the stats, then the backward op (src/cuda.rs backward_typed: ms_targets unchecked).
+        # the stats, then the backward op (src/backends/cuda/ backward_typed: ms_targets unchecked).
         st = stats.view(b, STAT_COLUMNS)
         den = st[:, STAT_WEIGHT].sum()
         upstream = torch.where(den == 0, torch.zeros_like(den), 1.0 / den).expand(b, 1)
@@ -2800,7 +2800,7 @@ def environment(args, kernels, nvcc) -> Dict[str, str]:
 
 
 def query_device_shape(cupy, torch) -> DeviceShape:
-    """src/cuda.rs device_shape: the SM count, max(cudaDevAttrMaxSharedMemoryPerBlockOptin,
+    """src/backends/cuda/ device_shape: the SM count, max(cudaDevAttrMaxSharedMemoryPerBlockOptin,
     48 KiB), cudaDevAttrClusterLaunch (CU_DEVICE_ATTRIBUTE_CLUSTER_LAUNCH, 120; CuPy may not
     name it), cudaDevAttrCooperativeLaunch (CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, 95) and
     cudaDevAttrL2CacheSize (CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE, 38), of the current device."""
@@ -3035,7 +3035,7 @@ def parse_args(argv=None):
     ap.add_argument("--copy-gib", type=float, default=1.0, help="size of the copy-bandwidth tensor")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode (default, max-autotune, ...)")
     ap.add_argument("--ours-path", choices=["auto", "split"], default="auto",
-                    help="auto: as src/launch.rs (ms_fused_warp, ms_fused or ms_fused_cluster when the row fits, "
+                    help="auto: as src/backends/launch/mod.rs (ms_fused_warp, ms_fused or ms_fused_cluster when the row fits, "
                          "else ms_fused_l2 with cooperative launch; see plan_loss_and_grad); split: always "
                          "partial -> finalize -> backward")
     ap.add_argument("--arch", default=None,

@@ -30,7 +30,7 @@
 //!    it is what a caller waits for. On the CPU, wall clock. Median, p20 and p80 over `--iters`.
 //! 4. **Bytes that must move**: fwd reads B·C·sizeof(T); bwd reads and writes it (2×); fwd+bwd
 //!    3×; `loss_and_grad` 2× on its fused CUDA path (one block per row, the row held in shared
-//!    memory, taken when C·sizeof(T) ≤ 47104, see `fused_max_classes` in src/launch.rs) and 3× on
+//!    memory, taken when C·sizeof(T) ≤ 47104, see `fused_max_classes` in src/backends/launch/mod.rs) and 3× on
 //!    the split path (partial, finalize, backward). On the CPU `loss_and_grad` keeps each row in
 //!    cache: 2×. GB/s = those bytes / median time, and % of the copy bandwidth.
 //! 5. **Reference**: `reference::loss` (plain candle ops, autograd gradient) on the same device and
@@ -87,7 +87,7 @@ const MAX_SETS: usize = 16;
 const DEFAULT_CACHE_BYTES: usize = 50 << 20;
 /// The widest row (bytes) `loss_and_grad` runs through its fused CUDA kernel: 48 KiB of shared
 /// memory less 2048 kept for the kernel's static shared memory (`fused_max_classes` in
-/// src/launch.rs).
+/// src/backends/launch/mod.rs).
 const FUSED_MAX_ROW_BYTES: usize = 47104;
 /// The reference's fwd+bwd holds about this many f32 [B, C] tensors at its peak: 19 to 20
 /// measured on the CPU (peak RSS with and without the reference, ArcFace and RBF, 512 × 100000,

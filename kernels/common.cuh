@@ -117,7 +117,7 @@ __device__ __forceinline__ bool aligned16(const void* ptr) {
     return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0;
 }
 
-// The running softmax statistics of a set of entries (src/cpu.rs's `Online`): max logit,
+// The running softmax statistics of a set of entries (src/backends/cpu/'s `Online`): max logit,
 // sum exp(z - max), sum exp(z - max) * v, sum w * v and sum w * z, where v = dz/dr is the
 // entry's derivative with respect to the row scale (the unscaled logit u, times sech^2 with
 // soft-capping) and w its weight in the smoothing term (1 unless weighted smoothing).

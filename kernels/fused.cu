@@ -2,7 +2,7 @@
 // the row once by 16-byte vectors into shared memory while forming its online statistics
 // (push_vector in rows.cuh), finishes the row, then writes the gradient from shared memory with
 // 16-byte stores: one read and one write per element. The row may use all the dynamic shared
-// memory the device allows a block (the host opts in above 48 KiB: src/launch.rs plans it).
+// memory the device allows a block (the host opts in above 48 KiB: src/backends/launch/mod.rs plans it).
 // One entry point per variant (ms_fused_{identity|cosine|rbf}[_ext]_T). On sm_90, rows that
 // do not fit in one block's shared memory but in MS_CLUSTER blocks' take ms_fused_cluster: a
 // thread-block cluster per row, each block holding a slice, the slices' statistics merged
@@ -162,7 +162,7 @@ __device__ void fused_l2(const T* __restrict__ x, const int* __restrict__ target
     require_block<MS_BLOCK>();
     cooperative_groups::grid_group grid = cooperative_groups::this_grid();
     const A up = *upstream;
-    // The host checks that rows * splits fits in an int (src/launch.rs: params): the phase
+    // The host checks that rows * splits fits in an int (src/backends/launch/mod.rs: params): the phase
     // bookkeeping lives in 32-bit registers, the element loops' state in the rest.
     const int rows = (int)p.rows;
     const int splits = p.splits;
@@ -240,7 +240,7 @@ __device__ void fused_l2(const T* __restrict__ x, const int* __restrict__ target
 // The L2 kernel holds both halves of a row's work in one loop: at 64 registers it spills, so
 // it is compiled for 3 blocks per SM (80 registers), its `_ext` entries and f64 for 2 (128),
 // and runs as a cooperative grid of exactly that many blocks per SM, the residency the register
-// bound guarantees (src/launch.rs: l2_blocks_per_sm).
+// bound guarantees (src/backends/launch/mod.rs: l2_blocks_per_sm).
 #define MS_FUSED_L2_ENTRY(T, SUFFIX, NAME, TR, EXT, MIN_BLOCKS)                                  \
     extern "C" __global__ void __launch_bounds__(MS_BLOCK, (EXT) ? 2 : (MIN_BLOCKS))             \
         ms_fused_l2_##NAME##_##SUFFIX(const T* x, const int* targets,                            \

@@ -1,5 +1,5 @@
 // The one CUDA definition of each head's math and of the criterion; it mirrors src/math.rs and
-// the row functions of src/cpu.rs (the one Rust definition) line for line, so the two paths
+// the row functions of src/backends/cpu/ (the one Rust definition) line for line, so the two paths
 // agree to rounding.
 //
 // A row's logits are z_j = r * u_j (u the head's unscaled logit, r the row's scale), or with
@@ -92,12 +92,12 @@ template <typename A> __device__ TargetTerm<A> target_term(const MsParams& p, A 
         r.du = head_du(p, x, r.u);
         return r;
     }
-    if (p.margin == MS_MARGIN_ADDITIVE) {
+    if (p.margin == MS_MARGIN_COSFACE) {
         r.u = clamp_torch(x, -one, one) - A(p.additive_m);
         r.du = inside(x, -one, one);
         return r;
     }
-    if (p.margin == MS_MARGIN_ANGULAR) {
+    if (p.margin == MS_MARGIN_ARCFACE_COMBINED) {
         // The same value in both gradient modes (a mode never changes the loss).
         const A c = clamp_torch(x, -one, one);
         const A pass = inside(x, -one, one);
@@ -125,7 +125,7 @@ template <typename A> __device__ TargetTerm<A> target_term(const MsParams& p, A 
         }
         return r;
     }
-    // MS_MARGIN_SPHERE
+    // MS_MARGIN_SPHEREFACE
     const A c = clamp_torch(x, -one, one);
     const A pass = inside(x, -one, one);
     int k = 0;
@@ -161,7 +161,7 @@ template <typename A> __device__ __forceinline__ void softcap(const MsParams& p,
 }
 
 // A non-target entry's logit z and v = dz/dr from its unscaled logit u (the loop body of
-// Online::absorb in src/cpu.rs): z = r * u and v = u, soft-capped when p.softcapped.
+// Online::absorb in src/backends/cpu/): z = r * u and v = u, soft-capped when p.softcapped.
 template <typename A> __device__ __forceinline__ void entry_logit(const MsParams& p, A r, A u, A& z,
                                                                   A& v) {
     z = r * u;
@@ -202,7 +202,7 @@ __device__ __forceinline__ void push_entry(const MsParams& p, const A* __restric
 }
 
 // The target entry's logit z_y, dz_y/dr and dz_y/dx * (1/r) (the margin's derivative times the
-// soft-capping's), for the target's input x (target_logit in src/cpu.rs).
+// soft-capping's), for the target's input x (target_logit in src/backends/cpu/).
 template <typename A> struct TargetLogit {
     A z;
     A v;
@@ -299,7 +299,7 @@ __device__ RowLoss<A> criterion_row(const MsParams& p, const A* __restrict__ pol
 }
 
 // Finishes one (non-ignored) row from the online statistics of its non-target entries
-// (forward_row in src/cpu.rs): writes the row's MS_STAT_COLUMNS statistics and returns its
+// (forward_row in src/backends/cpu/): writes the row's MS_STAT_COLUMNS statistics and returns its
 // backward info [max, ln_sum, a, k, g_y, scale] with the gradient factor `up` (1, or 1/sum w for
 // the fused paths' mean) folded into a, k, g_y. `weight` is the target's class weight w_y (1
 // without class weights). d loss / d scale (stats[7]) is 0 unless p.scale_grad.
@@ -387,7 +387,7 @@ template <typename A> __device__ __forceinline__ GradRow<A> grad_row(const A* in
 }
 
 // d loss / d x_j of a non-target element with input x and smoothing weight w (backward_row in
-// src/cpu.rs), for the transform TR:
+// src/backends/cpu/), for the transform TR:
 //   dx_j = (a * r * p_j + k * r * w_j) * dz_j/dz_raw * du_j/dx_j,
 //   p_j = exp((z_j - max) - ln_sum), in f32 2^((z_j - max) * log2 e - ln_sum * log2 e),
 // z_j = r * u_j, or cap * tanh(r * u_j / cap) with soft-capping (then dz_j/dz_raw = sech^2).

@@ -1,5 +1,5 @@
 // The launch parameters shared by every kernel of the crate, passed by value.
-// Mirrored field for field by `MsParams` in src/kernel_params.rs (#[repr(C)]): change both together.
+// Mirrored field for field by `MsParams` in src/backends/launch/params.rs (#[repr(C)]): change both together.
 #pragma once
 
 #define MS_MAX_SPHERE_M 16
@@ -28,10 +28,10 @@
 #define MS_TRANSFORM_RBF 2       // RBF: u = exp(-max(x, 0) / gamma)
 
 // Which margin the target entry gets.
-#define MS_MARGIN_NONE 0      // Softmax, RBF: the target uses the plain transform
-#define MS_MARGIN_ADDITIVE 1  // CosFace: c - m
-#define MS_MARGIN_ANGULAR 2   // ArcFace, Combined: cos(m1*theta + m2) - m3 (+ fallback, easy)
-#define MS_MARGIN_SPHERE 3    // SphereFace: (lambda*c + psi) / (1 + lambda)
+#define MS_MARGIN_NONE 0              // Softmax, RBF: the target uses the plain transform
+#define MS_MARGIN_COSFACE 1           // CosFace: c - m
+#define MS_MARGIN_ARCFACE_COMBINED 2  // ArcFace, Combined: cos(m1*theta + m2) - m3 (+ fallback, easy)
+#define MS_MARGIN_SPHEREFACE 3        // SphereFace: (lambda*c + psi) / (1 + lambda)
 
 struct MsParams {
     long long rows;        // B
@@ -67,7 +67,7 @@ struct MsParams {
 };
 
 // Column layout of the per-row statistics [B, MS_STAT_COLUMNS] (accumulation type), as in
-// src/op.rs: loss, max logit, ln sum exp(z - max), w_y, a, k, g_y, dloss/dscale.
+// src/layout.rs: loss, max logit, ln sum exp(z - max), w_y, a, k, g_y, dloss/dscale.
 #define MS_STAT_COLUMNS 8
 // Per-row input of the backward kernel [B, MS_ROWINFO_COLUMNS]:
 // max, ln sum, a, k, g_y (upstream folded in), scale.

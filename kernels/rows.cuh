@@ -203,7 +203,7 @@ __device__ __forceinline__ void fill_row(T* out, long long n, A value, long long
 
 // Where the shared-memory copy of the n classes at `from` starts in `base`: offset by less than
 // one vector, so that the elements walk_row reads by vectors sit at 16-byte boundaries of
-// shared memory too (fused_shared_bytes(n) bytes from base hold it: src/launch.rs).
+// shared memory too (fused_shared_bytes(n) bytes from base hold it: src/backends/launch/mod.rs).
 template <typename T>
 __device__ __forceinline__ T* slice_cache(unsigned char* base, const T* from, long long n) {
     constexpr int V = VecWidth<T>::value;

@@ -4,8 +4,10 @@
 
 use candle_core::{DType, Result, Tensor, bail};
 
-/// The name every error message of this crate starts with.
+/// The name the loss's errors start with (`MarginSoftmaxLoss`, the ops, the backends).
 pub(crate) const OP_NAME: &str = "margin_softmax_ce";
+/// The name that `MarginHead`'s errors start with.
+pub(crate) const HEAD_OP: &str = "margin_head";
 
 /// Largest SphereFace margin accepted. The paper and the official code use 1..=4; larger
 /// integers are still well defined (Chebyshev polynomials), but past 16 the target logit

@@ -24,41 +24,27 @@
 //! See [`Head`] for the heads and [`MarginSoftmaxLoss`] for the options; [`reference`](mod@reference) holds the
 //! same losses composed from plain candle ops.
 
-mod alloc;
+mod backends;
 mod config;
-mod cpu;
-#[cfg(feature = "cuda")]
-mod cuda;
-#[cfg(feature = "cuda")]
-mod cuda_module;
-#[cfg(feature = "kernel-emu")]
-mod emu;
-mod handover;
+mod gradient_handover;
 mod heads;
-mod host;
-#[cfg(all(test, feature = "kernel-host-check"))]
-mod kernel_check;
-#[cfg(any(feature = "cuda", feature = "kernel-emu", test))]
-mod kernel_params;
-#[cfg(any(feature = "cuda", feature = "kernel-emu", test))]
-mod launch;
+mod layout;
 mod loss;
 mod math;
 mod op;
-mod prepare;
 pub mod reference;
 mod shard;
-mod simd;
+mod targets_and_weights;
 
 #[cfg(feature = "kernel-emu")]
-pub use emu::kernel_emu;
+pub use backends::emu::kernel_emu;
 
+pub use backends::cpu::simd::{SimdLevel, with_simd_level};
 pub use heads::{DEFAULT_CHUNK_SCORES, DEFAULT_NORM_EPS, MarginHead, PartialFc};
 pub use op::one_pass_max_classes;
 #[cfg(feature = "nccl")]
 pub use shard::NcclCommunicator;
 pub use shard::{ClassShard, Communicator, InProcessCommunicator, InProcessGroup};
-pub use simd::{SimdLevel, with_simd_level};
 
 pub use config::{
     ClassWeights, EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss, Reduction,

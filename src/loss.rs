@@ -3,7 +3,8 @@
 use candle_core::{DType, Result, Tensor, bail};
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype};
-use crate::op::{self, STAT_WEIGHT};
+use crate::layout::{self, STAT_WEIGHT};
+use crate::op;
 
 /// Every check that needs only shapes, dtypes and devices (no device read-back); returns
 /// (B, C). Target *values* are checked by the op itself, where the targets are read anyway.
@@ -194,7 +195,7 @@ impl MarginSoftmaxLoss {
     /// and dtype as `input`, contiguous) instead of a new tensor; returns the loss. A training
     /// loop that reuses one buffer across steps allocates nothing of size \[B, C\]: on the CPU the
     /// page faults of a fresh gradient-sized buffer cost about as much as the op's arithmetic
-    /// (see `src/alloc.rs` and benches/RESULTS.md). The head's fixed scale (no per-row scale
+    /// (see `src/backends/cpu/alloc.rs` and benches/RESULTS.md). The head's fixed scale (no per-row scale
     /// variant).
     ///
     /// `grad` is written in place (candle's in-place op): any tensor that shares its storage (a
@@ -348,7 +349,7 @@ pub(crate) fn fixed_row_scale(
 /// Per-row losses \[B\] from the op's statistics, reduced with plain candle ops (so the autograd
 /// graph runs through the op's `bwd` for column 0 only).
 pub(crate) fn reduce(reduction: Reduction, stats: &Tensor) -> Result<Tensor> {
-    let per_row = stats.narrow(1, op::STAT_LOSS, 1)?.squeeze(1)?;
+    let per_row = stats.narrow(1, layout::STAT_LOSS, 1)?.squeeze(1)?;
     if per_row.dim(0)? == 0 && reduction != Reduction::None {
         // Σ over no rows is 0 (and Mean's 0/0 is 0 by our convention); candle cannot narrow an
         // empty tensor at a column offset, so the weight column is not read.

@@ -4,10 +4,11 @@
 //! A row's logits are z_j = r·u_j: u is the head's unscaled logit, r the row's scale (the head's
 //! s, or a per-row scale). The criterion's gradient with respect to the logits has the form
 //!
-//!   g_j = A·p_j + K   (j ≠ y),      g_y = G,
+//!   g_j = A·p_j + K·w_j   (j ≠ y),      g_y = G,
 //!
-//! with three per-row constants A, K, G (see [`Criterion::row`]), so the backward pass needs only
-//! those and the row's lse: p_j = exp(z_j − lse) is recomputed from the input.
+//! with three per-row constants A, K, G (see [`Criterion::row`]; w_j is the class weight where
+//! the smoothing term reads it, else 1), so the backward pass needs only those and the row's
+//! lse: p_j = exp(z_j − lse) is recomputed from the input.
 
 use candle_core::WithDType;
 use half::{bf16, f16};
@@ -355,10 +356,10 @@ pub(crate) enum Margin<A> {
     /// Softmax and RBF: the target uses the plain transform.
     None,
     /// CosFace: φ(c) = c − m.
-    Additive { m: A },
+    CosFace { m: A },
     /// ArcFace and Combined: φ(c) = cos(m1·θ + m2) − m3, or c − m3 − m2·sin m2 where
     /// m1·θ + m2 > π (the monotone fallback); `easy`: φ(c) = c where c ≤ 0.
-    Angular {
+    ArcFaceCombined {
         m1: A,
         m2: A,
         m3: A,
@@ -370,7 +371,7 @@ pub(crate) enum Margin<A> {
         exact: bool,
     },
     /// SphereFace: φ(c) = (λ·c + (−1)^k·T_m(c) − 2k)/(1 + λ), k = #{j < m : c ≤ cos(jπ/m)}.
-    Sphere {
+    SphereFace {
         m: u32,
         lambda: A,
         thresholds: [A; crate::config::SPHEREFACE_MAX_M as usize],
@@ -381,7 +382,7 @@ pub(crate) enum Margin<A> {
 impl<A: Acc> Margin<A> {
     pub fn new(head: &Head, grad: MarginGrad) -> Self {
         let exact = grad == MarginGrad::Exact;
-        let angular = |m1: f64, m2: f64, m3: f64, easy: bool| Margin::Angular {
+        let angular = |m1: f64, m2: f64, m3: f64, easy: bool| Margin::ArcFaceCombined {
             m1: A::of(m1),
             m2: A::of(m2),
             m3: A::of(m3),
@@ -392,7 +393,7 @@ impl<A: Acc> Margin<A> {
         };
         match *head {
             Head::Softmax { .. } | Head::Rbf { .. } => Margin::None,
-            Head::CosFace { m, .. } => Margin::Additive { m: A::of(m) },
+            Head::CosFace { m, .. } => Margin::CosFace { m: A::of(m) },
             Head::ArcFace { m, easy_margin, .. } => angular(1.0, m, 0.0, easy_margin),
             Head::Combined { m1, m2, m3, .. } => angular(m1, m2, m3, false),
             Head::SphereFace { m, lambda, .. } => {
@@ -401,7 +402,7 @@ impl<A: Acc> Margin<A> {
                 for (j, t) in thresholds.iter_mut().enumerate().take(m as usize).skip(1) {
                     *t = A::of((j as f64 * std::f64::consts::PI / m as f64).cos());
                 }
-                Margin::Sphere {
+                Margin::SphereFace {
                     m,
                     lambda: A::of(lambda),
                     thresholds,
@@ -420,8 +421,8 @@ impl<A: Acc> Margin<A> {
                 let u = transform.u(x);
                 (u, transform.du(x, u))
             }
-            Margin::Additive { m } => (clamp(x, -one, one) - m, inside(x, -one, one)),
-            Margin::Angular {
+            Margin::CosFace { m } => (clamp(x, -one, one) - m, inside(x, -one, one)),
+            Margin::ArcFaceCombined {
                 m1,
                 m2,
                 m3,
@@ -456,7 +457,7 @@ impl<A: Acc> Margin<A> {
                 };
                 (value, pass * m1 * angle.sin() / denominator)
             }
-            Margin::Sphere {
+            Margin::SphereFace {
                 m,
                 lambda,
                 ref thresholds,
@@ -680,52 +681,4 @@ impl<A: Acc> Criterion<A> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The vectorizable f32 exp against f64's exp over its whole domain, every 1e−4, and the
-    /// flush below −87.
-    #[test]
-    fn fast_exp_f32_is_within_two_ulp() {
-        let mut worst = 0.0f64;
-        let steps = 870_000;
-        for i in 0..=steps {
-            let d = -87.0f32 * i as f32 / steps as f32;
-            let got = f32::exp_flushed(d) as f64;
-            let want = (d as f64).exp();
-            worst = worst.max(((got - want) / want).abs());
-        }
-        // 2 ulp of f32 = 2^−22 relative.
-        assert!(
-            worst < 2.0 * 2f64.powi(-23),
-            "worst relative error {worst:e}"
-        );
-        assert_eq!(f32::exp_flushed(-87.5), 0.0);
-        assert_eq!(f32::exp_flushed(f32::NEG_INFINITY), 0.0);
-        assert_eq!(f32::exp_flushed(0.0), 1.0);
-        assert!(f32::exp_flushed(f32::NAN).is_nan());
-        assert_eq!(f64::exp_flushed(-709.0), 0.0);
-    }
-
-    #[test]
-    fn chebyshev_matches_cos_m_theta() {
-        for m in 1..=SPHEREFACE_MAX_M {
-            for i in 0..=200 {
-                let theta = std::f64::consts::PI * i as f64 / 200.0;
-                let (t, u) = chebyshev(m, theta.cos());
-                assert!(
-                    (t - (m as f64 * theta).cos()).abs() < 1e-9,
-                    "T_{m}({theta})"
-                );
-                // U_{m−1}(cos θ) = sin(mθ)/sin θ away from the poles.
-                if theta.sin() > 1e-3 {
-                    let want = (m as f64 * theta).sin() / theta.sin();
-                    assert!(
-                        (u - want).abs() < 1e-6 * want.abs().max(1.0),
-                        "U_{m}-1({theta})"
-                    );
-                }
-            }
-        }
-    }
-}
+mod tests;

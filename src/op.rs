@@ -1,5 +1,7 @@
-//! The op family, candle-nn style: each op a small struct implementing `CustomOp3`, with
-//! `cpu_fwd` (and, with the `cuda` feature, `cuda_fwd`) and `bwd` side by side.
+//! The op family, candle-nn style: each op a small struct implementing a candle `CustomOp*`
+//! (`CustomOp3` for the forward and backward ops, `CustomOp2` for a slice's statistics,
+//! `InplaceOp2` / `InplaceOp3` for the gradient written into a caller's buffer), with `cpu_fwd`
+//! (and, with the `cuda` feature, `cuda_fwd`) and `bwd` side by side.
 //!
 //! - [`MarginSoftmaxForward`] (input, targets, row scale) → per-row statistics [B, 8]:
 //!   loss, max logit M and ln Σ exp(z − M) (lse = M + ln Σ), w_y, the gradient constants
@@ -11,8 +13,9 @@
 //! - [`forward_backward`]: both in one call, without autograd, returning two tensors (which a
 //!   `CustomOp` cannot), dispatched on the storage directly.
 //!
-//! CPU storage runs the CPU bodies (`src/cpu.rs`), or, with the `kernel-emu` feature inside
-//! [`crate::kernel_emu::emulated`], the CUDA kernels under the emulator (`src/emu.rs`).
+//! Each body runs on a backend (`crate::backends`), through its one dtype dispatch: CPU storage
+//! on the CPU bodies, or, with the `kernel-emu` feature inside [`crate::kernel_emu::emulated`],
+//! on the CUDA kernels under the emulator; CUDA storage on the CUDA kernels.
 
 use candle_core::op::BackpropOp;
 use candle_core::{
@@ -20,45 +23,35 @@ use candle_core::{
     Tensor, bail,
 };
 
-use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
-use crate::cpu;
+use crate::backends;
+use crate::backends::cpu::{self, Cpu};
 #[cfg(feature = "cuda")]
-use crate::cuda;
+use crate::backends::cuda::{self, Cuda};
 #[cfg(feature = "kernel-emu")]
-use crate::emu;
+use crate::backends::emu;
+use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
+use crate::layout::{
+    PARTIAL_COLUMNS, STAT_COLUMNS, STAT_D_SCALE, STAT_GRAD_CONSTANTS, STAT_LOSS, STAT_MAX,
+};
 use crate::math::Acc;
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
 
-/// `$body(args...)` for CPU storage: `emu::$body(planner, args...)` while the emulated kernels
-/// are active on this thread (feature `kernel-emu`, [`crate::kernel_emu::emulated`]), else
-/// `cpu::$body(args...)`.
+/// `backends::$entry(backend, args...)` for CPU storage, with the emulated CUDA kernels as the
+/// backend while they are active on this thread (feature `kernel-emu`,
+/// [`crate::kernel_emu::emulated`]), else the CPU bodies.
 macro_rules! on_cpu {
-    ($body:ident($($arg:expr),* $(,)?)) => {{
+    ($entry:ident($($arg:expr),* $(,)?)) => {{
         #[cfg(feature = "kernel-emu")]
         let out = match emu::active() {
-            Some(planner) => emu::$body(planner, $($arg),*),
-            None => cpu::$body($($arg),*),
+            Some(emulated) => backends::$entry(&emulated, $($arg),*),
+            None => backends::$entry(&Cpu, $($arg),*),
         };
         #[cfg(not(feature = "kernel-emu"))]
-        let out = cpu::$body($($arg),*);
+        let out = backends::$entry(&Cpu, $($arg),*);
         out
     }};
 }
-
-pub(crate) const STAT_LOSS: usize = 0;
-/// The row's max logit M and ln Σ_j exp(z_j − M), two consecutive columns (lse = M + ln Σ).
-pub(crate) const STAT_MAX: usize = 1;
-pub(crate) const STAT_WEIGHT: usize = 3;
-/// a, k, g_y occupy three consecutive columns from here.
-pub(crate) const STAT_GRAD_CONSTANTS: usize = 4;
-pub(crate) const STAT_D_SCALE: usize = 7;
-pub(crate) const STAT_COLUMNS: usize = 8;
-/// [M, ln Σ, a, k, g_y, r] per row for the backward op.
-pub(crate) const ROWINFO_COLUMNS: usize = 6;
-/// The online state of a slice's non-target entries, per row: max, Σ exp(z − max),
-/// Σ exp(z − max)·v, Σ w·v, Σ w·z (the kernels' `MS_PARTIAL_COLUMNS` layout).
-pub(crate) const PARTIAL_STATE: usize = 5;
 
 struct MarginSoftmaxForward {
     cfg: MarginSoftmaxLoss,
@@ -102,7 +95,8 @@ impl CustomOp3 for MarginSoftmaxForward {
         scale_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let rows = input_layout.dims()[0];
-        let stats = cuda::forward(
+        let stats = backends::forward(
+            &Cuda,
             &self.cfg,
             (input, input_layout),
             (targets, targets_layout),
@@ -190,7 +184,8 @@ impl CustomOp3 for MarginSoftmaxBackward {
         row_info: &CudaStorage,
         row_info_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let grad = cuda::backward(
+        let grad = backends::backward(
+            &Cuda,
             &self.cfg,
             (input, input_layout),
             (targets, targets_layout),
@@ -233,11 +228,11 @@ pub(crate) fn gradient_from_row_info(
 }
 
 /// The op over one slice of the classes: the online state of each row's non-target entries in
-/// the slice, [B, PARTIAL_STATE] in the accumulation dtype. `local_targets[i]`: the row's target
+/// the slice, [B, PARTIAL_COLUMNS] in the accumulation dtype. `local_targets[i]`: the row's target
 /// as a column of the slice, −1 for an ignored row, ≥ the slice's width for a target in another
 /// slice. `cfg` carries the slice's class weights. With [`merge_partials`] and [`finalize`], the
 /// forward op's statistics of whole rows that no tensor holds whole (the head modules' slices,
-/// the shards of a sharded loss). The backends return [B, splits, PARTIAL_STATE] (a device
+/// the shards of a sharded loss). The backends return [B, splits, PARTIAL_COLUMNS] (a device
 /// backend may cut a wide slice into column splits), which [`slice_partials`] merges.
 struct SlicePartials {
     cfg: MarginSoftmaxLoss,
@@ -265,7 +260,7 @@ impl candle_core::CustomOp2 for SlicePartials {
             (scale, scale_layout),
             self.scale_grad,
         ))?;
-        Ok((partials, Shape::from((rows, splits, PARTIAL_STATE))))
+        Ok((partials, Shape::from((rows, splits, PARTIAL_COLUMNS))))
     }
 
     #[cfg(feature = "cuda")]
@@ -277,14 +272,15 @@ impl candle_core::CustomOp2 for SlicePartials {
         scale_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let rows = input_layout.dims()[0];
-        let (partials, splits) = cuda::slice_partials(
+        let (partials, splits) = backends::slice_partials(
+            &Cuda,
             &self.cfg,
             (input, input_layout),
             &self.local_targets,
             (scale, scale_layout),
             self.scale_grad,
         )?;
-        Ok((partials, Shape::from((rows, splits, PARTIAL_STATE))))
+        Ok((partials, Shape::from((rows, splits, PARTIAL_COLUMNS))))
     }
 }
 
@@ -346,9 +342,9 @@ pub(crate) fn pick_target_inputs(
 }
 
 /// The states of the slices of each row merged in the order of `parts` (each [B,
-/// PARTIAL_STATE], the accumulation dtype), on the host: every caller that merges the same
+/// PARTIAL_COLUMNS], the accumulation dtype), on the host: every caller that merges the same
 /// parts in the same order gets the same bits (the ranks of a sharded loss). Returns [B,
-/// PARTIAL_STATE] on `parts[0]`'s device.
+/// PARTIAL_COLUMNS] on `parts[0]`'s device.
 pub(crate) fn merge_partials(parts: &[Tensor]) -> Result<Tensor> {
     let first = &parts[0];
     let rows = first.dim(0)?;
@@ -360,7 +356,7 @@ pub(crate) fn merge_partials(parts: &[Tensor]) -> Result<Tensor> {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::from_vec(
                 cpu::merge_partials(&host, rows),
-                (rows, PARTIAL_STATE),
+                (rows, PARTIAL_COLUMNS),
                 first.device(),
             )?
         }
@@ -371,7 +367,7 @@ pub(crate) fn merge_partials(parts: &[Tensor]) -> Result<Tensor> {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::from_vec(
                 cpu::merge_partials(&host, rows),
-                (rows, PARTIAL_STATE),
+                (rows, PARTIAL_COLUMNS),
                 first.device(),
             )?
         }
@@ -380,7 +376,7 @@ pub(crate) fn merge_partials(parts: &[Tensor]) -> Result<Tensor> {
 }
 
 /// The forward op's statistics [B, STAT_COLUMNS] (on the host, from a few values per row) of rows
-/// whose non-target entries' merged state is `others` [B, PARTIAL_STATE] and whose target input
+/// whose non-target entries' merged state is `others` [B, PARTIAL_COLUMNS] and whose target input
 /// is `target_inputs` \[B\]; `targets` among `classes` classes, `scale` the row scale \[B\].
 /// The accumulation dtype of `others`; the result on its device.
 pub(crate) fn finalize(
@@ -456,8 +452,8 @@ pub fn one_pass_max_classes(device: &Device, dtype: DType) -> Result<usize> {
     match device {
         Device::Cpu => {
             #[cfg(feature = "kernel-emu")]
-            if let Some(planner) = emu::active() {
-                return Ok(planner.one_pass_max_classes(size));
+            if let Some(emulated) = emu::active() {
+                return Ok(emulated.0.one_pass_max_classes(size));
             }
             let _ = size;
             Ok(usize::MAX)
@@ -505,7 +501,8 @@ pub(crate) fn forward_backward(
         }
         #[cfg(feature = "cuda")]
         (Storage::Cuda(x), Storage::Cuda(t), Storage::Cuda(s)) => {
-            let (stats, grad, grad_scale) = cuda::forward_backward(
+            let (stats, grad, grad_scale) = backends::forward_backward(
+                &Cuda,
                 cfg,
                 (x, input_layout),
                 (t, targets_layout),

@@ -1,10 +1,10 @@
 // The crate's kernels (kernels/*.cu, unmodified) behind a C ABI that runs them on the CPU through
-// the SIMT emulator (cuda_emu.h), for the Rust feature `kernel-emu` (src/emu.rs), built by
+// the SIMT emulator (cuda_emu.h), for the Rust feature `kernel-emu` (src/backends/emu/), built by
 // build.rs with the `cc` crate.
 //
 // This file plans nothing: every launch takes its grid, block and dynamic shared memory from the
 // caller, which computes them with the same Rust code that launches the kernels on a GPU
-// (src/launch.rs). Each entry point `ms_emu_<kernel>_<suffix>` runs one launch
+// (src/backends/launch/mod.rs). Each entry point `ms_emu_<kernel>_<suffix>` runs one launch
 // `ms_<kernel>_<suffix><<<grid, block, shared>>>(args...)` and returns when every block is done;
 // an emulator error (a divergent barrier, a deadlock, an invalid launch) prints its report and
 // aborts the process, and under ASan / UBSan / TSan any report does too.
@@ -15,7 +15,7 @@ CUDA_EMU_DYNAMIC_SHARED(unsigned char, shared_row)
 #include "fused.cu"
 #include "targets.cu"
 
-// One launch's shape, as src/launch.rs plans it (`Launch`, #[repr(C)] on the Rust side).
+// One launch's shape, as src/backends/launch/mod.rs plans it (`Launch`, #[repr(C)] on the Rust side).
 struct EmuLaunch {
     unsigned grid[3];
     unsigned block[3];
@@ -57,7 +57,7 @@ void launch_cooperative(const EmuLaunch* l, void (*kernel)(P...), A&&... args) {
     cuda_emu::launch_ex(c, kernel, std::forward<A>(args)...);
 }
 
-// The entry point of `variant` (src/launch.rs's variant_index: MS_PER_TRANSFORM's order).
+// The entry point of `variant` (src/backends/launch/mod.rs's variant_index: MS_PER_TRANSFORM's order).
 template <class K> K pick(int variant, K identity, K cosine, K rbf, K identity_ext, K cosine_ext,
                           K rbf_ext) {
     switch (variant) {

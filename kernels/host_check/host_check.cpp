@@ -2,7 +2,7 @@
 // common.cuh compiled as host C++): per split, the online statistics of the non-target entries
 // of the split's slice; the splits merged in order into the target-seeded state; finalize_row;
 // then grad_element for every entry. Linked into the crate's unit tests under the
-// `kernel-host-check` feature (see build.rs and src/kernel_check.rs); not part of the library.
+// `kernel-host-check` feature (see build.rs and src/backends/kernel_check.rs); not part of the library.
 #define MS_HOST_CHECK
 #include "../heads.cuh"
 

@@ -1,23 +1,6 @@
-//! The CUDA bodies of the op (feature `cuda`): the Rust side of `kernels/*.cu`. Every raw
-//! launch of the crate is here (the modules are loaded by `src/cuda_module.rs`); `src/op.rs`
-//! calls [`forward`], [`backward`] and [`forward_backward`] from its `cuda_fwd` and from its
-//! storage dispatch.
-//!
-//! - targets: `ms_targets` converts and checks them on the GPU (and forms the mean's gradient
-//!   factor 1/Σ w there); the forward reads back one value, the first invalid row, unless
-//!   [`MarginSoftmaxLoss::check_targets`] is off; the backward reads nothing.
-//! - forward: `ms_forward_partial_{variant}` (each row cut into `splits` column ranges, one
-//!   block each, writing the online max / sum-exp state of its range) then `ms_forward_finalize`
-//!   (one thread per row merges its partials in a fixed order and forms the statistics).
-//! - backward: `ms_backward_{variant}`, one more read of each row and one write of the gradient.
-//! - forward_backward: `ms_fused_{variant}` (one block per row, the row held in shared memory,
-//!   up to the device's opt-in limit: one read, one write) when the row fits, else partial →
-//!   finalize (with the backward's row info and d(loss)/d(scale), upstream factor folded in) →
-//!   backward.
-//!
-//! Which path, the variant, and every grid, block and dynamic shared memory size, come from
-//! [`Planner::device`] for the device's shape, the same plans that the emulated backend
-//! (`src/emu.rs`) runs on the CPU in CI.
+//! The CUDA backend's buffers and raw launches: the targets' conversion and check on the device
+//! (`ms_targets`), device views of candle storage, and each kernel launch of a plan with its
+//! arguments (every `unsafe` launch of the crate, each with its `// SAFETY:` line).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaDType;
@@ -28,24 +11,21 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, bail};
 use half::{bf16, f16};
 
-use crate::config::{MarginSoftmaxLoss, OP_NAME};
-use crate::cuda_module::{self, BACKWARD, FORWARD, FUSED, Kernel, TARGETS};
-use crate::kernel_params::MsParams;
-use crate::launch::{
+use crate::backends::launch::params::MsParams;
+use crate::backends::launch::{
     DEFAULT_SHARED, DeviceShape, FUSED_STATIC_RESERVE, ForwardPlan, L2Work, Launch,
     LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH,
 };
+use crate::backends::{Arg, Bodies};
+use crate::config::{MarginSoftmaxLoss, OP_NAME};
+use crate::layout::{PARTIAL_COLUMNS, ROWINFO_COLUMNS, STAT_COLUMNS};
 use crate::math::{Acc, Element};
-use crate::op::{PARTIAL_STATE, ROWINFO_COLUMNS, STAT_COLUMNS};
-use crate::prepare::{kernel_poly, target_error};
+use crate::targets_and_weights::{kernel_poly, target_error};
 
-// SAFETY: MsParams is #[repr(C)], Copy, holds only plain integers and floats, and mirrors the
-// layout of `struct MsParams` in kernels/params.cuh field for field (its size is checked at
-// compile time in src/kernel_params.rs), so its bytes are a valid kernel argument of that type.
-unsafe impl DeviceRepr for MsParams {}
+use super::module::{self, BACKWARD, FORWARD, FUSED, Kernel, TARGETS};
 
 /// An accumulation type on the device (f32 or f64).
-trait CudaAcc: Acc + CudaDType + DeviceRepr + ValidAsZeroBits {
+pub(super) trait CudaAcc: Acc + CudaDType + DeviceRepr + ValidAsZeroBits {
     const SUFFIX: &'static str;
 }
 impl CudaAcc for f32 {
@@ -56,7 +36,9 @@ impl CudaAcc for f64 {
 }
 
 /// An input element type on the device, and its kernels' name suffix.
-trait CudaElement: Element<Acc: CudaAcc> + CudaDType + DeviceRepr + ValidAsZeroBits {
+pub(super) trait CudaElement:
+    Element<Acc: CudaAcc> + CudaDType + DeviceRepr + ValidAsZeroBits
+{
     const SUFFIX: &'static str;
 }
 impl CudaElement for f32 {
@@ -72,27 +54,11 @@ impl CudaElement for bf16 {
     const SUFFIX: &'static str = "bf16";
 }
 
-/// Calls `$body::<T>` for the input's element type.
-macro_rules! with_element {
-    ($storage:expr, $name:expr, $body:ident ( $($arg:expr),* )) => {
-        match $storage.dtype() {
-            DType::F32 => $body::<f32>($($arg),*),
-            DType::F64 => $body::<f64>($($arg),*),
-            DType::F16 => $body::<f16>($($arg),*),
-            DType::BF16 => $body::<bf16>($($arg),*),
-            other => bail!(
-                "{OP_NAME}({}): input dtype must be f32, f64, f16 or bf16, got {other:?}",
-                $name
-            ),
-        }
-    };
-}
-
 /// The kernel `{root}_{variant}_{suffix}` (or `{root}_{suffix}` without a variant) of `module`,
 /// loaded once per device.
-fn kernel<T: CudaElement>(
+pub(super) fn kernel<T: CudaElement>(
     dev: &CudaDevice,
-    module: &cuda_module::Module,
+    module: &module::Module,
     root: &str,
     variant: Option<&str>,
 ) -> Result<Kernel> {
@@ -100,42 +66,24 @@ fn kernel<T: CudaElement>(
         Some(v) => format!("{root}_{v}_{}", T::SUFFIX),
         None => format!("{root}_{}", T::SUFFIX),
     };
-    cuda_module::kernel(dev, module, &name)
-}
-
-/// The device's shape for the planner.
-fn device_shape(dev: &CudaDevice) -> Result<DeviceShape> {
-    let limits = cuda_module::device_limits(dev)?;
-    Ok(DeviceShape {
-        sm_count: limits.sm_count,
-        max_shared_per_block: limits.max_dynamic_shared_optin.max(DEFAULT_SHARED),
-        clusters: limits.cluster_launch,
-        cooperative: limits.cooperative_launch,
-        l2_bytes: limits.l2_bytes,
-    })
-}
-
-/// The planner for `dev`.
-fn planner(dev: &CudaDevice) -> Result<Planner> {
-    Ok(Planner::device(device_shape(dev)?))
-}
-
-/// The widest row `loss_and_grad` reads in one pass (`ms_fused` or `ms_fused_cluster`) on `dev`
-/// for elements of `size` bytes.
-pub(crate) fn one_pass_max_classes(dev: &CudaDevice, size: usize) -> Result<usize> {
-    Ok(planner(dev)?.one_pass_max_classes(size))
+    module::kernel(dev, module, &name)
 }
 
 /// The targets on the device as the loss kernels take them, and the gradient factor.
-struct DeviceTargets<A> {
+pub(super) struct DeviceTargets<A> {
     /// i32 classes, −1 for an ignored row, −2 for an invalid target.
-    targets: CudaSlice<i32>,
+    pub(super) targets: CudaSlice<i32>,
     /// 1, or 1/Σ w for the mean (one element).
-    upstream: CudaSlice<A>,
+    pub(super) upstream: CudaSlice<A>,
 }
 
 /// Target `at` of a u8 / u32 / i64 storage, read back (for an error message).
-fn target_value(dev: &CudaDevice, storage: &CudaStorage, at: usize, name: &str) -> Result<i64> {
+pub(super) fn target_value(
+    dev: &CudaDevice,
+    storage: &CudaStorage,
+    at: usize,
+    name: &str,
+) -> Result<i64> {
     fn one<T: CudaDType + DeviceRepr + Into<i64>>(
         dev: &CudaDevice,
         storage: &CudaStorage,
@@ -159,7 +107,7 @@ fn target_value(dev: &CudaDevice, storage: &CudaStorage, at: usize, name: &str) 
 /// `ms_targets`: the targets converted (and the mean's factor formed) on the device. With
 /// `check`, the first invalid row is read back (the one host synchronization of a forward)
 /// and turned into the CPU path's `Err`; without, nothing is read.
-fn device_targets<A: CudaAcc>(
+pub(super) fn device_targets<A: CudaAcc>(
     cfg: &MarginSoftmaxLoss,
     dev: &CudaDevice,
     classes: usize,
@@ -180,7 +128,7 @@ fn device_targets<A: CudaAcc>(
         DType::I64 => "i64",
         other => bail!("{OP_NAME}({name}): targets must be u8, u32 or i64, got {other:?}"),
     };
-    let func = cuda_module::kernel(dev, &TARGETS, &format!("ms_targets_{suffix}_{}", A::SUFFIX))?;
+    let func = module::kernel(dev, &TARGETS, &format!("ms_targets_{suffix}_{}", A::SUFFIX))?;
     // SAFETY: ms_targets writes all `rows` outputs, first_invalid and upstream.
     let (mut out, mut first_invalid, mut upstream) = unsafe {
         (
@@ -243,7 +191,7 @@ fn device_targets<A: CudaAcc>(
 }
 
 /// `slice[range]` as a view, an `Err` (not a panic) if the layout does not fit the storage.
-fn view<'a, T>(
+pub(super) fn view<'a, T>(
     slice: &'a CudaSlice<T>,
     range: std::ops::Range<usize>,
     what: &str,
@@ -260,7 +208,7 @@ fn view<'a, T>(
 }
 
 /// A contiguous 1-D or 2-D tensor's elements, as a view.
-fn contiguous<'a, A: CudaDType>(
+pub(super) fn contiguous<'a, A: CudaDType>(
     storage: &'a CudaStorage,
     layout: &Layout,
     what: &str,
@@ -273,7 +221,7 @@ fn contiguous<'a, A: CudaDType>(
 }
 
 /// The input's elements from its first one (layout offset applied), rows `row_stride` apart.
-fn input_view<'a, T: CudaElement>(
+pub(super) fn input_view<'a, T: CudaElement>(
     storage: &'a CudaStorage,
     layout: &Layout,
     name: &str,
@@ -284,14 +232,17 @@ fn input_view<'a, T: CudaElement>(
 
 /// The PolyLoss coefficients on the device (one unused element when there are none, so the
 /// pointer is valid).
-fn poly_buffer<A: CudaAcc>(cfg: &MarginSoftmaxLoss, dev: &CudaDevice) -> Result<CudaSlice<A>> {
+pub(super) fn poly_buffer<A: CudaAcc>(
+    cfg: &MarginSoftmaxLoss,
+    dev: &CudaDevice,
+) -> Result<CudaSlice<A>> {
     dev.clone_htod(&kernel_poly::<A>(cfg))
 }
 
 /// Calls `f` with the class weights as a contiguous device view in the accumulation type, or
 /// with a one-element dummy buffer when there are none (`MsParams::has_weights` is set from the
 /// same `cfg.class_weights.is_some()`).
-fn with_weights<A: CudaAcc, R>(
+pub(super) fn with_weights<A: CudaAcc, R>(
     cfg: &MarginSoftmaxLoss,
     dev: &CudaDevice,
     f: impl FnOnce(&CudaView<'_, A>) -> Result<R>,
@@ -315,31 +266,31 @@ fn with_weights<A: CudaAcc, R>(
 
 /// The buffers the split path's finalize also fills for the backward kernel: row info
 /// [rows, 6] and d(loss)/d(scale) [rows].
-struct ForBackward<'b, A> {
-    row_info: &'b mut CudaSlice<A>,
-    grad_scale: &'b mut CudaSlice<A>,
+pub(super) struct ForBackward<'b, A> {
+    pub(super) row_info: &'b mut CudaSlice<A>,
+    pub(super) grad_scale: &'b mut CudaSlice<A>,
 }
 
 /// What `loss_and_grad` returns, on the device: statistics [rows, 8], gradient [rows, C],
 /// d(loss)/d(scale) [rows].
-struct LossAndGrad<T: CudaElement> {
-    stats: CudaSlice<T::Acc>,
-    grad: CudaSlice<T>,
-    grad_scale: CudaSlice<T::Acc>,
+pub(super) struct LossAndGrad<T: CudaElement> {
+    pub(super) stats: CudaSlice<T::Acc>,
+    pub(super) grad: CudaSlice<T>,
+    pub(super) grad_scale: CudaSlice<T::Acc>,
 }
 
 /// What every forward launch reads, prepared once per call.
-struct Inputs<'a, T: CudaElement> {
-    dev: &'a CudaDevice,
-    shape: RowShape,
-    x: CudaView<'a, T>,
-    targets: DeviceTargets<T::Acc>,
-    scale: CudaView<'a, T::Acc>,
-    poly: CudaSlice<T::Acc>,
+pub(super) struct Inputs<'a, T: CudaElement> {
+    pub(super) dev: &'a CudaDevice,
+    pub(super) shape: RowShape,
+    pub(super) x: CudaView<'a, T>,
+    pub(super) targets: DeviceTargets<T::Acc>,
+    pub(super) scale: CudaView<'a, T::Acc>,
+    pub(super) poly: CudaSlice<T::Acc>,
 }
 
 impl<'a, T: CudaElement> Inputs<'a, T> {
-    fn new(
+    pub(super) fn new(
         cfg: &MarginSoftmaxLoss,
         shape: RowShape,
         x: (&'a CudaStorage, &Layout),
@@ -359,7 +310,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
     }
 
     /// `ms_forward_partial_{variant}`: the online state of each (row, split) [rows, splits, 5].
-    fn partial(
+    pub(super) fn partial(
         &self,
         plan: &ForwardPlan,
         weights: &CudaView<'_, T::Acc>,
@@ -391,7 +342,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
     /// `ms_forward_finalize`: the statistics [rows, 8] from the partials, and with `backward`
     /// also the backward's row info [rows, 6] and d(loss)/d(scale) [rows], with the gradient
     /// factor (`ms_targets`'s upstream) folded in.
-    fn finalize(
+    pub(super) fn finalize(
         &self,
         plan: &ForwardPlan,
         weights: &CudaView<'_, T::Acc>,
@@ -443,7 +394,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
     /// `{root}_{variant}` (`ms_fused`, `ms_fused_warp`, `ms_fused_cluster`, or with `l2`
     /// `ms_fused_l2`, cooperative: the same arguments, and the L2 kernel's two more): the
     /// statistics, the gradient and d(loss)/d(scale) in one launch.
-    fn fused(
+    pub(super) fn fused(
         &self,
         root: &str,
         (p, variant, launch): (&MsParams, &str, &Launch),
@@ -506,7 +457,7 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
             // p, ACC* stats, T* grad, ACC* grad_scale, const ACC* upstream)` in kernels/fused.cu;
             // the buffers hold rows·8, rows·C and rows elements, upstream one; the dynamic shared
             // memory holds the row, the warps' rows or the cluster block's slice (fused_shared_bytes,
-            // planned by src/launch.rs), and with the kernel's static shared memory (checked
+            // planned by src/backends/launch/mod.rs), and with the kernel's static shared memory (checked
             // above) stays within the device's opt-in limit, which the function was opted into
             // above; ms_fused_cluster's grid is a multiple of its compile-time cluster size
             // (planned), and it is planned only on devices with cluster launch. ms_fused_l2
@@ -533,14 +484,14 @@ impl<'a, T: CudaElement> Inputs<'a, T> {
 }
 
 /// The buffers `ms_backward` reads.
-struct BackwardArgs<'v, 'a, T: CudaElement> {
-    x: &'v CudaView<'a, T>,
-    targets: &'v CudaSlice<i32>,
-    row_info: &'v CudaView<'a, T::Acc>,
-    weights: &'v CudaView<'a, T::Acc>,
+pub(super) struct BackwardArgs<'v, 'a, T: CudaElement> {
+    pub(super) x: &'v CudaView<'a, T>,
+    pub(super) targets: &'v CudaSlice<i32>,
+    pub(super) row_info: &'v CudaView<'a, T::Acc>,
+    pub(super) weights: &'v CudaView<'a, T::Acc>,
 }
 
-fn backward_launch<T: CudaElement>(
+pub(super) fn backward_launch<T: CudaElement>(
     dev: &CudaDevice,
     shape: RowShape,
     args: BackwardArgs<'_, '_, T>,
@@ -576,7 +527,7 @@ fn backward_launch<T: CudaElement>(
 }
 
 /// A planned launch as cudarc takes it.
-fn config(launch: &Launch) -> LaunchConfig {
+pub(super) fn config(launch: &Launch) -> LaunchConfig {
     let [gx, gy, gz] = launch.grid;
     let [bx, by, bz] = launch.block;
     LaunchConfig {
@@ -586,294 +537,11 @@ fn config(launch: &Launch) -> LaunchConfig {
     }
 }
 
-fn empty<A: CudaDType + DeviceRepr + ValidAsZeroBits>(dev: &CudaDevice) -> Result<CudaStorage> {
+pub(super) fn empty<A: CudaDType + DeviceRepr + ValidAsZeroBits>(
+    dev: &CudaDevice,
+) -> Result<CudaStorage> {
     Ok(CudaStorage::wrap_cuda_slice(
         dev.alloc_zeros::<A>(0)?,
         dev.clone(),
     ))
-}
-
-/// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype;
-/// d(loss)/d(scale) (column 7) only with `scale_grad`, else 0.
-pub(crate) fn forward(
-    cfg: &MarginSoftmaxLoss,
-    x: (&CudaStorage, &Layout),
-    targets: (&CudaStorage, &Layout),
-    scale: (&CudaStorage, &Layout),
-    scale_grad: bool,
-) -> Result<CudaStorage> {
-    with_element!(
-        x.0,
-        cfg.head.name(),
-        forward_typed(cfg, x, targets, scale, scale_grad)
-    )
-}
-
-fn forward_typed<T: CudaElement>(
-    cfg: &MarginSoftmaxLoss,
-    x: (&CudaStorage, &Layout),
-    targets: (&CudaStorage, &Layout),
-    scale: (&CudaStorage, &Layout),
-    scale_grad: bool,
-) -> Result<CudaStorage> {
-    let shape = RowShape::new(x.1, cfg.head.name())?;
-    let dev = x.0.device();
-    if shape.rows == 0 {
-        return empty::<T::Acc>(dev);
-    }
-    let plan = planner(dev)?.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
-    let stats = with_weights::<T::Acc, _>(cfg, dev, |weights| {
-        let targets = device_targets(
-            cfg,
-            dev,
-            shape.classes,
-            targets,
-            weights,
-            false,
-            cfg.check_targets,
-        )?;
-        let inputs = Inputs::<T>::new(cfg, shape, x, targets, scale)?;
-        let partials = inputs.partial(&plan, weights)?;
-        inputs.finalize(&plan, weights, &partials, None)
-    })?;
-    Ok(CudaStorage::wrap_cuda_slice(stats, dev.clone()))
-}
-
-/// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
-/// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in). No host synchronization:
-/// the targets are converted on the device without the check (the forward made it).
-pub(crate) fn backward(
-    cfg: &MarginSoftmaxLoss,
-    x: (&CudaStorage, &Layout),
-    targets: (&CudaStorage, &Layout),
-    row_info: (&CudaStorage, &Layout),
-) -> Result<CudaStorage> {
-    with_element!(
-        x.0,
-        cfg.head.name(),
-        backward_typed(cfg, x, targets, row_info)
-    )
-}
-
-fn backward_typed<T: CudaElement>(
-    cfg: &MarginSoftmaxLoss,
-    x: (&CudaStorage, &Layout),
-    targets: (&CudaStorage, &Layout),
-    row_info: (&CudaStorage, &Layout),
-) -> Result<CudaStorage> {
-    let name = cfg.head.name();
-    let shape = RowShape::new(x.1, name)?;
-    let dev = x.0.device();
-    if shape.rows == 0 {
-        return empty::<T>(dev);
-    }
-    let info = contiguous::<T::Acc>(row_info.0, row_info.1, "row info", name)?;
-    if info.len() != shape.rows * ROWINFO_COLUMNS {
-        bail!(
-            "{OP_NAME}({name}): internal error: row info has {} elements, want {}",
-            info.len(),
-            shape.rows * ROWINFO_COLUMNS
-        )
-    }
-    let x_view = input_view::<T>(x.0, x.1, name)?;
-    let plan = planner(dev)?.backward(cfg, shape, std::mem::size_of::<T>())?;
-    let grad = with_weights::<T::Acc, _>(cfg, dev, |weights| {
-        let targets = device_targets(cfg, dev, shape.classes, targets, weights, false, false)?;
-        backward_launch::<T>(
-            dev,
-            shape,
-            BackwardArgs {
-                x: &x_view,
-                targets: &targets.targets,
-                row_info: &info,
-                weights,
-            },
-            (&plan.params, plan.variant, &plan.backward),
-        )
-    })?;
-    Ok(CudaStorage::wrap_cuda_slice(grad, dev.clone()))
-}
-
-/// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
-/// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}, the sum
-/// formed on the device), else for Σ_i ℓ_i. `ms_fused` when the row fits in the shared memory
-/// a block may have on the device, else partial → finalize → backward.
-pub(crate) fn forward_backward(
-    cfg: &MarginSoftmaxLoss,
-    x: (&CudaStorage, &Layout),
-    targets: (&CudaStorage, &Layout),
-    scale: (&CudaStorage, &Layout),
-    mean: bool,
-    scale_grad: bool,
-) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
-    with_element!(
-        x.0,
-        cfg.head.name(),
-        forward_backward_typed(cfg, x, targets, scale, mean, scale_grad)
-    )
-}
-
-fn forward_backward_typed<T: CudaElement>(
-    cfg: &MarginSoftmaxLoss,
-    x: (&CudaStorage, &Layout),
-    targets: (&CudaStorage, &Layout),
-    scale: (&CudaStorage, &Layout),
-    mean: bool,
-    scale_grad: bool,
-) -> Result<(CudaStorage, CudaStorage, CudaStorage)> {
-    let shape = RowShape::new(x.1, cfg.head.name())?;
-    let dev = x.0.device();
-    let wrap = |out: LossAndGrad<T>| {
-        (
-            CudaStorage::wrap_cuda_slice(out.stats, dev.clone()),
-            CudaStorage::wrap_cuda_slice(out.grad, dev.clone()),
-            CudaStorage::wrap_cuda_slice(out.grad_scale, dev.clone()),
-        )
-    };
-    if shape.rows == 0 {
-        return Ok(wrap(LossAndGrad {
-            stats: dev.alloc_zeros(0)?,
-            grad: dev.alloc_zeros(0)?,
-            grad_scale: dev.alloc_zeros(0)?,
-        }));
-    }
-    let size = std::mem::size_of::<T>();
-    let plan = planner(dev)?.loss_and_grad(cfg, shape, size, scale_grad)?;
-    let out = with_weights::<T::Acc, _>(cfg, dev, |weights| {
-        let targets = device_targets(
-            cfg,
-            dev,
-            shape.classes,
-            targets,
-            weights,
-            mean,
-            cfg.check_targets,
-        )?;
-        let inputs = Inputs::<T>::new(cfg, shape, x, targets, scale)?;
-        match &plan {
-            LossAndGradPlan::Fused {
-                params,
-                variant,
-                fused,
-            } => inputs.fused("ms_fused", (params, variant, fused), weights, None),
-            LossAndGradPlan::FusedWarp {
-                params,
-                variant,
-                fused,
-            } => inputs.fused("ms_fused_warp", (params, variant, fused), weights, None),
-            LossAndGradPlan::FusedCluster {
-                params,
-                variant,
-                cluster,
-            } => inputs.fused(
-                "ms_fused_cluster",
-                (params, variant, cluster),
-                weights,
-                None,
-            ),
-            LossAndGradPlan::FusedL2 {
-                params,
-                variant,
-                launch,
-                work,
-            } => inputs.fused(
-                "ms_fused_l2",
-                (params, variant, launch),
-                weights,
-                Some(*work),
-            ),
-            LossAndGradPlan::Split {
-                forward,
-                backward_variant,
-                backward,
-            } => {
-                let partials = inputs.partial(forward, weights)?;
-                // SAFETY: ms_forward_finalize writes all rows·6 row-info entries and all rows
-                // scale-gradient entries when given these buffers.
-                let (mut row_info, mut grad_scale) = unsafe {
-                    (
-                        dev.alloc::<T::Acc>(shape.rows * ROWINFO_COLUMNS)?,
-                        dev.alloc::<T::Acc>(shape.rows)?,
-                    )
-                };
-                let for_backward = ForBackward {
-                    row_info: &mut row_info,
-                    grad_scale: &mut grad_scale,
-                };
-                let stats = inputs.finalize(forward, weights, &partials, Some(for_backward))?;
-                let grad = backward_launch::<T>(
-                    dev,
-                    shape,
-                    BackwardArgs {
-                        x: &inputs.x,
-                        targets: &inputs.targets.targets,
-                        row_info: &row_info.slice(..),
-                        weights,
-                    },
-                    (&forward.params, backward_variant, backward),
-                )?;
-                Ok(LossAndGrad {
-                    stats,
-                    grad,
-                    grad_scale,
-                })
-            }
-        }
-    })?;
-    Ok(wrap(out))
-}
-
-/// The op over one slice of the classes (`op::slice_partials`): `ms_forward_partial` with the
-/// slice-local targets as given (−1: ignored, ≥ the slice's width: the target is in another
-/// slice, every entry counts), uploaded as i32 (the targets kernel would reject the latter).
-/// Returns the states [rows, splits, 5] and the split count.
-pub(crate) fn slice_partials(
-    cfg: &MarginSoftmaxLoss,
-    x: (&CudaStorage, &Layout),
-    local_targets: &[i64],
-    scale: (&CudaStorage, &Layout),
-    scale_grad: bool,
-) -> Result<(CudaStorage, usize)> {
-    with_element!(
-        x.0,
-        cfg.head.name(),
-        slice_partials_typed(cfg, x, local_targets, scale, scale_grad)
-    )
-}
-
-fn slice_partials_typed<T: CudaElement>(
-    cfg: &MarginSoftmaxLoss,
-    x: (&CudaStorage, &Layout),
-    local_targets: &[i64],
-    scale: (&CudaStorage, &Layout),
-    scale_grad: bool,
-) -> Result<(CudaStorage, usize)> {
-    let name = cfg.head.name();
-    let shape = RowShape::new(x.1, name)?;
-    let dev = x.0.device();
-    if shape.rows == 0 {
-        return Ok((empty::<T::Acc>(dev)?, 1));
-    }
-    if local_targets.len() != shape.rows {
-        bail!(
-            "{OP_NAME}({name}): internal error: {} slice targets for {} rows",
-            local_targets.len(),
-            shape.rows
-        )
-    }
-    let plan = planner(dev)?.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
-    let targets: Vec<i32> = local_targets
-        .iter()
-        .map(|&t| t.clamp(-1, shape.classes as i64) as i32)
-        .collect();
-    let partials = with_weights::<T::Acc, _>(cfg, dev, |weights| {
-        let device_targets = DeviceTargets {
-            targets: dev.clone_htod(&targets)?,
-            upstream: dev.alloc_zeros::<T::Acc>(1)?,
-        };
-        let inputs = Inputs::<T>::new(cfg, shape, x, device_targets, scale)?;
-        inputs.partial(&plan, weights)
-    })?;
-    let splits = plan.partials_len / (shape.rows * PARTIAL_STATE);
-    Ok((CudaStorage::wrap_cuda_slice(partials, dev.clone()), splits))
 }

@@ -6,39 +6,42 @@
 //! It is test infrastructure, not a faster CPU path: it lets CI execute every line of the kernels
 //! and of their launch planning without a GPU. Every launch comes from [`Planner`], the planning
 //! code of the CUDA backend (with a lower grid cap when the caller asks for one, so that the
-//! grid-stride loops run on small inputs), and the host side does what `src/cuda.rs` does: the
+//! grid-stride loops run on small inputs), and the host side does what `src/backends/cuda/` does: the
 //! targets converted and checked by `ms_targets`, the mean's upstream factor on the device, the same buffers. Outputs are
 //! filled with NaN before each launch, so an element a kernel forgets to write shows up as a
 //! mismatch.
 //!
 //! While [`kernel_emu::emulated`] runs on a thread, the op's CPU storage on that thread takes this
-//! backend instead of `src/cpu.rs`.
+//! backend instead of `src/backends/cpu/`.
+
+mod ffi;
 
 use std::cell::Cell;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Result, WithDType, bail};
-use half::{bf16, f16};
 use num_traits::{Float, Zero};
 
-use crate::config::{MarginSoftmaxLoss, OP_NAME};
-use crate::host::{contiguous, with_element};
-use crate::kernel_params::MsParams;
-use crate::launch::{
+use crate::backends::cpu_storage::contiguous;
+use crate::backends::launch::params::MsParams;
+use crate::backends::launch::{
     ForwardPlan, L2Work, Launch, LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH, variant_index,
 };
+use crate::backends::{Arg, Bodies};
+use crate::config::{MarginSoftmaxLoss, OP_NAME};
+use crate::layout::{PARTIAL_COLUMNS, ROWINFO_COLUMNS, STAT_COLUMNS};
 use crate::math::{Acc, Element};
-use crate::op::{PARTIAL_STATE, ROWINFO_COLUMNS, STAT_COLUMNS};
-use crate::prepare::{kernel_poly, read_weights, target_error};
+use crate::targets_and_weights::{kernel_poly, read_weights, target_error};
+use ffi::{EMULATED_COOPERATIVE_BLOCKS, EmuAcc, EmuElement, OnePass};
 
 thread_local! {
     /// The planner of this thread's emulated launches; `None`: the CPU bodies.
     static PLANNER: Cell<Option<Planner>> = const { Cell::new(None) };
 }
 
-/// The planner when the op on this thread runs on the emulated kernels.
-pub(crate) fn active() -> Option<Planner> {
-    PLANNER.with(Cell::get)
+/// The emulated kernels when the op on this thread runs on them.
+pub(crate) fn active() -> Option<Emulated> {
+    PLANNER.with(Cell::get).map(Emulated)
 }
 
 /// Switching the op between the CPU bodies and the emulated CUDA kernels (test infrastructure;
@@ -53,7 +56,7 @@ pub(crate) fn active() -> Option<Planner> {
 /// report on stderr.
 pub mod kernel_emu {
     use super::{PLANNER, Planner};
-    pub use crate::launch::DeviceShape;
+    pub use crate::backends::launch::DeviceShape;
 
     /// Restores the previous setting when dropped (also when `f` panics).
     struct Restore(Option<Planner>);
@@ -89,254 +92,6 @@ pub mod kernel_emu {
     pub fn native<R>(f: impl FnOnce() -> R) -> R {
         with(None, f)
     }
-}
-
-type Partial<T, A> = unsafe extern "C" fn(
-    *const Launch,
-    i32,
-    *const T,
-    *const i32,
-    *const A,
-    *const A,
-    *const MsParams,
-    *mut A,
-);
-type Finalize<T, A> = unsafe extern "C" fn(
-    *const Launch,
-    *const T,
-    *const i32,
-    *const A,
-    *const A,
-    *const A,
-    *const MsParams,
-    *const A,
-    *mut A,
-    *mut A,
-    *mut A,
-    *const A,
-);
-type Backward<T, A> = unsafe extern "C" fn(
-    *const Launch,
-    i32,
-    *const T,
-    *const i32,
-    *const A,
-    *const A,
-    *const MsParams,
-    *mut T,
-);
-type Fused<T, A> = unsafe extern "C" fn(
-    *const Launch,
-    i32,
-    i32,
-    *const T,
-    *const i32,
-    *const A,
-    *const A,
-    *const A,
-    *const MsParams,
-    *mut A,
-    *mut T,
-    *mut A,
-    *const A,
-    *mut A,
-    i64,
-);
-/// `ms_targets_{u8|u32|i64}_{A}` by the targets' dtype code (0, 1, 2): raw, rows, classes,
-/// ignore_index, has_ignore, weights, has_weights, mean, out, first_invalid, upstream.
-type Targets<A> = unsafe extern "C" fn(
-    *const Launch,
-    i32,
-    *const std::ffi::c_void,
-    i64,
-    i64,
-    i64,
-    i32,
-    *const A,
-    i32,
-    i32,
-    *mut i32,
-    *mut i64,
-    *mut A,
-);
-
-/// The entry points of one element type (each but finalize takes the variant's index).
-struct Kernels<T, A> {
-    partial: Partial<T, A>,
-    finalize: Finalize<T, A>,
-    backward: Backward<T, A>,
-    /// `ms_fused`, `ms_fused_warp`, `ms_fused_cluster` or `ms_fused_l2` by [`OnePass`].
-    fused: Fused<T, A>,
-}
-
-/// Which of the one-pass kernels a `loss_and_grad` plan launches (capi.cpp's `kind`).
-#[derive(Clone, Copy)]
-enum OnePass {
-    Block = 0,
-    Warp = 1,
-    Cluster = 2,
-    /// Cooperative, with the partial states' buffer and the rows a group ([`L2Work`]).
-    L2 = 3,
-}
-
-/// An input element type and its emulated kernels.
-trait EmuElement: Element<Acc: EmuAcc> {
-    const KERNELS: Kernels<Self, Self::Acc>;
-}
-
-/// An accumulation type and its emulated `ms_targets`.
-trait EmuAcc: Acc {
-    const TARGETS: Targets<Self>;
-}
-
-/// Declares `ms_emu_{kernel}_{suffix}` of kernels/emu/capi.cpp for one element type. f16 and
-/// bf16 are `#[repr(transparent)]` over u16, as `__half` and `__nv_bfloat16` are 2-byte structs.
-macro_rules! emu_element {
-    ($t:ty, $acc:ty, $partial:ident, $finalize:ident, $backward:ident, $fused:ident) => {
-        unsafe extern "C" {
-            fn $partial(
-                l: *const Launch,
-                variant: i32,
-                x: *const $t,
-                targets: *const i32,
-                scale: *const $acc,
-                weights: *const $acc,
-                p: *const MsParams,
-                partials: *mut $acc,
-            );
-            fn $finalize(
-                l: *const Launch,
-                x: *const $t,
-                targets: *const i32,
-                scale: *const $acc,
-                weights: *const $acc,
-                poly: *const $acc,
-                p: *const MsParams,
-                partials: *const $acc,
-                stats: *mut $acc,
-                row_info: *mut $acc,
-                grad_scale: *mut $acc,
-                upstream: *const $acc,
-            );
-            fn $backward(
-                l: *const Launch,
-                variant: i32,
-                x: *const $t,
-                targets: *const i32,
-                row_info: *const $acc,
-                weights: *const $acc,
-                p: *const MsParams,
-                grad: *mut $t,
-            );
-            fn $fused(
-                l: *const Launch,
-                kind: i32,
-                variant: i32,
-                x: *const $t,
-                targets: *const i32,
-                scale: *const $acc,
-                weights: *const $acc,
-                poly: *const $acc,
-                p: *const MsParams,
-                stats: *mut $acc,
-                grad: *mut $t,
-                grad_scale: *mut $acc,
-                upstream: *const $acc,
-                partials: *mut $acc,
-                group_rows: i64,
-            );
-        }
-        impl EmuElement for $t {
-            const KERNELS: Kernels<$t, $acc> = Kernels {
-                partial: $partial,
-                finalize: $finalize,
-                backward: $backward,
-                fused: $fused,
-            };
-        }
-    };
-}
-
-emu_element!(
-    f32,
-    f32,
-    ms_emu_forward_partial_f32,
-    ms_emu_forward_finalize_f32,
-    ms_emu_backward_f32,
-    ms_emu_fused_f32
-);
-emu_element!(
-    f64,
-    f64,
-    ms_emu_forward_partial_f64,
-    ms_emu_forward_finalize_f64,
-    ms_emu_backward_f64,
-    ms_emu_fused_f64
-);
-emu_element!(
-    f16,
-    f32,
-    ms_emu_forward_partial_f16,
-    ms_emu_forward_finalize_f16,
-    ms_emu_backward_f16,
-    ms_emu_fused_f16
-);
-emu_element!(
-    bf16,
-    f32,
-    ms_emu_forward_partial_bf16,
-    ms_emu_forward_finalize_bf16,
-    ms_emu_backward_bf16,
-    ms_emu_fused_bf16
-);
-
-unsafe extern "C" {
-    fn ms_emu_targets_f32(
-        l: *const Launch,
-        dtype: i32,
-        raw: *const std::ffi::c_void,
-        rows: i64,
-        classes: i64,
-        ignore_index: i64,
-        has_ignore: i32,
-        weights: *const f32,
-        has_weights: i32,
-        mean: i32,
-        out: *mut i32,
-        first_invalid: *mut i64,
-        upstream: *mut f32,
-    );
-    fn ms_emu_targets_f64(
-        l: *const Launch,
-        dtype: i32,
-        raw: *const std::ffi::c_void,
-        rows: i64,
-        classes: i64,
-        ignore_index: i64,
-        has_ignore: i32,
-        weights: *const f64,
-        has_weights: i32,
-        mean: i32,
-        out: *mut i32,
-        first_invalid: *mut i64,
-        upstream: *mut f64,
-    );
-}
-impl EmuAcc for f32 {
-    const TARGETS: Targets<f32> = ms_emu_targets_f32;
-}
-impl EmuAcc for f64 {
-    const TARGETS: Targets<f64> = ms_emu_targets_f64;
-}
-
-/// The most blocks the emulator runs in one cooperative grid (`cuda_emu::max_cooperative_blocks`
-/// in kernels/emu/cuda_emu.h; the ABI test compares them).
-const EMULATED_COOPERATIVE_BLOCKS: usize = 64;
-
-#[cfg(test)]
-unsafe extern "C" {
-    /// The kernel ABI's constants as the C++ build sees them (see capi.cpp).
-    fn ms_emu_abi(out: *mut u64);
 }
 
 /// An output buffer in the accumulation type that the kernels must fill completely: NaN until
@@ -663,272 +418,192 @@ struct LossAndGrad<T: Element> {
     grad_scale: Vec<T::Acc>,
 }
 
-/// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype.
-pub(crate) fn forward(
-    planner: Planner,
-    cfg: &MarginSoftmaxLoss,
-    x: (&CpuStorage, &Layout),
-    targets: (&CpuStorage, &Layout),
-    scale: (&CpuStorage, &Layout),
-    scale_grad: bool,
-) -> Result<CpuStorage> {
-    with_element!(
-        x.0,
-        cfg.head.name(),
-        forward_typed(planner, cfg, x, targets, scale, scale_grad)
-    )
-}
+/// The CUDA kernels under the emulator, launched as planned for the emulated device.
+#[derive(Clone, Copy)]
+pub(crate) struct Emulated(pub(crate) Planner);
 
-fn forward_typed<T: EmuElement>(
-    planner: Planner,
-    cfg: &MarginSoftmaxLoss,
-    x: (&CpuStorage, &Layout),
-    targets: (&CpuStorage, &Layout),
-    scale: (&CpuStorage, &Layout),
-    scale_grad: bool,
-) -> Result<CpuStorage> {
-    let shape = RowShape::new(x.1, cfg.head.name())?;
-    if shape.rows == 0 {
-        return Ok(T::Acc::to_cpu_storage_owned(Vec::new()));
-    }
-    let inputs = Inputs::<T>::new(
-        cfg,
-        shape,
-        x,
-        targets,
-        Some(scale),
-        false,
-        cfg.check_targets,
-    )?;
-    let plan = planner.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
-    Ok(T::Acc::to_cpu_storage_owned(inputs.forward(&plan, None)?))
-}
-
-/// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
-/// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in). The targets are converted
-/// on the device without the check (the forward did it).
-pub(crate) fn backward(
-    planner: Planner,
-    cfg: &MarginSoftmaxLoss,
-    x: (&CpuStorage, &Layout),
-    targets: (&CpuStorage, &Layout),
-    row_info: (&CpuStorage, &Layout),
-) -> Result<CpuStorage> {
-    with_element!(
-        x.0,
-        cfg.head.name(),
-        backward_typed(planner, cfg, x, targets, row_info)
-    )
-}
-
-fn backward_typed<T: EmuElement>(
-    planner: Planner,
-    cfg: &MarginSoftmaxLoss,
-    x: (&CpuStorage, &Layout),
-    targets: (&CpuStorage, &Layout),
-    row_info: (&CpuStorage, &Layout),
-) -> Result<CpuStorage> {
-    let name = cfg.head.name();
-    let shape = RowShape::new(x.1, name)?;
-    if shape.rows == 0 {
-        return Ok(T::to_cpu_storage_owned(Vec::new()));
-    }
-    let info = contiguous::<T::Acc>(row_info.0, row_info.1, "row info", name)?;
-    let inputs = Inputs::<T>::new(cfg, shape, x, targets, None, false, false)?;
-    let plan = planner.backward(cfg, shape, std::mem::size_of::<T>())?;
-    let grad = inputs.backward(&plan.params, plan.variant, &plan.backward, info)?;
-    Ok(T::to_cpu_storage_owned(grad))
-}
-
-/// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
-/// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
-/// Σ_i ℓ_i: `ms_fused`, or the split forward then `ms_backward`, as planned.
-pub(crate) fn forward_backward(
-    planner: Planner,
-    cfg: &MarginSoftmaxLoss,
-    x: (&CpuStorage, &Layout),
-    targets: (&CpuStorage, &Layout),
-    scale: (&CpuStorage, &Layout),
-    mean: bool,
-    scale_grad: bool,
-) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
-    with_element!(
-        x.0,
-        cfg.head.name(),
-        forward_backward_typed(planner, cfg, x, targets, scale, mean, scale_grad)
-    )
-}
-
-fn forward_backward_typed<T: EmuElement>(
-    planner: Planner,
-    cfg: &MarginSoftmaxLoss,
-    x: (&CpuStorage, &Layout),
-    targets: (&CpuStorage, &Layout),
-    scale: (&CpuStorage, &Layout),
-    mean: bool,
-    scale_grad: bool,
-) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
-    let shape = RowShape::new(x.1, cfg.head.name())?;
-    let wrap = |out: LossAndGrad<T>| {
-        (
-            T::Acc::to_cpu_storage_owned(out.stats),
-            T::to_cpu_storage_owned(out.grad),
-            T::Acc::to_cpu_storage_owned(out.grad_scale),
-        )
-    };
-    if shape.rows == 0 {
-        return Ok(wrap(LossAndGrad {
-            stats: Vec::new(),
-            grad: Vec::new(),
-            grad_scale: Vec::new(),
-        }));
-    }
-    let inputs = Inputs::<T>::new(cfg, shape, x, targets, Some(scale), mean, cfg.check_targets)?;
-    let size = std::mem::size_of::<T>();
-    let out = match planner.loss_and_grad(cfg, shape, size, scale_grad)? {
-        LossAndGradPlan::Fused {
-            params,
-            variant,
-            fused,
-        } => inputs.fused(OnePass::Block, (&params, variant, &fused), None)?,
-        LossAndGradPlan::FusedWarp {
-            params,
-            variant,
-            fused,
-        } => inputs.fused(OnePass::Warp, (&params, variant, &fused), None)?,
-        LossAndGradPlan::FusedCluster {
-            params,
-            variant,
-            cluster,
-        } => inputs.fused(OnePass::Cluster, (&params, variant, &cluster), None)?,
-        LossAndGradPlan::FusedL2 {
-            params,
-            variant,
-            launch,
-            work,
-        } => inputs.fused(OnePass::L2, (&params, variant, &launch), Some(work))?,
-        LossAndGradPlan::Split {
-            forward,
-            backward_variant,
-            backward,
-        } => {
-            let mut row_info = poisoned::<T::Acc>(shape.rows * ROWINFO_COLUMNS);
-            let mut grad_scale = poisoned::<T::Acc>(shape.rows);
-            let stats = inputs.forward(&forward, Some((&mut row_info, &mut grad_scale)))?;
-            let grad = inputs.backward(&forward.params, backward_variant, &backward, &row_info)?;
-            LossAndGrad {
-                stats,
-                grad,
-                grad_scale,
-            }
+impl<T: EmuElement> Bodies<T, CpuStorage> for Emulated {
+    /// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype.
+    fn forward(
+        &self,
+        cfg: &MarginSoftmaxLoss,
+        x: Arg<CpuStorage>,
+        targets: Arg<CpuStorage>,
+        scale: Arg<CpuStorage>,
+        scale_grad: bool,
+    ) -> Result<CpuStorage> {
+        let planner = self.0;
+        let shape = RowShape::new(x.1, cfg.head.name())?;
+        if shape.rows == 0 {
+            return Ok(T::Acc::to_cpu_storage_owned(Vec::new()));
         }
-    };
-    Ok(wrap(out))
-}
-
-/// The op over one slice of the classes (`op::slice_partials`): `ms_forward_partial` with the
-/// slice-local targets as given (−1: ignored, ≥ the slice's width: the target is in another
-/// slice, every entry counts), as the CUDA backend launches it. Returns the states [rows, splits,
-/// 5] and the split count.
-pub(crate) fn slice_partials(
-    planner: Planner,
-    cfg: &MarginSoftmaxLoss,
-    x: (&CpuStorage, &Layout),
-    local_targets: &[i64],
-    scale: (&CpuStorage, &Layout),
-    scale_grad: bool,
-) -> Result<(CpuStorage, usize)> {
-    with_element!(
-        x.0,
-        cfg.head.name(),
-        slice_partials_typed(planner, cfg, x, local_targets, scale, scale_grad)
-    )
-}
-
-fn slice_partials_typed<T: EmuElement>(
-    planner: Planner,
-    cfg: &MarginSoftmaxLoss,
-    x: (&CpuStorage, &Layout),
-    local_targets: &[i64],
-    scale: (&CpuStorage, &Layout),
-    scale_grad: bool,
-) -> Result<(CpuStorage, usize)> {
-    let name = cfg.head.name();
-    let shape = RowShape::new(x.1, name)?;
-    if shape.rows == 0 {
-        return Ok((T::Acc::to_cpu_storage_owned(Vec::new()), 1));
+        let inputs = Inputs::<T>::new(
+            cfg,
+            shape,
+            x,
+            targets,
+            Some(scale),
+            false,
+            cfg.check_targets,
+        )?;
+        let plan = planner.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
+        Ok(T::Acc::to_cpu_storage_owned(inputs.forward(&plan, None)?))
     }
-    let data = x.0.as_slice::<T>()?;
-    let xs = &data[x.1.start_offset().min(data.len())..];
-    let scale = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
-    let weights = read_weights::<T::Acc>(cfg).unwrap_or_else(|| vec![T::Acc::zero()]);
-    let last_row_end = (shape.rows - 1) * shape.row_stride + shape.classes;
-    if xs.len() < last_row_end
-        || scale.len() != shape.rows
-        || local_targets.len() != shape.rows
-        || (cfg.class_weights.is_some() && weights.len() != shape.classes)
-    {
-        bail!("{OP_NAME}({name}): internal error: the buffers do not match the shape {shape:?}")
+
+    /// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
+    /// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in). The targets are converted
+    /// on the device without the check (the forward did it).
+    fn backward(
+        &self,
+        cfg: &MarginSoftmaxLoss,
+        x: Arg<CpuStorage>,
+        targets: Arg<CpuStorage>,
+        row_info: Arg<CpuStorage>,
+    ) -> Result<CpuStorage> {
+        let planner = self.0;
+        let name = cfg.head.name();
+        let shape = RowShape::new(x.1, name)?;
+        if shape.rows == 0 {
+            return Ok(T::to_cpu_storage_owned(Vec::new()));
+        }
+        let info = contiguous::<T::Acc>(row_info.0, row_info.1, "row info", name)?;
+        let inputs = Inputs::<T>::new(cfg, shape, x, targets, None, false, false)?;
+        let plan = planner.backward(cfg, shape, std::mem::size_of::<T>())?;
+        let grad = inputs.backward(&plan.params, plan.variant, &plan.backward, info)?;
+        Ok(T::to_cpu_storage_owned(grad))
     }
-    // Targets travel as i32: −1, a column, or the slice's width (the planner bounds C by i32).
-    let targets: Vec<i32> = local_targets
-        .iter()
-        .map(|&t| t.clamp(-1, shape.classes as i64) as i32)
-        .collect();
-    let plan = planner.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
-    let mut partials = poisoned::<T::Acc>(plan.partials_len);
-    // SAFETY: as in `Inputs::forward` for `ms_forward_partial_{variant}_T(const T* x, const int*
-    // targets, const ACC* scale, const ACC* weights, MsParams p, ACC* partials)`: x holds the
-    // rows up to the last row's end, targets and scale `rows` each, weights C elements when
-    // p.has_weights (else one, never read), partials the plan's length (all checked above), and
-    // plan.params describes exactly this shape.
-    unsafe {
-        (T::KERNELS.partial)(
-            &plan.partial,
-            variant_index(plan.variant),
-            xs.as_ptr(),
-            targets.as_ptr(),
-            scale.as_ptr(),
-            weights.as_ptr(),
-            &plan.params,
-            partials.as_mut_ptr(),
-        )
-    };
-    let splits = plan.partials_len / (shape.rows * PARTIAL_STATE);
-    Ok((T::Acc::to_cpu_storage_owned(partials), splits))
+
+    /// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
+    /// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
+    /// Σ_i ℓ_i, by the first of the planner's five paths that fits (see `backends::launch`).
+    fn forward_backward(
+        &self,
+        cfg: &MarginSoftmaxLoss,
+        x: Arg<CpuStorage>,
+        targets: Arg<CpuStorage>,
+        scale: Arg<CpuStorage>,
+        mean: bool,
+        scale_grad: bool,
+    ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
+        let planner = self.0;
+        let shape = RowShape::new(x.1, cfg.head.name())?;
+        let wrap = |out: LossAndGrad<T>| {
+            (
+                T::Acc::to_cpu_storage_owned(out.stats),
+                T::to_cpu_storage_owned(out.grad),
+                T::Acc::to_cpu_storage_owned(out.grad_scale),
+            )
+        };
+        if shape.rows == 0 {
+            return Ok(wrap(LossAndGrad {
+                stats: Vec::new(),
+                grad: Vec::new(),
+                grad_scale: Vec::new(),
+            }));
+        }
+        let inputs =
+            Inputs::<T>::new(cfg, shape, x, targets, Some(scale), mean, cfg.check_targets)?;
+        let size = std::mem::size_of::<T>();
+        let out = match planner.loss_and_grad(cfg, shape, size, scale_grad)? {
+            LossAndGradPlan::Fused {
+                params,
+                variant,
+                fused,
+            } => inputs.fused(OnePass::Block, (&params, variant, &fused), None)?,
+            LossAndGradPlan::FusedWarp {
+                params,
+                variant,
+                fused,
+            } => inputs.fused(OnePass::Warp, (&params, variant, &fused), None)?,
+            LossAndGradPlan::FusedCluster {
+                params,
+                variant,
+                cluster,
+            } => inputs.fused(OnePass::Cluster, (&params, variant, &cluster), None)?,
+            LossAndGradPlan::FusedL2 {
+                params,
+                variant,
+                launch,
+                work,
+            } => inputs.fused(OnePass::L2, (&params, variant, &launch), Some(work))?,
+            LossAndGradPlan::Split {
+                forward,
+                backward_variant,
+                backward,
+            } => {
+                let mut row_info = poisoned::<T::Acc>(shape.rows * ROWINFO_COLUMNS);
+                let mut grad_scale = poisoned::<T::Acc>(shape.rows);
+                let stats = inputs.forward(&forward, Some((&mut row_info, &mut grad_scale)))?;
+                let grad =
+                    inputs.backward(&forward.params, backward_variant, &backward, &row_info)?;
+                LossAndGrad {
+                    stats,
+                    grad,
+                    grad_scale,
+                }
+            }
+        };
+        Ok(wrap(out))
+    }
+
+    /// The op over one slice of the classes (`op::slice_partials`): `ms_forward_partial` with the
+    /// slice-local targets as given (−1: ignored, ≥ the slice's width: the target is in another
+    /// slice, every entry counts), as the CUDA backend launches it. Returns the states [rows, splits,
+    /// 5] and the split count.
+    fn slice_partials(
+        &self,
+        cfg: &MarginSoftmaxLoss,
+        x: Arg<CpuStorage>,
+        local_targets: &[i64],
+        scale: Arg<CpuStorage>,
+        scale_grad: bool,
+    ) -> Result<(CpuStorage, usize)> {
+        let planner = self.0;
+        let name = cfg.head.name();
+        let shape = RowShape::new(x.1, name)?;
+        if shape.rows == 0 {
+            return Ok((T::Acc::to_cpu_storage_owned(Vec::new()), 1));
+        }
+        let data = x.0.as_slice::<T>()?;
+        let xs = &data[x.1.start_offset().min(data.len())..];
+        let scale = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+        let weights = read_weights::<T::Acc>(cfg).unwrap_or_else(|| vec![T::Acc::zero()]);
+        let last_row_end = (shape.rows - 1) * shape.row_stride + shape.classes;
+        if xs.len() < last_row_end
+            || scale.len() != shape.rows
+            || local_targets.len() != shape.rows
+            || (cfg.class_weights.is_some() && weights.len() != shape.classes)
+        {
+            bail!("{OP_NAME}({name}): internal error: the buffers do not match the shape {shape:?}")
+        }
+        // Targets travel as i32: −1, a column, or the slice's width (the planner bounds C by i32).
+        let targets: Vec<i32> = local_targets
+            .iter()
+            .map(|&t| t.clamp(-1, shape.classes as i64) as i32)
+            .collect();
+        let plan = planner.forward(cfg, shape, std::mem::size_of::<T>(), scale_grad)?;
+        let mut partials = poisoned::<T::Acc>(plan.partials_len);
+        // SAFETY: as in `Inputs::forward` for `ms_forward_partial_{variant}_T(const T* x, const int*
+        // targets, const ACC* scale, const ACC* weights, MsParams p, ACC* partials)`: x holds the
+        // rows up to the last row's end, targets and scale `rows` each, weights C elements when
+        // p.has_weights (else one, never read), partials the plan's length (all checked above), and
+        // plan.params describes exactly this shape.
+        unsafe {
+            (T::KERNELS.partial)(
+                &plan.partial,
+                variant_index(plan.variant),
+                xs.as_ptr(),
+                targets.as_ptr(),
+                scale.as_ptr(),
+                weights.as_ptr(),
+                &plan.params,
+                partials.as_mut_ptr(),
+            )
+        };
+        let splits = plan.partials_len / (shape.rows * PARTIAL_COLUMNS);
+        Ok((T::Acc::to_cpu_storage_owned(partials), splits))
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kernel_params::MAX_SPHERE_M;
-    use crate::launch::{BLOCK, CLUSTER, FINALIZE_BLOCK, PARTIAL_COLUMNS, TARGETS_BLOCK};
-
-    /// The Rust mirrors of the kernel ABI agree with the C++ build of the kernels.
-    #[test]
-    fn abi_matches_the_kernels() {
-        let mut got = [0u64; 12];
-        // SAFETY: ms_emu_abi writes exactly 12 values.
-        unsafe { ms_emu_abi(got.as_mut_ptr()) };
-        let want = [
-            std::mem::size_of::<MsParams>(),
-            std::mem::align_of::<MsParams>(),
-            BLOCK as usize,
-            FINALIZE_BLOCK as usize,
-            STAT_COLUMNS,
-            ROWINFO_COLUMNS,
-            PARTIAL_COLUMNS,
-            MAX_SPHERE_M,
-            std::mem::size_of::<Launch>(),
-            TARGETS_BLOCK as usize,
-            CLUSTER,
-            EMULATED_COOPERATIVE_BLOCKS,
-        ]
-        .map(|v| v as u64);
-        assert_eq!(
-            got, want,
-            "[sizeof MsParams, alignof, MS_BLOCK, MS_FINALIZE_BLOCK, stat, rowinfo, partial \
-             columns, MS_MAX_SPHERE_M, sizeof EmuLaunch, MS_TARGETS_BLOCK, MS_CLUSTER, cuda_emu::max_cooperative_blocks]"
-        );
-    }
-}
+mod tests;

@@ -10,9 +10,10 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::backends::launch::params::MsParams;
 use crate::config::{Head, MarginGrad, MarginSoftmaxLoss, Reduction};
-use crate::kernel_params::MsParams;
-use crate::op::{self, ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::layout::{ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::op;
 
 unsafe extern "C" {
     fn ms_host_replay_row_f32(

@@ -1,8 +1,8 @@
 //! `MsParams`, the launch parameters every CUDA kernel takes by value, mirrored from
 //! `kernels/params.cuh` field for field, and filled from the loss configuration with the one Rust
-//! definition of the margin ([`Margin`]). Shared by the launch planning (`src/launch.rs`), hence
+//! definition of the margin ([`Margin`]). Shared by the launch planning (`src/backends/launch/mod.rs`), hence
 //! the CUDA and emulated backends, and by the host replay of the kernels' math
-//! (`src/kernel_check.rs`); compiled only for those.
+//! (`src/backends/kernel_check.rs`); compiled only for those.
 
 #![cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
 
@@ -19,9 +19,9 @@ pub(crate) const TRANSFORM_COSINE: i32 = 1;
 pub(crate) const TRANSFORM_RBF: i32 = 2;
 /// `MS_MARGIN_*` of kernels/params.cuh.
 pub(crate) const MARGIN_NONE: i32 = 0;
-pub(crate) const MARGIN_ADDITIVE: i32 = 1;
-pub(crate) const MARGIN_ANGULAR: i32 = 2;
-pub(crate) const MARGIN_SPHERE: i32 = 3;
+pub(crate) const MARGIN_COSFACE: i32 = 1;
+pub(crate) const MARGIN_ARCFACE_COMBINED: i32 = 2;
+pub(crate) const MARGIN_SPHEREFACE: i32 = 3;
 
 /// `struct MsParams` of kernels/params.cuh, field for field.
 #[repr(C)]
@@ -124,11 +124,11 @@ impl MsParams {
         // (as the CPU path's `Margin::<f32>::new` rounds the same f64 values).
         match Margin::<f64>::new(&cfg.head, cfg.margin_grad) {
             Margin::None => {}
-            Margin::Additive { m } => {
-                p.margin = MARGIN_ADDITIVE;
+            Margin::CosFace { m } => {
+                p.margin = MARGIN_COSFACE;
                 p.additive_m = m;
             }
-            Margin::Angular {
+            Margin::ArcFaceCombined {
                 m1,
                 m2,
                 m3,
@@ -137,20 +137,20 @@ impl MsParams {
                 sin_floor,
                 exact,
             } => {
-                p.margin = MARGIN_ANGULAR;
+                p.margin = MARGIN_ARCFACE_COMBINED;
                 (p.m1, p.m2, p.m3) = (m1, m2, m3);
                 p.fallback_shift = fallback_shift;
                 p.easy = i32::from(easy);
                 p.sin_floor = sin_floor;
                 p.exact = i32::from(exact);
             }
-            Margin::Sphere {
+            Margin::SphereFace {
                 m,
                 lambda,
                 thresholds,
                 exact,
             } => {
-                p.margin = MARGIN_SPHERE;
+                p.margin = MARGIN_SPHEREFACE;
                 p.sphere_m = m as i32;
                 p.lambda = lambda;
                 p.thresholds = thresholds;

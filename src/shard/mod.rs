@@ -13,12 +13,14 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use candle_core::{DType, Device, Result, Tensor, bail};
 
-use crate::config::{ClassWeights, MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype};
-use crate::handover::{GradientSource, hand_over};
-use crate::heads::HEAD_OP;
+use crate::config::{
+    ClassWeights, HEAD_OP, MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype,
+};
+use crate::gradient_handover::{GradientSource, hand_over};
+use crate::layout;
 use crate::loss::{check_inputs, reduce};
 use crate::op;
-use crate::prepare::{upstream_factor, validate_targets};
+use crate::targets_and_weights::{upstream_factor, validate_targets};
 
 /// Which classes a rank holds: `count` classes from `offset`, out of `total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -206,7 +208,7 @@ pub(crate) fn all_reduce_sum(comm: &dyn Communicator, t: &Tensor) -> Result<Tens
     Ok(sum)
 }
 
-/// Gathers every rank's merged slice states [B, PARTIAL_STATE], target inputs \[B\] and which
+/// Gathers every rank's merged slice states [B, PARTIAL_COLUMNS], target inputs \[B\] and which
 /// rows' targets it holds (`owned`), and merges the ranks' states in rank order: the states of
 /// whole rows and their target inputs, the same bits on every rank.
 pub(crate) fn exchange_states(
@@ -227,12 +229,12 @@ pub(crate) fn exchange_states(
     let mut inputs = target_inputs.clone();
     for k in 0..all.dim(0)? {
         let part = all.get(k)?;
-        states.push(part.narrow(1, 0, op::PARTIAL_STATE)?);
+        states.push(part.narrow(1, 0, layout::PARTIAL_COLUMNS)?);
         let owns_k = part
-            .narrow(1, op::PARTIAL_STATE + 1, 1)?
+            .narrow(1, layout::PARTIAL_COLUMNS + 1, 1)?
             .squeeze(1)?
             .ne(0.0)?;
-        let input_k = part.narrow(1, op::PARTIAL_STATE, 1)?.squeeze(1)?;
+        let input_k = part.narrow(1, layout::PARTIAL_COLUMNS, 1)?.squeeze(1)?;
         inputs = owns_k.where_cond(&input_k, &inputs)?;
     }
     Ok((op::merge_partials(&states)?, inputs))
@@ -387,9 +389,9 @@ pub(crate) fn row_info(stats: &Tensor, upstream: &Tensor, scale: &Tensor) -> Res
     let up = upstream.unsqueeze(1)?;
     Tensor::cat(
         &[
-            &stats.narrow(1, op::STAT_MAX, 2)?,
+            &stats.narrow(1, layout::STAT_MAX, 2)?,
             &stats
-                .narrow(1, op::STAT_GRAD_CONSTANTS, 3)?
+                .narrow(1, layout::STAT_GRAD_CONSTANTS, 3)?
                 .broadcast_mul(&up)?,
             &scale.unsqueeze(1)?,
         ],
@@ -448,7 +450,7 @@ mod nccl {
     };
 
     use super::Communicator;
-    use crate::heads::HEAD_OP;
+    use crate::config::HEAD_OP;
 
     /// The NCCL communicator of one rank (one GPU, usually one process), through cudarc:
     /// [`Communicator::all_gather`] is `ncclAllGather` on the communicator's stream. Build the

@@ -1,12 +1,12 @@
 //! Reading candle CPU storage as the op's backends need it: the rows of a \[B, C\] input whose rows
 //! are each contiguous, contiguous 1-D / 2-D tensors, and the validated targets. Shared by the CPU
-//! bodies (`src/cpu.rs`) and the emulated kernels (`src/emu.rs`), which both take CPU storage.
+//! bodies (`src/backends/cpu/`) and the emulated kernels (`src/backends/emu/`), which both take CPU storage.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 
 use crate::config::{MarginSoftmaxLoss, OP_NAME};
-use crate::prepare::validate_targets;
+use crate::targets_and_weights::validate_targets;
 
 /// Read access to the rows of a \[B, C\] input whose rows are each contiguous.
 pub(crate) struct Rows<'a, T> {
@@ -119,22 +119,3 @@ pub(crate) fn read_targets(
     };
     validate_targets(&values, cfg, classes)
 }
-
-/// Calls `$body::<T>` for the input's element type.
-macro_rules! with_element {
-    ($storage:expr, $name:expr, $body:ident ( $($arg:expr),* )) => {
-        match $storage {
-            ::candle_core::CpuStorage::F32(_) => $body::<f32>($($arg),*),
-            ::candle_core::CpuStorage::F64(_) => $body::<f64>($($arg),*),
-            ::candle_core::CpuStorage::F16(_) => $body::<::half::f16>($($arg),*),
-            ::candle_core::CpuStorage::BF16(_) => $body::<::half::bf16>($($arg),*),
-            other => ::candle_core::bail!(
-                "{}({}): input dtype must be f32, f64, f16 or bf16, got {:?}",
-                $crate::config::OP_NAME,
-                $name,
-                ::candle_core::backend::BackendStorage::dtype(other)
-            ),
-        }
-    };
-}
-pub(crate) use with_element;

@@ -1,0 +1,21 @@
+//! The columns of the per-row arrays that the op saves and passes between its parts, shared by
+//! the ops (`src/op.rs`), every backend and the kernels (`kernels/params.cuh`: `MS_STAT_COLUMNS`,
+//! `MS_ROWINFO_COLUMNS`, `MS_PARTIAL_COLUMNS`, checked against these by the emulated backend's
+//! ABI test).
+
+/// The forward op's statistics [B, STAT_COLUMNS]: the row's loss ℓ first.
+pub(crate) const STAT_LOSS: usize = 0;
+/// The row's max logit M and ln Σ_j exp(z_j − M), two consecutive columns (lse = M + ln Σ).
+pub(crate) const STAT_MAX: usize = 1;
+/// The row's class weight w_y (1 without class weights; 0 for an ignored row).
+pub(crate) const STAT_WEIGHT: usize = 3;
+/// a, k, g_y occupy three consecutive columns from here.
+pub(crate) const STAT_GRAD_CONSTANTS: usize = 4;
+/// dℓ/dr, the derivative by the row's scale.
+pub(crate) const STAT_D_SCALE: usize = 7;
+pub(crate) const STAT_COLUMNS: usize = 8;
+/// [M, ln Σ, a, k, g_y, r] per row for the backward op.
+pub(crate) const ROWINFO_COLUMNS: usize = 6;
+/// The online state of a slice's non-target entries, per row: max, Σ exp(z − max),
+/// Σ exp(z − max)·v, Σ w·v, Σ w·z (the kernels' `MS_PARTIAL_COLUMNS` layout).
+pub(crate) const PARTIAL_COLUMNS: usize = 5;
