@@ -85,6 +85,46 @@ pub fn head_variants() -> Vec<(&'static str, Head)> {
     ]
 }
 
+/// The heads by the names of their papers, one per `Head` variant: each grid that runs every
+/// head variant is split by these into one test per head (`cargo test arcface` runs ArcFace's).
+pub const HEADS: [&str; 6] = [
+    "softmax",
+    "cosface",
+    "arcface",
+    "combined",
+    "sphereface",
+    "rbf",
+];
+
+/// The head's name in [`HEADS`] (its `Head` variant).
+pub fn head_name(head: &Head) -> &'static str {
+    match head {
+        Head::Softmax { .. } => "softmax",
+        Head::CosFace { .. } => "cosface",
+        Head::ArcFace { .. } => "arcface",
+        Head::Combined { .. } => "combined",
+        Head::SphereFace { .. } => "sphereface",
+        Head::Rbf { .. } => "rbf",
+    }
+}
+
+/// The entries of `heads` that are variants of the head `name` (in their order); panics when
+/// there is none, so that a per-head test never passes by running nothing.
+pub fn only(name: &str, heads: Vec<(&'static str, Head)>) -> Vec<(&'static str, Head)> {
+    assert!(HEADS.contains(&name), "unknown head {name}");
+    let of: Vec<_> = heads
+        .into_iter()
+        .filter(|(_, h)| head_name(h) == name)
+        .collect();
+    assert!(!of.is_empty(), "no variant of the head {name}");
+    of
+}
+
+/// Every variant of the head `name` in [`head_variants`].
+pub fn variants_of(name: &str) -> Vec<(&'static str, Head)> {
+    only(name, head_variants())
+}
+
 /// The main heads, one per kind (used where the grid would get too big with every variant).
 pub fn main_heads() -> Vec<(&'static str, Head)> {
     vec![

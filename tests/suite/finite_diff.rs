@@ -1,7 +1,7 @@
 //! Central finite differences in f64: (ℓ(x + h) − ℓ(x − h)) / 2h with h = 1e-6, for every head
 //! variant and every criterion option, compared with `loss_and_grad`'s gradient, with the
 //! autograd gradient of the fused `loss`, and with the reference's autograd gradient. Also for
-//! the per-row scale.
+//! the per-row scale. Every head × every option runs as one test per head, `fd_every_option_<head>`.
 //!
 //! Tolerance: 1e-6 norm-wise relative. Truncation error is h²·ℓ'''/6: with logits ≤ 64 and the
 //! target cosine kept in [−0.99, 0.99] (so sin θ ≥ 0.14 in the ArcFace / Combined derivative),
@@ -261,10 +261,10 @@ fn fd_option_sets() -> Vec<(String, Opts)> {
     v
 }
 
-/// Every head variant × every option (exact margin gradients).
-pub fn every_head_every_option(dev: &Device) {
+/// Every variant of the head `head` × every option (exact margin gradients).
+pub fn every_option(dev: &Device, name: &str) {
     let mut f = Failures::default();
-    for (hn, head) in head_variants() {
+    for (hn, head) in variants_of(name) {
         for (on, opts) in fd_option_sets() {
             fd_case(
                 dev,
@@ -277,7 +277,7 @@ pub fn every_head_every_option(dev: &Device) {
             );
         }
     }
-    f.finish("finite differences: every head, every option");
+    f.finish(&format!("finite differences: {name}, every option"));
 }
 
 /// Detached margins where they equal the exact derivative.
@@ -358,8 +358,33 @@ pub fn row_scale(dev: &Device) {
 }
 
 #[test]
-fn fd_every_head_every_option() {
-    every_head_every_option(&device());
+fn fd_every_option_softmax() {
+    every_option(&device(), "softmax");
+}
+
+#[test]
+fn fd_every_option_cosface() {
+    every_option(&device(), "cosface");
+}
+
+#[test]
+fn fd_every_option_arcface() {
+    every_option(&device(), "arcface");
+}
+
+#[test]
+fn fd_every_option_combined() {
+    every_option(&device(), "combined");
+}
+
+#[test]
+fn fd_every_option_sphereface() {
+    every_option(&device(), "sphereface");
+}
+
+#[test]
+fn fd_every_option_rbf() {
+    every_option(&device(), "rbf");
 }
 
 #[test]

@@ -172,12 +172,32 @@ macro_rules! kernel_tests {
 
 kernel_tests!(
     both: [
-        parity_small_heads,
+        parity_small_heads_softmax,
+        parity_small_heads_cosface,
+        parity_small_heads_arcface,
+        parity_small_heads_combined,
+        parity_small_heads_sphereface,
+        parity_small_heads_rbf,
         parity_small_options,
-        parity_small_combo,
+        parity_small_combo_softmax,
+        parity_small_combo_cosface,
+        parity_small_combo_arcface,
+        parity_small_combo_combined,
+        parity_small_combo_sphereface,
+        parity_small_combo_rbf,
         parity_small_row_scale,
-        parity_small_weighted_smoothing,
-        parity_small_softcap,
+        parity_small_weighted_smoothing_softmax,
+        parity_small_weighted_smoothing_cosface,
+        parity_small_weighted_smoothing_arcface,
+        parity_small_weighted_smoothing_combined,
+        parity_small_weighted_smoothing_sphereface,
+        parity_small_weighted_smoothing_rbf,
+        parity_small_softcap_softmax,
+        parity_small_softcap_cosface,
+        parity_small_softcap_arcface,
+        parity_small_softcap_combined,
+        parity_small_softcap_sphereface,
+        parity_small_softcap_rbf,
         parity_medium,
         edge_cases,
         semantics,
@@ -229,28 +249,110 @@ fn head_modules(dut: &Dut) {
     });
 }
 
-fn parity_small_heads(dut: &Dut) {
-    dut.run(parity::small_heads);
+// The small parity grids of every head variant, one test per head.
+
+fn parity_small_heads_softmax(dut: &Dut) {
+    dut.run(|dev| parity::small_heads(dev, "softmax"));
+}
+
+fn parity_small_heads_cosface(dut: &Dut) {
+    dut.run(|dev| parity::small_heads(dev, "cosface"));
+}
+
+fn parity_small_heads_arcface(dut: &Dut) {
+    dut.run(|dev| parity::small_heads(dev, "arcface"));
+}
+
+fn parity_small_heads_combined(dut: &Dut) {
+    dut.run(|dev| parity::small_heads(dev, "combined"));
+}
+
+fn parity_small_heads_sphereface(dut: &Dut) {
+    dut.run(|dev| parity::small_heads(dev, "sphereface"));
+}
+
+fn parity_small_heads_rbf(dut: &Dut) {
+    dut.run(|dev| parity::small_heads(dev, "rbf"));
 }
 
 fn parity_small_options(dut: &Dut) {
     dut.run(parity::small_options);
 }
 
-fn parity_small_combo(dut: &Dut) {
-    dut.run(parity::small_combo);
+fn parity_small_combo_softmax(dut: &Dut) {
+    dut.run(|dev| parity::small_combo(dev, "softmax"));
+}
+
+fn parity_small_combo_cosface(dut: &Dut) {
+    dut.run(|dev| parity::small_combo(dev, "cosface"));
+}
+
+fn parity_small_combo_arcface(dut: &Dut) {
+    dut.run(|dev| parity::small_combo(dev, "arcface"));
+}
+
+fn parity_small_combo_combined(dut: &Dut) {
+    dut.run(|dev| parity::small_combo(dev, "combined"));
+}
+
+fn parity_small_combo_sphereface(dut: &Dut) {
+    dut.run(|dev| parity::small_combo(dev, "sphereface"));
+}
+
+fn parity_small_combo_rbf(dut: &Dut) {
+    dut.run(|dev| parity::small_combo(dev, "rbf"));
 }
 
 fn parity_small_row_scale(dut: &Dut) {
     dut.run(parity::small_row_scale);
 }
 
-fn parity_small_weighted_smoothing(dut: &Dut) {
-    dut.run(parity::small_weighted_smoothing);
+fn parity_small_weighted_smoothing_softmax(dut: &Dut) {
+    dut.run(|dev| parity::small_weighted_smoothing(dev, "softmax"));
 }
 
-fn parity_small_softcap(dut: &Dut) {
-    dut.run(parity::small_softcap);
+fn parity_small_weighted_smoothing_cosface(dut: &Dut) {
+    dut.run(|dev| parity::small_weighted_smoothing(dev, "cosface"));
+}
+
+fn parity_small_weighted_smoothing_arcface(dut: &Dut) {
+    dut.run(|dev| parity::small_weighted_smoothing(dev, "arcface"));
+}
+
+fn parity_small_weighted_smoothing_combined(dut: &Dut) {
+    dut.run(|dev| parity::small_weighted_smoothing(dev, "combined"));
+}
+
+fn parity_small_weighted_smoothing_sphereface(dut: &Dut) {
+    dut.run(|dev| parity::small_weighted_smoothing(dev, "sphereface"));
+}
+
+fn parity_small_weighted_smoothing_rbf(dut: &Dut) {
+    dut.run(|dev| parity::small_weighted_smoothing(dev, "rbf"));
+}
+
+fn parity_small_softcap_softmax(dut: &Dut) {
+    dut.run(|dev| parity::small_softcap(dev, "softmax"));
+}
+
+fn parity_small_softcap_cosface(dut: &Dut) {
+    dut.run(|dev| parity::small_softcap(dev, "cosface"));
+}
+
+fn parity_small_softcap_arcface(dut: &Dut) {
+    dut.run(|dev| parity::small_softcap(dev, "arcface"));
+}
+
+fn parity_small_softcap_combined(dut: &Dut) {
+    dut.run(|dev| parity::small_softcap(dev, "combined"));
+}
+
+fn parity_small_softcap_sphereface(dut: &Dut) {
+    dut.run(|dev| parity::small_softcap(dev, "sphereface"));
+}
+
+fn parity_small_softcap_rbf(dut: &Dut) {
+    dut.run(|dev| parity::small_softcap(dev, "rbf"));
 }
 
 /// Issue 8's semantics, each against its own f64 oracle (tests/suite/semantics.rs).
@@ -258,10 +360,16 @@ fn semantics(dut: &Dut) {
     dut.run(|dev| {
         semantics::weighted_smoothing_is_pytorch(dev);
         semantics::softcap_formula(dev);
-        semantics::exact_mode_keeps_the_loss(dev);
+        for head in semantics::MARGIN_HEADS {
+            semantics::exact_mode_keeps_the_loss(dev, head);
+        }
         semantics::neg_inf_target(dev);
-        semantics::zero_total_weight(dev);
-        semantics::row_scale_layouts(dev);
+        for head in semantics::ZERO_TOTAL_WEIGHT_HEADS {
+            semantics::zero_total_weight(dev, head);
+        }
+        for head in semantics::ROW_SCALE_LAYOUTS_HEADS {
+            semantics::row_scale_layouts(dev, head);
+        }
         semantics::row_scale_values(dev);
     });
 }
@@ -307,7 +415,9 @@ fn edge_empty_batch(dut: &Dut) {
 
 fn finite_differences(dut: &Dut) {
     dut.run(|dev| {
-        finite_diff::every_head_every_option(dev);
+        for head in HEADS {
+            finite_diff::every_option(dev, head);
+        }
         finite_diff::detached_where_exact(dev);
         finite_diff::row_scale(dev);
     });

@@ -16,7 +16,9 @@
 //!   every option alone and the combination variants with ArcFace and RBF in f64 and f32; the
 //!   full row-scale grid in f64 and f32, and its SphereFace / ArcFace part in f16 and bf16.
 //!
-//! Every grid is a function taking `&Device` so that the GPU suite can reuse it.
+//! Every grid is a function taking `&Device` so that the GPU suite can reuse it. The small grids
+//! of every head variant (heads alone, the combination, weighted smoothing, soft-capping) run as
+//! one test per head, `parity_small_<grid>_<head>` (`cargo test arcface`).
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_margin_softmax::{Head, Reduction};
@@ -265,10 +267,16 @@ fn named(sets: Vec<(&str, Opts)>) -> Vec<(String, Opts)> {
     sets.into_iter().map(|(n, o)| (n.to_string(), o)).collect()
 }
 
-/// Every head variant alone (default criterion: Mean cross-entropy).
-pub fn heads_alone(dev: &Device, shapes: &[(usize, usize)], dtypes: &[DType], f: &mut Failures) {
+/// Each of `heads` alone (default criterion: Mean cross-entropy).
+pub fn heads_alone(
+    dev: &Device,
+    heads: &[(&'static str, Head)],
+    shapes: &[(usize, usize)],
+    dtypes: &[DType],
+    f: &mut Failures,
+) {
     let plain = named(vec![("", Opts::default())]);
-    grid(dev, &head_variants(), &plain, shapes, dtypes, &[false], f);
+    grid(dev, heads, &plain, shapes, dtypes, &[false], f);
 }
 
 /// Every criterion option alone, with ArcFace and with RBF.
@@ -397,22 +405,24 @@ pub fn softcap_grid(
     grid(dev, heads, &sets, shapes, dtypes, &[false, true], f);
 }
 
-pub fn small_weighted_smoothing(dev: &Device) {
+pub fn small_weighted_smoothing(dev: &Device, head: &str) {
     let mut f = Failures::default();
-    weighted_smoothing_grid(dev, &head_variants(), &SMALL, &ALL_DTYPES, &mut f);
-    f.finish("parity: class weights + label smoothing (PyTorch), every head, small shapes");
+    weighted_smoothing_grid(dev, &variants_of(head), &SMALL, &ALL_DTYPES, &mut f);
+    f.finish(&format!(
+        "parity: class weights + label smoothing (PyTorch), {head}, small shapes"
+    ));
 }
 
-pub fn small_softcap(dev: &Device) {
+pub fn small_softcap(dev: &Device, head: &str) {
     let mut f = Failures::default();
-    softcap_grid(dev, &head_variants(), &SMALL, &ALL_DTYPES, &mut f);
-    f.finish("parity: logit soft-capping, every head, small shapes");
+    softcap_grid(dev, &variants_of(head), &SMALL, &ALL_DTYPES, &mut f);
+    f.finish(&format!("parity: logit soft-capping, {head}, small shapes"));
 }
 
-pub fn small_heads(dev: &Device) {
+pub fn small_heads(dev: &Device, head: &str) {
     let mut f = Failures::default();
-    heads_alone(dev, &SMALL, &ALL_DTYPES, &mut f);
-    f.finish("parity: heads alone, small shapes");
+    heads_alone(dev, &variants_of(head), &SMALL, &ALL_DTYPES, &mut f);
+    f.finish(&format!("parity: {head} alone, small shapes"));
 }
 
 pub fn small_options(dev: &Device) {
@@ -421,10 +431,12 @@ pub fn small_options(dev: &Device) {
     f.finish("parity: options alone (ArcFace, RBF), small shapes");
 }
 
-pub fn small_combo(dev: &Device) {
+pub fn small_combo(dev: &Device, head: &str) {
     let mut f = Failures::default();
-    combo_every_head(dev, &head_variants(), &SMALL, &ALL_DTYPES, true, &mut f);
-    f.finish("parity: all options together, every head, small shapes");
+    combo_every_head(dev, &variants_of(head), &SMALL, &ALL_DTYPES, true, &mut f);
+    f.finish(&format!(
+        "parity: all options together, {head}, small shapes"
+    ));
 }
 
 pub fn small_row_scale(dev: &Device) {
@@ -435,7 +447,7 @@ pub fn small_row_scale(dev: &Device) {
 
 pub fn medium(dev: &Device) {
     let mut f = Failures::default();
-    heads_alone(dev, &[MEDIUM], &ALL_DTYPES, &mut f);
+    heads_alone(dev, &head_variants(), &[MEDIUM], &ALL_DTYPES, &mut f);
     combo_every_head(dev, &head_variants(), &[MEDIUM], &ALL_DTYPES, true, &mut f);
     options_alone_grid(dev, &[MEDIUM], &ALL_DTYPES, &mut f);
     row_scale_grid(dev, &[MEDIUM], &ALL_DTYPES, true, &mut f);
@@ -446,7 +458,7 @@ pub fn medium(dev: &Device) {
 
 pub fn large_heads(dev: &Device) {
     let mut f = Failures::default();
-    heads_alone(dev, &[LARGE], &ALL_DTYPES, &mut f);
+    heads_alone(dev, &head_variants(), &[LARGE], &ALL_DTYPES, &mut f);
     combo_every_head(dev, &head_variants(), &[LARGE], &ALL_DTYPES, false, &mut f);
     f.finish("parity: 64x10000, heads alone and all options together");
 }
@@ -473,18 +485,93 @@ pub fn large_row_scale(dev: &Device) {
 }
 
 #[test]
-fn parity_small_weighted_smoothing() {
-    small_weighted_smoothing(&device());
+fn parity_small_weighted_smoothing_softmax() {
+    small_weighted_smoothing(&device(), "softmax");
 }
 
 #[test]
-fn parity_small_softcap() {
-    small_softcap(&device());
+fn parity_small_weighted_smoothing_cosface() {
+    small_weighted_smoothing(&device(), "cosface");
 }
 
 #[test]
-fn parity_small_heads() {
-    small_heads(&device());
+fn parity_small_weighted_smoothing_arcface() {
+    small_weighted_smoothing(&device(), "arcface");
+}
+
+#[test]
+fn parity_small_weighted_smoothing_combined() {
+    small_weighted_smoothing(&device(), "combined");
+}
+
+#[test]
+fn parity_small_weighted_smoothing_sphereface() {
+    small_weighted_smoothing(&device(), "sphereface");
+}
+
+#[test]
+fn parity_small_weighted_smoothing_rbf() {
+    small_weighted_smoothing(&device(), "rbf");
+}
+
+#[test]
+fn parity_small_softcap_softmax() {
+    small_softcap(&device(), "softmax");
+}
+
+#[test]
+fn parity_small_softcap_cosface() {
+    small_softcap(&device(), "cosface");
+}
+
+#[test]
+fn parity_small_softcap_arcface() {
+    small_softcap(&device(), "arcface");
+}
+
+#[test]
+fn parity_small_softcap_combined() {
+    small_softcap(&device(), "combined");
+}
+
+#[test]
+fn parity_small_softcap_sphereface() {
+    small_softcap(&device(), "sphereface");
+}
+
+#[test]
+fn parity_small_softcap_rbf() {
+    small_softcap(&device(), "rbf");
+}
+
+#[test]
+fn parity_small_heads_softmax() {
+    small_heads(&device(), "softmax");
+}
+
+#[test]
+fn parity_small_heads_cosface() {
+    small_heads(&device(), "cosface");
+}
+
+#[test]
+fn parity_small_heads_arcface() {
+    small_heads(&device(), "arcface");
+}
+
+#[test]
+fn parity_small_heads_combined() {
+    small_heads(&device(), "combined");
+}
+
+#[test]
+fn parity_small_heads_sphereface() {
+    small_heads(&device(), "sphereface");
+}
+
+#[test]
+fn parity_small_heads_rbf() {
+    small_heads(&device(), "rbf");
 }
 
 #[test]
@@ -493,8 +580,33 @@ fn parity_small_options() {
 }
 
 #[test]
-fn parity_small_combo() {
-    small_combo(&device());
+fn parity_small_combo_softmax() {
+    small_combo(&device(), "softmax");
+}
+
+#[test]
+fn parity_small_combo_cosface() {
+    small_combo(&device(), "cosface");
+}
+
+#[test]
+fn parity_small_combo_arcface() {
+    small_combo(&device(), "arcface");
+}
+
+#[test]
+fn parity_small_combo_combined() {
+    small_combo(&device(), "combined");
+}
+
+#[test]
+fn parity_small_combo_sphereface() {
+    small_combo(&device(), "sphereface");
+}
+
+#[test]
+fn parity_small_combo_rbf() {
+    small_combo(&device(), "rbf");
 }
 
 #[test]

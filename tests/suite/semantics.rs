@@ -10,6 +10,18 @@ use candle_margin_softmax::{Head, MarginGrad, MarginSoftmaxLoss, Reduction};
 
 use crate::common::*;
 
+// The heads of the semantics checks that run as one test per head (the kernel suite runs them
+// all in one).
+/// [`exact_mode_keeps_the_loss`]: the margin heads.
+#[cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
+pub const MARGIN_HEADS: [&str; 4] = ["cosface", "arcface", "combined", "sphereface"];
+/// [`zero_total_weight`].
+#[cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
+pub const ZERO_TOTAL_WEIGHT_HEADS: [&str; 2] = ["arcface", "softmax"];
+/// [`row_scale_layouts`].
+#[cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
+pub const ROW_SCALE_LAYOUTS_HEADS: [&str; 2] = ["sphereface", "arcface"];
+
 /// One row's loss and d(loss)/d(z) under PyTorch's `F.cross_entropy(weight=w,
 /// label_smoothing=ε, reduction='none')`, in f64 from the logits z:
 /// ℓ = (1 − ε)·w_y·(−log p_y) + (ε/C)·Σ_j w_j·(−log p_j),
@@ -200,9 +212,11 @@ pub fn softcap_formula(dev: &Device) {
 /// cosines (±1, next to ±1, 0, beyond the clamp), in every dtype. ArcFace at θ = 0 gives the
 /// paper's s·cos m (the old clamp gave a target logit 0.137 lower), and in the fallback region
 /// next to c = −1 the exact gradient is the detached one (φ' = 1, not 0).
-pub fn exact_mode_keeps_the_loss(dev: &Device) {
+/// One test per margin head ([`MARGIN_HEADS`]) on that head's variants; ArcFace's also checks
+/// the poles.
+pub fn exact_mode_keeps_the_loss(dev: &Device, name: &str) {
     let mut f = Failures::default();
-    let heads: Vec<(&str, Head)> = head_variants()
+    let variants: Vec<(&str, Head)> = head_variants()
         .into_iter()
         .filter(|(_, h)| h.takes_cosine())
         .chain([(
@@ -214,6 +228,7 @@ pub fn exact_mode_keeps_the_loss(dev: &Device) {
             },
         )])
         .collect();
+    let heads = only(name, variants);
     let edges = [
         -1.2,
         -1.0,
@@ -286,6 +301,15 @@ pub fn exact_mode_keeps_the_loss(dev: &Device) {
             }
         }
     }
+    if name == "arcface" {
+        arcface_at_the_poles(dev, &mut f);
+    }
+    f.finish(&format!(
+        "semantics: exact mode never changes the loss, {name}"
+    ));
+}
+
+fn arcface_at_the_poles(dev: &Device, f: &mut Failures) {
     // ArcFace at θ = 0 and in the fallback region next to c = −1, f64: row [1, 0] with target
     // 0 has z_0 = s·cos m; row [−1, 0] with target 0 has z_0 = s·(−1 − m·sin m) and φ' = 1.
     let (s, m) = (64.0f64, 0.5f64);
@@ -332,10 +356,9 @@ pub fn exact_mode_keeps_the_loss(dev: &Device) {
         }
         Ok(())
     };
-    if let Err(e) = run(&mut f) {
+    if let Err(e) = run(f) {
         f.err("arcface at the poles", e);
     }
-    f.finish("semantics: exact mode never changes the loss");
 }
 
 /// The f64 limit of a Softmax-head row whose target logit is −∞ (p_y = 0): ℓ = +∞ and, as
@@ -464,7 +487,8 @@ pub fn neg_inf_target(dev: &Device) {
 /// `Mean` gives loss 0 and gradient 0 on every path (`loss`, autograd, `loss_and_grad`, with and
 /// without a row scale, and `reference`), also with label smoothing, whose per-row losses are not
 /// 0 (the smoothing term weights the other classes), and `Sum` is unaffected.
-pub fn zero_total_weight(dev: &Device) {
+/// One test per head of [`ZERO_TOTAL_WEIGHT_HEADS`].
+pub fn zero_total_weight(dev: &Device, name: &str) {
     let mut f = Failures::default();
     let (b, c) = (5usize, 8usize);
     let t: Vec<i64> = vec![1, 3, 1, IGNORE, 6];
@@ -472,7 +496,8 @@ pub fn zero_total_weight(dev: &Device) {
     for j in [1, 3, 6] {
         w[j] = 0.0;
     }
-    for (hn, head) in [("arcface", Head::arcface()), ("softmax", Head::softmax())] {
+    let heads = vec![("arcface", Head::arcface()), ("softmax", Head::softmax())];
+    for (hn, head) in only(name, heads) {
         for (on, opts) in [
             ("plain", Opts::default()),
             (
@@ -548,19 +573,21 @@ pub fn zero_total_weight(dev: &Device) {
             }
         }
     }
-    f.finish("semantics: zero total weight");
+    f.finish(&format!("semantics: zero total weight, {name}"));
 }
 
 /// The row scale in any layout on every entry point: a strided column view of a [B, 3] learnable
 /// tensor, and one learnable s broadcast to every row. Results equal those of the same values
 /// made contiguous, and the gradient reaches the view's base (the column, or Σ_i dℓ/dr_i).
-pub fn row_scale_layouts(dev: &Device) {
+/// One test per head of [`ROW_SCALE_LAYOUTS_HEADS`].
+pub fn row_scale_layouts(dev: &Device, name: &str) {
     let mut f = Failures::default();
     let (b, c) = (6usize, 10usize);
-    for (hn, head) in [
+    let heads = vec![
         ("sphereface_l5", Head::sphereface(5.0)),
         ("arcface", Head::arcface()),
-    ] {
+    ];
+    for (hn, head) in only(name, heads) {
         for (on, opts) in [
             ("plain", Opts::default()),
             ("combo", Opts::combo().with_softcap()),
@@ -675,7 +702,7 @@ pub fn row_scale_layouts(dev: &Device) {
             }
         }
     }
-    f.finish("semantics: row scale in any layout");
+    f.finish(&format!("semantics: row scale in any layout, {name}"));
 }
 
 /// What unchecked row-scale values do, as documented on `loss_with_row_scale` (Softmax head,
@@ -746,8 +773,23 @@ fn semantics_softcap_formula() {
 }
 
 #[test]
-fn semantics_exact_mode_keeps_the_loss() {
-    exact_mode_keeps_the_loss(&device());
+fn semantics_exact_mode_keeps_the_loss_cosface() {
+    exact_mode_keeps_the_loss(&device(), "cosface");
+}
+
+#[test]
+fn semantics_exact_mode_keeps_the_loss_arcface() {
+    exact_mode_keeps_the_loss(&device(), "arcface");
+}
+
+#[test]
+fn semantics_exact_mode_keeps_the_loss_combined() {
+    exact_mode_keeps_the_loss(&device(), "combined");
+}
+
+#[test]
+fn semantics_exact_mode_keeps_the_loss_sphereface() {
+    exact_mode_keeps_the_loss(&device(), "sphereface");
 }
 
 #[test]
@@ -756,13 +798,23 @@ fn semantics_neg_inf_target() {
 }
 
 #[test]
-fn semantics_zero_total_weight() {
-    zero_total_weight(&device());
+fn semantics_zero_total_weight_arcface() {
+    zero_total_weight(&device(), "arcface");
 }
 
 #[test]
-fn semantics_row_scale_layouts() {
-    row_scale_layouts(&device());
+fn semantics_zero_total_weight_softmax() {
+    zero_total_weight(&device(), "softmax");
+}
+
+#[test]
+fn semantics_row_scale_layouts_sphereface() {
+    row_scale_layouts(&device(), "sphereface");
+}
+
+#[test]
+fn semantics_row_scale_layouts_arcface() {
+    row_scale_layouts(&device(), "arcface");
 }
 
 #[test]
