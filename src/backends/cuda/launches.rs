@@ -13,12 +13,10 @@ use half::{bf16, f16};
 
 use crate::backends::launch::params::MsParams;
 use crate::backends::launch::{
-    DEFAULT_SHARED, DeviceShape, FUSED_STATIC_RESERVE, ForwardPlan, L2Work, Launch,
-    LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH,
+    DEFAULT_SHARED, FUSED_STATIC_RESERVE, ForwardPlan, L2Work, Launch, RowShape, TARGETS_LAUNCH,
 };
-use crate::backends::{Arg, Bodies};
 use crate::config::{MarginSoftmaxLoss, OP_NAME};
-use crate::layout::{PARTIAL_COLUMNS, ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::layout::STAT_COLUMNS;
 use crate::math::{Acc, Element};
 use crate::targets_and_weights::{kernel_poly, target_error};
 

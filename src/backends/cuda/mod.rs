@@ -12,29 +12,18 @@ mod launches;
 mod module;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::CudaDType;
-use candle_core::cuda_backend::WrapErr;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-};
-use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Storage, bail};
-use half::{bf16, f16};
+use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+use candle_core::{CudaDevice, CudaStorage, Result, bail};
 
 use crate::backends::launch::params::MsParams;
-use crate::backends::launch::{
-    DEFAULT_SHARED, DeviceShape, FUSED_STATIC_RESERVE, ForwardPlan, L2Work, Launch,
-    LossAndGradPlan, Planner, RowShape, TARGETS_LAUNCH,
-};
+use crate::backends::launch::{DEFAULT_SHARED, DeviceShape, LossAndGradPlan, Planner, RowShape};
 use crate::backends::{Arg, Bodies};
 use crate::config::{MarginSoftmaxLoss, OP_NAME};
-use crate::layout::{PARTIAL_COLUMNS, ROWINFO_COLUMNS, STAT_COLUMNS};
-use crate::math::{Acc, Element};
-use crate::targets_and_weights::{kernel_poly, target_error};
+use crate::layout::{PARTIAL_COLUMNS, ROWINFO_COLUMNS};
 use launches::{
-    BackwardArgs, CudaElement, DeviceTargets, Inputs, LossAndGrad, backward_launch, contiguous,
-    device_targets, empty, input_view, with_weights,
+    BackwardArgs, CudaElement, DeviceTargets, ForBackward, Inputs, LossAndGrad, backward_launch,
+    contiguous, device_targets, empty, input_view, with_weights,
 };
-use module::{BACKWARD, FORWARD, FUSED, Kernel, TARGETS};
 
 // SAFETY: MsParams is #[repr(C)], Copy, holds only plain integers and floats, and mirrors the
 // layout of `struct MsParams` in kernels/params.cuh field for field (its size is checked at
