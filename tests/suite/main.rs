@@ -3,6 +3,7 @@
 //! grids are functions taking `&Device` so that the kernel suite (`kernels`: on a GPU with the
 //! `cuda` feature, through the emulated kernels with `kernel-emu`) reuses them.
 
+mod architecture;
 mod common;
 mod dispatch;
 mod edge;

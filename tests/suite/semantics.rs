@@ -17,7 +17,7 @@ use crate::common::*;
 pub const MARGIN_HEADS: [&str; 4] = ["cosface", "arcface", "combined", "sphereface"];
 /// [`zero_total_weight`].
 #[cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
-pub const ZERO_TOTAL_WEIGHT_HEADS: [&str; 2] = ["arcface", "softmax"];
+pub const ZERO_TOTAL_WEIGHT_HEADS: [&str; 3] = ["arcface", "softmax", "rbf"];
 /// [`row_scale_layouts`].
 #[cfg_attr(not(any(feature = "cuda", feature = "kernel-emu")), allow(dead_code))]
 pub const ROW_SCALE_LAYOUTS_HEADS: [&str; 2] = ["sphereface", "arcface"];
@@ -496,7 +496,11 @@ pub fn zero_total_weight(dev: &Device, name: &str) {
     for j in [1, 3, 6] {
         w[j] = 0.0;
     }
-    let heads = vec![("arcface", Head::arcface()), ("softmax", Head::softmax())];
+    let heads = vec![
+        ("arcface", Head::arcface()),
+        ("softmax", Head::softmax()),
+        ("rbf", Head::rbf()),
+    ];
     for (hn, head) in only(name, heads) {
         for (on, opts) in [
             ("plain", Opts::default()),
@@ -805,6 +809,11 @@ fn semantics_zero_total_weight_arcface() {
 #[test]
 fn semantics_zero_total_weight_softmax() {
     zero_total_weight(&device(), "softmax");
+}
+
+#[test]
+fn semantics_zero_total_weight_rbf() {
+    zero_total_weight(&device(), "rbf");
 }
 
 #[test]
