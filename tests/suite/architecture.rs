@@ -11,22 +11,30 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Every `.rs` file under `dir`, recursively, sorted.
-fn rust_files(dir: &Path) -> Vec<PathBuf> {
+/// Every file under `dir`, recursively, sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("readable source folder") {
+        for entry in std::fs::read_dir(&d).expect("readable folder") {
             let path = entry.expect("directory entry").path();
             if path.is_dir() {
                 stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "rs") {
+            } else {
                 out.push(path);
             }
         }
     }
     out.sort();
     out
+}
+
+/// Every `.rs` file under `dir`, recursively, sorted.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    files_under(dir)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+        .collect()
 }
 
 /// The module path of a file under `src/`: `backends::cpu` for `src/backends/cpu/mod.rs`.
@@ -161,24 +169,6 @@ fn architecture_no_module_imports_one_that_imports_it_back() {
     );
 }
 
-/// Every file under `dir` (any extension) whose text contains `word`, case-insensitively.
-fn files_naming(dir: &Path, word: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).expect("readable folder") {
-            let path = entry.expect("directory entry").path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if std::fs::read_to_string(&path).is_ok_and(|t| t.to_lowercase().contains(word))
-            {
-                out.push(path);
-            }
-        }
-    }
-    out
-}
-
 #[test]
 fn architecture_every_head_named_at_every_layer() {
     let root = root();
@@ -205,7 +195,7 @@ fn architecture_every_head_named_at_every_layer() {
         }
         // Test names carry the head, so that `cargo test arcface` runs its parity,
         // finite-difference, semantics and emulated tests.
-        let tests = files_naming(&root.join("tests/suite"), "")
+        let tests = rust_files(&root.join("tests/suite"))
             .into_iter()
             .map(|f| std::fs::read_to_string(f).expect("readable test file"))
             .collect::<String>();
