@@ -172,14 +172,7 @@ fn architecture_no_module_imports_one_that_imports_it_back() {
 #[test]
 fn architecture_every_head_named_at_every_layer() {
     let root = root();
-    for head in [
-        "softmax",
-        "cosface",
-        "arcface",
-        "combined",
-        "sphereface",
-        "rbf",
-    ] {
+    for head in crate::common::HEADS {
         for layer in [
             "src/config.rs",
             "src/math.rs",
