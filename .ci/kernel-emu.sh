@@ -3,14 +3,11 @@
 # of kernels/emu/, driven by the crate's own launch planning (src/backends/launch/mod.rs, feature
 # `kernel-emu`): the emulator's self-test, then the kernel suite (`kernels::emu::*` in the `suite`
 # test binary, the same checks as the GPU suite) and the ABI check, in three builds and several
-# thread orders. "all" is the whole kernel suite; "structure" the part of it that reaches every
-# kernel, path, dtype, tail, row alignment, grid-stride loop and split count (the parity grid of
-# the small shapes with every head, the fused / split boundary, several splits per row, capped
-# grids, row alignments, determinism, reductions, ignored rows, B = 0, the device-side target
-# check off, rows over a thread-block cluster), for the slow sanitizers:
+# thread orders. "all" is the whole kernel suite; "barriers" the part of it that reaches every
+# kernel entry on every path, for TSan (below):
 #   plain         all: forward order, 1 worker; random order, 2 workers
 #   ASan + UBSan  all: reverse order, 1 worker
-#   TSan          structure: random order, 2 workers (races within a block and between blocks)
+#   TSan          barriers: random order, 2 workers (races within a block and between blocks)
 # Each thread order runs once on the whole suite under a sanitizer or plain, and the three
 # orders together; TSan's report does not depend on the order (the fibers of a block are
 # ordered only by barriers and warp operations, whichever order the scheduler picks), so one
@@ -35,16 +32,21 @@ export CUDA_EMU_INCLUDE="${CUDA_HOME}/include"
 read -r -a builds <<<"${KERNEL_EMU_BUILDS:-plain address thread}"
 # shellcheck disable=SC2034 # used through the nameref of run()
 all=(kernels::emu::)
+# "barriers": what TSan needs, every kernel entry (each head's variant, each dtype) on every
+# path with more than one warp and more than one block: the parity grid of the small shapes,
+# several splits per row, capped grids (every grid-stride loop), every 16-byte row phase,
+# clusters, the L2 kernel's grid barrier, the target kernel's paths, B = 0. Not the boundary
+# widths ±1 or the determinism reruns (the plain and ASan runs cover those): the tests read
+# CUDA_EMU_GRID=barriers and keep one width per path (kernels::emu::cluster_rows).
 # shellcheck disable=SC2034
-structure=(kernels::emu::parity_small_heads kernels::emu::fused_split_boundary
-    kernels::emu::split_rows kernels::emu::grid_stride kernels::emu::row_alignment
-    kernels::emu::deterministic kernels::emu::reduction_variants
+barriers=(kernels::emu::parity_small_heads kernels::emu::split_rows kernels::emu::grid_stride
+    kernels::emu::row_alignment kernels::emu::reduction_variants
     kernels::emu::target_errors_match_cpu kernels::emu::edge_empty_batch
     kernels::emu::unchecked_targets kernels::emu::cluster_rows kernels::emu::l2_rows_few)
 if [ -n "${KERNEL_EMU_FILTER:-}" ]; then
     read -r -a all <<<"$KERNEL_EMU_FILTER"
     # shellcheck disable=SC2034
-    structure=("${all[@]}")
+    barriers=("${all[@]}")
 fi
 seed="${CUDA_EMU_SEED:-20261201}"
 passed=0
@@ -92,7 +94,7 @@ for line in sys.stdin:
     printf '     %s\n' "${bins[@]}"
 }
 
-# run NAME SET ENV... : the ABI check and the tests SET (all or structure) of the kernel suite
+# run NAME SET ENV... : the ABI check and the tests SET (all or barriers) of the kernel suite
 # from the last build, with ENV set (the sanitizer runtime preloaded, see build.rs).
 run() {
     local name="$1"
@@ -154,7 +156,7 @@ for build in "${builds[@]}"; do
         export KERNEL_EMU_SANITIZE=thread
         build || continue
         tsan="LD_PRELOAD=$(gcc -print-file-name=libtsan.so)"
-        run "tsan structure random w2 seed $seed" structure "$tsan" CUDA_EMU_ORDER=random CUDA_EMU_SEED="$seed" CUDA_EMU_WORKERS=2
+        run "tsan barriers random w2 seed $seed" barriers "$tsan" CUDA_EMU_GRID=barriers CUDA_EMU_ORDER=random CUDA_EMU_SEED="$seed" CUDA_EMU_WORKERS=2
         ;;
     *)
         echo "kernel-emu.sh: unknown build '$build' (plain, address, thread)" >&2
