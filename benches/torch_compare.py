@@ -225,7 +225,7 @@ def run_case(args, peer, dev, b, c, dtype, head, tmp):
         errors[name] = err
         ok = err <= tol
         extra = f" (first call {time.time() - t0:.1f} s)" if "compile" in name else ""
-        print(f"  check {name:20} loss {got[0] if got else float('nan'):.6g} (f64 {ref[0]:.6g}), "
+        print(f"  check {name:22} loss {got[0] if got else float('nan'):.6g} (f64 {ref[0]:.6g}), "
               f"max stat err {err:.1e}: {'ok' if ok else '!!! MISMATCH'}{extra}", flush=True)
         if not ok:
             failed.append(name)
