@@ -288,6 +288,7 @@ def run_case(args, peer, dev, b, c, dtype, head, tmp):
         of_floor = sorted(r["copy floor"] / r[name] for r in samples)[len(samples) // 2]
         note = {"crate lag": path, "crate into": path, "crate autograd": "loss + backward()",
                 "liger": "own copies, overwritten by its gradient"}.get(name, "")
+        note = f"!!! CHECK FAILED; {note}" if name in failed else note
         results.append({"provider": name, "median_ms": med, "p25_ms": lo, "p75_ms": hi,
                         "vs_crate_lag": vs_lag, "copy_floor_fraction": of_floor,
                         "gbps_1r1w": 2 * b * c * size / (med * 1e-3) / 1e9,
