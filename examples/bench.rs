@@ -30,7 +30,7 @@
 //!    it is what a caller waits for. On the CPU, wall clock. Median, p20 and p80 over `--iters`.
 //! 4. **Bytes that must move**: fwd reads B·C·sizeof(T); bwd reads and writes it (2×); fwd+bwd
 //!    3×; `loss_and_grad` 2× on its fused CUDA path (one block per row, the row held in shared
-//!    memory, taken when C·sizeof(T) ≤ 47104, see `fused_max_classes` in src/backends/launch/mod.rs) and 3× on
+//!    memory, taken when C ≤ `one_pass_max_classes(device, dtype)`, asked of the crate) and 3× on
 //!    the split path (partial, finalize, backward). On the CPU `loss_and_grad` keeps each row in
 //!    cache: 2×. GB/s = those bytes / median time, and % of the copy bandwidth.
 //! 5. **Reference**: `reference::loss` (plain candle ops, autograd gradient) on the same device and
@@ -50,7 +50,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor, Var};
-use candle_margin_softmax::{Head, MarginSoftmaxLoss, Reduction, reference};
+use candle_margin_softmax::{Head, MarginSoftmaxLoss, Reduction, one_pass_max_classes, reference};
 use rand::Rng;
 
 const USAGE: &str = "\
@@ -85,10 +85,6 @@ const MIN_SETS: usize = 2;
 const MAX_SETS: usize = 16;
 /// The cache size assumed where it cannot be read off the device (the CPU; an H100 has 50 MiB).
 const DEFAULT_CACHE_BYTES: usize = 50 << 20;
-/// The widest row (bytes) `loss_and_grad` runs through its fused CUDA kernel: 48 KiB of shared
-/// memory less 2048 kept for the kernel's static shared memory (`fused_max_classes` in
-/// src/backends/launch/mod.rs).
-const FUSED_MAX_ROW_BYTES: usize = 47104;
 /// The reference's fwd+bwd holds about this many f32 [B, C] tensors at its peak: 19 to 20
 /// measured on the CPU (peak RSS with and without the reference, ArcFace and RBF, 512 × 100000,
 /// f32 and bf16), rounded up. On CUDA the reference runs only where that fits in the free memory.
@@ -820,7 +816,8 @@ impl Bench<'_> {
             sets,
             in_cache: sets * input_bytes < CACHE_MULTIPLE * self.platform.cache_bytes,
             ours: [fwd, bwd, fwd_bwd, loss_and_grad],
-            fused_path: row_bytes <= FUSED_MAX_ROW_BYTES,
+            // The crate's own planner says whether this row width takes the one-pass path.
+            fused_path: classes <= one_pass_max_classes(dev, case.dtype)?,
             autograd_vs_loss_and_grad,
             reference,
         })
@@ -1046,7 +1043,8 @@ fn print_notes(bench: &Bench) {
         "- moved: the bytes the op cannot avoid, in passes over the [B, C] input of \
          B·C·sizeof(T) bytes: fwd reads it (1); bwd reads it and writes the gradient (2); \
          fwd+bwd both (3); loss_and_grad reads and writes once on the fused CUDA path (rows of \
-         C·sizeof(T) ≤ {FUSED_MAX_ROW_BYTES} bytes, one block per row held in shared memory) and \
+         at most `one_pass_max_classes(device, dtype)` classes, one block per row held in \
+         shared memory) and \
          makes 2 reads + 1 write on the split path; on the CPU it keeps each row in cache (2). \
          GB/s is that over the median; % copy compares it with the copy bandwidth above."
     );

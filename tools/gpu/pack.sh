@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Builds what a lent GPU machine (no Rust, no network) needs into .gpu/ at the repo root:
 #   .gpu/tests/<name>.xz      the test binaries (release, --features cuda), stripped, xz
-#   .gpu/examples/<name>.xz   the examples (bench, train), the same way
-#   .gpu/ptx/*.ptx            the PTX build.rs produced (what the binaries embed)
-#   .gpu/py/benches/torch_compare.py + .gpu/py/kernels/*   the Python harness and the kernel
-#                             sources it compiles / parses (it finds them as ../kernels)
+#   .gpu/examples/<name>.xz   the examples (bench, train, peer: the crate's side of
+#                             benches/torch_compare.py), the same way
+#   .gpu/ptx/*.ptx            the PTX build.rs produced (what the binaries embed; run.sh's
+#                             ptx-load step loads it)
+#   .gpu/py/benches/torch_compare.py   the PyTorch comparison's driver (it runs examples/peer)
 #   .gpu/run.sh               the runner (tools/gpu/run.sh)
 #   .gpu/MANIFEST.txt         revision, toolkit, sizes, sha256 of every packed file
 # Usage, from the repo root:
@@ -46,7 +47,7 @@ step "cargo build --release --features cuda --examples"
 cargo build --release --features cuda --examples --message-format=json >"$tmp/ex.json"
 
 rm -rf .gpu
-mkdir -p .gpu/tests .gpu/examples .gpu/ptx .gpu/py/benches .gpu/py/kernels
+mkdir -p .gpu/tests .gpu/examples .gpu/ptx .gpu/py/benches
 # The executables and build.rs's OUT_DIR, from cargo's own messages (no globbing of stale files).
 python3 - "$tmp" <<'PY'
 import json, os, shutil, sys
@@ -88,7 +89,6 @@ cp "${ptx[@]}" .gpu/ptx/
 step "PTX from $ptxdir: $(cd .gpu/ptx && echo *.ptx) ($(grep -ho '^\.target [a-z0-9_]*' .gpu/ptx/*.ptx | sort -u | tr '\n' ' '))"
 
 cp benches/torch_compare.py .gpu/py/benches/
-cp kernels/*.cu kernels/*.cuh .gpu/py/kernels/
 cp "$here/run.sh" .gpu/run.sh
 
 bins=(.gpu/tests/* .gpu/examples/*)

@@ -6,7 +6,7 @@
 #   bash .gpu/run.sh all                every step below, in about 7 minutes (GPU_RUN_BUDGET_S)
 #   bash .gpu/run.sh tests              facts, PTX load check, the GPU test suite (REQUIRE_GPU=1)
 #   bash .gpu/run.sh sanitize           compute-sanitizer (SANITIZE_TOOLS) on SANITIZE_FILTERS
-#   bash .gpu/run.sh bench              examples/bench (short) and benches/torch_compare.py (--quick)
+#   bash .gpu/run.sh bench              examples/bench (short) and benches/torch_compare.py (short)
 #   bash .gpu/run.sh libs               only the library lookup
 #   bash .gpu/run.sh EXAMPLE [ARGS...]  one example binary (bench, train), no time limit;
 #                                       `bench` needs an argument to mean the example (else the
@@ -31,7 +31,7 @@ SANITIZE_FILTERS=${SANITIZE_FILTERS:-kernels::gpu::parity_small_heads kernels::g
 SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck synccheck}
 SUITE_BIN=${SUITE_BIN:-suite}
 BENCH_ARGS=${BENCH_ARGS:---shapes 8192x32000,1024x45000 --dtypes bf16 --iters 10 --ref-iters 3 --warmup 2}
-TORCH_ARGS=${TORCH_ARGS:---quick --shapes 8192x32000 --dtypes bf16 --problems ce arcface}
+TORCH_ARGS=${TORCH_ARGS:---shapes 8192x32000 --dtypes bf16 --heads softmax arcface-detached --cycles 20}
 GPU_RUN_BUDGET_S=${GPU_RUN_BUDGET_S:-430}   # the whole `all` run, unpacking included
 # per-step caps, seconds (each step also stops at the overall budget)
 # (15 + 20 + 30 + 120 + 3 x 35 + 40 + 85 = 415 s, plus unpacking and the library lookup)
@@ -118,19 +118,20 @@ sys.exit(1 if bad else 0)
 PY
 }
 
+# benches/torch_compare.py against the packed examples/peer (the crate's own CUDA path, timed
+# with events by the peer), interleaved step by step with PyTorch, torch.compile and Liger.
 torch_bench() {
   local script=$PACK/py/benches/torch_compare.py args
   read -r -a args <<<"$TORCH_ARGS"
-  # a later torch_compare.py may take the packed PTX instead of compiling kernels/ itself
-  if grep -q -- '--ptx-dir' "$script"; then args+=(--ptx-dir "$PACK/ptx"); fi
   shopt -s nullglob
   local whl=("$PACK"/../.whl/*.whl)
   if [ ${#whl[@]} -gt 0 ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${whl[@]}" &&
       export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
-  echo "python3 $script ${args[*]} --json $OUT/torch_compare.json"
-  PYTHONUNBUFFERED=1 python3 "$script" "${args[@]}" --json "$OUT/torch_compare.json"
+  args=(--device cuda --peer "$BIN/examples/peer" "${args[@]}" --json "$OUT/torch_compare.json")
+  echo "python3 $script ${args[*]}"
+  PYTHONUNBUFFERED=1 python3 "$script" "${args[@]}"
 }
 
 case ${1:-} in
