@@ -3,10 +3,10 @@
 # of kernels/emu/, driven by the crate's own launch planning (src/backends/launch/mod.rs, feature
 # `kernel-emu`): the emulator's self-test, then the kernel suite (`kernels::emu::*` in the `suite`
 # test binary, the same checks as the GPU suite) and the ABI check, in three builds and several
-# thread orders. "all" is the whole kernel suite; "barriers" the part of it that reaches every
-# kernel entry on every path, for TSan (below):
+# thread orders. "all" is the whole kernel suite; "memory" and "barriers" the parts of it that
+# the sanitizers need (below):
 #   plain         all: forward order, 1 worker; random order, 2 workers
-#   ASan + UBSan  all: reverse order, 1 worker
+#   ASan + UBSan  memory: reverse order, 1 worker
 #   TSan          barriers: random order, 2 workers (races within a block and between blocks)
 # Each thread order runs once on the whole suite under a sanitizer or plain, and the three
 # orders together; TSan's report does not depend on the order (the fibers of a block are
@@ -32,19 +32,26 @@ export CUDA_EMU_INCLUDE="${CUDA_HOME}/include"
 read -r -a builds <<<"${KERNEL_EMU_BUILDS:-plain address thread}"
 # shellcheck disable=SC2034 # used through the nameref of run()
 all=(kernels::emu::)
-# "barriers": what TSan needs, every kernel entry (each head's variant, each dtype) on every
-# path with more than one warp and more than one block: the parity grid of the small shapes,
-# several splits per row, capped grids (every grid-stride loop), every 16-byte row phase,
-# clusters, the L2 kernel's grid barrier, the target kernel's paths, B = 0. Not the boundary
-# widths ±1 or the determinism reruns (the plain and ASan runs cover those): the tests read
+# "memory", for ASan + UBSan: the whole suite but its two long numerics grids (the finite
+# differences and the medium shapes), whose launches the small grids and the boundary, alignment
+# and wide-row tests already make.
+# shellcheck disable=SC2034
+memory=(kernels::emu:: --skip kernels::emu::finite_differences --skip kernels::emu::parity_medium)
+# "barriers", for TSan: every kernel entry (each head's variant, each dtype) on every path, with
+# more than one warp and more than one block: the parity grid of the small shapes, capped grids
+# (every grid-stride loop, the split forward with several splits a row), clusters, the L2
+# kernel's grid barrier, the target kernel's paths, B = 0. Not the boundary widths ±1, the row
+# phases or the determinism reruns (the plain and ASan runs cover those): the tests read
 # CUDA_EMU_GRID=barriers and keep one width per path (kernels::emu::cluster_rows).
 # shellcheck disable=SC2034
-barriers=(kernels::emu::parity_small_heads kernels::emu::split_rows kernels::emu::grid_stride
-    kernels::emu::row_alignment kernels::emu::reduction_variants
-    kernels::emu::target_errors_match_cpu kernels::emu::edge_empty_batch
-    kernels::emu::unchecked_targets kernels::emu::cluster_rows kernels::emu::l2_rows_few)
+barriers=(kernels::emu::parity_small_heads kernels::emu::grid_stride
+    kernels::emu::reduction_variants kernels::emu::target_errors_match_cpu
+    kernels::emu::edge_empty_batch kernels::emu::unchecked_targets kernels::emu::cluster_rows
+    kernels::emu::l2_rows_few)
 if [ -n "${KERNEL_EMU_FILTER:-}" ]; then
     read -r -a all <<<"$KERNEL_EMU_FILTER"
+    # shellcheck disable=SC2034
+    memory=("${all[@]}")
     # shellcheck disable=SC2034
     barriers=("${all[@]}")
 fi
@@ -94,7 +101,7 @@ for line in sys.stdin:
     printf '     %s\n' "${bins[@]}"
 }
 
-# run NAME SET ENV... : the ABI check and the tests SET (all or barriers) of the kernel suite
+# run NAME SET ENV... : the ABI check and the tests SET (all, memory or barriers) of the kernel suite
 # from the last build, with ENV set (the sanitizer runtime preloaded, see build.rs).
 run() {
     local name="$1"
@@ -149,7 +156,7 @@ for build in "${builds[@]}"; do
         export KERNEL_EMU_SANITIZE=address
         build || continue
         asan="LD_PRELOAD=$(gcc -print-file-name=libasan.so)"
-        run "asan all reverse w1" all "$asan" CUDA_EMU_ORDER=reverse CUDA_EMU_WORKERS=1
+        run "asan memory reverse w1" memory "$asan" CUDA_EMU_ORDER=reverse CUDA_EMU_WORKERS=1
         ;;
     thread)
         selftest tsan -fsanitize=thread
