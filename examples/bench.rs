@@ -406,7 +406,7 @@ struct Platform {
     /// Whether `cache_bytes` was read off the device (else [`DEFAULT_CACHE_BYTES`]).
     cache_known: bool,
     #[cfg(feature = "cuda")]
-    events: Option<gpu::Events>,
+    events: Option<cuda_events::Events>,
 }
 
 /// The measured copy bandwidth (bytes read + written per second, as GB/s) and how.
@@ -426,7 +426,7 @@ impl Platform {
                     name: info.description,
                     cache_bytes: info.l2_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
                     cache_known: info.l2_bytes.is_some(),
-                    events: Some(gpu::Events::new(cuda)?),
+                    events: Some(cuda_events::Events::new(cuda)?),
                 })
             }
             Device::Cpu => Ok(Self {
@@ -523,44 +523,19 @@ fn cpu_copy_bandwidth() -> Result<Bandwidth> {
 }
 
 #[cfg(feature = "cuda")]
-mod gpu {
-    //! The CUDA-only parts: events, device attributes, the device-to-device copy.
+#[path = "common/cuda_events.rs"]
+mod cuda_events;
 
-    use std::sync::Arc;
+#[cfg(feature = "cuda")]
+mod gpu {
+    //! The CUDA-only parts: device attributes, the device-to-device copy.
 
     use anyhow::{Result, bail};
-    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, sys};
+    use candle_core::cuda_backend::cudarc::driver::sys;
     use candle_core::{CudaDevice, Storage, Tensor};
 
+    use super::cuda_events::Events;
     use super::{Bandwidth, Summary};
-
-    /// Two timing events on the stream candle launches on.
-    pub struct Events {
-        stream: Arc<CudaStream>,
-        start: CudaEvent,
-        end: CudaEvent,
-    }
-
-    impl Events {
-        pub fn new(dev: &CudaDevice) -> Result<Self> {
-            let stream = dev.cuda_stream();
-            // `None` would create events with timing disabled.
-            let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-            let start = stream.context().new_event(flags)?;
-            let end = stream.context().new_event(flags)?;
-            Ok(Self { stream, start, end })
-        }
-
-        /// The device time between an event recorded before `f` and one after it (ms). Host
-        /// work inside `f` that keeps the stream waiting is included.
-        pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
-            self.start.record(&self.stream)?;
-            f()?;
-            self.end.record(&self.stream)?;
-            // Synchronises on both events.
-            Ok(f64::from(self.start.elapsed_ms(&self.end)?))
-        }
-    }
 
     pub fn free_bytes(dev: &CudaDevice) -> Option<usize> {
         dev.cuda_stream()

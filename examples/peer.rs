@@ -182,14 +182,14 @@ fn check(case: &Case, mode: &str, path: Option<&str>) -> Result<String> {
 enum Timer {
     Wall,
     #[cfg(feature = "cuda")]
-    Events(gpu::Events),
+    Events(cuda_events::Events),
 }
 
 impl Timer {
     fn new(dev: &Device) -> Result<Self> {
         match dev {
             #[cfg(feature = "cuda")]
-            Device::Cuda(cuda) => Ok(Timer::Events(gpu::Events::new(cuda)?)),
+            Device::Cuda(cuda) => Ok(Timer::Events(cuda_events::Events::new(cuda)?)),
             _ => Ok(Timer::Wall),
         }
     }
@@ -208,41 +208,8 @@ impl Timer {
 }
 
 #[cfg(feature = "cuda")]
-mod gpu {
-    //! Events on candle's stream, as in examples/bench.rs.
-
-    use std::sync::Arc;
-
-    use anyhow::Result;
-    use candle_core::CudaDevice;
-    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaStream, sys};
-
-    pub struct Events {
-        stream: Arc<CudaStream>,
-        start: CudaEvent,
-        end: CudaEvent,
-    }
-
-    impl Events {
-        pub fn new(dev: &CudaDevice) -> Result<Self> {
-            let stream = dev.cuda_stream();
-            // `None` would create events with timing disabled.
-            let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-            let start = stream.context().new_event(flags)?;
-            let end = stream.context().new_event(flags)?;
-            Ok(Self { stream, start, end })
-        }
-
-        /// The device time between an event recorded before `f` and one after it (ms).
-        pub fn time_ms(&self, f: impl FnOnce() -> Result<()>) -> Result<f64> {
-            self.start.record(&self.stream)?;
-            f()?;
-            self.end.record(&self.stream)?;
-            // Synchronises on both events.
-            Ok(f64::from(self.start.elapsed_ms(&self.end)?))
-        }
-    }
-}
+#[path = "common/cuda_events.rs"]
+mod cuda_events;
 
 fn main() -> Result<()> {
     let arg = std::env::args().nth(1).unwrap_or_else(|| "cpu".to_string());
