@@ -49,8 +49,6 @@ fn rows_per_task(classes: usize) -> usize {
 pub(crate) struct Cpu;
 
 impl<T: Element> Bodies<T, CpuStorage> for Cpu {
-    /// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype; dℓ/dr (the
-    /// last column) only with `scale_grad`, else 0.
     fn forward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -84,8 +82,6 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
         Ok(T::Acc::to_cpu_storage_owned(stats))
     }
 
-    /// The backward op: d(loss)/d(input) \[B, C\] in the input dtype, from the input, the targets and
-    /// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in).
     fn backward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -127,9 +123,6 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
         Ok(T::to_cpu_storage_owned(grad))
     }
 
-    /// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) \[B, C\],
-    /// d(loss)/d(row scale) \[B\]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
-    /// Σ_i ℓ_i. d(loss)/d(row scale) only with `scale_grad`, else 0.
     fn forward_backward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -153,12 +146,7 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
         ))
     }
 
-    /// The online state of the non-target entries of a slice of each row (see
-    /// [`crate::op::slice_partials`]), [B, PARTIAL_COLUMNS] in the accumulation dtype, and the split
-    /// count, 1 (the kernels' layout is [B, splits, 5]): `local_targets[i]` is the row's
-    /// target as a column of the slice, −1 for an ignored row (an empty state), and any value ≥ the
-    /// slice's width for a target in another slice (every entry counts). The slice's class weights
-    /// are the configuration's (already cut to the slice).
+    /// One state per row: the split count is 1.
     fn slice_partials(
         &self,
         cfg: &MarginSoftmaxLoss,

@@ -57,8 +57,6 @@ pub(crate) fn one_pass_max_classes(dev: &CudaDevice, size: usize) -> Result<usiz
 pub(crate) struct Cuda;
 
 impl<T: CudaElement> Bodies<T, CudaStorage> for Cuda {
-    /// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype;
-    /// d(loss)/d(scale) (column 7) only with `scale_grad`, else 0.
     fn forward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -90,9 +88,8 @@ impl<T: CudaElement> Bodies<T, CudaStorage> for Cuda {
         Ok(CudaStorage::wrap_cuda_slice(stats, dev.clone()))
     }
 
-    /// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
-    /// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in). No host synchronization:
-    /// the targets are converted on the device without the check (the forward made it).
+    /// No host synchronization: the targets are converted on the device without the check
+    /// (the forward made it).
     fn backward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -133,9 +130,7 @@ impl<T: CudaElement> Bodies<T, CudaStorage> for Cuda {
         Ok(CudaStorage::wrap_cuda_slice(grad, dev.clone()))
     }
 
-    /// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
-    /// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}, the sum
-    /// formed on the device), else for Σ_i ℓ_i, by the first of the planner's five paths that
+    /// The mean's Σ w is formed on the device; the first of the planner's five paths that
     /// fits (see `backends::launch`).
     fn forward_backward(
         &self,
@@ -248,10 +243,8 @@ impl<T: CudaElement> Bodies<T, CudaStorage> for Cuda {
         Ok(wrap(out))
     }
 
-    /// The op over one slice of the classes (`op::slice_partials`): `ms_forward_partial` with the
-    /// slice-local targets as given (−1: ignored, ≥ the slice's width: the target is in another
-    /// slice, every entry counts), uploaded as i32 (the targets kernel would reject the latter).
-    /// Returns the states [rows, splits, 5] and the split count.
+    /// `ms_forward_partial` with the slice-local targets uploaded as i32 (the targets kernel
+    /// would reject a target ≥ the slice's width).
     fn slice_partials(
         &self,
         cfg: &MarginSoftmaxLoss,

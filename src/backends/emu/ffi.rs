@@ -110,7 +110,7 @@ pub(super) trait EmuAcc: Acc {
 macro_rules! emu_element {
     ($t:ty, $acc:ty, $partial:ident, $finalize:ident, $backward:ident, $fused:ident) => {
         unsafe extern "C" {
-            pub(super) fn $partial(
+            fn $partial(
                 l: *const Launch,
                 variant: i32,
                 x: *const $t,
@@ -120,7 +120,7 @@ macro_rules! emu_element {
                 p: *const MsParams,
                 partials: *mut $acc,
             );
-            pub(super) fn $finalize(
+            fn $finalize(
                 l: *const Launch,
                 x: *const $t,
                 targets: *const i32,
@@ -134,7 +134,7 @@ macro_rules! emu_element {
                 grad_scale: *mut $acc,
                 upstream: *const $acc,
             );
-            pub(super) fn $backward(
+            fn $backward(
                 l: *const Launch,
                 variant: i32,
                 x: *const $t,
@@ -144,7 +144,7 @@ macro_rules! emu_element {
                 p: *const MsParams,
                 grad: *mut $t,
             );
-            pub(super) fn $fused(
+            fn $fused(
                 l: *const Launch,
                 kind: i32,
                 variant: i32,
@@ -207,7 +207,7 @@ emu_element!(
 );
 
 unsafe extern "C" {
-    pub(super) fn ms_emu_targets_f32(
+    fn ms_emu_targets_f32(
         l: *const Launch,
         dtype: i32,
         raw: *const std::ffi::c_void,
@@ -222,7 +222,7 @@ unsafe extern "C" {
         first_invalid: *mut i64,
         upstream: *mut f32,
     );
-    pub(super) fn ms_emu_targets_f64(
+    fn ms_emu_targets_f64(
         l: *const Launch,
         dtype: i32,
         raw: *const std::ffi::c_void,

@@ -423,7 +423,6 @@ struct LossAndGrad<T: Element> {
 pub(crate) struct Emulated(pub(crate) Planner);
 
 impl<T: EmuElement> Bodies<T, CpuStorage> for Emulated {
-    /// The forward op: per-row statistics [B, STAT_COLUMNS] in the accumulation dtype.
     fn forward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -450,9 +449,7 @@ impl<T: EmuElement> Bodies<T, CpuStorage> for Emulated {
         Ok(T::Acc::to_cpu_storage_owned(inputs.forward(&plan, None)?))
     }
 
-    /// The backward op: d(loss)/d(input) [B, C] in the input dtype, from the input, the targets and
-    /// the per-row [M, ln Σ, a, k, g_y, r] (upstream gradient folded in). The targets are converted
-    /// on the device without the check (the forward did it).
+    /// The targets are converted on the device without the check (the forward did it).
     fn backward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -473,9 +470,7 @@ impl<T: EmuElement> Bodies<T, CpuStorage> for Emulated {
         Ok(T::to_cpu_storage_owned(grad))
     }
 
-    /// Forward and backward together: (stats [B, STAT_COLUMNS], d(loss)/d(input) [B, C],
-    /// d(loss)/d(row scale) [B]), for the reduced loss when `mean` (Σ_i ℓ_i / Σ_i w_{y_i}), else for
-    /// Σ_i ℓ_i, by the first of the planner's five paths that fits (see `backends::launch`).
+    /// The first of the planner's five paths that fits (see `backends::launch`).
     fn forward_backward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -546,10 +541,7 @@ impl<T: EmuElement> Bodies<T, CpuStorage> for Emulated {
         Ok(wrap(out))
     }
 
-    /// The op over one slice of the classes (`op::slice_partials`): `ms_forward_partial` with the
-    /// slice-local targets as given (−1: ignored, ≥ the slice's width: the target is in another
-    /// slice, every entry counts), as the CUDA backend launches it. Returns the states [rows, splits,
-    /// 5] and the split count.
+    /// `ms_forward_partial` with the slice-local targets as given, as the CUDA backend launches it.
     fn slice_partials(
         &self,
         cfg: &MarginSoftmaxLoss,
