@@ -42,7 +42,8 @@ memory=(kernels::emu:: --skip kernels::emu::finite_differences --skip kernels::e
 # (every grid-stride loop, the split forward with several splits a row), clusters, the L2
 # kernel's grid barrier, the target kernel's paths, B = 0. Not the boundary widths ±1, the row
 # phases or the determinism reruns (the plain and ASan runs cover those): the tests read
-# CUDA_EMU_GRID=barriers and keep one width per path (kernels::emu::cluster_rows).
+# CUDA_EMU_GRID=barriers and keep one width per path (kernels::emu::cluster_rows) and one head
+# in the path tests (a head picks the per-element transform, not the barriers).
 # shellcheck disable=SC2034
 barriers=(kernels::emu::parity_small_heads kernels::emu::grid_stride
     kernels::emu::reduction_variants kernels::emu::target_errors_match_cpu

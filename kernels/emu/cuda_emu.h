@@ -679,8 +679,10 @@ inline void schedule_block(Worker& w) {
                 }
                 const bool same_kind = s == ld(first->state) &&
                                        (s == S_BAR || ld(f.group) == ld(first->group));
+                // The same __FILE__ literal is almost always the same pointer: strcmp only when not.
+                const char* file = ld(f.file);
                 if (same_kind && ld(f.line) == ld(first->line) &&
-                    !strcmp(ld(f.file), ld(first->file)))
+                    (file == ld(first->file) || !strcmp(file, ld(first->file))))
                     continue;
                 st(tl_fiber, &f);
                 if (s == S_BAR && same_kind)
