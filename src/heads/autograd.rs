@@ -62,7 +62,11 @@ impl GradientSource for HeadGradients {
                     let up = batch.row_upstream(Some(upstream))?;
                     batch.second_pass(&stats, &up)?
                 }
-                Pending::Spent => unreachable!("spent only once handed"),
+                // A backward whose gradient pass failed spent the pending state.
+                Pending::Spent => bail!(
+                    "{HEAD_OP}: this loss's backward already ran and failed; compute the loss \
+                     again for another backward"
+                ),
             };
             state.handed = Some([Some(grads.embeddings), Some(grads.weight), grads.bias]);
         }

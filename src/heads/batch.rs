@@ -69,11 +69,12 @@ pub(super) struct HeadBatch {
     pub(super) sharding: Option<Sharding>,
 }
 
-/// A sharded loss's shard and communicator.
+/// A sharded loss's shard and communicator, and the op's name for its errors.
 #[derive(Clone)]
 pub(super) struct Sharding {
     pub(super) shard: ClassShard,
     pub(super) comm: Arc<dyn Communicator>,
+    pub(super) op: String,
 }
 
 impl HeadBatch {
@@ -310,8 +311,13 @@ impl HeadBatch {
         }
         let mut merged = op::merge_partials(&parts)?;
         if let Some(sharding) = &self.sharding {
-            (merged, target_inputs) =
-                exchange_states(sharding.comm.as_ref(), &merged, &target_inputs, owned)?;
+            (merged, target_inputs) = exchange_states(
+                &sharding.op,
+                sharding.comm.as_ref(),
+                &merged,
+                &target_inputs,
+                owned,
+            )?;
         }
         op::finalize(
             &self.cfg,
@@ -467,7 +473,12 @@ impl SliceSums {
     pub(super) fn finish(mut self, p: &HeadBatch, d_scale: Option<&Tensor>) -> Result<Gradients> {
         if let Some(sharding) = &p.sharding {
             // Every rank's classes contribute to the embeddings' gradient.
-            self.features = all_reduce_sum(sharding.comm.as_ref(), &self.features)?;
+            self.features = all_reduce_sum(
+                &sharding.op,
+                "the embeddings' gradient",
+                sharding.comm.as_ref(),
+                &self.features,
+            )?;
         }
         let mut d_raw = match p.form {
             Form::Cosine => {

@@ -46,7 +46,7 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::config::{HEAD_OP, MarginSoftmaxLoss, Reduction, accumulation_dtype};
 use crate::gradient_handover::hand_over;
-use crate::shard::{ClassShard, Communicator};
+use crate::shard::{ClassShard, Communicator, Terms, agree, config_fingerprint, fingerprint};
 use crate::targets_and_weights::validate_targets;
 use autograd::{HeadGradients, Pending, Slot, SourceState};
 pub use batch::DEFAULT_CHUNK_SCORES;
@@ -495,11 +495,23 @@ impl MarginHead {
     /// sum over ranks (every rank gets the whole gradient, as for a replicated input), the bias's
     /// into this rank's slice. Every option but Partial FC; the chunking is per rank.
     ///
+    /// Before computing, the ranks agree (one small exchange): each sends its shard, B, W's
+    /// dtype and fingerprints of the configuration (the loss's and this module's) and of the
+    /// targets, or the error of its own checks. Every rank must make the same calls in the same
+    /// order, also `backward()` with [`Reduction::None`] (its gradient pass exchanges the
+    /// embeddings' gradient).
+    ///
     /// # Errors
-    /// As [`MarginHead::loss`] (targets checked against `shard.total`), and for a shard whose
-    /// `count` is not W's row count or that does not fit in `total`, Partial FC, or a failed
-    /// exchange. Every rank must make the same calls in the same order, also `backward()` with
-    /// [`Reduction::None`] (its gradient pass exchanges the embeddings' gradient).
+    /// The same `Err` on every rank, starting with `margin_head(<head>)`, when:
+    /// - a rank's own checks fail (the error names the rank and carries its message): those of
+    ///   [`MarginHead::loss`] (targets checked against `shard.total`), a shard whose `count` is
+    ///   not W's row count or that [`ClassShard::validate`] rejects, or Partial FC;
+    /// - the ranks disagree on B, W's dtype, the total, the configuration or the targets (the
+    ///   field and the ranks);
+    /// - the shards overlap, repeat or leave classes uncovered;
+    /// - an exchange fails: a rank that does not arrive before the communicator's deadline (the
+    ///   round and the missing ranks), a rank that left, or a group poisoned by an earlier
+    ///   failure (its cause).
     pub fn sharded_loss(
         &self,
         embeddings: &Tensor,
@@ -507,29 +519,35 @@ impl MarginHead {
         shard: ClassShard,
         comm: Arc<dyn Communicator>,
     ) -> Result<Tensor> {
-        let name = self.name();
-        shard.validate()?;
-        if shard.count != self.classes() {
-            bail!(
-                "{HEAD_OP}({name}): the shard holds {} classes but W has {} rows",
-                shard.count,
-                self.classes()
-            )
-        }
-        if self.partial_fc.is_some() {
-            bail!("{HEAD_OP}({name}): Partial FC is not supported with a sharded loss")
-        }
-        self.loss_impl(embeddings, targets, Some(Sharding { shard, comm }))
+        let op = format!("{HEAD_OP}({})", self.name());
+        self.loss_impl(embeddings, targets, Some(Sharding { shard, comm, op }))
     }
 
-    fn loss_impl(
+    /// This call's own checks (of the shard too, when sharded): the targets on the host, and
+    /// their values.
+    fn check_call(
         &self,
         embeddings: &Tensor,
         targets: &Tensor,
-        sharding: Option<Sharding>,
-    ) -> Result<Tensor> {
-        let rows = self.check_embeddings(embeddings)?;
+        shard: Option<ClassShard>,
+    ) -> Result<(Vec<Option<usize>>, Vec<i64>)> {
         let name = self.name();
+        if let Some(shard) = shard {
+            shard
+                .validate()
+                .map_err(|e| candle_core::Error::Msg(format!("{HEAD_OP}({name}): {e}")))?;
+            if shard.count != self.classes() {
+                bail!(
+                    "{HEAD_OP}({name}): the shard holds {} classes but W has {} rows",
+                    shard.count,
+                    self.classes()
+                )
+            }
+            if self.partial_fc.is_some() {
+                bail!("{HEAD_OP}({name}): Partial FC is not supported with a sharded loss")
+            }
+        }
+        let rows = self.check_embeddings(embeddings)?;
         if !matches!(targets.dtype(), DType::U8 | DType::U32 | DType::I64) {
             bail!(
                 "{HEAD_OP}({name}): targets must be an integer tensor of dtype u8, u32 or i64, got {:?}",
@@ -544,8 +562,7 @@ impl MarginHead {
         }
         self.check_device(targets, "targets")?;
         let values: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
-        let classes = self.classes();
-        let total = sharding.as_ref().map_or(classes, |s| s.shard.total);
+        let total = shard.map_or(self.classes(), |s| s.total);
         if let Some(w) = &self.loss.class_weights
             && w.len() != total
         {
@@ -554,7 +571,40 @@ impl MarginHead {
                 w.len()
             )
         }
-        let host_targets = validate_targets(&values, &self.loss, total)?;
+        Ok((validate_targets(&values, &self.loss, total)?, values))
+    }
+
+    fn loss_impl(
+        &self,
+        embeddings: &Tensor,
+        targets: &Tensor,
+        sharding: Option<Sharding>,
+    ) -> Result<Tensor> {
+        let checked = self.check_call(embeddings, targets, sharding.as_ref().map(|s| s.shard));
+        if let Some(s) = &sharding {
+            let terms = match &checked {
+                Ok((_, values)) => Ok(Terms {
+                    shard: s.shard,
+                    rows: values.len(),
+                    dtype: self.weight.dtype(),
+                    config: config_fingerprint(
+                        &self.loss,
+                        &format!(
+                            "feature_norm_scale {} eps {:?} bias {}",
+                            self.feature_norm_scale,
+                            self.eps,
+                            self.bias.is_some()
+                        ),
+                    ),
+                    targets: fingerprint(values.iter().flat_map(|v| v.to_le_bytes())),
+                }),
+                Err(e) => Err(candle_core::Error::Msg(e.to_string())),
+            };
+            agree(&s.op, s.comm.as_ref(), self.weight.device(), terms)?;
+        }
+        // Unsharded, or every rank passed its own checks (this one included).
+        let (host_targets, _) = checked?;
+        let classes = self.classes();
         let sample = match self.partial_fc {
             Some(pfc) => {
                 let call = self.calls.fetch_add(1, Ordering::Relaxed);

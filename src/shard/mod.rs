@@ -5,17 +5,31 @@
 //! the embeddings' gradient, the [B, D] partial sums. Every rank merges the gathered states in
 //! rank order, so every rank computes the same bits whatever the timing.
 //!
+//! Before it computes anything, a sharded loss makes the ranks agree (`agreement`): every rank
+//! sends its shard, B, the input dtype and fingerprints of the configuration and the targets, or
+//! the error of its own checks, and every rank returns the same `Err` unless all passed, the
+//! shards tile the classes exactly once and everything else is equal.
+//!
 //! [`InProcessGroup`] runs N ranks in one process, one thread per rank (a gather waits for every
-//! rank, so the ranks cannot take turns on one thread), for tests and CPU users; with the
-//! feature `nccl`, [`NcclCommunicator`] wraps a cudarc NCCL communicator, one per GPU.
+//! rank, so the ranks cannot take turns on one thread), with a deadline on every gather, for
+//! tests and CPU users; with the feature `nccl`, [`NcclCommunicator`] wraps a cudarc NCCL
+//! communicator, one per GPU.
 
-use std::sync::{Arc, Condvar, Mutex};
+mod agreement;
+mod in_process;
+#[cfg(feature = "nccl")]
+mod nccl;
 
-use candle_core::{DType, Device, Result, Tensor, bail};
+use std::sync::{Arc, Mutex};
 
-use crate::config::{
-    ClassWeights, HEAD_OP, MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype,
-};
+use candle_core::{DType, Device, Error, Result, Tensor, bail};
+
+pub(crate) use agreement::{Terms, agree, config_fingerprint, fingerprint};
+pub use in_process::{InProcessCommunicator, InProcessGroup};
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCommunicator;
+
+use crate::config::{ClassWeights, MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype};
 use crate::gradient_handover::{GradientSource, hand_over};
 use crate::layout;
 use crate::loss::{check_inputs, reduce};
@@ -32,13 +46,21 @@ pub struct ClassShard {
 
 impl ClassShard {
     /// The shard of `rank` when `total` classes are split over `ranks` as evenly as possible:
-    /// the first `total % ranks` ranks hold one class more.
+    /// the first `total % ranks` ranks hold one class more. Every rank holds at least one class
+    /// (as [`ClassShard::validate`] requires), so `total` must be at least `ranks`.
     ///
     /// # Errors
-    /// `ranks` = 0 or `rank` ≥ `ranks`.
+    /// An `Err` starting with `class_shard` for `ranks` = 0, `rank` ≥ `ranks`, or fewer classes
+    /// than ranks.
     pub fn even(total: usize, ranks: usize, rank: usize) -> Result<Self> {
         if ranks == 0 || rank >= ranks {
-            bail!("{HEAD_OP}: shard {rank} of {ranks} ranks does not exist")
+            bail!("class_shard: shard {rank} of {ranks} ranks does not exist")
+        }
+        if total < ranks {
+            bail!(
+                "class_shard: {total} classes cannot be split over {ranks} ranks (every rank \
+                 holds at least one class)"
+            )
         }
         let base = total / ranks;
         let extra = total % ranks;
@@ -50,10 +72,12 @@ impl ClassShard {
         })
     }
 
-    /// Checks `offset + count ≤ total` and `count` ≥ 1 (a rank holds at least one class).
+    /// Checks `offset + count ≤ total` and `count` ≥ 1 (a rank holds at least one class). That
+    /// the ranks' shards tile [0, total) exactly once is checked by the sharded loss itself,
+    /// which sees every rank's shard.
     ///
     /// # Errors
-    /// A shard outside the class range, or an empty one.
+    /// An `Err` starting with `class_shard` for a shard outside the class range or an empty one.
     pub fn validate(&self) -> Result<()> {
         if self.count == 0
             || self
@@ -62,7 +86,7 @@ impl ClassShard {
                 .is_none_or(|e| e > self.total)
         {
             bail!(
-                "{HEAD_OP}: shard of {} classes from {} is not a non-empty part of {} classes",
+                "class_shard: shard of {} classes from {} is not a non-empty part of {} classes",
                 self.count,
                 self.offset,
                 self.total
@@ -86,121 +110,20 @@ pub trait Communicator: Send + Sync {
     fn all_gather(&self, t: &Tensor) -> Result<Tensor>;
 }
 
-/// The state the ranks of one [`InProcessGroup`] share.
-struct Exchange {
-    /// Each rank's contribution to the current round.
-    slots: Vec<Option<Tensor>>,
-    /// The gathered result of the last completed round, and how many ranks still have to read
-    /// it.
-    result: Option<(Tensor, usize)>,
-    /// Completed rounds (a rank waits for the round it contributed to).
-    round: u64,
-    /// Set when a rank's contribution did not match; every waiting rank then fails.
-    failed: Option<String>,
-}
-
-/// N ranks in one process: [`InProcessGroup::new`] returns one [`InProcessCommunicator`] per
-/// rank, to be moved to one thread each (`all_gather` blocks until every rank has called it).
-pub struct InProcessGroup;
-
-impl InProcessGroup {
-    /// The communicators of `ranks` ranks.
-    ///
-    /// # Errors
-    /// `ranks` = 0.
-    #[allow(clippy::new_ret_no_self)]
-    pub fn new(ranks: usize) -> Result<Vec<InProcessCommunicator>> {
-        if ranks == 0 {
-            bail!("{HEAD_OP}: an in-process group needs at least one rank")
-        }
-        let shared = Arc::new((
-            Mutex::new(Exchange {
-                slots: vec![None; ranks],
-                result: None,
-                round: 0,
-                failed: None,
-            }),
-            Condvar::new(),
-        ));
-        Ok((0..ranks)
-            .map(|rank| InProcessCommunicator {
-                rank,
-                ranks,
-                shared: shared.clone(),
-            })
-            .collect())
-    }
-}
-
-/// One rank of an [`InProcessGroup`].
-pub struct InProcessCommunicator {
-    rank: usize,
-    ranks: usize,
-    shared: Arc<(Mutex<Exchange>, Condvar)>,
-}
-
-impl Communicator for InProcessCommunicator {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.ranks
-    }
-
-    fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-        let (lock, ready) = &*self.shared;
-        let mut ex = lock.lock().unwrap_or_else(|e| e.into_inner());
-        // Wait until the previous round's result has been read by every rank.
-        while ex.result.is_some() && ex.failed.is_none() {
-            ex = ready.wait(ex).unwrap_or_else(|e| e.into_inner());
-        }
-        if let Some(msg) = &ex.failed {
-            bail!("{msg}")
-        }
-        let my_round = ex.round;
-        ex.slots[self.rank] = Some(t.clone());
-        if ex.slots.iter().all(Option::is_some) {
-            let parts: Vec<Tensor> = ex
-                .slots
-                .iter_mut()
-                .map(|s| s.take().expect("set"))
-                .collect();
-            let same = parts
-                .iter()
-                .all(|p| p.dims() == parts[0].dims() && p.dtype() == parts[0].dtype());
-            if !same {
-                ex.failed = Some(format!(
-                    "{HEAD_OP}: all_gather got tensors of different shapes or dtypes across ranks"
-                ));
-                ready.notify_all();
-                bail!("{}", ex.failed.clone().unwrap_or_default())
-            }
-            let stacked = Tensor::stack(&parts, 0)?;
-            ex.result = Some((stacked, self.ranks));
-            ex.round += 1;
-            ready.notify_all();
-        }
-        while ex.round == my_round && ex.failed.is_none() {
-            ex = ready.wait(ex).unwrap_or_else(|e| e.into_inner());
-        }
-        if let Some(msg) = &ex.failed {
-            bail!("{msg}")
-        }
-        let (result, left) = ex.result.as_mut().expect("a completed round has a result");
-        let out = result.clone();
-        *left -= 1;
-        if *left == 0 {
-            ex.result = None;
-            ready.notify_all();
-        }
-        Ok(out)
-    }
+/// `comm.all_gather(t)`, its error prefixed with the op and what was exchanged.
+fn gather(op: &str, what: &str, comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
+    comm.all_gather(t)
+        .map_err(|e| Error::Msg(format!("{op}: the exchange of {what} failed: {e}")))
 }
 
 /// The sum over ranks of each rank's `t`, added in rank order (the same bits on every rank).
-pub(crate) fn all_reduce_sum(comm: &dyn Communicator, t: &Tensor) -> Result<Tensor> {
-    let gathered = comm.all_gather(t)?;
+pub(crate) fn all_reduce_sum(
+    op: &str,
+    what: &str,
+    comm: &dyn Communicator,
+    t: &Tensor,
+) -> Result<Tensor> {
+    let gathered = gather(op, what, comm, t)?;
     let mut sum = gathered.get(0)?;
     for k in 1..comm.world_size() {
         sum = (sum + gathered.get(k)?)?;
@@ -211,20 +134,25 @@ pub(crate) fn all_reduce_sum(comm: &dyn Communicator, t: &Tensor) -> Result<Tens
 /// Gathers every rank's merged slice states [B, PARTIAL_COLUMNS], target inputs \[B\] and which
 /// rows' targets it holds (`owned`), and merges the ranks' states in rank order: the states of
 /// whole rows and their target inputs, the same bits on every rank.
+/// An empty batch (which every rank has, since the ranks agreed on B) exchanges nothing.
 pub(crate) fn exchange_states(
+    op: &str,
     comm: &dyn Communicator,
     merged: &Tensor,
     target_inputs: &Tensor,
     owned: Vec<u8>,
 ) -> Result<(Tensor, Tensor)> {
     let rows = owned.len();
+    if rows == 0 {
+        return Ok((merged.clone(), target_inputs.clone()));
+    }
     let dev = merged.device();
     let owns = Tensor::from_vec(owned, rows, dev)?.to_dtype(merged.dtype())?;
     let packed = Tensor::cat(
         &[merged, &target_inputs.unsqueeze(1)?, &owns.unsqueeze(1)?],
         1,
     )?;
-    let all = comm.all_gather(&packed)?;
+    let all = gather(op, "the row states", comm, &packed)?;
     let mut states = Vec::with_capacity(all.dim(0)?);
     let mut inputs = target_inputs.clone();
     for k in 0..all.dim(0)? {
@@ -252,10 +180,22 @@ impl MarginSoftmaxLoss {
     /// backward needs no exchange). Class weights, if any, are those of all `total` classes.
     /// The head's fixed scale (no per-row scale).
     ///
+    /// Before computing, the ranks agree (one small exchange): each sends its shard, B, the input
+    /// dtype and fingerprints of this configuration and of the targets, or the error of its own
+    /// checks. Every rank must call it, in the same order.
+    ///
     /// # Errors
-    /// As [`MarginSoftmaxLoss::loss`] for the whole problem (targets checked against
-    /// `shard.total`), an input whose width is not `shard.count`, a shard that does not fit in
-    /// its total, or a failed exchange. Every rank must call it, in the same order.
+    /// The same `Err` on every rank, starting with `margin_softmax_ce(<head>)`, when:
+    /// - a rank's own checks fail (the error names the rank and carries its message): those of
+    ///   [`MarginSoftmaxLoss::loss`] for the whole problem (targets checked against
+    ///   `shard.total`), an input whose width is not `shard.count`, class weights whose length
+    ///   is not `shard.total`, or a shard that [`ClassShard::validate`] rejects;
+    /// - the ranks disagree on B, the input dtype, the total, the configuration or the targets
+    ///   (the field and the ranks);
+    /// - the shards overlap, repeat or leave classes uncovered;
+    /// - an exchange fails: a rank that does not arrive before the communicator's deadline (the
+    ///   round and the missing ranks), a rank that left, or a group poisoned by an earlier
+    ///   failure (its cause).
     pub fn sharded_loss(
         &self,
         input: &Tensor,
@@ -263,31 +203,22 @@ impl MarginSoftmaxLoss {
         shard: ClassShard,
         comm: Arc<dyn Communicator>,
     ) -> Result<Tensor> {
-        let name = self.head.name();
-        shard.validate()?;
-        if input.rank() != 2 || input.dim(1)? != shard.count {
-            bail!(
-                "{OP_NAME}({name}): a sharded input must have shape [B, shard.count] = [B, {}], got {:?}",
-                shard.count,
-                input.dims()
-            )
+        let op = format!("{OP_NAME}({})", self.head.name());
+        let local = self.sharded_checks(&op, input, targets, shard);
+        let terms = match &local {
+            Ok((terms, _)) => Ok(*terms),
+            Err(e) => Err(Error::Msg(e.to_string())),
+        };
+        agree(&op, comm.as_ref(), input.device(), terms)?;
+        // Every rank passed its own checks, this one included.
+        let (terms, host_targets) = local?;
+        let rows = terms.rows;
+        if rows == 0 {
+            // Loss 0 and gradient 0, as unsharded (the class weights play no part).
+            let mut whole = self.clone();
+            whole.class_weights = None;
+            return whole.loss(input, targets);
         }
-        // The shape and dtype checks of the unsharded op, with the class weights of all classes
-        // checked against the whole width.
-        let mut whole = self.clone();
-        whole.class_weights = None;
-        let (rows, _) = check_inputs(&whole, input, targets, None)?;
-        if let Some(w) = &self.class_weights
-            && w.len() != shard.total
-        {
-            bail!(
-                "{OP_NAME}({name}): class_weights must have shape [C] = [{}] (all classes), got [{}]",
-                shard.total,
-                w.len()
-            )
-        }
-        let values: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
-        let host_targets = validate_targets(&values, self, shard.total)?;
         let acc = accumulation_dtype(input.dtype());
         let dev = input.device();
         let cfg = self.clone().ignore_index(Some(-1)).check_targets(false);
@@ -299,7 +230,7 @@ impl MarginSoftmaxLoss {
         let mut owned = vec![0u8; rows];
         let inputs =
             op::pick_target_inputs(&x, &local, &Tensor::zeros(rows, acc, dev)?, &mut owned)?;
-        let (merged, inputs) = exchange_states(comm.as_ref(), &states, &inputs, owned)?;
+        let (merged, inputs) = exchange_states(&op, comm.as_ref(), &states, &inputs, owned)?;
         let stats = op::finalize(
             &cfg,
             shard.total,
@@ -327,6 +258,50 @@ impl MarginSoftmaxLoss {
             })),
         });
         hand_over(OP_NAME, &loss, &[(0, Some(input))], source)
+    }
+
+    /// This rank's own checks of a sharded call: its terms for the agreement and the targets.
+    fn sharded_checks(
+        &self,
+        op: &str,
+        input: &Tensor,
+        targets: &Tensor,
+        shard: ClassShard,
+    ) -> Result<(Terms, Vec<Option<usize>>)> {
+        shard
+            .validate()
+            .map_err(|e| Error::Msg(format!("{op}: {e}")))?;
+        if input.rank() != 2 || input.dim(1)? != shard.count {
+            bail!(
+                "{op}: a sharded input must have shape [B, shard.count] = [B, {}], got {:?}",
+                shard.count,
+                input.dims()
+            )
+        }
+        // The shape and dtype checks of the unsharded op, with the class weights of all classes
+        // checked against the whole width.
+        let mut whole = self.clone();
+        whole.class_weights = None;
+        let (rows, _) = check_inputs(&whole, input, targets, None)?;
+        if let Some(w) = &self.class_weights
+            && w.len() != shard.total
+        {
+            bail!(
+                "{op}: class_weights must have shape [C] = [{}] (all classes), got [{}]",
+                shard.total,
+                w.len()
+            )
+        }
+        let values: Vec<i64> = targets.to_dtype(DType::I64)?.to_vec1()?;
+        let host_targets = validate_targets(&values, self, shard.total)?;
+        let terms = Terms {
+            shard,
+            rows,
+            dtype: input.dtype(),
+            config: config_fingerprint(self, ""),
+            targets: fingerprint(values.iter().flat_map(|v| v.to_le_bytes())),
+        };
+        Ok((terms, host_targets))
     }
 }
 
@@ -433,115 +408,5 @@ impl GradientSource for ShardGradient {
             .contiguous()?;
         let info = row_info(&b.stats, &up, &b.scale)?;
         Ok(Some(slice_gradient(&b.cfg, &b.x, &b.local, &info)?))
-    }
-}
-
-#[cfg(feature = "nccl")]
-pub use nccl::NcclCommunicator;
-
-#[cfg(feature = "nccl")]
-mod nccl {
-    use std::sync::Mutex;
-
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::nccl::safe::Comm;
-    use candle_core::{
-        CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail,
-    };
-
-    use super::Communicator;
-    use crate::config::HEAD_OP;
-
-    /// The NCCL communicator of one rank (one GPU, usually one process), through cudarc:
-    /// [`Communicator::all_gather`] is `ncclAllGather` on the communicator's stream. Build the
-    /// `Comm` on the stream of the candle device the tensors live on (e.g.
-    /// `Comm::from_rank(device.cuda_stream(), rank, world_size, id)` with an `Id` made by rank
-    /// 0 and sent to the others), so that NCCL and candle's kernels are ordered on one stream.
-    pub struct NcclCommunicator {
-        comm: Mutex<CommHandle>,
-        rank: usize,
-        world_size: usize,
-    }
-
-    /// The cudarc communicator, which holds a raw NCCL handle (neither `Send` nor `Sync`).
-    struct CommHandle(Comm);
-
-    // SAFETY: an NCCL communicator may be used from any host thread as long as no two threads use
-    // it at once (NCCL's thread-safety rules); every use goes through the `Mutex` above.
-    unsafe impl Send for CommHandle {}
-
-    impl NcclCommunicator {
-        /// Wraps a cudarc NCCL communicator.
-        pub fn new(comm: Comm) -> Self {
-            let (rank, world_size) = (comm.rank(), comm.world_size());
-            Self {
-                comm: Mutex::new(CommHandle(comm)),
-                rank,
-                world_size,
-            }
-        }
-    }
-
-    impl Communicator for NcclCommunicator {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-
-        fn world_size(&self) -> usize {
-            self.world_size
-        }
-
-        fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
-            let comm = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-            t.contiguous()?.apply_op1_no_bwd(&AllGather {
-                comm: &comm.0,
-                world_size: self.world_size,
-            })
-        }
-    }
-
-    /// `ncclAllGather` of a contiguous f32 / f64 tensor into [world_size, ..shape].
-    struct AllGather<'c> {
-        comm: &'c Comm,
-        world_size: usize,
-    }
-
-    impl CustomOp1 for AllGather<'_> {
-        fn name(&self) -> &'static str {
-            "margin_head_nccl_all_gather"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            bail!("{HEAD_OP}: the NCCL communicator needs tensors on a CUDA device")
-        }
-
-        fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-            let Some((start, end)) = layout.contiguous_offsets() else {
-                bail!("{HEAD_OP}: all_gather needs a contiguous tensor")
-            };
-            let dev = storage.device().clone();
-            let n = end - start;
-            let nccl_err = |e| candle_core::Error::Msg(format!("{HEAD_OP}: ncclAllGather: {e:?}"));
-            let out = match storage.dtype() {
-                DType::F32 => {
-                    let src = storage.as_cuda_slice::<f32>()?.slice(start..end);
-                    // SAFETY: ncclAllGather writes all world_size·n elements before any read.
-                    let mut dst = unsafe { dev.alloc::<f32>(n * self.world_size) }?;
-                    self.comm.all_gather(&src, &mut dst).map_err(nccl_err)?;
-                    CudaStorage::wrap_cuda_slice(dst, dev)
-                }
-                DType::F64 => {
-                    let src = storage.as_cuda_slice::<f64>()?.slice(start..end);
-                    // SAFETY: as above.
-                    let mut dst = unsafe { dev.alloc::<f64>(n * self.world_size) }?;
-                    self.comm.all_gather(&src, &mut dst).map_err(nccl_err)?;
-                    CudaStorage::wrap_cuda_slice(dst, dev)
-                }
-                other => bail!("{HEAD_OP}: all_gather of {other:?} tensors is not supported"),
-            };
-            let mut dims = vec![self.world_size];
-            dims.extend_from_slice(layout.dims());
-            Ok((out, Shape::from(dims)))
-        }
     }
 }

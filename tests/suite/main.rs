@@ -16,3 +16,4 @@ mod parity;
 mod props;
 mod semantics;
 mod shard;
+mod shard_faults;
