@@ -4,7 +4,8 @@
 //   out[i] = t_i for t_i in [0, C), MS_TARGET_IGNORED for t_i = ignore_index, else
 //            MS_TARGET_INVALID (and the row counts as invalid);
 //   first_invalid[0] = the smallest invalid row, or rows when there is none;
-//   upstream[0] = 1/sum_{rows not ignored} w_{t_i} for the mean (0 when that sum is 0), else 1.
+//   upstream[0] = 1/sum_{rows not ignored} w_{t_i} for the mean (0 when that sum is 0), else 1;
+//   the sum in f64 whatever A (f32 weights of a class many rows target overflow an f32 sum).
 // One block of MS_TARGETS_BLOCK threads: each thread takes a fixed set of rows and the block
 // combines them in a fixed order, so the sum, hence every bit of the gradient, is reproducible.
 // The class weights (C, accumulation type) are read only with has_weights and mean.
@@ -16,10 +17,10 @@ __device__ void convert_targets(const I* __restrict__ raw, long long rows, long 
                                 const A* __restrict__ weights, int has_weights, int mean,
                                 int* __restrict__ out, long long* __restrict__ first_invalid,
                                 A* __restrict__ upstream) {
-    __shared__ A sums[MS_TARGETS_BLOCK];
+    __shared__ double sums[MS_TARGETS_BLOCK];
     __shared__ long long firsts[MS_TARGETS_BLOCK];
     require_block<MS_TARGETS_BLOCK>();
-    A sum = A(0);
+    double sum = 0.0;
     long long first = rows;
     for (long long i = threadIdx.x; i < rows; i += MS_TARGETS_BLOCK) {
         const long long t = (long long)raw[i];
@@ -31,7 +32,7 @@ __device__ void convert_targets(const I* __restrict__ raw, long long rows, long 
             if (i < first) first = i;
         } else {
             converted = (int)t;
-            if (mean) sum += has_weights ? weights[t] : A(1);
+            if (mean) sum += has_weights ? (double)weights[t] : 1.0;
         }
         out[i] = converted;
     }
@@ -48,8 +49,8 @@ __device__ void convert_targets(const I* __restrict__ raw, long long rows, long 
     }
     if (threadIdx.x == 0) {
         first_invalid[0] = firsts[0];
-        const A total = sums[0];
-        upstream[0] = !mean ? A(1) : (total != A(0) ? A(1) / total : A(0));
+        const double total = sums[0];
+        upstream[0] = !mean ? A(1) : (total != 0.0 ? A(1.0 / total) : A(0));
     }
 }
 

@@ -238,6 +238,12 @@ pub enum MarginGrad {
     Detached,
 }
 
+/// The float dtypes the crate computes with: f16, bf16, f32 and f64 (not the 8-, 6- and 4-bit
+/// storage formats, which candle cannot convert on every path).
+pub(crate) fn is_arithmetic_float(dtype: DType) -> bool {
+    matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64)
+}
+
 /// Per-class weights w (shape \[C\]), checked once when they are set: every entry finite and ≥ 0.
 ///
 /// Made by [[`ClassWeights::new`]] (or [`MarginSoftmaxLoss::class_weights`]), which reads the
@@ -258,10 +264,11 @@ pub struct ClassWeights {
 }
 
 impl ClassWeights {
-    /// Checks and snapshots `weights`: rank 1, a float dtype, every entry finite and ≥ 0.
+    /// Checks and snapshots `weights`: rank 1, f16 / bf16 / f32 / f64, every entry finite and ≥ 0.
     ///
     /// # Errors
-    /// An `Err` naming the op for a tensor that is not rank 1 or not a float tensor, and for the
+    /// An `Err` naming the op for a tensor that is not rank 1 or not f16 / bf16 / f32 / f64 (the
+    /// 8-, 6- and 4-bit float formats included), and for the
     /// first entry that is negative, NaN or infinite (its index and value).
     pub fn new(weights: &Tensor) -> Result<Self> {
         if weights.rank() != 1 {
@@ -270,9 +277,9 @@ impl ClassWeights {
                 weights.dims()
             )
         }
-        if !weights.dtype().is_float() {
+        if !is_arithmetic_float(weights.dtype()) {
             bail!(
-                "{OP_NAME}: class_weights must be a float tensor, got {:?}",
+                "{OP_NAME}: class_weights must be an f16, bf16, f32 or f64 tensor, got {:?}",
                 weights.dtype()
             )
         }

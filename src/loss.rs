@@ -2,7 +2,9 @@
 
 use candle_core::{DType, Result, Tensor, bail};
 
-use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype};
+use crate::config::{
+    MarginSoftmaxLoss, OP_NAME, Reduction, accumulation_dtype, is_arithmetic_float,
+};
 use crate::layout::{self, STAT_WEIGHT};
 use crate::op;
 
@@ -75,9 +77,9 @@ pub(crate) fn check_inputs(
                 r.dims()
             )
         }
-        if !r.dtype().is_float() {
+        if !is_arithmetic_float(r.dtype()) {
             bail!(
-                "{OP_NAME}({name}): row_scale must be a float tensor, got {:?}",
+                "{OP_NAME}({name}): row_scale must be an f16, bf16, f32 or f64 tensor, got {:?}",
                 r.dtype()
             )
         }
@@ -246,7 +248,16 @@ impl MarginSoftmaxLoss {
         } else {
             input.detach().contiguous()?
         };
+        // candle refuses a destination that shares storage with a source before writing
+        // anything; its message names neither this op's call nor the way out.
         self.loss_and_grad_to(&input, targets, Some(grad))
+            .map_err(|e| match e.to_string() {
+                m if m.contains("shares storage with dst") => candle_core::Error::Msg(format!(
+                    "{OP_NAME}({name}): the gradient buffer shares storage with the input (use \
+                     loss_and_grad_in_place to overwrite the input with its gradient): {m}"
+                )),
+                _ => e,
+            })
     }
 
     /// As [`Self::loss_and_grad`], overwriting `input` with its own gradient; returns the loss.
@@ -359,10 +370,17 @@ pub(crate) fn reduce(reduction: Reduction, stats: &Tensor) -> Result<Tensor> {
         Reduction::None => Ok(per_row),
         Reduction::Sum => per_row.sum_all(),
         Reduction::Mean => {
-            // Σ w_y over rows not ignored; the weights do not depend on the input, so this
-            // branch carries no gradient.
-            let denominator = stats.narrow(1, STAT_WEIGHT, 1)?.detach().sum_all()?;
-            mean_of_sum(&per_row.sum_all()?, &denominator)
+            // Σ ℓ / Σ w_y over rows not ignored, both sums in f64 whatever the input's dtype
+            // (valid f32 weights of a class that many rows target overflow an f32 sum), the
+            // quotient rounded once. The weights do not depend on the input, so the denominator
+            // carries no gradient.
+            let denominator = stats
+                .narrow(1, STAT_WEIGHT, 1)?
+                .detach()
+                .to_dtype(DType::F64)?
+                .sum_all()?;
+            let sum = per_row.to_dtype(DType::F64)?.sum_all()?;
+            mean_of_sum(&sum, &denominator)?.to_dtype(per_row.dtype())
         }
     }
 }

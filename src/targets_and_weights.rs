@@ -60,7 +60,8 @@ pub(crate) fn weight_of<A: Acc>(weights: &Option<Vec<A>>, target: usize) -> A {
     weights.as_ref().map_or(A::one(), |w| w[target])
 }
 
-/// The factor the fused paths fold into the gradient: 1/Σ_{rows not ignored} w_y for the mean
+/// The factor the fused paths fold into the gradient: 1/Σ_{rows not ignored} w_y (summed in f64)
+/// for the mean
 /// (0 when that sum is 0: an all-ignored batch, or every target on a zero-weight class, whose
 /// loss is 0 by the spec), else 1. The kernels form the same factor on the device
 /// (kernels/targets.cu).
@@ -72,11 +73,14 @@ pub(crate) fn upstream_factor<A: Acc>(
     if !mean {
         return A::one();
     }
-    let denominator = targets.iter().fold(A::zero(), |acc, &y| {
-        acc + y.map_or(A::zero(), |y| weight_of(weights, y))
-    });
-    if denominator != A::zero() {
-        denominator.recip()
+    // In f64 whatever A: f32 weights of a class that many rows target overflow an f32 sum.
+    let denominator: f64 = targets
+        .iter()
+        .flatten()
+        .map(|&y| candle_core::WithDType::to_f64(weight_of(weights, y)))
+        .sum::<f64>();
+    if denominator != 0.0 {
+        A::of(denominator.recip())
     } else {
         A::zero()
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Result, Tensor};
 
-use super::form::{Form, form_of};
+use super::form::{Form, form_of, row_norms};
 use super::partial_fc::Sample;
 use crate::config::{ClassWeights, MarginSoftmaxLoss, Reduction, accumulation_dtype};
 use crate::layout::STAT_D_SCALE;
@@ -127,7 +127,7 @@ impl HeadBatch {
         let eps = head.eps;
         let (features, per_class, per_class_acc, per_row) = match form {
             Form::Cosine => {
-                let norm = raw.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(eps)?;
+                let norm = row_norms(&raw)?.maximum(eps)?;
                 let features = raw.broadcast_div(&norm)?;
                 let (inv, inv_sq) = per_class_norms(&weight, eps, acc)?;
                 (features, Some(inv), Some(inv_sq), None)
@@ -144,7 +144,7 @@ impl HeadBatch {
             None => None,
         };
         let scale = if head.feature_norm_scale {
-            raw.sqr()?.sum(1)?.sqrt()?
+            row_norms(&raw)?.squeeze(1)?
         } else {
             Tensor::full(head.loss.head.scale(), rows, &dev)?.to_dtype(acc)?
         };
@@ -384,11 +384,25 @@ impl HeadBatch {
 /// n_j = 1/max(‖W_j‖, ε) and n_j²·[‖W_j‖ > ε], computed a slice of classes at a time so that no
 /// \[C, D\] temporary is formed.
 pub(super) fn per_class_norms(weight: &Tensor, eps: f64, acc: DType) -> Result<(Tensor, Tensor)> {
-    let norm = class_sq_norms(weight, acc)?.sqrt()?;
+    let norm = class_norms(weight, acc)?;
     let inv = norm.maximum(eps)?.recip()?;
     let mask = norm.gt(eps)?.to_dtype(acc)?;
     let inv_sq = inv.sqr()?.mul(&mask)?;
     Ok((inv, inv_sq))
+}
+
+/// ‖W_j‖ \[C\] in `acc` without overflow ([`row_norms`]), a slice of classes at a time.
+fn class_norms(weight: &Tensor, acc: DType) -> Result<Tensor> {
+    let classes = weight.dim(0)?;
+    let step = (DEFAULT_CHUNK_SCORES / weight.dim(1)?.max(1)).max(1);
+    let mut parts = Vec::new();
+    let mut c0 = 0;
+    while c0 < classes {
+        let c = step.min(classes - c0);
+        parts.push(row_norms(&weight.narrow(0, c0, c)?.to_dtype(acc)?)?.squeeze(1)?);
+        c0 += c;
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// ‖W_j‖² \[C\] in `acc`, a slice of classes at a time.
@@ -484,7 +498,7 @@ impl SliceSums {
             Form::Cosine => {
                 // f̂ = f / max(‖f‖, ε): d f = (d f̂ − f̂·(f̂·d f̂)) / ‖f‖ where ‖f‖ > ε, d f̂ / ε
                 // elsewhere.
-                let norm = p.raw.sqr()?.sum_keepdim(1)?.sqrt()?;
+                let norm = row_norms(&p.raw)?;
                 let denom = norm.maximum(p.eps)?;
                 let unit = p.raw.broadcast_div(&denom)?;
                 let mask = norm.gt(p.eps)?.to_dtype(p.acc)?;

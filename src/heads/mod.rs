@@ -446,6 +446,9 @@ impl MarginHead {
     pub fn logits(&self, embeddings: &Tensor) -> Result<Tensor> {
         let input = self.input(embeddings)?;
         let rows = input.dim(0)?;
+        if rows == 0 {
+            return input.to_dtype(accumulation_dtype(input.dtype()));
+        }
         let cfg = self.loss.clone().ignore_index(Some(-1));
         let no_target = Tensor::full(-1i64, rows, input.device())?;
         let scale = if self.feature_norm_scale {
@@ -458,12 +461,17 @@ impl MarginHead {
         crate::reference::logits(&cfg, &input, &no_target, scale.as_ref())
     }
 
-    /// The predicted class of each embedding, u32 \[B\]: the arg-max of [`MarginHead::logits`].
+    /// The predicted class of each embedding, u32 \[B\]: the arg-max of [`MarginHead::logits`]
+    /// (empty for an empty batch).
     ///
     /// # Errors
     /// As [`MarginHead::input`].
     pub fn predict(&self, embeddings: &Tensor) -> Result<Tensor> {
-        self.logits(embeddings)?.argmax(1)
+        let logits = self.logits(embeddings)?;
+        if logits.dim(0)? == 0 {
+            return Tensor::zeros(0, DType::U32, logits.device());
+        }
+        logits.argmax(1)
     }
 
     /// The loss of `embeddings` \[B, D\] (W's dtype and device) against `targets` \[B\] (u8, u32 or

@@ -263,7 +263,7 @@ pub fn invalid_inputs(dev: &Device) {
         &mut f,
         "weights dtype u32",
         Tensor::ones(c, DType::U32, dev).unwrap(),
-        &["class_weights", "float"],
+        &["class_weights", "f16, bf16, f32 or f64"],
     );
     for (label, bad, shown) in [
         ("weights negative", -0.5f64, "-0.5"),
@@ -309,7 +309,7 @@ pub fn invalid_inputs(dev: &Device) {
     ] {
         let cfg = MarginSoftmaxLoss::new(Head::sphereface(5.0));
         let key = if name.contains("dtype") {
-            "float"
+            "f16, bf16, f32 or f64"
         } else {
             "shape"
         };

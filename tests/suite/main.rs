@@ -14,6 +14,7 @@ mod heads;
 mod kernels;
 mod parity;
 mod props;
+mod robustness;
 mod semantics;
 mod shard;
 mod shard_faults;
