@@ -106,6 +106,9 @@ impl MarginSoftmaxLoss {
     ///   only matches i64 targets: see [`MarginSoftmaxLoss::ignore_index`]).
     /// - Returns f32 (f64 for f64 input): shape \[B\] for [`Reduction::None`], a scalar otherwise.
     ///   The gradient into `input` has the input's dtype.
+    /// - Input values are not checked for size: where s·x itself (or d²/γ) overflows the
+    ///   accumulation dtype, the loss and its gradient are non-finite, as in PyTorch. The
+    ///   weighted mean's sums Σ w_y·ℓ and Σ w_y are formed in f64 whatever the dtype.
     ///
     /// # Errors
     /// An `Err` that names the op and the problem, for: an invalid hyper-parameter (see the
