@@ -393,27 +393,28 @@ pub(super) fn per_class_norms(weight: &Tensor, eps: f64, acc: DType) -> Result<(
 
 /// ‖W_j‖ \[C\] in `acc` without overflow ([`row_norms`]), a slice of classes at a time.
 fn class_norms(weight: &Tensor, acc: DType) -> Result<Tensor> {
-    let classes = weight.dim(0)?;
-    let step = (DEFAULT_CHUNK_SCORES / weight.dim(1)?.max(1)).max(1);
-    let mut parts = Vec::new();
-    let mut c0 = 0;
-    while c0 < classes {
-        let c = step.min(classes - c0);
-        parts.push(row_norms(&weight.narrow(0, c0, c)?.to_dtype(acc)?)?.squeeze(1)?);
-        c0 += c;
-    }
-    Tensor::cat(&parts, 0)
+    per_class_slices(weight, acc, |w| row_norms(w)?.squeeze(1))
 }
 
 /// ‖W_j‖² \[C\] in `acc`, a slice of classes at a time.
 pub(super) fn class_sq_norms(weight: &Tensor, acc: DType) -> Result<Tensor> {
+    per_class_slices(weight, acc, |w| w.sqr()?.sum(1))
+}
+
+/// `per_row` \[c\] of W's rows converted to `acc` a slice at a time (no \[C, D\] temporary),
+/// concatenated into \[C\].
+fn per_class_slices(
+    weight: &Tensor,
+    acc: DType,
+    per_row: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
     let classes = weight.dim(0)?;
     let step = (DEFAULT_CHUNK_SCORES / weight.dim(1)?.max(1)).max(1);
     let mut parts = Vec::new();
     let mut c0 = 0;
     while c0 < classes {
         let c = step.min(classes - c0);
-        parts.push(weight.narrow(0, c0, c)?.to_dtype(acc)?.sqr()?.sum(1)?);
+        parts.push(per_row(&weight.narrow(0, c0, c)?.to_dtype(acc)?)?);
         c0 += c;
     }
     Tensor::cat(&parts, 0)
