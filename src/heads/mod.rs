@@ -46,7 +46,9 @@ use candle_nn::{Init, VarBuilder};
 
 use crate::config::{HEAD_OP, MarginSoftmaxLoss, Reduction, accumulation_dtype};
 use crate::gradient_handover::hand_over;
-use crate::shard::{ClassShard, Communicator, Terms, agree, config_fingerprint, fingerprint};
+use crate::shard::{
+    ClassShard, Communicator, Terms, agree, config_fingerprint, targets_fingerprint,
+};
 use crate::targets_and_weights::validate_targets;
 use autograd::{HeadGradients, Pending, Slot, SourceState};
 pub use batch::DEFAULT_CHUNK_SCORES;
@@ -590,24 +592,21 @@ impl MarginHead {
     ) -> Result<Tensor> {
         let checked = self.check_call(embeddings, targets, sharding.as_ref().map(|s| s.shard));
         if let Some(s) = &sharding {
-            let terms = match &checked {
-                Ok((_, values)) => Ok(Terms {
-                    shard: s.shard,
-                    rows: values.len(),
-                    dtype: self.weight.dtype(),
-                    config: config_fingerprint(
-                        &self.loss,
-                        &format!(
-                            "feature_norm_scale {} eps {:?} bias {}",
-                            self.feature_norm_scale,
-                            self.eps,
-                            self.bias.is_some()
-                        ),
+            let terms = checked.as_ref().map(|(_, values)| Terms {
+                shard: s.shard,
+                rows: values.len(),
+                dtype: self.weight.dtype(),
+                config: config_fingerprint(
+                    &self.loss,
+                    &format!(
+                        "feature_norm_scale {} eps {:?} bias {}",
+                        self.feature_norm_scale,
+                        self.eps,
+                        self.bias.is_some()
                     ),
-                    targets: fingerprint(values.iter().flat_map(|v| v.to_le_bytes())),
-                }),
-                Err(e) => Err(candle_core::Error::Msg(e.to_string())),
-            };
+                ),
+                targets: targets_fingerprint(values),
+            });
             agree(&s.op, s.comm.as_ref(), self.weight.device(), terms)?;
         }
         // Unsharded, or every rank passed its own checks (this one included).

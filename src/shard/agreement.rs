@@ -6,9 +6,9 @@
 //! ranks and the field. A rank whose own checks fail still takes part, so that the others learn
 //! of it instead of waiting for it.
 
-use candle_core::{DType, Device, Result, Tensor, bail};
+use candle_core::{DType, Device, Error, Result, Tensor, bail};
 
-use super::{ClassShard, Communicator};
+use super::{ClassShard, Communicator, gather};
 use crate::config::MarginSoftmaxLoss;
 
 /// What the ranks of one sharded loss must agree on.
@@ -19,7 +19,7 @@ pub(crate) struct Terms {
     pub(crate) dtype: DType,
     /// [`fingerprint`] of the loss configuration (head, every option, the class weights).
     pub(crate) config: u64,
-    /// [`fingerprint`] of the targets.
+    /// [`targets_fingerprint`] of the targets.
     pub(crate) targets: u64,
 }
 
@@ -28,6 +28,11 @@ pub(crate) fn fingerprint(bytes: impl IntoIterator<Item = u8>) -> u64 {
     bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// The fingerprint of the targets' values.
+pub(crate) fn targets_fingerprint(values: &[i64]) -> u64 {
+    fingerprint(values.iter().flat_map(|v| v.to_le_bytes()))
 }
 
 /// The fingerprint of a loss configuration: the head and every option (their `Debug` form, whose
@@ -90,7 +95,7 @@ fn halves(v: u64) -> [f64; 2] {
     [(v >> 32) as f64, (v & 0xffff_ffff) as f64]
 }
 
-fn record(local: &Result<Terms>) -> Vec<f64> {
+fn record(local: std::result::Result<Terms, &Error>) -> Vec<f64> {
     let mut r = vec![0.0; RECORD];
     match local {
         Ok(t) => {
@@ -119,8 +124,8 @@ fn record(local: &Result<Terms>) -> Vec<f64> {
     r
 }
 
-/// Exchanges this rank's terms (or its own error) with every rank through `comm`, on `dev`, and
-/// returns `Ok` only when every rank passed its checks, the shards tile [0, total) exactly once
+/// Exchanges this rank's terms (or the error of its own checks) with every rank through `comm`,
+/// on `dev`, and returns `Ok` only when every rank passed its checks, the shards tile [0, total) exactly once
 /// and every other term is equal on every rank.
 ///
 /// # Errors
@@ -131,15 +136,12 @@ pub(crate) fn agree(
     op: &str,
     comm: &dyn Communicator,
     dev: &Device,
-    local: Result<Terms>,
-) -> Result<Terms> {
-    let mine = Tensor::from_vec(record(&local), RECORD, dev)?;
-    let all = comm
-        .all_gather(&mine)
-        .map_err(|e| candle_core::Error::Msg(format!("{op}: the ranks' agreement failed: {e}")))?;
+    local: std::result::Result<Terms, &Error>,
+) -> Result<()> {
+    let mine = Tensor::from_vec(record(local), RECORD, dev)?;
+    let all = gather(op, "the ranks' agreement", comm, &mine)?;
     let all: Vec<Vec<f64>> = all.to_dtype(DType::F64)?.to_vec2()?;
-    judge(op, &all)?;
-    local
+    judge(op, &all)
 }
 
 /// The verdict on every rank's record, the same on every rank.
@@ -238,7 +240,7 @@ mod tests {
     use super::*;
 
     fn rec(offset: usize, count: usize, total: usize) -> Vec<f64> {
-        record(&Ok(Terms {
+        record(Ok(Terms {
             shard: ClassShard {
                 offset,
                 count,
@@ -266,7 +268,7 @@ mod tests {
 
     #[test]
     fn a_rank_s_own_error_travels() {
-        let bad = record(&Err(candle_core::Error::Msg("width 3, want 4 — é".into())));
+        let bad = record(Err(&Error::Msg("width 3, want 4 — é".into())));
         let msg = judge("op", &[rec(0, 4, 10), bad]).unwrap_err().to_string();
         // (candle appends a backtrace when RUST_BACKTRACE is set.)
         assert_eq!(

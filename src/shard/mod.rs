@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Error, Result, Tensor, bail};
 
-pub(crate) use agreement::{Terms, agree, config_fingerprint, fingerprint};
+pub(crate) use agreement::{Terms, agree, config_fingerprint, targets_fingerprint};
 pub use in_process::{InProcessCommunicator, InProcessGroup};
 #[cfg(feature = "nccl")]
 pub use nccl::NcclCommunicator;
@@ -205,10 +205,7 @@ impl MarginSoftmaxLoss {
     ) -> Result<Tensor> {
         let op = format!("{OP_NAME}({})", self.head.name());
         let local = self.sharded_checks(&op, input, targets, shard);
-        let terms = match &local {
-            Ok((terms, _)) => Ok(*terms),
-            Err(e) => Err(Error::Msg(e.to_string())),
-        };
+        let terms = local.as_ref().map(|(terms, _)| *terms);
         agree(&op, comm.as_ref(), input.device(), terms)?;
         // Every rank passed its own checks, this one included.
         let (terms, host_targets) = local?;
@@ -299,7 +296,7 @@ impl MarginSoftmaxLoss {
             rows,
             dtype: input.dtype(),
             config: config_fingerprint(self, ""),
-            targets: fingerprint(values.iter().flat_map(|v| v.to_le_bytes())),
+            targets: targets_fingerprint(&values),
         };
         Ok((terms, host_targets))
     }
