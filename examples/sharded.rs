@@ -149,20 +149,32 @@ fn print(results: &[RankResult], whole: f32) {
 
 #[cfg(feature = "nccl")]
 fn nccl_ranks(p: &Problem, gpus: usize, whole_dw: &Tensor) -> Result<Vec<RankResult>> {
-    use candle_core::cuda_backend::cudarc::nccl::safe::Comm;
+    use candle_core::cuda_backend::cudarc::nccl::safe::Id;
     use candle_margin_softmax::NcclCommunicator;
     let devices: Vec<Device> = (0..gpus)
         .map(Device::new_cuda)
         .collect::<candle_core::Result<_>>()?;
-    let streams = devices
-        .iter()
-        .map(|d| Ok(d.as_cuda_device()?.cuda_stream()))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    let comms = Comm::from_devices(streams).map_err(|e| anyhow::anyhow!("NCCL: {e:?}"))?;
-    let comms: Vec<Arc<dyn Communicator>> = comms
-        .into_iter()
-        .map(|c| Arc::new(NcclCommunicator::new(c)) as Arc<dyn Communicator>)
-        .collect();
+    // One process here, so every rank reads rank 0's id directly; across processes rank 0
+    // sends `id.internal()` to the others, which rebuild it with `Id::uninit`.
+    let id = Id::new().map_err(|e| anyhow::anyhow!("NCCL: ncclGetUniqueId: {e:?}"))?;
+    // Every rank's set-up waits for all the others, so each joins from its own thread.
+    let comms = std::thread::scope(|scope| {
+        let joining: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(rank, device)| {
+                let id = &id;
+                scope.spawn(move || -> candle_core::Result<Arc<dyn Communicator>> {
+                    let stream = device.as_cuda_device()?.cuda_stream();
+                    Ok(Arc::new(NcclCommunicator::new(stream, rank, gpus, id)?))
+                })
+            })
+            .collect();
+        joining
+            .into_iter()
+            .map(|j| j.join().expect("a rank's set-up thread panicked"))
+            .collect::<candle_core::Result<Vec<_>>>()
+    })?;
     run_ranks(p, comms, &devices, whole_dw)
 }
 

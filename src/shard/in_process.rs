@@ -48,8 +48,8 @@ pub struct InProcessGroup;
 
 impl InProcessGroup {
     /// How long a gather waits for the other ranks unless told otherwise: 10 minutes, the
-    /// default timeout of `torch.distributed.init_process_group`.
-    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
+    /// default timeout of `torch.distributed.init_process_group` ([`super::DEFAULT_TIMEOUT`]).
+    pub const DEFAULT_TIMEOUT: Duration = super::DEFAULT_TIMEOUT;
 
     /// The communicators of `ranks` ranks, with the default deadline.
     ///

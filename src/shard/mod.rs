@@ -12,15 +12,18 @@
 //!
 //! [`InProcessGroup`] runs N ranks in one process, one thread per rank (a gather waits for every
 //! rank, so the ranks cannot take turns on one thread), with a deadline on every gather, for
-//! tests and CPU users; with the feature `nccl`, [`NcclCommunicator`] wraps a cudarc NCCL
-//! communicator, one per GPU.
+//! tests and CPU users; with the feature `nccl`, [`NcclCommunicator`] is one GPU's rank over
+//! NCCL, with the same deadline kept by a watchdog (`watchdog`) as PyTorch's.
 
 mod agreement;
 mod in_process;
 #[cfg(feature = "nccl")]
 mod nccl;
+#[cfg_attr(not(feature = "nccl"), allow(dead_code))]
+mod watchdog;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use candle_core::{DType, Device, Error, Result, Tensor, bail};
 
@@ -35,6 +38,11 @@ use crate::layout;
 use crate::loss::{check_inputs, reduce};
 use crate::op;
 use crate::targets_and_weights::{upstream_factor, validate_targets};
+
+/// How long a collective waits for the other ranks unless told otherwise, for every
+/// communicator of the crate: 10 minutes, the default timeout of
+/// `torch.distributed.init_process_group`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Which classes a rank holds: `count` classes from `offset`, out of `total`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

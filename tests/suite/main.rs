@@ -12,6 +12,8 @@ mod finite_diff;
 mod heads;
 #[cfg(any(feature = "cuda", feature = "kernel-emu"))]
 mod kernels;
+#[cfg(feature = "nccl")]
+mod nccl_faults;
 mod parity;
 mod props;
 mod robustness;
