@@ -14,8 +14,17 @@ pub(crate) const STAT_GRAD_CONSTANTS: usize = 4;
 /// dℓ/dr, the derivative by the row's scale.
 pub(crate) const STAT_D_SCALE: usize = 7;
 pub(crate) const STAT_COLUMNS: usize = 8;
+/// With per-row margins (CPU only so far), the statistics carry dℓ/d(m1, m2, m3) in three more
+/// columns from here: [B, STAT_COLUMNS_ROW_MARGINS].
+pub(crate) const STAT_D_MARGINS: usize = 8;
+pub(crate) const STAT_COLUMNS_ROW_MARGINS: usize = 11;
 /// [M, ln Σ, a, k, g_y, r] per row for the backward op.
 pub(crate) const ROWINFO_COLUMNS: usize = 6;
+/// With per-row margins, [M, ln Σ, a, k, g_y, r, m1, m2, m3].
+pub(crate) const ROWINFO_COLUMNS_ROW_MARGINS: usize = 9;
+/// The row parameters with per-row margins, [B, ROW_PARAMS]: (r, m1, m2, m3) per row (the row
+/// scale alone is a \[B\] tensor).
+pub(crate) const ROW_PARAMS: usize = 4;
 /// The online state of a slice's non-target entries, per row: max, Σ exp(z − max),
 /// Σ exp(z − max)·v, Σ w·v, Σ w·z (the kernels' `MS_PARTIAL_COLUMNS` layout).
 pub(crate) const PARTIAL_COLUMNS: usize = 5;

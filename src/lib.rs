@@ -33,6 +33,7 @@ mod loss;
 mod math;
 mod op;
 pub mod reference;
+mod row_margins;
 mod shard;
 mod targets_and_weights;
 
@@ -42,6 +43,7 @@ pub use backends::emu::kernel_emu;
 pub use backends::cpu::simd::{SimdLevel, with_simd_level};
 pub use heads::{DEFAULT_CHUNK_SCORES, DEFAULT_NORM_EPS, MarginHead, PartialFc};
 pub use op::one_pass_max_classes;
+pub use row_margins::RowMarginGrads;
 #[cfg(feature = "nccl")]
 pub use shard::NcclCommunicator;
 pub use shard::{ClassShard, Communicator, InProcessCommunicator, InProcessGroup};

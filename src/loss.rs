@@ -155,7 +155,12 @@ impl MarginSoftmaxLoss {
         self.loss_impl(input, targets, &scale)
     }
 
-    fn loss_impl(&self, input: &Tensor, targets: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    pub(crate) fn loss_impl(
+        &self,
+        input: &Tensor,
+        targets: &Tensor,
+        scale: &Tensor,
+    ) -> Result<Tensor> {
         let input = if rows_are_contiguous(input) {
             input.clone()
         } else {

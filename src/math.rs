@@ -14,9 +14,9 @@ use candle_core::WithDType;
 use half::{bf16, f16};
 use num_traits::Float;
 
+use crate::config::MarginSoftmaxLoss;
 #[cfg(test)]
 use crate::config::SPHEREFACE_MAX_M;
-use crate::config::{EXACT_MARGIN_COS_EPS, Head, MarginGrad, MarginSoftmaxLoss};
 
 /// An accumulation type: every sum, exp and per-row constant is computed in it.
 pub(crate) trait Acc:
@@ -350,146 +350,6 @@ impl<A: Acc> Transform<A> for RbfKernel<A> {
     }
 }
 
-/// The margin on the target entry: u_y = φ(c) and dφ/dx.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Margin<A> {
-    /// Softmax and RBF: the target uses the plain transform.
-    None,
-    /// CosFace: φ(c) = c − m.
-    CosFace { m: A },
-    /// ArcFace and Combined: φ(c) = cos(m1·θ + m2) − m3, or c − m3 − m2·sin m2 where
-    /// m1·θ + m2 > π (the monotone fallback); `easy`: φ(c) = c where c ≤ 0.
-    ArcFaceCombined {
-        m1: A,
-        m2: A,
-        m3: A,
-        fallback_shift: A,
-        easy: bool,
-        /// Exact mode: the derivative's denominator is max(sin θ, sin_floor), sin_floor = sin θ_ε
-        /// with cos θ_ε = 1 − 1e−5 (≈ 4.47e−3). The value is never clamped.
-        sin_floor: A,
-        exact: bool,
-    },
-    /// SphereFace: φ(c) = (λ·c + (−1)^k·T_m(c) − 2k)/(1 + λ), k = #{j < m : c ≤ cos(jπ/m)}.
-    SphereFace {
-        m: u32,
-        lambda: A,
-        thresholds: [A; crate::config::SPHEREFACE_MAX_M as usize],
-        exact: bool,
-    },
-}
-
-impl<A: Acc> Margin<A> {
-    pub fn new(head: &Head, grad: MarginGrad) -> Self {
-        let exact = grad == MarginGrad::Exact;
-        let angular = |m1: f64, m2: f64, m3: f64, easy: bool| Margin::ArcFaceCombined {
-            m1: A::of(m1),
-            m2: A::of(m2),
-            m3: A::of(m3),
-            fallback_shift: A::of(m3 + m2 * m2.sin()),
-            easy,
-            sin_floor: A::of(exact_sin_floor()),
-            exact,
-        };
-        match *head {
-            Head::Softmax { .. } | Head::Rbf { .. } => Margin::None,
-            Head::CosFace { m, .. } => Margin::CosFace { m: A::of(m) },
-            Head::ArcFace { m, easy_margin, .. } => angular(1.0, m, 0.0, easy_margin),
-            Head::Combined { m1, m2, m3, .. } => angular(m1, m2, m3, false),
-            Head::SphereFace { m, lambda, .. } => {
-                let m = m as u32;
-                let mut thresholds = [A::zero(); crate::config::SPHEREFACE_MAX_M as usize];
-                for (j, t) in thresholds.iter_mut().enumerate().take(m as usize).skip(1) {
-                    *t = A::of((j as f64 * std::f64::consts::PI / m as f64).cos());
-                }
-                Margin::SphereFace {
-                    m,
-                    lambda: A::of(lambda),
-                    thresholds,
-                    exact,
-                }
-            }
-        }
-    }
-
-    /// (u_y, du_y/dx) for the target's input x.
-    #[inline]
-    pub fn target<H: Transform<A>>(&self, transform: &H, x: A) -> (A, A) {
-        let one = A::one();
-        match *self {
-            Margin::None => {
-                let u = transform.u(x);
-                (u, transform.du(x, u))
-            }
-            Margin::CosFace { m } => (clamp(x, -one, one) - m, inside(x, -one, one)),
-            Margin::ArcFaceCombined {
-                m1,
-                m2,
-                m3,
-                fallback_shift,
-                easy,
-                sin_floor,
-                exact,
-            } => {
-                // The same value in both gradient modes (a mode never changes the loss).
-                let c = clamp(x, -one, one);
-                let pass = inside(x, -one, one);
-                if easy && c <= A::zero() {
-                    return (c, pass);
-                }
-                let theta = c.acos();
-                let angle = m1 * theta + m2;
-                // InsightFace applies no fallback with the easy margin.
-                if !easy && angle > A::of(std::f64::consts::PI) {
-                    return (c - fallback_shift, pass);
-                }
-                let value = angle.cos() - m3;
-                if !exact {
-                    return (value, pass);
-                }
-                // d cos(m1·θ + m2)/dc = m1·sin(m1·θ + m2)/sin θ, with the denominator bounded
-                // below by sin θ_ε (only the derivative: the value above is unclamped).
-                let sin_theta = ((one - c) * (one + c)).sqrt();
-                let denominator = if sin_theta > sin_floor {
-                    sin_theta
-                } else {
-                    sin_floor
-                };
-                (value, pass * m1 * angle.sin() / denominator)
-            }
-            Margin::SphereFace {
-                m,
-                lambda,
-                ref thresholds,
-                exact,
-            } => {
-                let c = clamp(x, -one, one);
-                let pass = inside(x, -one, one);
-                let k = thresholds[1..m as usize]
-                    .iter()
-                    .filter(|&&t| c <= t)
-                    .count();
-                let (t_m, u_m_minus_1) = chebyshev(m, c);
-                let sign = if k % 2 == 0 { one } else { -one };
-                let psi = sign * t_m - A::of(2.0 * k as f64);
-                let value = (lambda * c + psi) / (one + lambda);
-                if !exact {
-                    return (value, pass);
-                }
-                let slope = (lambda + sign * A::of(m as f64) * u_m_minus_1) / (one + lambda);
-                (value, pass * slope)
-            }
-        }
-    }
-}
-
-/// sin θ_ε with cos θ_ε = 1 − [`EXACT_MARGIN_COS_EPS`]: the floor of the exact-mode ArcFace /
-/// Combined derivative's denominator sin θ.
-pub(crate) fn exact_sin_floor() -> f64 {
-    let c = 1.0 - EXACT_MARGIN_COS_EPS;
-    ((1.0 - c) * (1.0 + c)).sqrt()
-}
-
 /// Logit soft-capping z = cap·tanh(z_raw/cap) (Gemma-2) and its derivative sech²(z_raw/cap),
 /// both from one expm1: with a = z_raw/cap and e = expm1(−2|a|) ∈ [−1, 0],
 /// tanh|a| = −e/(2 + e) and sech² a = 4·(1 + e)/(2 + e)². Accurate near a = 0 (no 1 − e² cancels)
@@ -521,19 +381,6 @@ impl<A: Acc> SoftCap<A> {
         let d = (two + two) * (A::one() + e) / (two_plus_e * two_plus_e);
         (self.cap * t, d)
     }
-}
-
-/// (T_m(c), U_{m−1}(c)): cos(mθ) and its derivative's factor, d T_m/dc = m·U_{m−1}, without
-/// acos, finite at c = ±1.
-fn chebyshev<A: Acc>(m: u32, c: A) -> (A, A) {
-    let two_c = c + c;
-    let (mut t_prev, mut t) = (A::one(), c);
-    let (mut u_prev, mut u) = (A::zero(), A::one()); // U_{−1} = 0, U_0 = 1
-    for _ in 1..m {
-        (t_prev, t) = (t, two_c * t - t_prev);
-        (u_prev, u) = (u, two_c * u - u_prev);
-    }
-    (t, u)
 }
 
 /// The criterion's constants, in the accumulation type.
@@ -679,6 +526,11 @@ impl<A: Acc> Criterion<A> {
         }
     }
 }
+
+mod margin;
+#[cfg(test)]
+use margin::chebyshev;
+pub(crate) use margin::{Margin, exact_sin_floor};
 
 #[cfg(test)]
 mod tests;

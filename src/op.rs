@@ -31,7 +31,8 @@ use crate::backends::cuda::{self, Cuda};
 use crate::backends::emu;
 use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
 use crate::layout::{
-    PARTIAL_COLUMNS, STAT_COLUMNS, STAT_D_SCALE, STAT_GRAD_CONSTANTS, STAT_LOSS, STAT_MAX,
+    PARTIAL_COLUMNS, STAT_COLUMNS, STAT_COLUMNS_ROW_MARGINS, STAT_D_MARGINS, STAT_D_SCALE,
+    STAT_GRAD_CONSTANTS, STAT_LOSS, STAT_MAX,
 };
 use crate::math::Acc;
 #[cfg(feature = "cuda")]
@@ -51,6 +52,16 @@ macro_rules! on_cpu {
         let out = backends::$entry(&Cpu, $($arg),*);
         out
     }};
+}
+
+/// The forward op's statistics columns for these row parameters: [`STAT_COLUMNS`], or with
+/// per-row margins ([B, `ROW_PARAMS`]) [`STAT_COLUMNS_ROW_MARGINS`].
+fn stat_columns(params: &Layout) -> usize {
+    if params.dims().len() == 2 {
+        STAT_COLUMNS_ROW_MARGINS
+    } else {
+        STAT_COLUMNS
+    }
 }
 
 struct MarginSoftmaxForward {
@@ -74,6 +85,7 @@ impl CustomOp3 for MarginSoftmaxForward {
         scale_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let rows = input_layout.dims()[0];
+        let columns = stat_columns(scale_layout);
         let stats = on_cpu!(forward(
             &self.cfg,
             (input, input_layout),
@@ -81,7 +93,7 @@ impl CustomOp3 for MarginSoftmaxForward {
             (scale, scale_layout),
             self.scale_grad,
         ))?;
-        Ok((stats, Shape::from((rows, STAT_COLUMNS))))
+        Ok((stats, Shape::from((rows, columns))))
     }
 
     #[cfg(feature = "cuda")]
@@ -95,6 +107,7 @@ impl CustomOp3 for MarginSoftmaxForward {
         scale_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let rows = input_layout.dims()[0];
+        let columns = stat_columns(scale_layout);
         let stats = backends::forward(
             &Cuda,
             &self.cfg,
@@ -103,7 +116,7 @@ impl CustomOp3 for MarginSoftmaxForward {
             (scale, scale_layout),
             self.scale_grad,
         )?;
-        Ok((stats, Shape::from((rows, STAT_COLUMNS))))
+        Ok((stats, Shape::from((rows, columns))))
     }
 
     /// Only the loss column carries an upstream gradient (the others are internal, and the
@@ -117,22 +130,37 @@ impl CustomOp3 for MarginSoftmaxForward {
         grad_stats: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let upstream = grad_stats.narrow(1, STAT_LOSS, 1)?;
+        // The row parameters: the row scale \[B\], or (r, m1, m2, m3) [B, ROW_PARAMS] with
+        // per-row margins, whose gradient also reads dℓ/d(m1, m2, m3) from the statistics.
+        let row_margins = scale.rank() == 2;
         let grad_scale = if scale.track_op() {
-            let d_scale = stats.narrow(1, STAT_D_SCALE, 1)?;
-            Some(d_scale.mul(&upstream)?.squeeze(1)?)
+            let d_scale = stats.narrow(1, STAT_D_SCALE, 1)?.mul(&upstream)?;
+            Some(if row_margins {
+                let d_margins = stats
+                    .narrow(1, STAT_D_MARGINS, 3)?
+                    .broadcast_mul(&upstream)?;
+                Tensor::cat(&[&d_scale, &d_margins], 1)?
+            } else {
+                d_scale.squeeze(1)?
+            })
         } else {
             None
         };
         if !input.track_op() {
             return Ok((None, None, grad_scale));
         }
+        let per_row = if row_margins {
+            scale.clone()
+        } else {
+            scale.unsqueeze(1)?
+        };
         let row_info = Tensor::cat(
             &[
                 &stats.narrow(1, STAT_MAX, 2)?,
                 &stats
                     .narrow(1, STAT_GRAD_CONSTANTS, 3)?
                     .broadcast_mul(&upstream)?,
-                &scale.unsqueeze(1)?,
+                &per_row,
             ],
             1,
         )?;
@@ -530,10 +558,15 @@ pub(crate) fn forward_backward(
     let tensor = |storage, shape: (usize, usize)| {
         Tensor::from_storage(storage, shape, BackpropOp::none(), false)
     };
+    // The row parameters' gradient has their shape: \[B\] (the row scale), or [B, ROW_PARAMS].
+    let grad_params = match scale.dims() {
+        [_, width] => tensor(grad_scale, (rows, *width)),
+        _ => tensor(grad_scale, (rows, 1)).squeeze(1)?,
+    };
     Ok((
         tensor(stats, (rows, STAT_COLUMNS)),
         tensor(grad, (rows, classes)),
-        tensor(grad_scale, (rows, 1)).squeeze(1)?,
+        grad_params,
     ))
 }
 

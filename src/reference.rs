@@ -52,7 +52,7 @@ pub fn loss(cfg: &MarginSoftmaxLoss, input: &Tensor, targets: &Tensor) -> Result
     check_inputs(cfg, input, targets, None)?;
     let t = read_targets(cfg, input, targets)?;
     let scale = fixed_row_scale(cfg, input.dim(0)?, input)?;
-    loss_impl(cfg, input, &t, &scale)
+    loss_impl(cfg, input, &t, &scale, None)
 }
 
 /// As [`loss`], with a per-row scale r \[B\] (any float dtype) in place of s: z_ij = r_i·u_ij.
@@ -67,7 +67,7 @@ pub fn loss_with_row_scale(
     check_inputs(cfg, input, targets, Some(row_scale))?;
     let t = read_targets(cfg, input, targets)?;
     let scale = row_scale.to_dtype(accumulation_dtype(input.dtype()))?;
-    loss_impl(cfg, input, &t, &scale)
+    loss_impl(cfg, input, &t, &scale, None)
 }
 
 /// The logits z \[B, C\] (accumulation dtype) the head produces from `input`, with the margin on
@@ -88,7 +88,10 @@ pub fn logits(
         Some(r) => r.to_dtype(acc)?,
         None => fixed_row_scale(cfg, input.dim(0)?, input)?,
     };
-    soft_cap(cfg, head_logits(cfg, &input.to_dtype(acc)?, &scale, &t)?)
+    soft_cap(
+        cfg,
+        head_logits(cfg, &input.to_dtype(acc)?, &scale, &t, None)?,
+    )
 }
 
 /// The validated targets, as device tensors.
@@ -256,14 +259,24 @@ fn target_logit(cfg: &MarginSoftmaxLoss, x_y: &Tensor) -> Result<Tensor> {
 
 /// The head: z \[B, C\] = scale_i · u_ij, with the margin on the target column of valid rows.
 /// `x` is already in the accumulation dtype; `scale` is \[B\].
-fn head_logits(cfg: &MarginSoftmaxLoss, x: &Tensor, scale: &Tensor, t: &Targets) -> Result<Tensor> {
+fn head_logits(
+    cfg: &MarginSoftmaxLoss,
+    x: &Tensor,
+    scale: &Tensor,
+    t: &Targets,
+    row_margins: Option<&Tensor>,
+) -> Result<Tensor> {
     let (rows, classes) = x.dims2()?;
     let u = match cfg.head {
         Head::Softmax { .. } => x.clone(),
         Head::Rbf { gamma, .. } => (clamp_min0_torch(x)? * (-1.0 / gamma))?.exp()?,
         _ => {
             let c = clamp_torch(x, -1.0, 1.0)?;
-            let u_y = target_logit(cfg, &x.gather(&t.gather_index, 1)?)?;
+            let x_y = x.gather(&t.gather_index, 1)?;
+            let u_y = match row_margins {
+                Some(m) => row_margins::target_logit(cfg, &x_y, m)?,
+                None => target_logit(cfg, &x_y)?,
+            };
             let cols = Tensor::arange(0i64, classes as i64, x.device())?.unsqueeze(0)?;
             let is_target = cols.broadcast_eq(&t.mask_index)?;
             is_target.where_cond(&u_y.broadcast_as((rows, classes))?, &c)?
@@ -369,11 +382,14 @@ fn target_weights(
     }
 }
 
+/// The loss from the validated targets and the row scale; `row_margins`: per-row (m1, m2, m3)
+/// [B, 3] in place of the head's margins.
 fn loss_impl(
     cfg: &MarginSoftmaxLoss,
     input: &Tensor,
     t: &Targets,
     scale: &Tensor,
+    row_margins: Option<&Tensor>,
 ) -> Result<Tensor> {
     let acc = accumulation_dtype(input.dtype());
     let dev = input.device();
@@ -384,7 +400,7 @@ fn loss_impl(
     let valid_rc = t.valid.unsqueeze(1)?.broadcast_as((rows, classes))?;
     let x = valid_rc.where_cond(&x, &x.zeros_like()?)?;
     let scale = t.valid.where_cond(scale, &scale.ones_like()?)?;
-    let z = soft_cap(cfg, head_logits(cfg, &x, &scale, t)?)?;
+    let z = soft_cap(cfg, head_logits(cfg, &x, &scale, t, row_margins)?)?;
     let w_y = target_weights(cfg, t, acc, dev)?;
     let row = criterion(cfg, &z, t, &w_y)?;
     let zeros = row.zeros_like()?;
@@ -400,6 +416,9 @@ fn loss_impl(
         }
     }
 }
+
+mod row_margins;
+pub use row_margins::loss_with_row_margins;
 
 #[cfg(test)]
 mod tests;

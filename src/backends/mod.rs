@@ -22,9 +22,10 @@ mod kernel_check;
 pub(crate) mod launch;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{Layout, Result};
+use candle_core::{Layout, Result, bail};
 
 use crate::config::MarginSoftmaxLoss;
+use crate::layout::ROWINFO_COLUMNS_ROW_MARGINS;
 
 /// A tensor's storage and layout, as candle hands them to a `CustomOp`.
 pub(crate) type Arg<'a, S> = (&'a S, &'a Layout);
@@ -34,6 +35,13 @@ pub(crate) type Arg<'a, S> = (&'a S, &'a Layout);
 /// is contiguous. Statistics and states are in the accumulation type (f64 for f64 input, else
 /// f32), the gradient in `T`.
 pub(crate) trait Bodies<T, S> {
+    /// Whether these bodies take per-row margins: row parameters [B, `ROW_PARAMS`] in place of
+    /// the row scale \[B\] and row info [B, `ROWINFO_COLUMNS_ROW_MARGINS`] (the CPU bodies; the
+    /// CUDA kernels take the head's margins).
+    fn takes_row_margins(&self) -> bool {
+        false
+    }
+
     /// The forward op: per-row statistics [B, `STAT_COLUMNS`]; dℓ/dr (the last column) only
     /// with `scale_grad`, else 0.
     fn forward(
@@ -126,6 +134,26 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
+/// Refuses per-row margins (row parameters of rank 2, or row info of
+/// `ROWINFO_COLUMNS_ROW_MARGINS` columns) on bodies that do not take them.
+fn check_row_margins<S, B: Bodies<f32, S>>(
+    backend: &B,
+    cfg: &MarginSoftmaxLoss,
+    per_row: &Layout,
+    row_margins: bool,
+) -> Result<()> {
+    if row_margins && !backend.takes_row_margins() {
+        bail!(
+            "{}({}): per-row margins run on the CPU only so far (this device's kernels take the \
+             head's margins); got row parameters of shape {:?}",
+            crate::config::OP_NAME,
+            cfg.head.name(),
+            per_row.dims()
+        )
+    }
+    Ok(())
+}
+
 /// [`Bodies::forward`] for `x`'s element type.
 pub(crate) fn forward<S: BackendStorage, B: Backend<S>>(
     backend: &B,
@@ -135,6 +163,7 @@ pub(crate) fn forward<S: BackendStorage, B: Backend<S>>(
     scale: Arg<S>,
     scale_grad: bool,
 ) -> Result<S> {
+    check_row_margins(backend, cfg, scale.1, scale.1.dims().len() == 2)?;
     by_dtype!(x.0.dtype(), cfg, T => Bodies::<T, S>::forward(backend, cfg, x, targets, scale, scale_grad))
 }
 
@@ -146,6 +175,13 @@ pub(crate) fn backward<S: BackendStorage, B: Backend<S>>(
     targets: Arg<S>,
     row_info: Arg<S>,
 ) -> Result<S> {
+    let width = row_info.1.dims().get(1).copied();
+    check_row_margins(
+        backend,
+        cfg,
+        row_info.1,
+        width == Some(ROWINFO_COLUMNS_ROW_MARGINS),
+    )?;
     by_dtype!(x.0.dtype(), cfg, T => Bodies::<T, S>::backward(backend, cfg, x, targets, row_info))
 }
 
@@ -159,6 +195,7 @@ pub(crate) fn forward_backward<S: BackendStorage, B: Backend<S>>(
     mean: bool,
     scale_grad: bool,
 ) -> Result<(S, S, S)> {
+    check_row_margins(backend, cfg, scale.1, scale.1.dims().len() == 2)?;
     by_dtype!(x.0.dtype(), cfg, T => Bodies::<T, S>::forward_backward(backend, cfg, x, targets, scale, mean, scale_grad))
 }
 
@@ -171,5 +208,12 @@ pub(crate) fn slice_partials<S: BackendStorage, B: Backend<S>>(
     scale: Arg<S>,
     scale_grad: bool,
 ) -> Result<(S, usize)> {
+    if scale.1.dims().len() == 2 {
+        bail!(
+            "{}({}): per-row margins are not taken by the slice path (MarginHead, sharding) yet",
+            crate::config::OP_NAME,
+            cfg.head.name()
+        )
+    }
     by_dtype!(x.0.dtype(), cfg, T => Bodies::<T, S>::slice_partials(backend, cfg, x, local_targets, scale, scale_grad))
 }

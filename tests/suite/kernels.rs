@@ -220,6 +220,7 @@ kernel_tests!(
         edge_empty_batch,
         finite_differences,
         error_messages,
+        row_margins_refused,
         target_errors_match_cpu,
         fused_split_boundary,
         split_rows,
@@ -445,6 +446,24 @@ fn error_messages(dut: &Dut) {
         errors::invalid_hyper_parameters(dev);
         errors::unrepresentable_hyper_parameters(dev);
         errors::valid_boundaries(dev);
+    });
+}
+
+/// Per-row margins run on the CPU bodies only so far: the kernels refuse them with the op's name
+/// instead of reading the [B, 4] row parameters as a row scale.
+fn row_margins_refused(dut: &Dut) {
+    dut.run(|dev| {
+        let x = Tensor::zeros((2, 3), DType::F32, dev).unwrap();
+        let y = Tensor::new(&[0u32, 1], dev).unwrap();
+        let m = Tensor::new(&[0.3f32, 0.4], dev).unwrap();
+        let cfg = MarginSoftmaxLoss::new(Head::arcface());
+        let expected = "margin_softmax_ce(arcface): per-row margins run on the CPU only so far";
+        for got in [
+            message(cfg.loss_with_row_margins(&x, &y, &m, None)),
+            message(cfg.loss_and_grad_with_row_margins(&x, &y, &m, None)),
+        ] {
+            assert!(got.starts_with(expected), "{got}");
+        }
     });
 }
 

@@ -17,6 +17,7 @@ mod nccl_faults;
 mod parity;
 mod props;
 mod robustness;
+mod row_margins;
 mod semantics;
 mod shard;
 mod shard_faults;

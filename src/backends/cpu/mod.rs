@@ -14,6 +14,8 @@ mod online;
 mod rows;
 pub(crate) mod simd;
 
+use std::borrow::Cow;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, WithDType};
 use num_traits::Zero;
@@ -22,7 +24,10 @@ use rayon::prelude::*;
 use crate::backends::cpu_storage::{HostElement, Rows, contiguous, contiguous_mut, read_targets};
 use crate::backends::{Arg, Bodies, by_dtype};
 use crate::config::{Head, MarginSoftmaxLoss};
-use crate::layout::{PARTIAL_COLUMNS, ROWINFO_COLUMNS, STAT_COLUMNS};
+use crate::layout::{
+    PARTIAL_COLUMNS, ROW_PARAMS, ROWINFO_COLUMNS, STAT_COLUMNS, STAT_COLUMNS_ROW_MARGINS,
+    STAT_D_MARGINS, STAT_GRAD_CONSTANTS,
+};
 use crate::math::{
     Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, SoftCap, Transform,
     weighted_smoothing,
@@ -45,10 +50,47 @@ fn rows_per_task(classes: usize) -> usize {
     MIN_ELEMENTS_PER_TASK.div_ceil(classes.max(1)).max(1)
 }
 
+/// The per-row parameters of a call: the row scale \[B\], or (r, m1, m2, m3) per row
+/// ([B, `ROW_PARAMS`]) with per-row margins.
+pub(super) struct RowParams<'a, A: Clone> {
+    pub(super) scales: Cow<'a, [A]>,
+    pub(super) margins: Option<Vec<[A; 3]>>,
+}
+
+impl<'a, A: Acc> RowParams<'a, A> {
+    fn read(params: Arg<'a, CpuStorage>, name: &str) -> Result<Self> {
+        let values = contiguous::<A>(params.0, params.1, "row parameters", name)?;
+        if params.1.dims().len() < 2 {
+            return Ok(Self {
+                scales: Cow::Borrowed(values),
+                margins: None,
+            });
+        }
+        let rows = values.chunks_exact(ROW_PARAMS);
+        Ok(Self {
+            scales: Cow::Owned(rows.clone().map(|p| p[0]).collect()),
+            margins: Some(rows.map(|p| [p[1], p[2], p[3]]).collect()),
+        })
+    }
+
+    fn fixed(scales: Vec<A>) -> Self {
+        Self {
+            scales: Cow::Owned(scales),
+            margins: None,
+        }
+    }
+}
+
 /// The CPU bodies: rows in parallel (rayon), each row kernel at the SIMD level picked at run time.
 pub(crate) struct Cpu;
 
 impl<T: Element> Bodies<T, CpuStorage> for Cpu {
+    fn takes_row_margins(&self) -> bool {
+        true
+    }
+
+    /// With per-row margins, the statistics carry dℓ/d(m1, m2, m3) in three more columns
+    /// ([B, `STAT_COLUMNS_ROW_MARGINS`]).
     fn forward(
         &self,
         cfg: &MarginSoftmaxLoss,
@@ -59,14 +101,19 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
     ) -> Result<CpuStorage> {
         let name = cfg.head.name();
         let rows = Rows::<T>::new(x.0, x.1, name)?;
-        let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+        let params = RowParams::read(scale, name)?;
+        let columns = if params.margins.is_some() {
+            STAT_COLUMNS_ROW_MARGINS
+        } else {
+            STAT_COLUMNS
+        };
         let ctx =
-            ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales, scale_grad)?;
+            ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, params, scale_grad)?;
         let simd = Dispatch::current();
-        let mut stats = vec![T::Acc::zero(); rows.rows * STAT_COLUMNS];
+        let mut stats = vec![T::Acc::zero(); rows.rows * columns];
         with_transform!(cfg.head, T::Acc, |transform| {
             stats
-                .par_chunks_mut(STAT_COLUMNS)
+                .par_chunks_mut(columns)
                 .with_min_len(rows_per_task(rows.classes))
                 .enumerate()
                 .for_each(|(i, out)| {
@@ -76,7 +123,13 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
                         i,
                         transform: &transform,
                     };
-                    out.copy_from_slice(&simd.run(kernel))
+                    let s = simd.run(kernel);
+                    out[..STAT_COLUMNS].copy_from_slice(&s);
+                    if columns == STAT_COLUMNS_ROW_MARGINS {
+                        let x_target = ctx.targets[i].map(|y| rows.row(i)[y].load());
+                        out[STAT_D_MARGINS..]
+                            .copy_from_slice(&ctx.margin_grads(i, x_target, &transform, s[6]));
+                    }
                 })
         });
         Ok(T::Acc::to_cpu_storage_owned(stats))
@@ -93,6 +146,7 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
         let rows = Rows::<T>::new(x.0, x.1, name)?;
         let targets = read_targets(targets.0, targets.1, cfg, rows.classes)?;
         let info = contiguous::<T::Acc>(row_info.0, row_info.1, "row info", name)?;
+        let width = row_info.1.dims().get(1).copied().unwrap_or(ROWINFO_COLUMNS);
         let margin = Margin::<T::Acc>::new(&cfg.head, cfg.margin_grad);
         let cap = SoftCap::<T::Acc>::new(cfg);
         let weights = if weighted_smoothing(cfg) {
@@ -107,13 +161,18 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
                 .with_min_len(rows_per_task(rows.classes))
                 .enumerate()
                 .for_each(|(i, out)| {
+                    let info = &info[i * width..(i + 1) * width];
+                    let margin = match info.get(ROWINFO_COLUMNS..) {
+                        Some(&[m1, m2, m3]) => margin.for_row([m1, m2, m3]),
+                        _ => margin,
+                    };
                     let kernel = BackwardKernel {
                         row: rows.row(i),
                         out,
                         target: targets[i],
-                        grad: RowGrad::of(&info[i * ROWINFO_COLUMNS..(i + 1) * ROWINFO_COLUMNS]),
+                        grad: RowGrad::of(info),
                         transform: &transform,
-                        margin: &margin,
+                        margin,
                         cap: &cap,
                         weights: weights.as_deref(),
                     };
@@ -134,15 +193,34 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
     ) -> Result<(CpuStorage, CpuStorage, CpuStorage)> {
         let name = cfg.head.name();
         let rows = Rows::<T>::new(x.0, x.1, name)?;
-        let scales = contiguous::<T::Acc>(scale.0, scale.1, "row scale", name)?;
+        let params = RowParams::read(scale, name)?;
         let ctx =
-            ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, scales, scale_grad)?;
+            ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, params, scale_grad)?;
         let mut grad = zeroed_buffer::<T>(rows.rows * rows.classes);
         let (stats, grad_scale) = fused_rows(cfg, &ctx, FusedInput::Rows(&rows), &mut grad, mean);
+        // With per-row margins, the row parameters' gradient [B, ROW_PARAMS]: (dℓ/dr,
+        // dℓ/d(m1, m2, m3)), the upstream factor folded in as in dℓ/dr.
+        let grad_params = match &ctx.row_margins {
+            None => grad_scale,
+            Some(_) => {
+                let upstream = upstream_factor(&ctx.targets, &ctx.weights, mean);
+                let mut out = Vec::with_capacity(rows.rows * ROW_PARAMS);
+                with_transform!(cfg.head, T::Acc, |transform| {
+                    for i in 0..rows.rows {
+                        let x_target = ctx.targets[i].map(|y| rows.row(i)[y].load());
+                        let g_target = stats[i * STAT_COLUMNS + STAT_GRAD_CONSTANTS + 2];
+                        let d = ctx.margin_grads(i, x_target, &transform, g_target);
+                        out.push(grad_scale[i]);
+                        out.extend(d.map(|d| d * upstream));
+                    }
+                });
+                out
+            }
+        };
         Ok((
             T::Acc::to_cpu_storage_owned(stats),
             T::to_cpu_storage_owned(grad),
-            T::Acc::to_cpu_storage_owned(grad_scale),
+            T::Acc::to_cpu_storage_owned(grad_params),
         ))
     }
 
@@ -212,7 +290,13 @@ fn forward_backward_into_typed<T: Element + HostElement>(
     let name = cfg.head.name();
     let (rows, classes) = grad.1.shape().dims2()?;
     let scales = vec![T::Acc::of(cfg.head.scale()); rows];
-    let ctx = ForwardContext::<T>::new(cfg, (rows, classes), targets, &scales, false)?;
+    let ctx = ForwardContext::<T>::new(
+        cfg,
+        (rows, classes),
+        targets,
+        RowParams::fixed(scales),
+        false,
+    )?;
     let out = contiguous_mut::<T>(grad.0, grad.1, "gradient buffer", name)?;
     let (stats, _) = match input {
         Some((storage, layout)) => {

@@ -11,10 +11,13 @@
 //! input ([`backward_row`]), or from the forward's cached exps in the fused pass
 //! ([`backward_row_cached`]); g_y from g_y's constant and the margin's derivative.
 
+use std::borrow::Cow;
+
 use num_traits::{Float, One, Zero};
 
 use candle_core::{CpuStorage, Layout, Result};
 
+use super::RowParams;
 use super::online::{CHUNK, Online, RowCache, RowPass};
 use super::simd::RowKernel;
 use crate::backends::cpu_storage::read_targets;
@@ -44,6 +47,24 @@ pub(super) fn target_logit<A: Acc, H: Transform<A>>(
         }
         None => (z, u, du),
     }
+}
+
+/// ∂z_y/∂(m1, m2, m3) for per-row margins: (dz_y/du_y)·∂u_y/∂m_k, with dz_y/du_y = r (times
+/// the soft-capping's derivative).
+#[inline]
+pub(super) fn target_margin_grads<A: Acc, H: Transform<A>>(
+    x: A,
+    scale: A,
+    transform: &H,
+    margin: &Margin<A>,
+    cap: &Option<SoftCap<A>>,
+) -> [A; 3] {
+    let (u, _) = margin.target(transform, x);
+    let dz_du = match cap {
+        Some(cap) => cap.apply(scale * u).1 * scale,
+        None => scale,
+    };
+    margin.margin_grads(x).map(|d| times_nonzero(d, dz_du))
 }
 
 /// Everything a row's backward pass (and the caller) needs, in the order of the op's stats
@@ -313,7 +334,9 @@ pub(super) struct ForwardContext<'a, T: Element> {
     pub(super) rows: usize,
     pub(super) classes: usize,
     pub(super) targets: Vec<Option<usize>>,
-    pub(super) scales: &'a [T::Acc],
+    pub(super) scales: Cow<'a, [T::Acc]>,
+    /// Per-row (m1, m2, m3), replacing the head's margins row by row.
+    pub(super) row_margins: Option<Vec<[T::Acc; 3]>>,
     pub(super) weights: Option<Vec<T::Acc>>,
     /// Whether the smoothing term reads `weights` per class ([`weighted_smoothing`]).
     pub(super) weighted_smoothing: bool,
@@ -325,12 +348,12 @@ pub(super) struct ForwardContext<'a, T: Element> {
 }
 
 impl<'a, T: Element> ForwardContext<'a, T> {
-    /// For a \[rows, classes\] input with these targets and per-row scales.
+    /// For a \[rows, classes\] input with these targets and row parameters.
     pub(super) fn new(
         cfg: &MarginSoftmaxLoss,
         (rows, classes): (usize, usize),
         targets: (&CpuStorage, &Layout),
-        scales: &'a [T::Acc],
+        params: RowParams<'a, T::Acc>,
         scale_grad: bool,
     ) -> Result<Self> {
         Ok(Self {
@@ -338,13 +361,42 @@ impl<'a, T: Element> ForwardContext<'a, T> {
             classes,
             scale_grad,
             targets: read_targets(targets.0, targets.1, cfg, classes)?,
-            scales,
+            scales: params.scales,
+            row_margins: params.margins,
             weights: read_weights::<T::Acc>(cfg),
             weighted_smoothing: weighted_smoothing(cfg),
             margin: Margin::new(&cfg.head, cfg.margin_grad),
             criterion: Criterion::new(cfg, classes),
             cap: SoftCap::new(cfg),
         })
+    }
+
+    /// Row i's margin: the head's, or built from the row's own margins.
+    #[inline(always)]
+    pub(super) fn margin_of(&self, i: usize) -> Margin<T::Acc> {
+        match &self.row_margins {
+            Some(m) => self.margin.for_row(m[i]),
+            None => self.margin,
+        }
+    }
+
+    /// dℓ/d(m1, m2, m3) of row i (target input `x_target`, dℓ/dz_y `g_target`), with per-row
+    /// margins; 0 for an ignored row.
+    #[inline]
+    pub(super) fn margin_grads<H: Transform<T::Acc>>(
+        &self,
+        i: usize,
+        x_target: Option<T::Acc>,
+        transform: &H,
+        g_target: T::Acc,
+    ) -> [T::Acc; 3] {
+        match x_target {
+            Some(x) => {
+                target_margin_grads(x, self.scales[i], transform, &self.margin_of(i), &self.cap)
+                    .map(|d| times_nonzero(g_target, d))
+            }
+            None => [T::Acc::zero(); 3],
+        }
     }
 
     pub(super) fn weight(&self, target: Option<usize>) -> T::Acc {
@@ -382,7 +434,7 @@ impl<'a, T: Element> ForwardContext<'a, T> {
             target,
             self.weight(target),
             &pass,
-            &self.margin,
+            &self.margin_of(i),
             &self.criterion,
             cache,
         )
@@ -405,6 +457,7 @@ impl<'a, T: Element> ForwardContext<'a, T> {
         let classes = out.len();
         let target = self.targets[i];
         let scale = self.scales[i];
+        let margin = self.margin_of(i);
         let grad = |s: &[T::Acc; STAT_COLUMNS]| RowGrad {
             max: s[1],
             log_sum: s[2],
@@ -433,7 +486,7 @@ impl<'a, T: Element> ForwardContext<'a, T> {
                 target,
                 grad(&s),
                 transform,
-                &self.margin,
+                &margin,
                 &self.cap,
                 self.smoothing_weights(),
             );
@@ -444,7 +497,7 @@ impl<'a, T: Element> ForwardContext<'a, T> {
         let s = self.stats(i, row, transform, Some(&mut cache));
         let g = grad(&s);
         // The target's entry, read before the row may be overwritten.
-        let (_, _, dz_target) = target_logit(row[y].load(), scale, transform, &self.margin, &None);
+        let (_, _, dz_target) = target_logit(row[y].load(), scale, transform, &margin, &None);
         let target_grad = T::store(g.g_target * scale * dz_target);
         backward_row_cached(x, out, y, g, transform, self.smoothing_weights(), &cache);
         out[y] = target_grad;
@@ -501,7 +554,7 @@ pub(super) struct BackwardKernel<'c, T: Element, H> {
     pub(super) target: Option<usize>,
     pub(super) grad: RowGrad<T::Acc>,
     pub(super) transform: &'c H,
-    pub(super) margin: &'c Margin<T::Acc>,
+    pub(super) margin: Margin<T::Acc>,
     pub(super) cap: &'c Option<SoftCap<T::Acc>>,
     pub(super) weights: Option<&'c [T::Acc]>,
 }
@@ -516,7 +569,7 @@ impl<T: Element, H: Transform<T::Acc>> RowKernel for BackwardKernel<'_, T, H> {
             self.target,
             self.grad,
             self.transform,
-            self.margin,
+            &self.margin,
             self.cap,
             self.weights,
         )
