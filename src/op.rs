@@ -442,16 +442,36 @@ fn finalize_as<A: Acc>(
     scale_grad: bool,
 ) -> Result<Tensor> {
     let read = |t: &Tensor| t.to_dtype(A::DTYPE)?.flatten_all()?.to_vec1::<A>();
+    // The row parameters: the row scale \[B\], or (r, m1, m2, m3) [B, 4] with per-row margins.
+    let params = read(scale)?;
+    let (scales, margins): (Vec<A>, Option<Vec<[A; 3]>>) = match scale.dims() {
+        [_, width] => (
+            params.chunks_exact(*width).map(|p| p[0]).collect(),
+            Some(
+                params
+                    .chunks_exact(*width)
+                    .map(|p| [p[1], p[2], p[3]])
+                    .collect(),
+            ),
+        ),
+        _ => (params, None),
+    };
     let stats = cpu::finalize_partials(
         cfg,
         classes,
         targets,
         &read(others)?,
         &read(target_inputs)?,
-        &read(scale)?,
+        &scales,
+        margins.as_deref(),
         scale_grad,
     );
-    Tensor::from_vec(stats, (targets.len(), STAT_COLUMNS), others.device())
+    let columns = if margins.is_some() {
+        STAT_COLUMNS_ROW_MARGINS
+    } else {
+        STAT_COLUMNS
+    };
+    Tensor::from_vec(stats, (targets.len(), columns), others.device())
 }
 
 /// The widest row (number of classes C) that [`MarginSoftmaxLoss::loss_and_grad`] reads in one

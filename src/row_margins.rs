@@ -11,7 +11,7 @@
 //! `Err` naming the op; so do `loss_and_grad_into`, `MarginHead` and the sharded losses, which
 //! have no per-row-margin variant yet.
 
-use candle_core::{Result, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor, bail};
 
 use crate::config::{Head, MarginSoftmaxLoss, OP_NAME, accumulation_dtype, is_arithmetic_float};
 use crate::loss::{check_inputs, fixed_row_scale};
@@ -104,46 +104,59 @@ impl MarginSoftmaxLoss {
         row_scale: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (rows, _) = check_inputs(self, input, targets, row_scale)?;
-        let name = self.head.name();
-        let shape: &[usize] = match self.head {
-            Head::CosFace { .. } | Head::ArcFace { .. } => &[rows],
-            Head::Combined { .. } => &[rows, 3],
-            _ => bail!(
-                "{OP_NAME}({name}): per-row margins need the CosFace, ArcFace or Combined head"
-            ),
-        };
-        if margins.dims() != shape {
-            bail!(
-                "{OP_NAME}({name}): margins must have shape {shape:?}, got {:?}",
-                margins.dims()
-            )
-        }
-        if !is_arithmetic_float(margins.dtype()) {
-            bail!(
-                "{OP_NAME}({name}): margins must be an f16, bf16, f32 or f64 tensor, got {:?}",
-                margins.dtype()
-            )
-        }
-        if !margins.device().same_device(input.device()) {
-            bail!(
-                "{OP_NAME}({name}): margins are on {:?} but input is on {:?}",
-                margins.device().location(),
-                input.device().location()
-            )
-        }
         let acc = accumulation_dtype(input.dtype());
+        let prefix = format!("{OP_NAME}({})", self.head.name());
+        let m123 = margin_columns(&self.head, &prefix, rows, margins, input.device(), acc)?;
         let scale = match row_scale {
             Some(r) => r.to_dtype(acc)?,
             None => fixed_row_scale(self, rows, input)?,
         };
-        let m = margins.to_dtype(acc)?;
-        let constant = |v: f64| Tensor::full(v, (rows, 1), input.device())?.to_dtype(acc);
-        let [m1, m2, m3] = match self.head {
-            Head::CosFace { .. } => [constant(1.0)?, constant(0.0)?, m.unsqueeze(1)?],
-            Head::ArcFace { .. } => [constant(1.0)?, m.unsqueeze(1)?, constant(0.0)?],
-            _ => [m.narrow(1, 0, 1)?, m.narrow(1, 1, 1)?, m.narrow(1, 2, 1)?],
-        };
-        debug_assert_eq!(acc, scale.dtype());
-        Tensor::cat(&[&scale.unsqueeze(1)?, &m1, &m2, &m3], 1)?.contiguous()
+        Tensor::cat(&[&scale.unsqueeze(1)?, &m123], 1)?.contiguous()
     }
+}
+
+/// The per-row margins as (m1, m2, m3) [B, 3] in `acc`, differentiable into `margins`:
+/// CosFace's m is m3 and ArcFace's m2 (the others 1 and 0), Combined's are its three columns.
+/// Checks the head, the margins' shape (\[B\], or [B, 3] for Combined), dtype and device;
+/// errors start with `prefix` (the op's or the head's name).
+pub(crate) fn margin_columns(
+    head: &Head,
+    prefix: &str,
+    rows: usize,
+    margins: &Tensor,
+    device: &Device,
+    acc: DType,
+) -> Result<Tensor> {
+    let shape: &[usize] = match head {
+        Head::CosFace { .. } | Head::ArcFace { .. } => &[rows],
+        Head::Combined { .. } => &[rows, 3],
+        _ => bail!("{prefix}: per-row margins need the CosFace, ArcFace or Combined head"),
+    };
+    if margins.dims() != shape {
+        bail!(
+            "{prefix}: margins must have shape {shape:?}, got {:?}",
+            margins.dims()
+        )
+    }
+    if !is_arithmetic_float(margins.dtype()) {
+        bail!(
+            "{prefix}: margins must be an f16, bf16, f32 or f64 tensor, got {:?}",
+            margins.dtype()
+        )
+    }
+    if !margins.device().same_device(device) {
+        bail!(
+            "{prefix}: margins are on {:?} but the input is on {:?}",
+            margins.device().location(),
+            device.location()
+        )
+    }
+    let m = margins.to_dtype(acc)?;
+    let constant = |v: f64| Tensor::full(v, (rows, 1), device)?.to_dtype(acc);
+    let columns = match head {
+        Head::CosFace { .. } => [constant(1.0)?, constant(0.0)?, m.unsqueeze(1)?],
+        Head::ArcFace { .. } => [constant(1.0)?, m.unsqueeze(1)?, constant(0.0)?],
+        _ => return m.contiguous(),
+    };
+    Tensor::cat(&columns, 1)
 }

@@ -31,8 +31,8 @@ pub(super) struct HeadGradients {
 
 pub(super) struct SourceState {
     pub(super) pending: Pending,
-    /// The gradients not handed over yet (embeddings, W, bias).
-    pub(super) handed: Option<[Option<Tensor>; 3]>,
+    /// The gradients not handed over yet (embeddings, W, bias, per-row margins).
+    pub(super) handed: Option<[Option<Tensor>; 4]>,
 }
 
 impl GradientSource for HeadGradients {
@@ -55,6 +55,10 @@ impl GradientSource for HeadGradients {
                                 Some(b) => Some((b * factor)?),
                                 None => None,
                             },
+                            margins: match &g.margins {
+                                Some(m) => Some((m * factor)?),
+                                None => None,
+                            },
                         }
                     }
                 }
@@ -68,7 +72,12 @@ impl GradientSource for HeadGradients {
                      again for another backward"
                 ),
             };
-            state.handed = Some([Some(grads.embeddings), Some(grads.weight), grads.bias]);
+            state.handed = Some([
+                Some(grads.embeddings),
+                Some(grads.weight),
+                grads.bias,
+                grads.margins,
+            ]);
         }
         let slots = state.handed.as_mut().expect("set above");
         match slots.get_mut(slot).and_then(Option::take) {
@@ -86,4 +95,6 @@ pub(super) enum Slot {
     Embeddings = 0,
     Weight = 1,
     Bias = 2,
+    /// Per-row margins (m1, m2, m3) [B, 3].
+    Margins = 3,
 }

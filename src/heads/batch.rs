@@ -9,7 +9,7 @@ use candle_core::{DType, Result, Tensor};
 use super::form::{Form, form_of, row_norms};
 use super::partial_fc::Sample;
 use crate::config::{ClassWeights, MarginSoftmaxLoss, Reduction, accumulation_dtype};
-use crate::layout::STAT_D_SCALE;
+use crate::layout::{STAT_D_MARGINS, STAT_D_SCALE};
 use crate::loss::{check_inputs, reduce};
 use crate::op;
 use crate::shard::{
@@ -56,6 +56,8 @@ pub(super) struct HeadBatch {
     pub(super) per_row: Option<Tensor>,
     /// The row scale r \[B\] (accumulation dtype).
     pub(super) scale: Tensor,
+    /// Per-row margins (m1, m2, m3) [B, 3] (accumulation dtype), replacing the head's.
+    pub(super) margins: Option<Tensor>,
     pub(super) scale_grad: bool,
     pub(super) targets: Vec<Option<usize>>,
     pub(super) targets_tensor: Tensor,
@@ -84,6 +86,7 @@ impl HeadBatch {
         targets: Vec<Option<usize>>,
         sample: Option<Sample>,
         sharding: Option<Sharding>,
+        margins: Option<Tensor>,
     ) -> Result<Self> {
         let dev = head.weight.device().clone();
         let dtype = head.weight.dtype();
@@ -168,6 +171,7 @@ impl HeadBatch {
             per_class_acc,
             per_row,
             scale,
+            margins,
             scale_grad: head.feature_norm_scale,
             targets,
             targets_tensor,
@@ -177,6 +181,15 @@ impl HeadBatch {
             total_classes,
             sharding,
         })
+    }
+
+    /// The op's row parameters: the row scale \[B\], or (r, m1, m2, m3) [B, 4] with per-row
+    /// margins.
+    pub(super) fn row_params(&self) -> Result<Tensor> {
+        match &self.margins {
+            Some(m) => Tensor::cat(&[&self.scale.unsqueeze(1)?, m], 1)?.contiguous(),
+            None => Ok(self.scale.clone()),
+        }
     }
 
     pub(super) fn rows(&self) -> usize {
@@ -268,15 +281,24 @@ impl HeadBatch {
         {
             let scores = self.scores((0, rows), (0, classes))?;
             check_inputs(&self.cfg, &scores, &self.targets_tensor, Some(&self.scale))?;
-            let (loss, grad, grad_scale) = self.cfg.loss_and_grad_impl(
+            let (loss, grad, grad_params) = self.cfg.loss_and_grad_impl(
                 &scores,
                 &self.targets_tensor,
-                &self.scale,
+                &self.row_params()?,
                 self.scale_grad,
             )?;
+            // With per-row margins the row parameters' gradient is [B, 4]: (dℓ/dr, dℓ/dm).
+            let (grad_scale, grad_margins) = match &self.margins {
+                Some(_) => (
+                    grad_params.narrow(1, 0, 1)?.squeeze(1)?,
+                    Some(grad_params.narrow(1, 1, 3)?),
+                ),
+                None => (grad_params, None),
+            };
             let mut acc = SliceSums::new(self)?;
             acc.add(self, 0, &scores, &grad)?;
-            let grads = acc.finish(self, self.scale_grad.then_some(&grad_scale))?;
+            let mut grads = acc.finish(self, self.scale_grad.then_some(&grad_scale))?;
+            grads.margins = grad_margins;
             return Ok(FirstPass::Fused { loss, grads });
         }
         let stats = self.statistics()?;
@@ -325,7 +347,7 @@ impl HeadBatch {
             &self.targets,
             &merged,
             &target_inputs,
-            &self.scale,
+            &self.row_params()?,
             self.scale_grad,
         )
     }
@@ -355,7 +377,7 @@ impl HeadBatch {
     /// gradient from the row statistics.
     pub(super) fn second_pass(&self, stats: &Tensor, upstream: &Tensor) -> Result<Gradients> {
         let (rows, classes) = (self.rows(), self.classes());
-        let row_info = row_info(stats, upstream, &self.scale)?;
+        let row_info = row_info(stats, upstream, &self.row_params()?)?;
         let mut sums = SliceSums::new(self)?;
         let mut c0 = 0;
         while c0 < classes {
@@ -377,7 +399,12 @@ impl HeadBatch {
         } else {
             None
         };
-        sums.finish(self, d_scale.as_ref())
+        let mut grads = sums.finish(self, d_scale.as_ref())?;
+        if self.margins.is_some() {
+            let d = stats.narrow(1, STAT_D_MARGINS, 3)?;
+            grads.margins = Some(d.broadcast_mul(&upstream.unsqueeze(1)?)?);
+        }
+        Ok(grads)
     }
 }
 
@@ -545,6 +572,7 @@ impl SliceSums {
             embeddings: d_raw,
             weight,
             bias,
+            margins: None,
         })
     }
 }
@@ -559,4 +587,6 @@ pub(super) struct Gradients {
     pub(super) embeddings: Tensor,
     pub(super) weight: Tensor,
     pub(super) bias: Option<Tensor>,
+    /// With per-row margins: dℓ/d(m1, m2, m3) [B, 3] (accumulation dtype).
+    pub(super) margins: Option<Tensor>,
 }

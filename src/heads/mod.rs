@@ -37,6 +37,7 @@ mod autograd;
 mod batch;
 mod form;
 mod partial_fc;
+mod row_margins;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -493,7 +494,7 @@ impl MarginHead {
     /// of shape \[B\] on W's device, or with a value outside [0, C) that is not `ignore_index`;
     /// and every error of [`MarginSoftmaxLoss::loss`] for the configuration.
     pub fn loss(&self, embeddings: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        self.loss_impl(embeddings, targets, None)
+        self.loss_impl(embeddings, targets, None, None)
     }
 
     /// The loss of a head whose W holds one shard of the classes ([`ClassShard`]: this rank's
@@ -530,7 +531,12 @@ impl MarginHead {
         comm: Arc<dyn Communicator>,
     ) -> Result<Tensor> {
         let op = format!("{HEAD_OP}({})", self.name());
-        self.loss_impl(embeddings, targets, Some(Sharding { shard, comm, op }))
+        self.loss_impl(
+            embeddings,
+            targets,
+            Some(Sharding { shard, comm, op }),
+            None,
+        )
     }
 
     /// This call's own checks (of the shard too, when sharded): the targets on the host, and
@@ -584,11 +590,14 @@ impl MarginHead {
         Ok((validate_targets(&values, &self.loss, total)?, values))
     }
 
+    /// The loss; `margins`: per-row (m1, m2, m3) [B, 3] in the accumulation dtype
+    /// (`row_margins::margin_columns`), attached to the caller's margins.
     fn loss_impl(
         &self,
         embeddings: &Tensor,
         targets: &Tensor,
         sharding: Option<Sharding>,
+        margins: Option<&Tensor>,
     ) -> Result<Tensor> {
         let checked = self.check_call(embeddings, targets, sharding.as_ref().map(|s| s.shard));
         if let Some(s) = &sharding {
@@ -619,10 +628,19 @@ impl MarginHead {
             }
             None => None,
         };
-        let batch = HeadBatch::new(self.parts(), embeddings, host_targets, sample, sharding)?;
+        let detached = margins.map(Tensor::detach);
+        let batch = HeadBatch::new(
+            self.parts(),
+            embeddings,
+            host_targets,
+            sample,
+            sharding,
+            detached,
+        )?;
         let tracked = embeddings.track_op()
             || self.weight.track_op()
-            || self.bias.as_ref().is_some_and(|b| b.track_op());
+            || self.bias.as_ref().is_some_and(|b| b.track_op())
+            || margins.is_some_and(Tensor::track_op);
         let (loss, pending) = match batch.first_pass(tracked)? {
             FirstPass::Fused { loss, grads } => (loss, Pending::Ready(grads)),
             FirstPass::Stats { loss, .. } if !tracked => return Ok(loss),
@@ -651,6 +669,7 @@ impl MarginHead {
                 (Slot::Embeddings as usize, Some(embeddings)),
                 (Slot::Weight as usize, Some(&self.weight)),
                 (Slot::Bias as usize, self.bias.as_ref()),
+                (Slot::Margins as usize, margins),
             ],
             source,
         )?;

@@ -367,13 +367,19 @@ pub(crate) fn slice_gradient(
 /// upstream factor `upstream` \[B\] folded in.
 pub(crate) fn row_info(stats: &Tensor, upstream: &Tensor, scale: &Tensor) -> Result<Tensor> {
     let up = upstream.unsqueeze(1)?;
+    // The row scale \[B\], or the row parameters (r, m1, m2, m3) [B, 4] with per-row margins.
+    let per_row = if scale.rank() == 2 {
+        scale.clone()
+    } else {
+        scale.unsqueeze(1)?
+    };
     Tensor::cat(
         &[
             &stats.narrow(1, layout::STAT_MAX, 2)?,
             &stats
                 .narrow(1, layout::STAT_GRAD_CONSTANTS, 3)?
                 .broadcast_mul(&up)?,
-            &scale.unsqueeze(1)?,
+            &per_row,
         ],
         1,
     )

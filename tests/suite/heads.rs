@@ -63,7 +63,7 @@ pub fn case(label: &str, l: Layout, opts: &Opts, dtype: DType, dev: &Device) -> 
     })
 }
 
-fn normalize(x: &Tensor) -> Result<Tensor> {
+pub fn normalize(x: &Tensor) -> Result<Tensor> {
     x.broadcast_div(&x.sqr()?.sum_keepdim(1)?.sqrt()?.maximum(EPS)?)
 }
 

@@ -458,9 +458,16 @@ fn row_margins_refused(dut: &Dut) {
         let m = Tensor::new(&[0.3f32, 0.4], dev).unwrap();
         let cfg = MarginSoftmaxLoss::new(Head::arcface());
         let expected = "margin_softmax_ce(arcface): per-row margins run on the CPU only so far";
+        let w = Tensor::ones((3, 4), DType::F32, dev).unwrap();
+        let head = candle_margin_softmax::MarginHead::from_weight(cfg.clone(), w, None).unwrap();
+        // Embeddings that take a gradient: the head's gradient pass needs the kernels (its
+        // forward alone runs the per-row margins on the host and succeeds).
+        let f = candle_core::Var::ones((2, 4), DType::F32, dev).unwrap();
+        let f = f.as_tensor();
         for got in [
             message(cfg.loss_with_row_margins(&x, &y, &m, None)),
             message(cfg.loss_and_grad_with_row_margins(&x, &y, &m, None)),
+            message(head.loss_with_row_margins(f, &y, &m)),
         ] {
             assert!(got.starts_with(expected), "{got}");
         }

@@ -411,3 +411,147 @@ fn row_margins_errors_name_the_op() -> Result<()> {
     assert!(first_line(&e).starts_with("margin_softmax_ce(arcface): row_scale must have shape"));
     Ok(())
 }
+
+/// `MarginHead::loss_with_row_margins` against the composition (normalize, matmul,
+/// `reference::loss_with_row_margins`, autograd, in f64): the loss and the gradients into the
+/// embeddings, W and the margins, for the fused single-slice path and the chunked two-pass path,
+/// reduced and per-row losses, with and without the feature-norm scale; and margins computed
+/// from the embeddings' norms with candle ops (MagFace's linear m(‖f‖)), whose gradient reaches
+/// the embeddings through the margins.
+#[test]
+fn row_margins_head_matches_the_composition() {
+    use crate::heads::{Layout, case, normalize, root_of};
+    use candle_margin_softmax::MarginHead;
+
+    let layout = Layout {
+        rows: 6,
+        dim: 8,
+        classes: 13,
+        bias: false,
+    };
+    let option_sets: Vec<(&str, Opts)> = vec![
+        ("plain", Opts::default()),
+        ("combo", Opts::combo()),
+        ("per_row", Opts::combo().with_reduction(Reduction::None)),
+    ];
+    let mut grid = GridFailures::default();
+    for (head_name, head) in heads() {
+        for dtype in [DType::F64, DType::F32] {
+            for (opts_name, opts) in &option_sets {
+                for chunk in [None, Some(4), Some(1)] {
+                    for feature_norm in [false, true] {
+                        for magface in [false, true] {
+                            let label = format!(
+                                "row_margins_head/{head_name}/{}/{opts_name}/chunk{chunk:?}/\
+                                 norm{feature_norm}/magface{magface}",
+                                dtype_name(dtype)
+                            );
+                            grid.cell(|| {
+                                let run = || -> Result<std::result::Result<(), String>> {
+                                    let dev = Device::Cpu;
+                                    let c = case(&label, layout, opts, dtype, &dev)?;
+                                    let cfg = opts.cfg(head, layout.classes, dtype, &dev, 7)?;
+                                    let mut r = rng(seed_of(&label));
+                                    let m0 = margins_tensor(
+                                        &gen_margins(&mut r, &head, layout.rows),
+                                        &head,
+                                        layout.rows,
+                                        dtype,
+                                    )?;
+                                    // MagFace's m(a) = l_m + (u_m − l_m)·(a − l_a)/(u_a − l_a)
+                                    // on a = ‖f‖ clamped to [l_a, u_a] = [1, 10] (the first
+                                    // margin column only for Combined: m1 stays).
+                                    let margins_of = |f: &Tensor, m0: &Tensor| -> Result<Tensor> {
+                                        if !magface {
+                                            return Ok(m0.clone());
+                                        }
+                                        let a = f.sqr()?.sum(1)?.sqrt()?.clamp(1.0, 10.0)?;
+                                        let m = ((a - 1.0)? * (0.35 / 9.0))? + 0.45;
+                                        match head {
+                                            Head::Combined { .. } => Tensor::cat(
+                                                &[
+                                                    &m0.narrow(1, 0, 1)?,
+                                                    &m?.unsqueeze(1)?.to_dtype(m0.dtype())?,
+                                                    &m0.narrow(1, 2, 1)?,
+                                                ],
+                                                1,
+                                            ),
+                                            _ => m?.to_dtype(m0.dtype()),
+                                        }
+                                    };
+                                    // The head.
+                                    let mv = Var::from_tensor(&m0)?;
+                                    let mut module = MarginHead::from_weight(
+                                        cfg.clone(),
+                                        c.w.as_tensor().clone(),
+                                        None,
+                                    )?
+                                    .feature_norm_scale(feature_norm)?;
+                                    if let Some(k) = chunk {
+                                        module = module.chunk_classes(k)?;
+                                    }
+                                    let m = margins_of(c.f.as_tensor(), mv.as_tensor())?;
+                                    let loss = module.loss_with_row_margins(
+                                        c.f.as_tensor(),
+                                        &c.targets,
+                                        &m,
+                                    )?;
+                                    let grads = root_of(&loss, &c.upstream)?.backward()?;
+                                    // With MagFace's margins for CosFace / ArcFace, the
+                                    // drawn margins take no part: no gradient (0) on both sides.
+                                    let got = |v: &Var| match grads.get(v) {
+                                        Some(g) => Ok(g.clone()),
+                                        None if magface => v.zeros_like(),
+                                        None => Err(candle_core::Error::Msg("no gradient".into())),
+                                    };
+                                    let (gf, gw, gm) = (got(&c.f)?, got(&c.w)?, got(&mv)?);
+                                    // The composition, in f64.
+                                    let f =
+                                        Var::from_tensor(&c.f.as_tensor().to_dtype(DType::F64)?)?;
+                                    let w =
+                                        Var::from_tensor(&c.w.as_tensor().to_dtype(DType::F64)?)?;
+                                    let m64 = Var::from_tensor(&m0.to_dtype(DType::F64)?)?;
+                                    let cos = normalize(f.as_tensor())?
+                                        .matmul(&normalize(w.as_tensor())?.t()?)?;
+                                    let norm = f.sqr()?.sum(1)?.sqrt()?;
+                                    let want_loss = reference::loss_with_row_margins(
+                                        &cfg.clone().check_targets(true),
+                                        &cos,
+                                        &c.targets,
+                                        &margins_of(f.as_tensor(), m64.as_tensor())?,
+                                        feature_norm.then_some(&norm),
+                                    )?;
+                                    let want = root_of(&want_loss, &c.upstream)?.backward()?;
+                                    let wanted = |v: &Var| match want.get(v) {
+                                        Some(g) => Ok(g.clone()),
+                                        None if magface => v.zeros_like(),
+                                        None => Err(candle_core::Error::Msg(
+                                            "no reference gradient".into(),
+                                        )),
+                                    };
+                                    let tol = if dtype == DType::F64 { 1e-9 } else { 2e-4 };
+                                    let out: Vec<String> = [
+                                        compare("loss", &loss, &want_loss, tol, 1.0),
+                                        compare("d/d embeddings", &gf, &wanted(&f)?, tol, 1e-6),
+                                        compare("d/dW", &gw, &wanted(&w)?, tol, 1e-6),
+                                        compare("d/d margins", &gm, &wanted(&m64)?, tol, 1e-6),
+                                    ]
+                                    .into_iter()
+                                    .filter_map(|r| r.err())
+                                    .collect();
+                                    Ok(if out.is_empty() {
+                                        Ok(())
+                                    } else {
+                                        Err(format!("[{label}] {}", out.join("; ")))
+                                    })
+                                };
+                                run().unwrap_or_else(|e| Err(format!("[{label}] error: {e}")))
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    grid.assert_none();
+}

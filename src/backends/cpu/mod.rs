@@ -30,14 +30,14 @@ use crate::layout::{
 };
 use crate::math::{
     Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, SoftCap, Transform,
-    weighted_smoothing,
+    times_nonzero, weighted_smoothing,
 };
 use crate::targets_and_weights::{read_weights, upstream_factor, weight_of};
 use alloc::zeroed_buffer;
 use online::{Online, RowCache, RowPass};
 use rows::{
     BackwardKernel, ForwardContext, ForwardKernel, FusedKernel, PartialKernel, RowGrad, finish_row,
-    target_logit, with_transform,
+    target_logit, target_margin_grads, with_transform,
 };
 use simd::Dispatch;
 
@@ -389,7 +389,8 @@ pub(crate) fn merge_partials<A: Acc>(parts: &[Vec<A>], rows: usize) -> Vec<A> {
     out
 }
 
-/// The statistics [B, STAT_COLUMNS] of whole rows from their non-target entries' merged state
+/// The statistics [B, STAT_COLUMNS] (with per-row `margins`, [B, STAT_COLUMNS_ROW_MARGINS]:
+/// dℓ/d(m1, m2, m3) after them) of whole rows from their non-target entries' merged state
 /// `others` [B, PARTIAL_COLUMNS] and each target's input `target_inputs` [B] (the forward op's
 /// result up to rounding: the target is absorbed last instead of first). `targets` are the rows'
 /// classes among all `classes` (`None`: ignored, statistics 0).
@@ -401,6 +402,7 @@ pub(crate) fn finalize_partials<A: Acc>(
     others: &[A],
     target_inputs: &[A],
     scales: &[A],
+    margins: Option<&[[A; 3]]>,
     scale_grad: bool,
 ) -> Vec<A> {
     let weights = read_weights::<A>(cfg);
@@ -412,10 +414,16 @@ pub(crate) fn finalize_partials<A: Acc>(
     let margin = Margin::<A>::new(&cfg.head, cfg.margin_grad);
     let criterion = Criterion::<A>::new(cfg, classes);
     let cap = SoftCap::<A>::new(cfg);
-    let mut out = vec![A::zero(); targets.len() * STAT_COLUMNS];
+    let columns = if margins.is_some() {
+        STAT_COLUMNS_ROW_MARGINS
+    } else {
+        STAT_COLUMNS
+    };
+    let mut out = vec![A::zero(); targets.len() * columns];
     with_transform!(cfg.head, A, |transform| {
-        for (i, (o, &target)) in out.chunks_mut(STAT_COLUMNS).zip(targets).enumerate() {
+        for (i, (o, &target)) in out.chunks_mut(columns).zip(targets).enumerate() {
             let Some(y) = target else { continue };
+            let margin = margins.map_or(margin, |m| margin.for_row(m[i]));
             let pass = RowPass {
                 scale: scales[i],
                 scale_grad,
@@ -428,13 +436,19 @@ pub(crate) fn finalize_partials<A: Acc>(
             let rest = Online::of_partial(&others[i * PARTIAL_COLUMNS..(i + 1) * PARTIAL_COLUMNS]);
             let online = Online::new(z_target).merge(&rest);
             let w_target = smoothing.map_or(A::one(), |w| w[y]);
-            o.copy_from_slice(&finish_row(
+            let stats = finish_row(
                 &online,
                 (z_target, v_target, w_target),
                 weight_of(&weights, y),
                 &pass,
                 &criterion,
-            ));
+            );
+            o[..STAT_COLUMNS].copy_from_slice(&stats);
+            if margins.is_some() {
+                let d = target_margin_grads(target_inputs[i], scales[i], &transform, &margin, &cap);
+                let g_target = stats[STAT_GRAD_CONSTANTS + 2];
+                o[STAT_D_MARGINS..].copy_from_slice(&d.map(|d| times_nonzero(g_target, d)));
+            }
         }
     });
     out
