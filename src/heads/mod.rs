@@ -36,6 +36,7 @@
 mod autograd;
 mod batch;
 mod form;
+mod magface;
 mod partial_fc;
 mod row_margins;
 
@@ -56,6 +57,7 @@ pub use batch::DEFAULT_CHUNK_SCORES;
 use batch::{FirstPass, HeadBatch, HeadParts, Sharding};
 pub use form::DEFAULT_NORM_EPS;
 use form::{Form, form_of, normalize, row_norm};
+pub use magface::MagFace;
 pub use partial_fc::PartialFc;
 use partial_fc::sample_classes;
 
@@ -101,6 +103,8 @@ pub struct MarginHead {
     partial_fc: Option<PartialFc>,
     /// Calls of [`MarginHead::loss`] so far with Partial FC: the sampler's stream index.
     calls: AtomicU64,
+    /// MagFace's norm-dependent margin and regulariser ([`MarginHead::magface`]).
+    magface: Option<MagFace>,
 }
 
 impl MarginHead {
@@ -208,6 +212,7 @@ impl MarginHead {
             chunk_classes: None,
             partial_fc: None,
             calls: AtomicU64::new(0),
+            magface: None,
         };
         match bias {
             Some(b) => head.with_bias_tensor(b),
@@ -494,6 +499,9 @@ impl MarginHead {
     /// of shape \[B\] on W's device, or with a value outside [0, C) that is not `ignore_index`;
     /// and every error of [`MarginSoftmaxLoss::loss`] for the configuration.
     pub fn loss(&self, embeddings: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if let Some(magface) = &self.magface {
+            return self.magface_loss(embeddings, targets, magface);
+        }
         self.loss_impl(embeddings, targets, None, None)
     }
 
@@ -561,6 +569,9 @@ impl MarginHead {
             }
             if self.partial_fc.is_some() {
                 bail!("{HEAD_OP}({name}): Partial FC is not supported with a sharded loss")
+            }
+            if self.magface.is_some() {
+                bail!("{HEAD_OP}({name}): MagFace is not supported with a sharded loss yet")
             }
         }
         let rows = self.check_embeddings(embeddings)?;

@@ -12,6 +12,7 @@ mod finite_diff;
 mod heads;
 #[cfg(any(feature = "cuda", feature = "kernel-emu"))]
 mod kernels;
+mod magface;
 #[cfg(feature = "nccl")]
 mod nccl_faults;
 mod parity;
