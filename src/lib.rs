@@ -41,7 +41,9 @@ mod targets_and_weights;
 pub use backends::emu::kernel_emu;
 
 pub use backends::cpu::simd::{SimdLevel, with_simd_level};
-pub use heads::{DEFAULT_CHUNK_SCORES, DEFAULT_NORM_EPS, MagFace, MarginHead, PartialFc};
+pub use heads::{
+    DEFAULT_CHUNK_SCORES, DEFAULT_NORM_EPS, ElasticFace, MagFace, MarginHead, PartialFc,
+};
 pub use op::one_pass_max_classes;
 pub use row_margins::RowMarginGrads;
 #[cfg(feature = "nccl")]

@@ -91,6 +91,9 @@ impl MarginHead {
             bail!("{prefix}: MagFace needs the ArcFace head (MagFace::head() is the official one)")
         }
         magface.validate(&prefix)?;
+        if self.elastic.is_some() {
+            bail!("{prefix}: a head is MagFace or ElasticFace, not both")
+        }
         self.magface = Some(magface);
         Ok(self)
     }

@@ -35,6 +35,7 @@
 
 mod autograd;
 mod batch;
+mod elastic;
 mod evaluation;
 mod form;
 mod magface;
@@ -56,6 +57,7 @@ use crate::targets_and_weights::validate_targets;
 use autograd::{HeadGradients, Pending, Slot, SourceState};
 pub use batch::DEFAULT_CHUNK_SCORES;
 use batch::{FirstPass, HeadBatch, HeadParts, Sharding};
+pub use elastic::ElasticFace;
 pub use form::DEFAULT_NORM_EPS;
 use form::{Form, form_of};
 pub use magface::MagFace;
@@ -106,6 +108,10 @@ pub struct MarginHead {
     calls: AtomicU64,
     /// MagFace's norm-dependent margin and regulariser ([`MarginHead::magface`]).
     magface: Option<MagFace>,
+    /// ElasticFace's drawn margins ([`MarginHead::elastic`]) and the training calls so far
+    /// (the draws' stream index).
+    elastic: Option<ElasticFace>,
+    elastic_steps: AtomicU64,
 }
 
 impl MarginHead {
@@ -214,6 +220,8 @@ impl MarginHead {
             partial_fc: None,
             calls: AtomicU64::new(0),
             magface: None,
+            elastic: None,
+            elastic_steps: AtomicU64::new(0),
         };
         match bias {
             Some(b) => head.with_bias_tensor(b),
@@ -424,6 +432,9 @@ impl MarginHead {
         if let Some(magface) = &self.magface {
             return self.magface_loss(embeddings, targets, magface);
         }
+        if let Some(elastic) = &self.elastic {
+            return self.elastic_loss(embeddings, targets, elastic);
+        }
         self.loss_impl(embeddings, targets, None, None)
     }
 
@@ -492,8 +503,11 @@ impl MarginHead {
             if self.partial_fc.is_some() {
                 bail!("{HEAD_OP}({name}): Partial FC is not supported with a sharded loss")
             }
-            if self.magface.is_some() {
-                bail!("{HEAD_OP}({name}): MagFace is not supported with a sharded loss yet")
+            if self.magface.is_some() || self.elastic.is_some() {
+                bail!(
+                    "{HEAD_OP}({name}): MagFace and ElasticFace are not supported with a sharded \
+                     loss yet"
+                )
             }
         }
         let rows = self.check_embeddings(embeddings)?;

@@ -22,7 +22,7 @@ pub(super) struct Sample {
 }
 
 /// SplitMix64: a small, well-mixed generator for the sampler (no dependency, stable output).
-pub(super) struct SplitMix64(u64);
+pub(super) struct SplitMix64(pub(super) u64);
 
 impl SplitMix64 {
     pub(super) fn next(&mut self) -> u64 {

@@ -201,7 +201,8 @@ fn magface_errors_name_the_op() -> Result<()> {
     };
     let e = module.sharded_loss(&f, &y, shard, comm).unwrap_err();
     assert!(
-        first_line(&e).contains("MagFace is not supported with a sharded loss yet"),
+        first_line(&e)
+            .contains("MagFace and ElasticFace are not supported with a sharded loss yet"),
         "{e}"
     );
     Ok(())

@@ -7,6 +7,7 @@ mod architecture;
 mod common;
 mod dispatch;
 mod edge;
+mod elastic;
 mod errors;
 mod finite_diff;
 mod heads;
