@@ -27,7 +27,11 @@
 //! - RBF: squared distances d² = ‖f̂‖² + ‖W_j‖² − 2·f̂·W_jᵀ from the normalized embedding f̂ (the
 //!   network's last step here; the head takes whatever embedding it is given),
 //!   with s = 16, γ = 1 (the paper's defaults s = 35, γ = 16 are meant for unnormalized
-//!   high-dimensional features, whose squared distances are far larger than here).
+//!   high-dimensional features, whose squared distances are far larger than here);
+//! - MagFace: ArcFace (s = 64, the easy margin) with each row's margin m(‖f‖) from 0.45 to 0.8
+//!   and the regulariser λ_g = 35, the official hyper-parameters but the norm range
+//!   [l_a, u_a] = [1, 11] in place of [10, 110] (this embedding is 16-d, not 512-d);
+//! - ElasticFace: ElasticArcFace, margins drawn from N(0.5, 0.05) per row and step.
 //!
 //! Optimizer: AdamW (lr 3e-3, weight decay 1e-4) with a cosine learning-rate decay to 5%,
 //! batches of 128, 30 epochs. Accuracy is that of `MarginHead::predict`: the argmax over classes
@@ -38,7 +42,9 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{D, DType, Device, Module, Tensor, Var};
-use candle_margin_softmax::{Head, MarginHead, MarginSoftmaxLoss, SphereFaceLambda};
+use candle_margin_softmax::{
+    ElasticFace, Head, MagFace, MarginHead, MarginSoftmaxLoss, SphereFaceLambda,
+};
 use candle_nn::{AdamW, Linear, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -182,6 +188,27 @@ struct Run {
     lr: f64,
     /// SphereFace's λ schedule, applied per optimiser step.
     lambda: Option<SphereFaceLambda>,
+    /// An adaptive head on top of ArcFace / CosFace.
+    adaptive: Adaptive,
+}
+
+/// The adaptive heads the example trains besides the fixed-margin ones.
+#[derive(Clone, Copy)]
+enum Adaptive {
+    None,
+    MagFace(MagFace),
+    Elastic(ElasticFace),
+}
+
+impl Run {
+    /// The run's name in the log and the table.
+    fn name(&self) -> &'static str {
+        match self.adaptive {
+            Adaptive::None => self.head.name(),
+            Adaptive::MagFace(_) => "magface",
+            Adaptive::Elastic(_) => "elastic",
+        }
+    }
 }
 
 impl Run {
@@ -288,6 +315,11 @@ fn train(run: &Run, train: &Split, test: &Split, seed: u64, dev: &Device) -> Res
         b,
     )?
     .feature_norm_scale(run.feature_norm)?;
+    head = match run.adaptive {
+        Adaptive::None => head,
+        Adaptive::MagFace(m) => head.magface(m)?,
+        Adaptive::Elastic(e) => head.elastic(e)?,
+    };
     let params = ParamsAdamW {
         lr: run.lr,
         weight_decay: 1e-4,
@@ -295,7 +327,7 @@ fn train(run: &Run, train: &Split, test: &Split, seed: u64, dev: &Device) -> Res
     };
     let mut opt = AdamW::new(vars, params)?;
 
-    let name = run.head.name();
+    let name = run.name();
     let mut order: Vec<u32> = (0..train.len as u32).collect();
     let steps_per_epoch = train.len.div_ceil(BATCH);
     let total_steps = (EPOCHS * steps_per_epoch) as u64;
@@ -397,6 +429,7 @@ fn main() -> Result<()> {
             unit_embedding: false,
             lr: 3e-3,
             lambda: None,
+            adaptive: Adaptive::None,
         },
         Run {
             head: Head::cosface(),
@@ -404,6 +437,7 @@ fn main() -> Result<()> {
             unit_embedding: false,
             lr: 3e-3,
             lambda: None,
+            adaptive: Adaptive::None,
         },
         Run {
             head: Head::arcface(),
@@ -411,6 +445,7 @@ fn main() -> Result<()> {
             unit_embedding: false,
             lr: 3e-3,
             lambda: None,
+            adaptive: Adaptive::None,
         },
         Run {
             head: Head::combined(),
@@ -418,6 +453,7 @@ fn main() -> Result<()> {
             unit_embedding: false,
             lr: 3e-3,
             lambda: None,
+            adaptive: Adaptive::None,
         },
         Run {
             // `s` is unused: the per-row scale r_i = ‖f_i‖ replaces it.
@@ -426,6 +462,7 @@ fn main() -> Result<()> {
             unit_embedding: false,
             lr: 3e-3,
             lambda: Some(sphereface_lambda),
+            adaptive: Adaptive::None,
         },
         Run {
             head: Head::Rbf {
@@ -436,6 +473,32 @@ fn main() -> Result<()> {
             unit_embedding: true,
             lr: 3e-3,
             lambda: None,
+            adaptive: Adaptive::None,
+        },
+        Run {
+            // MagFace's official head (s = 64, the easy margin) and hyper-parameters, with the
+            // norm range scaled to this small embedding (l_a = 1, u_a = 11).
+            head: MagFace::head(),
+            feature_norm: false,
+            unit_embedding: false,
+            lr: 3e-3,
+            lambda: None,
+            adaptive: Adaptive::MagFace(MagFace {
+                l_a: 1.0,
+                u_a: 11.0,
+                ..MagFace::default()
+            }),
+        },
+        Run {
+            head: ElasticFace::arcface_head(),
+            feature_norm: false,
+            unit_embedding: false,
+            lr: 3e-3,
+            lambda: None,
+            adaptive: Adaptive::Elastic(ElasticFace {
+                seed: SEED,
+                ..ElasticFace::default()
+            }),
         },
     ];
 
@@ -450,12 +513,12 @@ fn main() -> Result<()> {
     for (i, run) in runs.iter().enumerate() {
         println!(
             "[{:>10}] {}; AdamW lr {}",
-            run.head.name(),
+            run.name(),
             run.describe(),
             run.lr
         );
         let outcome = train(run, &train_set, &test_set, SEED + 1 + i as u64, &dev)?;
-        rows.push((run.head.name(), outcome));
+        rows.push((run.name(), outcome));
     }
 
     println!("\n| head       | train acc | test acc | ms/step |");

@@ -120,7 +120,11 @@ impl MarginHead {
         let (host_targets, _) = self.check_call(embeddings, targets, None)?;
         let mean = match self.loss.head {
             Head::ArcFace { m, .. } | Head::CosFace { m, .. } => m,
-            _ => unreachable!("checked by MarginHead::elastic"),
+            // `elastic` and `set_config` keep the head ArcFace or CosFace.
+            other => bail!(
+                "{HEAD_OP}({}): ElasticFace needs the ArcFace or CosFace head",
+                other.name()
+            ),
         };
         let valid: Vec<(usize, usize)> = host_targets
             .iter()

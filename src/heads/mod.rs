@@ -323,13 +323,24 @@ impl MarginHead {
     ///
     /// # Errors
     /// An invalid configuration, or another head family (the
-    /// parameters' shapes and initialization belong to it).
+    /// parameters' shapes and initialization belong to it); for a MagFace or ElasticFace head,
+    /// another head.
     pub fn set_config(&mut self, loss: MarginSoftmaxLoss) -> Result<()> {
         if form_of(&loss.head) != form_of(&self.loss.head)
             || (self.feature_norm_scale && form_of(&loss.head) != Form::Cosine)
         {
             bail!(
                 "{HEAD_OP}({}): set_config cannot change the head family (to {})",
+                self.name(),
+                loss.head.name()
+            )
+        }
+        let adaptive = self.magface.is_some() || self.elastic.is_some();
+        if adaptive && std::mem::discriminant(&loss.head) != std::mem::discriminant(&self.loss.head)
+        {
+            bail!(
+                "{HEAD_OP}({}): set_config cannot change the head of a MagFace or ElasticFace \
+                 head (to {})",
                 self.name(),
                 loss.head.name()
             )

@@ -235,5 +235,14 @@ fn elastic_errors_name_the_op() -> Result<()> {
         }))
         .starts_with("margin_head(arcface): ElasticFace's std must be finite and >= 0")
     );
+    let mut module = head(Head::arcface())?.elastic(ElasticFace::default())?;
+    let e = module
+        .set_config(MarginSoftmaxLoss::new(Head::combined()))
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("margin_head(arcface): set_config cannot change the head of a MagFace"),
+        "{e}"
+    );
     Ok(())
 }
