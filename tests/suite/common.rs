@@ -728,3 +728,52 @@ impl GridFailures {
         );
     }
 }
+
+/// A variable's gradient, which must be in the store.
+pub fn required_grad(store: &candle_core::backprop::GradStore, var: &Var) -> Result<Tensor> {
+    store
+        .get(var)
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
+}
+
+/// A grid cell's verdict: `run` returns the cell's comparisons (or fails); the cell passes when
+/// every comparison does, and its failure message names `label` and every failed comparison.
+pub fn cell_verdict(
+    label: &str,
+    run: impl FnOnce() -> Result<Vec<std::result::Result<(), String>>>,
+) -> std::result::Result<(), String> {
+    match run() {
+        Err(e) => Err(format!("[{label}] error: {e}")),
+        Ok(checks) => {
+            let failed: Vec<String> = checks.into_iter().filter_map(|c| c.err()).collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("[{label}] {}", failed.join("; ")))
+            }
+        }
+    }
+}
+
+/// The loss and the gradients into each (name, variable, the reference's variable) compared at
+/// `tol` (the gradients relative to max(max|reference|, 1e-6)).
+pub fn loss_and_grad_checks(
+    (loss, want): (&Tensor, &Tensor),
+    (grads, want_grads): (
+        &candle_core::backprop::GradStore,
+        &candle_core::backprop::GradStore,
+    ),
+    vars: &[(&str, &Var, &Var)],
+    tol: f64,
+) -> Result<Vec<std::result::Result<(), String>>> {
+    let mut checks = vec![compare("loss", loss, want, tol, 1.0)];
+    for &(name, got, reference) in vars {
+        let (g, w) = (
+            required_grad(grads, got)?,
+            required_grad(want_grads, reference)?,
+        );
+        checks.push(compare(&format!("d/d {name}"), &g, &w, tol, 1e-6));
+    }
+    Ok(checks)
+}

@@ -9,7 +9,7 @@ use candle_margin_softmax::{ElasticFace, Head, MarginHead, MarginSoftmaxLoss};
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::common::{GridFailures, IGNORE, compare, rng, seed_of};
+use crate::common::{GridFailures, IGNORE, cell_verdict, loss_and_grad_checks, rng, seed_of};
 
 const ROWS: usize = 8;
 const DIM: usize = 12;
@@ -84,7 +84,7 @@ fn elastic_matches_the_official_formula() {
                 for chunk in [None, Some(4)] {
                     let label = format!("elastic/arc{arc}/plus{plus}/{dtype:?}/chunk{chunk:?}");
                     grid.cell(|| {
-                        let run = || -> Result<std::result::Result<(), String>> {
+                        let run = || -> Result<Vec<std::result::Result<(), String>>> {
                             let dev = Device::Cpu;
                             let mut r = rng(seed_of(&label));
                             let normal = Normal::new(0.0, 1.0).unwrap();
@@ -128,10 +128,7 @@ fn elastic_matches_the_official_formula() {
                             module.predict(fv.as_tensor())?;
                             let loss = module.loss(fv.as_tensor(), &y)?;
                             if module.elastic_step() != 6 {
-                                return Ok(Err(format!(
-                                    "[{label}] step {}",
-                                    module.elastic_step()
-                                )));
+                                return Ok(vec![Err(format!("step {}", module.elastic_step()))]);
                             }
                             let grads = loss.backward()?;
                             // The step's draws, for the rows not ignored, in order; "plus" as the
@@ -169,39 +166,15 @@ fn elastic_matches_the_official_formula() {
                                 64.0,
                             )?;
                             let want_grads = want.backward()?;
-                            let get = |g: &candle_core::backprop::GradStore, v: &Var| {
-                                g.get(v)
-                                    .cloned()
-                                    .ok_or_else(|| candle_core::Error::Msg("no gradient".into()))
-                            };
                             let tol = if dtype == DType::F64 { 1e-9 } else { 1e-4 };
-                            let out: Vec<String> = [
-                                compare("loss", &loss, &want, tol, 1.0),
-                                compare(
-                                    "d/d embeddings",
-                                    &get(&grads, &fv)?,
-                                    &get(&want_grads, &f64v)?,
-                                    tol,
-                                    1e-6,
-                                ),
-                                compare(
-                                    "d/dW",
-                                    &get(&grads, &wv)?,
-                                    &get(&want_grads, &w64v)?,
-                                    tol,
-                                    1e-6,
-                                ),
-                            ]
-                            .into_iter()
-                            .filter_map(|c| c.err())
-                            .collect();
-                            Ok(if out.is_empty() {
-                                Ok(())
-                            } else {
-                                Err(format!("[{label}] {}", out.join("; ")))
-                            })
+                            loss_and_grad_checks(
+                                (&loss, &want),
+                                (&grads, &want_grads),
+                                &[("embeddings", &fv, &f64v), ("W", &wv, &w64v)],
+                                tol,
+                            )
                         };
-                        run().unwrap_or_else(|e| Err(format!("[{label}] error: {e}")))
+                        cell_verdict(&label, run)
                     });
                 }
             }

@@ -11,26 +11,17 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use crate::common::{
-    GridFailures, IGNORE, Opts, compare, dtype_name, gen_input, gen_row_scale, gen_targets,
-    input_tensor, rng, root, seed_of, targets_i64, tols, vec_f64,
+    GridFailures, IGNORE, Opts, cell_verdict, compare, dtype_name, gen_input, gen_row_scale,
+    gen_targets, input_tensor, rng, root, seed_of, targets_i64, tols, variants_of, vec_f64,
 };
 
 const DTYPES: [DType; 4] = [DType::F64, DType::F32, DType::F16, DType::BF16];
 
 fn heads() -> Vec<(&'static str, Head)> {
-    vec![
-        ("cosface", Head::cosface()),
-        ("arcface", Head::arcface()),
-        (
-            "arcface_easy",
-            Head::ArcFace {
-                s: 64.0,
-                m: 0.5,
-                easy_margin: true,
-            },
-        ),
-        ("combined", Head::combined()),
-    ]
+    ["cosface", "arcface", "combined"]
+        .into_iter()
+        .flat_map(variants_of)
+        .collect()
 }
 
 /// Per-row margins for the head: CosFace m ∈ (0.1, 0.5), ArcFace m ∈ (0.1, 0.8) (wide enough
@@ -119,7 +110,7 @@ fn check_cell(
     (b, c): (usize, usize),
     with_row_scale: bool,
 ) -> std::result::Result<(), String> {
-    let run = || -> Result<std::result::Result<(), String>> {
+    cell_verdict(label, || {
         let dev = Device::Cpu;
         let mut r = rng(seed_of(label));
         let t = gen_targets(&mut r, b, c, opts.ignore);
@@ -137,7 +128,7 @@ fn check_cell(
         let one_pass = cfg.loss_and_grad_with_row_margins(&x, &y, &m, rs.as_ref())?;
         let (tol_loss, tol_dx) = tols(dtype);
         let tol_p = param_tol(dtype);
-        let checks = [
+        let mut checks = vec![
             compare("loss", &fused.loss, &want.loss, tol_loss, 1.0),
             compare("dx", &fused.dx, &want.dx, tol_dx, 1e-3),
             compare("dm", &fused.dm, &want.dm, tol_p, 1e-3),
@@ -157,20 +148,14 @@ fn check_cell(
                 1e-3,
             ),
         ];
-        let mut out: Vec<String> = checks.into_iter().filter_map(|c| c.err()).collect();
         if let (Some(got), Some(one), Some(want)) = (&fused.dr, &one_pass.row_scale, &want.dr) {
-            out.extend(compare("dr", got, want, tol_p, 1e-3).err());
-            out.extend(compare("loss_and_grad dr", one, want, tol_p, 1e-3).err());
+            checks.push(compare("dr", got, want, tol_p, 1e-3));
+            checks.push(compare("loss_and_grad dr", one, want, tol_p, 1e-3));
         } else if with_row_scale {
-            out.push("a row-scale gradient is missing".into());
+            checks.push(Err("a row-scale gradient is missing".into()));
         }
-        Ok(if out.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("[{label}] {}", out.join("; ")))
-        })
-    };
-    run().unwrap_or_else(|e| Err(format!("[{label}] error: {e}")))
+        Ok(checks)
+    })
 }
 
 #[test]
@@ -447,7 +432,7 @@ fn row_margins_head_matches_the_composition() {
                                 dtype_name(dtype)
                             );
                             grid.cell(|| {
-                                let run = || -> Result<std::result::Result<(), String>> {
+                                let run = || -> Result<Vec<std::result::Result<(), String>>> {
                                     let dev = Device::Cpu;
                                     let c = case(&label, layout, opts, dtype, &dev)?;
                                     let cfg = opts.cfg(head, layout.classes, dtype, &dev, 7)?;
@@ -530,22 +515,14 @@ fn row_margins_head_matches_the_composition() {
                                         )),
                                     };
                                     let tol = if dtype == DType::F64 { 1e-9 } else { 2e-4 };
-                                    let out: Vec<String> = [
+                                    Ok(vec![
                                         compare("loss", &loss, &want_loss, tol, 1.0),
                                         compare("d/d embeddings", &gf, &wanted(&f)?, tol, 1e-6),
                                         compare("d/dW", &gw, &wanted(&w)?, tol, 1e-6),
                                         compare("d/d margins", &gm, &wanted(&m64)?, tol, 1e-6),
-                                    ]
-                                    .into_iter()
-                                    .filter_map(|r| r.err())
-                                    .collect();
-                                    Ok(if out.is_empty() {
-                                        Ok(())
-                                    } else {
-                                        Err(format!("[{label}] {}", out.join("; ")))
-                                    })
+                                    ])
                                 };
-                                run().unwrap_or_else(|e| Err(format!("[{label}] error: {e}")))
+                                cell_verdict(&label, run)
                             });
                         }
                     }
