@@ -43,6 +43,7 @@ pub use backends::emu::kernel_emu;
 pub use backends::cpu::simd::{SimdLevel, with_simd_level};
 pub use heads::{
     DEFAULT_CHUNK_SCORES, DEFAULT_NORM_EPS, ElasticFace, MagFace, MarginHead, PartialFc,
+    SubCenterOutliers,
 };
 pub use op::one_pass_max_classes;
 pub use row_margins::RowMarginGrads;

@@ -29,6 +29,8 @@ pub(super) struct HeadParts<'a> {
     pub(super) feature_norm_scale: bool,
     pub(super) eps: f64,
     pub(super) chunk_classes: Option<usize>,
+    /// Sub-center ArcFace's K: W's rows j·K .. (j + 1)·K are class j's sub-centers.
+    pub(super) sub_centers: usize,
 }
 
 /// One evaluation of the loss: the (sampled) classes' W, the embeddings in the form the scores
@@ -58,6 +60,8 @@ pub(super) struct HeadBatch {
     pub(super) scale: Tensor,
     /// Per-row margins (m1, m2, m3) [B, 3] (accumulation dtype), replacing the head's.
     pub(super) margins: Option<Tensor>,
+    /// Sub-center ArcFace's K (1: one centre per class).
+    pub(super) sub_centers: usize,
     pub(super) scale_grad: bool,
     pub(super) targets: Vec<Option<usize>>,
     pub(super) targets_tensor: Tensor,
@@ -124,7 +128,8 @@ impl HeadBatch {
                 None,
             ),
         };
-        let classes = weight.dim(0)?;
+        let sub_centers = head.sub_centers;
+        let classes = weight.dim(0)? / sub_centers;
         let rows = embeddings.dim(0)?;
         let raw = embeddings.detach().to_dtype(acc)?;
         let eps = head.eps;
@@ -156,7 +161,7 @@ impl HeadBatch {
         let targets_tensor = Tensor::from_vec(index, rows, &dev)?;
         let slice_classes = head
             .chunk_classes
-            .unwrap_or((DEFAULT_CHUNK_SCORES / rows.max(1)).max(1))
+            .unwrap_or((DEFAULT_CHUNK_SCORES / (rows * sub_centers).max(1)).max(1))
             .min(classes);
         Ok(Self {
             cfg,
@@ -172,6 +177,7 @@ impl HeadBatch {
             per_row,
             scale,
             margins,
+            sub_centers,
             scale_grad: head.feature_norm_scale,
             targets,
             targets_tensor,
@@ -197,7 +203,45 @@ impl HeadBatch {
     }
 
     pub(super) fn classes(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims()[0] / self.sub_centers
+    }
+
+    /// The scores of the classes [c0, c0 + c) for every row, [B, c]: with sub-centers the
+    /// largest of each class's K sub-center cosines (Sub-center ArcFace), and the sub-center
+    /// cosines [B, c·K] themselves, which the gradient pass needs.
+    pub(super) fn class_scores(&self, c0: usize, c: usize) -> Result<(Tensor, Option<Tensor>)> {
+        let rows = self.rows();
+        let k = self.sub_centers;
+        if k == 1 {
+            return Ok((self.scores((0, rows), (c0, c))?, None));
+        }
+        let sub = self.scores((0, rows), (c0 * k, c * k))?;
+        let best = sub.reshape((rows, c, k))?.max(2)?;
+        Ok((best, Some(sub)))
+    }
+
+    /// Adds a slice's gradient δ [B, c] of the class scores to `sums`: with sub-centers, δ goes
+    /// to each class's arg-max sub-center (the first on a tie) and the others get 0.
+    pub(super) fn add_slice(
+        &self,
+        sums: &mut SliceSums,
+        c0: usize,
+        (scores, sub): (&Tensor, Option<&Tensor>),
+        delta: &Tensor,
+    ) -> Result<()> {
+        let Some(sub) = sub else {
+            return sums.add(self, c0, scores, delta);
+        };
+        let (rows, c) = delta.dims2()?;
+        let k = self.sub_centers;
+        let best = sub.reshape((rows, c, k))?.argmax_keepdim(2)?;
+        let which = Tensor::arange(0u32, k as u32, sub.device())?.reshape((1, 1, k))?;
+        let routed = which
+            .broadcast_eq(&best)?
+            .to_dtype(delta.dtype())?
+            .broadcast_mul(&delta.unsqueeze(2)?)?
+            .reshape((rows, c * k))?;
+        sums.add(self, c0 * k, sub, &routed)
     }
 
     /// W's rows [c0, c0 + c) in the compute dtype (a view for f32 / f64, a converted copy of
@@ -273,13 +317,13 @@ impl HeadBatch {
     /// The statistics pass, or the whole computation in one fused pass when one slice covers
     /// every class, the loss is reduced and not sharded.
     pub(super) fn first_pass(&self, need_grads: bool) -> Result<FirstPass> {
-        let (rows, classes) = (self.rows(), self.classes());
+        let classes = self.classes();
         if need_grads
             && self.slice_classes >= classes
             && self.cfg.reduction != Reduction::None
             && self.sharding.is_none()
         {
-            let scores = self.scores((0, rows), (0, classes))?;
+            let (scores, sub) = self.class_scores(0, classes)?;
             check_inputs(&self.cfg, &scores, &self.targets_tensor, Some(&self.scale))?;
             let (loss, grad, grad_params) = self.cfg.loss_and_grad_impl(
                 &scores,
@@ -296,7 +340,7 @@ impl HeadBatch {
                 None => (grad_params, None),
             };
             let mut acc = SliceSums::new(self)?;
-            acc.add(self, 0, &scores, &grad)?;
+            self.add_slice(&mut acc, 0, (&scores, sub.as_ref()), &grad)?;
             let mut grads = acc.finish(self, self.scale_grad.then_some(&grad_scale))?;
             grads.margins = grad_margins;
             return Ok(FirstPass::Fused { loss, grads });
@@ -318,7 +362,7 @@ impl HeadBatch {
         let mut c0 = 0;
         while c0 < classes {
             let c = self.slice_classes.min(classes - c0);
-            let scores = self.scores((0, rows), (c0, c))?;
+            let (scores, _) = self.class_scores(c0, c)?;
             let local = self.local_targets(c0, c);
             target_inputs = op::pick_target_inputs(&scores, &local, &target_inputs, &mut owned)?;
             let cfg = self.slice_config(c0, c, false)?;
@@ -376,17 +420,17 @@ impl HeadBatch {
     /// The gradient pass: slices of classes, each recomputing its scores and taking their
     /// gradient from the row statistics.
     pub(super) fn second_pass(&self, stats: &Tensor, upstream: &Tensor) -> Result<Gradients> {
-        let (rows, classes) = (self.rows(), self.classes());
+        let classes = self.classes();
         let row_info = row_info(stats, upstream, &self.row_params()?)?;
         let mut sums = SliceSums::new(self)?;
         let mut c0 = 0;
         while c0 < classes {
             let c = self.slice_classes.min(classes - c0);
-            let scores = self.scores((0, rows), (c0, c))?;
+            let (scores, sub) = self.class_scores(c0, c)?;
             let cfg = self.slice_config(c0, c, true)?;
             let local = self.local_targets(c0, c);
             let grad = slice_gradient(&cfg, &scores, &local, &row_info)?;
-            sums.add(self, c0, &scores, &grad)?;
+            self.add_slice(&mut sums, c0, (&scores, sub.as_ref()), &grad)?;
             c0 += c;
         }
         let d_scale = if self.scale_grad {

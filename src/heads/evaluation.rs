@@ -9,7 +9,8 @@ use crate::config::{HEAD_OP, accumulation_dtype};
 
 impl MarginHead {
     /// The op's input for `embeddings` \[B, D\], composed from plain candle ops (differentiable,
-    /// holds \[B, C\]): cosines f̂·Ŵᵀ for the cosine heads, squared distances for RBF, f·Wᵀ (+ b)
+    /// holds \[B, C\]): cosines f̂·Ŵᵀ for the cosine heads (with sub-centers, each class's
+    /// largest), squared distances for RBF, f·Wᵀ (+ b)
     /// for Softmax.
     ///
     /// # Errors
@@ -18,7 +19,17 @@ impl MarginHead {
         self.check_embeddings(embeddings)?;
         let w = &self.weight;
         match form_of(&self.loss.head) {
-            Form::Cosine => normalize(embeddings, self.eps)?.matmul(&normalize(w, self.eps)?.t()?),
+            Form::Cosine => {
+                let cosines =
+                    normalize(embeddings, self.eps)?.matmul(&normalize(w, self.eps)?.t()?)?;
+                // Sub-center ArcFace: each class's largest sub-center cosine.
+                match self.sub_centers {
+                    1 => Ok(cosines),
+                    k => cosines
+                        .reshape((cosines.dim(0)?, self.classes(), k))?
+                        .max(2),
+                }
+            }
             Form::Rbf => {
                 let f2 = embeddings.sqr()?.sum_keepdim(1)?;
                 let w2 = w.sqr()?.sum_keepdim(1)?.t()?;

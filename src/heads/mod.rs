@@ -41,6 +41,7 @@ mod form;
 mod magface;
 mod partial_fc;
 mod row_margins;
+mod sub_center;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,6 +64,7 @@ use form::{Form, form_of};
 pub use magface::MagFace;
 pub use partial_fc::PartialFc;
 use partial_fc::sample_classes;
+pub use sub_center::SubCenterOutliers;
 
 /// A margin (or kernel) softmax head over raw embeddings, candle-nn style: it owns W \[C, D\] (the
 /// class centres, one row per class) and, for the Softmax head, an optional bias \[C\].
@@ -112,6 +114,8 @@ pub struct MarginHead {
     /// (the draws' stream index).
     elastic: Option<ElasticFace>,
     elastic_steps: AtomicU64,
+    /// Sub-center ArcFace's K ([`MarginHead::sub_centers`]); 1: one centre per class.
+    sub_centers: usize,
 }
 
 impl MarginHead {
@@ -222,6 +226,7 @@ impl MarginHead {
             magface: None,
             elastic: None,
             elastic_steps: AtomicU64::new(0),
+            sub_centers: 1,
         };
         match bias {
             Some(b) => head.with_bias_tensor(b),
@@ -280,6 +285,12 @@ impl MarginHead {
         if !(rate > 0.0 && rate <= 1.0) {
             bail!(
                 "{HEAD_OP}({}): the Partial FC sampling rate must be in (0, 1], got {rate}",
+                self.name()
+            )
+        }
+        if self.sub_centers > 1 {
+            bail!(
+                "{HEAD_OP}({}): Partial FC is not supported with sub-centers yet",
                 self.name()
             )
         }
@@ -367,7 +378,7 @@ impl MarginHead {
 
     /// The number of classes C.
     pub fn classes(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims()[0] / self.sub_centers
     }
 
     /// The embedding dimension D.
@@ -384,6 +395,7 @@ impl MarginHead {
             feature_norm_scale: self.feature_norm_scale,
             eps: self.eps,
             chunk_classes: self.chunk_classes,
+            sub_centers: self.sub_centers,
         }
     }
 
@@ -513,6 +525,9 @@ impl MarginHead {
             }
             if self.partial_fc.is_some() {
                 bail!("{HEAD_OP}({name}): Partial FC is not supported with a sharded loss")
+            }
+            if self.sub_centers > 1 {
+                bail!("{HEAD_OP}({name}): sub-centers are not supported with a sharded loss yet")
             }
             if self.magface.is_some() || self.elastic.is_some() {
                 bail!(

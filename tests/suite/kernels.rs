@@ -263,6 +263,7 @@ fn head_modules(dut: &Dut) {
         crate::heads::head_grid(dev, DType::F32, (2e-5, 5e-5), &[Some(7)]);
         // Slices wider than one split column range (4096): the partial kernel cuts them.
         crate::heads::chunks_agree(dev, 9001, &[4500, 8999]).expect("chunk sizes agree");
+        crate::sub_center::sub_center_grid(dev, &[DType::F32], &[Some(2)]);
     });
 }
 

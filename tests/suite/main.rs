@@ -23,3 +23,4 @@ mod row_margins;
 mod semantics;
 mod shard;
 mod shard_faults;
+mod sub_center;
