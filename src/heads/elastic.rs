@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use candle_core::{DType, Result, Tensor, bail};
 
 use super::MarginHead;
+use super::batch::Sharding;
 use super::form::normalize;
 use super::partial_fc::SplitMix64;
 use crate::config::{HEAD_OP, Head, accumulation_dtype};
@@ -116,8 +117,20 @@ impl MarginHead {
         embeddings: &Tensor,
         targets: &Tensor,
         elastic: &ElasticFace,
+        sharding: Option<Sharding>,
     ) -> Result<Tensor> {
-        let (host_targets, _) = self.check_call(embeddings, targets, None)?;
+        // Every call advances the step, a failing one too, so that the ranks of a sharded loss
+        // stay on the same step.
+        let step = self.elastic_steps.fetch_add(1, Ordering::Relaxed);
+        let total = sharding.as_ref().map(|s| s.shard);
+        let host_targets = match self.check_call(embeddings, targets, total) {
+            Ok((t, _)) => t,
+            // Sharded, the rank still joins the agreement, which carries its error to the others.
+            Err(_) if sharding.is_some() => {
+                return self.loss_impl(embeddings, targets, sharding, None);
+            }
+            Err(e) => return Err(e),
+        };
         let mean = match self.loss.head {
             Head::ArcFace { m, .. } | Head::CosFace { m, .. } => m,
             // `elastic` and `set_config` keep the head ArcFace or CosFace.
@@ -131,7 +144,6 @@ impl MarginHead {
             .enumerate()
             .filter_map(|(i, t)| t.map(|y| (i, y)))
             .collect();
-        let step = self.elastic_steps.fetch_add(1, Ordering::Relaxed);
         let mut drawn = elastic.draw(mean, step, valid.len());
         if elastic.plus && !valid.is_empty() {
             let cosines = self.target_cosines(embeddings, &valid)?;
@@ -151,7 +163,7 @@ impl MarginHead {
         let prefix = format!("{HEAD_OP}({})", self.name());
         let rows = host_targets.len();
         let m123 = margin_columns(&self.loss.head, &prefix, rows, &margins, dev, acc)?;
-        self.loss_impl(embeddings, targets, None, Some(&m123))
+        self.loss_impl(embeddings, targets, sharding, Some(&m123))
     }
 
     /// f̂_i·Ŵ_{y_i} for the rows `valid` = (row, target), on the host (f64).

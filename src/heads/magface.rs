@@ -14,6 +14,7 @@
 use candle_core::{Result, Tensor, bail};
 
 use super::MarginHead;
+use super::batch::Sharding;
 use crate::config::{HEAD_OP, Head, Reduction, accumulation_dtype};
 use crate::row_margins::margin_columns;
 
@@ -104,8 +105,16 @@ impl MarginHead {
         embeddings: &Tensor,
         targets: &Tensor,
         mf: &MagFace,
+        sharding: Option<Sharding>,
     ) -> Result<Tensor> {
-        let rows = self.check_embeddings(embeddings)?;
+        let rows = match self.check_embeddings(embeddings) {
+            Ok(rows) => rows,
+            // Sharded, the rank still joins the agreement, which carries its error to the others.
+            Err(_) if sharding.is_some() => {
+                return self.loss_impl(embeddings, targets, sharding, None);
+            }
+            Err(e) => return Err(e),
+        };
         let acc = accumulation_dtype(self.weight.dtype());
         let f = embeddings.to_dtype(acc)?;
         // ‖f‖, kept off 0 so that the square root's derivative stays finite there (such a norm
@@ -124,7 +133,7 @@ impl MarginHead {
             self.weight.device(),
             acc,
         )?;
-        let loss = self.loss_impl(embeddings, targets, None, Some(&m123))?;
+        let loss = self.loss_impl(embeddings, targets, sharding, Some(&m123))?;
         let g = ((&a / (mf.u_a * mf.u_a))? + a.recip()?)?;
         let regulariser = match self.loss.reduction {
             Reduction::None => g,

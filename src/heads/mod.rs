@@ -453,10 +453,10 @@ impl MarginHead {
     /// and every error of [`MarginSoftmaxLoss::loss`] for the configuration.
     pub fn loss(&self, embeddings: &Tensor, targets: &Tensor) -> Result<Tensor> {
         if let Some(magface) = &self.magface {
-            return self.magface_loss(embeddings, targets, magface);
+            return self.magface_loss(embeddings, targets, magface, None);
         }
         if let Some(elastic) = &self.elastic {
-            return self.elastic_loss(embeddings, targets, elastic);
+            return self.elastic_loss(embeddings, targets, elastic, None);
         }
         self.loss_impl(embeddings, targets, None, None)
     }
@@ -495,12 +495,14 @@ impl MarginHead {
         comm: Arc<dyn Communicator>,
     ) -> Result<Tensor> {
         let op = format!("{HEAD_OP}({})", self.name());
-        self.loss_impl(
-            embeddings,
-            targets,
-            Some(Sharding { shard, comm, op }),
-            None,
-        )
+        let sharding = Some(Sharding { shard, comm, op });
+        if let Some(magface) = &self.magface {
+            return self.magface_loss(embeddings, targets, magface, sharding);
+        }
+        if let Some(elastic) = &self.elastic {
+            return self.elastic_loss(embeddings, targets, elastic, sharding);
+        }
+        self.loss_impl(embeddings, targets, sharding, None)
     }
 
     /// This call's own checks (of the shard too, when sharded): the targets on the host, and
@@ -529,10 +531,10 @@ impl MarginHead {
             if self.sub_centers > 1 {
                 bail!("{HEAD_OP}({name}): sub-centers are not supported with a sharded loss yet")
             }
-            if self.magface.is_some() || self.elastic.is_some() {
+            if self.elastic.is_some_and(|e| e.plus) {
                 bail!(
-                    "{HEAD_OP}({name}): MagFace and ElasticFace are not supported with a sharded \
-                     loss yet"
+                    "{HEAD_OP}({name}): ElasticFace's \"plus\" ordering is not supported with a \
+                     sharded loss yet (it reads every row's target cosine)"
                 )
             }
         }
@@ -581,10 +583,13 @@ impl MarginHead {
                 config: config_fingerprint(
                     &self.loss,
                     &format!(
-                        "feature_norm_scale {} eps {:?} bias {}",
+                        "feature_norm_scale {} eps {:?} bias {} magface {:?} elastic {:?} step {}",
                         self.feature_norm_scale,
                         self.eps,
-                        self.bias.is_some()
+                        self.bias.is_some(),
+                        self.magface,
+                        self.elastic,
+                        self.elastic_step()
                     ),
                 ),
                 targets: targets_fingerprint(values),

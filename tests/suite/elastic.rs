@@ -208,6 +208,30 @@ fn elastic_errors_name_the_op() -> Result<()> {
         }))
         .starts_with("margin_head(arcface): ElasticFace's std must be finite and >= 0")
     );
+    // Sharded, "plus" is refused through the ranks' agreement (it reads every row's target
+    // cosine, which no rank holds whole).
+    let plus = head(Head::arcface())?.elastic(ElasticFace {
+        plus: true,
+        ..ElasticFace::default()
+    })?;
+    let comm: std::sync::Arc<dyn candle_margin_softmax::Communicator> = std::sync::Arc::new(
+        candle_margin_softmax::InProcessGroup::new(1)?
+            .pop()
+            .expect("one rank"),
+    );
+    let shard = candle_margin_softmax::ClassShard {
+        offset: 0,
+        count: CLASSES,
+        total: CLASSES,
+    };
+    let f = Tensor::ones((2, DIM), DType::F32, &dev)?;
+    let y = Tensor::new(&[0u32, 1], &dev)?;
+    let e = plus.sharded_loss(&f, &y, shard, comm).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("ElasticFace's \"plus\" ordering is not supported with a sharded loss yet"),
+        "{e}"
+    );
     let mut module = head(Head::arcface())?.elastic(ElasticFace::default())?;
     let e = module
         .set_config(MarginSoftmaxLoss::new(Head::combined()))

@@ -8,7 +8,9 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_margin_softmax::{ClassShard, Communicator, Head, InProcessGroup, MarginHead};
+use candle_margin_softmax::{
+    ClassShard, Communicator, ElasticFace, Head, InProcessGroup, MagFace, MarginHead,
+};
 
 use crate::common::{GridFailures, IGNORE, Opts, compare, main_heads, seed_of, vec_f64};
 use crate::heads::{Case, Layout, case, head_options, of_head, root_of};
@@ -16,13 +18,17 @@ use crate::heads::{Case, Layout, case, head_options, of_head, root_of};
 /// What one rank returns: loss, d/d embeddings, d/dW of its slice, d/d bias of its slice.
 type RankResult = (Vec<f64>, Vec<f64>, Tensor, Option<Tensor>);
 
+/// The head's settings beyond its configuration (the feature-norm scale, MagFace, ...), applied
+/// to every rank's head and to the unsharded one.
+type Adapt<'a> = dyn Fn(MarginHead) -> Result<MarginHead> + Sync + 'a;
+
 /// Runs the ranks of `shards`, one thread each, started in `order` (rank indices).
 fn run_sharded(
     cfg: &candle_margin_softmax::MarginSoftmaxLoss,
     c: &Case,
     shards: &[ClassShard],
     chunk: Option<usize>,
-    feature_norm: bool,
+    adapt: &Adapt<'_>,
     order: &[usize],
 ) -> Result<Vec<RankResult>> {
     on_ranks(shards.len(), order, |rank, comm| {
@@ -41,12 +47,11 @@ fn run_sharded(
             None => None,
         };
         let f = Var::from_tensor(&c.f.as_tensor().copy()?)?;
-        let mut head = MarginHead::from_weight(
+        let mut head = adapt(MarginHead::from_weight(
             cfg.clone(),
             w.as_tensor().clone(),
             b.as_ref().map(|b| b.as_tensor().clone()),
-        )?
-        .feature_norm_scale(feature_norm)?;
+        )?)?;
         if let Some(n) = chunk {
             head = head.chunk_classes(n)?;
         }
@@ -178,8 +183,9 @@ fn shard_grid(dtype: DType, tol: (f64, f64), chunks: &[Option<usize>]) {
                         let want = of_head(&whole, &c).map_err(e)?;
                         // Ranks started in reverse order: the result must not depend on it.
                         let order: Vec<usize> = (0..shards.len()).rev().collect();
-                        let got = run_sharded(&cfg, &c, &shards, *chunk, *feature_norm, &order)
-                            .map_err(e)?;
+                        let adapt = |h: MarginHead| h.feature_norm_scale(*feature_norm);
+                        let got =
+                            run_sharded(&cfg, &c, &shards, *chunk, &adapt, &order).map_err(e)?;
                         check_ranks(&label, &got, &want, &shards, tol)
                     };
                     grid.cell(run);
@@ -243,7 +249,7 @@ fn rank_without_targets_and_start_order() -> Result<()> {
     let want = of_head(&whole, &c)?;
     let mut first: Option<Vec<RankResult>> = None;
     for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0]] {
-        let got = run_sharded(&cfg, &c, &shards, Some(2), false, &order)?;
+        let got = run_sharded(&cfg, &c, &shards, Some(2), &Ok, &order)?;
         check_ranks("no_targets", &got, &want, &shards, (1e-12, 1e-12))
             .map_err(candle_core::Error::Msg)?;
         match &first {
@@ -259,6 +265,69 @@ fn rank_without_targets_and_start_order() -> Result<()> {
                     );
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// MagFace (norms inside its range, so that the margin's gradient flows) and ElasticFace
+/// sharded over N = 1, 2, 3 and 7 ranks: every rank the unsharded head's loss and gradients.
+#[test]
+fn sharded_magface_and_elasticface_match_unsharded() -> Result<()> {
+    let dev = Device::Cpu;
+    let layout = Layout {
+        rows: 8,
+        dim: 6,
+        classes: 17,
+        bias: false,
+    };
+    let opts = Opts::combo();
+    let magface = MagFace {
+        l_a: 1.0,
+        u_a: 5.0,
+        ..MagFace::default()
+    };
+    let elastic = ElasticFace {
+        seed: 3,
+        ..ElasticFace::default()
+    };
+    let adaptive: [(&str, Head, &Adapt<'_>); 3] = [
+        ("magface", MagFace::head(), &|h: MarginHead| {
+            h.magface(magface)
+        }),
+        (
+            "elastic_arcface",
+            ElasticFace::arcface_head(),
+            &|h: MarginHead| h.elastic(elastic),
+        ),
+        (
+            "elastic_cosface",
+            ElasticFace::cosface_head(),
+            &|h: MarginHead| h.elastic(elastic),
+        ),
+    ];
+    for (name, head, adapt) in adaptive {
+        let c = case(name, layout, &opts, DType::F64, &dev)?;
+        let cfg = opts
+            .cfg(head, layout.classes, DType::F64, &dev, 9)?
+            .ignore_index(Some(IGNORE));
+        let whole = adapt(MarginHead::from_weight(
+            cfg.clone(),
+            c.w.as_tensor().clone(),
+            None,
+        )?)?;
+        let want = of_head(&whole, &c)?;
+        for (sname, shards) in shard_layouts(layout.classes) {
+            let order: Vec<usize> = (0..shards.len()).collect();
+            let got = run_sharded(&cfg, &c, &shards, Some(3), adapt, &order)?;
+            check_ranks(
+                &format!("{name}/{sname}"),
+                &got,
+                &want,
+                &shards,
+                (1e-12, 1e-12),
+            )
+            .map_err(candle_core::Error::Msg)?;
         }
     }
     Ok(())
