@@ -16,6 +16,7 @@
 use std::sync::atomic::Ordering;
 
 use candle_core::{DType, Result, Tensor, bail};
+use candle_nn::{Init, VarBuilder};
 
 use super::MarginHead;
 use super::batch::Sharding;
@@ -101,14 +102,57 @@ impl MarginHead {
         Ok(self)
     }
 
-    /// ElasticFace's step: the training calls so far (the next call draws step `elastic_step()`).
-    pub fn elastic_step(&self) -> u64 {
-        self.elastic_steps.load(Ordering::Relaxed)
+    /// As [`MarginHead::elastic`], with the step kept as the variable `elastic_step` (f64 \[1\])
+    /// of `vb`, so that a `VarMap` saves and loads it with W (safetensors): a head rebuilt from
+    /// a checkpoint goes on drawing where the saved one stopped. Load the `VarMap` after
+    /// building the head, as for W. The step is then read and written at each training call
+    /// (one host read: make a head's training calls from one thread).
+    ///
+    /// # Errors
+    /// As [`MarginHead::elastic`], and `vb`'s errors (e.g. a stored `elastic_step` of another
+    /// shape).
+    pub fn elastic_with_state(self, elastic: ElasticFace, vb: VarBuilder) -> Result<Self> {
+        let state = vb.get_with_hints_dtype(1, "elastic_step", Init::Const(0.0), DType::F64)?;
+        let mut head = self.elastic(elastic)?;
+        head.elastic_state = Some(state);
+        Ok(head)
     }
 
-    /// Sets ElasticFace's step (to resume a run from a checkpoint).
-    pub fn set_elastic_step(&self, step: u64) {
-        self.elastic_steps.store(step, Ordering::Relaxed)
+    /// ElasticFace's step: the training calls so far (the next call draws step `elastic_step()`).
+    ///
+    /// # Errors
+    /// Reading the step's variable ([`MarginHead::elastic_with_state`]) failed.
+    pub fn elastic_step(&self) -> Result<u64> {
+        match &self.elastic_state {
+            Some(state) => Ok(state.to_vec1::<f64>()?[0] as u64),
+            None => Ok(self.elastic_steps.load(Ordering::Relaxed)),
+        }
+    }
+
+    /// Sets ElasticFace's step (to resume a run without a `VarMap`).
+    ///
+    /// # Errors
+    /// Writing the step's variable failed.
+    pub fn set_elastic_step(&self, step: u64) -> Result<()> {
+        match &self.elastic_state {
+            Some(state) => state.slice_set(&Tensor::new(&[step as f64], state.device())?, 0, 0),
+            None => {
+                self.elastic_steps.store(step, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// The step of this training call, advancing the counter.
+    fn next_elastic_step(&self) -> Result<u64> {
+        match &self.elastic_state {
+            Some(_) => {
+                let step = self.elastic_step()?;
+                self.set_elastic_step(step + 1)?;
+                Ok(step)
+            }
+            None => Ok(self.elastic_steps.fetch_add(1, Ordering::Relaxed)),
+        }
     }
 
     /// The ElasticFace loss (steps 1–3 of the module docs).
@@ -121,7 +165,7 @@ impl MarginHead {
     ) -> Result<Tensor> {
         // Every call advances the step, a failing one too, so that the ranks of a sharded loss
         // stay on the same step.
-        let step = self.elastic_steps.fetch_add(1, Ordering::Relaxed);
+        let step = self.next_elastic_step()?;
         let total = sharding.as_ref().map(|s| s.shard);
         let host_targets = match self.check_call(embeddings, targets, total) {
             Ok((t, _)) => t,

@@ -114,6 +114,9 @@ pub struct MarginHead {
     /// (the draws' stream index).
     elastic: Option<ElasticFace>,
     elastic_steps: AtomicU64,
+    /// ElasticFace's step as a variable of a `VarMap` ([`MarginHead::elastic_with_state`]),
+    /// which then holds the step instead of `elastic_steps`.
+    elastic_state: Option<Tensor>,
     /// Sub-center ArcFace's K ([`MarginHead::sub_centers`]); 1: one centre per class.
     sub_centers: usize,
 }
@@ -226,6 +229,7 @@ impl MarginHead {
             magface: None,
             elastic: None,
             elastic_steps: AtomicU64::new(0),
+            elastic_state: None,
             sub_centers: 1,
         };
         match bias {
@@ -589,7 +593,7 @@ impl MarginHead {
                         self.bias.is_some(),
                         self.magface,
                         self.elastic,
-                        self.elastic_step()
+                        self.elastic_step().unwrap_or(u64::MAX)
                     ),
                 ),
                 targets: targets_fingerprint(values),

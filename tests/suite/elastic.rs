@@ -121,14 +121,14 @@ fn elastic_matches_the_official_formula() {
                             if let Some(k) = chunk {
                                 module = module.chunk_classes(k)?;
                             }
-                            module.set_elastic_step(5);
+                            module.set_elastic_step(5)?;
                             let y = Tensor::from_vec(t.clone(), ROWS, &dev)?;
                             // Evaluation does not advance the step.
                             module.cosines(fv.as_tensor())?;
                             module.predict(fv.as_tensor())?;
                             let loss = module.loss(fv.as_tensor(), &y)?;
-                            if module.elastic_step() != 6 {
-                                return Ok(vec![Err(format!("step {}", module.elastic_step()))]);
+                            if module.elastic_step()? != 6 {
+                                return Ok(vec![Err(format!("step {}", module.elastic_step()?))]);
                             }
                             let grads = loss.backward()?;
                             // The step's draws, for the rows not ignored, in order; "plus" as the
@@ -241,5 +241,56 @@ fn elastic_errors_name_the_op() -> Result<()> {
             .starts_with("margin_head(arcface): set_config cannot change the head of a MagFace"),
         "{e}"
     );
+    Ok(())
+}
+
+/// The step kept in a `VarMap` (`elastic_with_state`): saved with W to safetensors and loaded
+/// into a head built afresh, which then draws the same margins as the saved head's next call.
+#[test]
+fn elastic_step_is_saved_and_loaded_with_the_varmap() -> Result<()> {
+    use candle_nn::{VarBuilder, VarMap};
+    let dev = Device::Cpu;
+    let elastic = ElasticFace {
+        seed: 5,
+        ..ElasticFace::default()
+    };
+    let build = |varmap: &VarMap| -> Result<MarginHead> {
+        let vb = VarBuilder::from_varmap(varmap, DType::F64, &dev);
+        MarginHead::new(
+            MarginSoftmaxLoss::new(ElasticFace::arcface_head()),
+            DIM,
+            CLASSES,
+            vb.pp("head"),
+        )?
+        .elastic_with_state(elastic, vb.pp("head"))
+    };
+    let varmap = VarMap::new();
+    let head = build(&varmap)?;
+    let mut r = rng(seed_of("elastic_varmap"));
+    let normal = Normal::new(0.0, 1.0).unwrap();
+    let f: Vec<f64> = (0..ROWS * DIM).map(|_| normal.sample(&mut r)).collect();
+    let f = Tensor::from_vec(f, (ROWS, DIM), &dev)?;
+    let t: Vec<u32> = (0..ROWS)
+        .map(|_| r.random_range(0..CLASSES as u32))
+        .collect();
+    let y = Tensor::from_vec(t, ROWS, &dev)?;
+    for _ in 0..3 {
+        head.loss(&f, &y)?;
+    }
+    assert_eq!(head.elastic_step()?, 3);
+    let path =
+        std::env::temp_dir().join(format!("elastic_step_{}.safetensors", std::process::id()));
+    varmap.save(&path)?;
+    let next = head.loss(&f, &y)?.to_scalar::<f64>()?;
+    // A head built afresh starts at 0; loading the checkpoint puts it at 3.
+    let varmap2 = VarMap::new();
+    let resumed = build(&varmap2)?;
+    assert_eq!(resumed.elastic_step()?, 0);
+    let mut varmap2 = varmap2;
+    varmap2.load(&path)?;
+    std::fs::remove_file(&path).ok();
+    assert_eq!(resumed.elastic_step()?, 3);
+    assert_eq!(resumed.loss(&f, &y)?.to_scalar::<f64>()?, next);
+    assert_eq!(resumed.elastic_step()?, 4);
     Ok(())
 }
