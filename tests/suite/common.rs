@@ -777,3 +777,8 @@ pub fn loss_and_grad_checks(
     }
     Ok(checks)
 }
+
+/// An error's first line (candle appends a backtrace when RUST_BACKTRACE is set).
+pub fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}

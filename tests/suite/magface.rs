@@ -14,7 +14,7 @@ use candle_margin_softmax::{
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::common::{GridFailures, cell_verdict, loss_and_grad_checks, rng, seed_of};
+use crate::common::{GridFailures, cell_verdict, first_line, loss_and_grad_checks, rng, seed_of};
 
 const ROWS: usize = 7;
 const DIM: usize = 16;
@@ -138,10 +138,6 @@ fn magface_matches_the_official_formula() {
         }
     }
     grid.assert_none();
-}
-
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 #[test]

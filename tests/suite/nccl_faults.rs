@@ -10,12 +10,10 @@ use candle_core::cuda_backend::cudarc::nccl::safe::Id;
 use candle_core::{Device, Result, Tensor};
 use candle_margin_softmax::{Communicator, NcclCommunicator};
 
+use crate::common::first_line;
+
 const DEADLINE: Duration = Duration::from_secs(3);
 const SLACK: Duration = Duration::from_secs(5);
-
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
-}
 
 /// Rank `rank` of `world_size` on GPU `rank`, joining `id` with the test deadline.
 fn join(rank: usize, world_size: usize, id: &Id) -> Result<(Device, NcclCommunicator)> {

@@ -11,8 +11,9 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use crate::common::{
-    GridFailures, IGNORE, Opts, cell_verdict, compare, dtype_name, gen_input, gen_row_scale,
-    gen_targets, input_tensor, rng, root, seed_of, targets_i64, tols, variants_of, vec_f64,
+    GridFailures, IGNORE, Opts, cell_verdict, compare, dtype_name, first_line, gen_input,
+    gen_row_scale, gen_targets, input_tensor, rng, root, seed_of, targets_i64, tols, variants_of,
+    vec_f64,
 };
 
 const DTYPES: [DType; 4] = [DType::F64, DType::F32, DType::F16, DType::BF16];
@@ -353,10 +354,6 @@ fn row_margins_at_the_edges() -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 #[test]

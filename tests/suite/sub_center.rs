@@ -12,7 +12,7 @@ use candle_margin_softmax::{
     reference,
 };
 
-use crate::common::{GridFailures, Opts, cell_verdict, compare, required_grad};
+use crate::common::{GridFailures, Opts, cell_verdict, compare, first_line, required_grad};
 use crate::heads::{Layout, case, normalize, root_of};
 
 const K: usize = 3;
@@ -160,10 +160,6 @@ fn sub_center_outliers_on_a_layout_built_by_hand() -> Result<()> {
     // At 85° the 80° sample is kept.
     assert_eq!(head.sub_center_outliers(&f, &y, 85.0)?.outliers, vec![3]);
     Ok(())
-}
-
-fn first_line(e: &candle_core::Error) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 #[test]
