@@ -18,6 +18,16 @@ pub(crate) const STAT_COLUMNS: usize = 8;
 /// columns from here: [B, STAT_COLUMNS_ROW_MARGINS].
 pub(crate) const STAT_D_MARGINS: usize = 8;
 pub(crate) const STAT_COLUMNS_ROW_MARGINS: usize = 11;
+
+/// The statistics' column count: [`STAT_COLUMNS`], or with per-row margins
+/// [`STAT_COLUMNS_ROW_MARGINS`].
+pub(crate) fn stat_columns(row_margins: bool) -> usize {
+    if row_margins {
+        STAT_COLUMNS_ROW_MARGINS
+    } else {
+        STAT_COLUMNS
+    }
+}
 /// [M, ln Σ, a, k, g_y, r] per row for the backward op.
 pub(crate) const ROWINFO_COLUMNS: usize = 6;
 /// With per-row margins, [M, ln Σ, a, k, g_y, r, m1, m2, m3].

@@ -31,8 +31,8 @@ use crate::backends::cuda::{self, Cuda};
 use crate::backends::emu;
 use crate::config::{MarginSoftmaxLoss, OP_NAME, Reduction};
 use crate::layout::{
-    PARTIAL_COLUMNS, STAT_COLUMNS, STAT_COLUMNS_ROW_MARGINS, STAT_D_MARGINS, STAT_D_SCALE,
-    STAT_GRAD_CONSTANTS, STAT_LOSS, STAT_MAX,
+    PARTIAL_COLUMNS, STAT_COLUMNS, STAT_D_MARGINS, STAT_D_SCALE, STAT_GRAD_CONSTANTS, STAT_LOSS,
+    STAT_MAX, stat_columns,
 };
 use crate::math::Acc;
 #[cfg(feature = "cuda")]
@@ -52,16 +52,6 @@ macro_rules! on_cpu {
         let out = backends::$entry(&Cpu, $($arg),*);
         out
     }};
-}
-
-/// The forward op's statistics columns for these row parameters: [`STAT_COLUMNS`], or with
-/// per-row margins ([B, `ROW_PARAMS`]) [`STAT_COLUMNS_ROW_MARGINS`].
-fn stat_columns(params: &Layout) -> usize {
-    if params.dims().len() == 2 {
-        STAT_COLUMNS_ROW_MARGINS
-    } else {
-        STAT_COLUMNS
-    }
 }
 
 struct MarginSoftmaxForward {
@@ -85,7 +75,7 @@ impl CustomOp3 for MarginSoftmaxForward {
         scale_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let rows = input_layout.dims()[0];
-        let columns = stat_columns(scale_layout);
+        let columns = stat_columns(scale_layout.dims().len() == 2);
         let stats = on_cpu!(forward(
             &self.cfg,
             (input, input_layout),
@@ -107,7 +97,7 @@ impl CustomOp3 for MarginSoftmaxForward {
         scale_layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let rows = input_layout.dims()[0];
-        let columns = stat_columns(scale_layout);
+        let columns = stat_columns(scale_layout.dims().len() == 2);
         let stats = backends::forward(
             &Cuda,
             &self.cfg,
@@ -444,16 +434,11 @@ fn finalize_as<A: Acc>(
     let read = |t: &Tensor| t.to_dtype(A::DTYPE)?.flatten_all()?.to_vec1::<A>();
     // The row parameters: the row scale \[B\], or (r, m1, m2, m3) [B, 4] with per-row margins.
     let params = read(scale)?;
-    let (scales, margins): (Vec<A>, Option<Vec<[A; 3]>>) = match scale.dims() {
-        [_, width] => (
-            params.chunks_exact(*width).map(|p| p[0]).collect(),
-            Some(
-                params
-                    .chunks_exact(*width)
-                    .map(|p| [p[1], p[2], p[3]])
-                    .collect(),
-            ),
-        ),
+    let (scales, margins) = match scale.rank() {
+        2 => {
+            let (scales, margins) = cpu::split_row_params(&params);
+            (scales, Some(margins))
+        }
         _ => (params, None),
     };
     let stats = cpu::finalize_partials(
@@ -466,11 +451,7 @@ fn finalize_as<A: Acc>(
         margins.as_deref(),
         scale_grad,
     );
-    let columns = if margins.is_some() {
-        STAT_COLUMNS_ROW_MARGINS
-    } else {
-        STAT_COLUMNS
-    };
+    let columns = stat_columns(margins.is_some());
     Tensor::from_vec(stats, (targets.len(), columns), others.device())
 }
 

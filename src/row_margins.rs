@@ -8,8 +8,8 @@
 //! m3) beside dℓ/dr, from the target's input alone (`math::Margin::margin_grads`).
 //!
 //! The CPU bodies take them; the CUDA kernels (and their emulation) do not yet, and return an
-//! `Err` naming the op; so do `loss_and_grad_into`, `MarginHead` and the sharded losses, which
-//! have no per-row-margin variant yet.
+//! `Err` naming the op. `MarginHead::loss_with_row_margins` is the head module's variant;
+//! `loss_and_grad_into` and the sharded losses have none yet.
 
 use candle_core::{DType, Device, Result, Tensor, bail};
 

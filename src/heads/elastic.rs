@@ -166,8 +166,8 @@ impl MarginHead {
         // Every call advances the step, a failing one too, so that the ranks of a sharded loss
         // stay on the same step.
         let step = self.next_elastic_step()?;
-        let total = sharding.as_ref().map(|s| s.shard);
-        let host_targets = match self.check_call(embeddings, targets, total) {
+        let shard = sharding.as_ref().map(|s| s.shard);
+        let host_targets = match self.check_call(embeddings, targets, shard) {
             Ok((t, _)) => t,
             // Sharded, the rank still joins the agreement, which carries its error to the others.
             Err(_) if sharding.is_some() => {

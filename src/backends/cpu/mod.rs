@@ -25,8 +25,8 @@ use crate::backends::cpu_storage::{HostElement, Rows, contiguous, contiguous_mut
 use crate::backends::{Arg, Bodies, by_dtype};
 use crate::config::{Head, MarginSoftmaxLoss};
 use crate::layout::{
-    PARTIAL_COLUMNS, ROW_PARAMS, ROWINFO_COLUMNS, STAT_COLUMNS, STAT_COLUMNS_ROW_MARGINS,
-    STAT_D_MARGINS, STAT_GRAD_CONSTANTS,
+    PARTIAL_COLUMNS, ROW_PARAMS, ROWINFO_COLUMNS, STAT_COLUMNS, STAT_D_MARGINS,
+    STAT_GRAD_CONSTANTS, stat_columns,
 };
 use crate::math::{
     Acc, Cosine, Criterion, Element, Identity, Margin, RbfKernel, SoftCap, Transform,
@@ -66,10 +66,10 @@ impl<'a, A: Acc> RowParams<'a, A> {
                 margins: None,
             });
         }
-        let rows = values.chunks_exact(ROW_PARAMS);
+        let (scales, margins) = split_row_params(values);
         Ok(Self {
-            scales: Cow::Owned(rows.clone().map(|p| p[0]).collect()),
-            margins: Some(rows.map(|p| [p[1], p[2], p[3]]).collect()),
+            scales: Cow::Owned(scales),
+            margins: Some(margins),
         })
     }
 
@@ -79,6 +79,15 @@ impl<'a, A: Acc> RowParams<'a, A> {
             margins: None,
         }
     }
+}
+
+/// Row parameters [B, `ROW_PARAMS`] (flat) split into the row scales and each row's
+/// (m1, m2, m3).
+pub(crate) fn split_row_params<A: Copy>(params: &[A]) -> (Vec<A>, Vec<[A; 3]>) {
+    params
+        .chunks_exact(ROW_PARAMS)
+        .map(|p| (p[0], [p[1], p[2], p[3]]))
+        .unzip()
 }
 
 /// The CPU bodies: rows in parallel (rayon), each row kernel at the SIMD level picked at run time.
@@ -102,11 +111,7 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
         let name = cfg.head.name();
         let rows = Rows::<T>::new(x.0, x.1, name)?;
         let params = RowParams::read(scale, name)?;
-        let columns = if params.margins.is_some() {
-            STAT_COLUMNS_ROW_MARGINS
-        } else {
-            STAT_COLUMNS
-        };
+        let columns = stat_columns(params.margins.is_some());
         let ctx =
             ForwardContext::<T>::new(cfg, (rows.rows, rows.classes), targets, params, scale_grad)?;
         let simd = Dispatch::current();
@@ -125,7 +130,7 @@ impl<T: Element> Bodies<T, CpuStorage> for Cpu {
                     };
                     let s = simd.run(kernel);
                     out[..STAT_COLUMNS].copy_from_slice(&s);
-                    if columns == STAT_COLUMNS_ROW_MARGINS {
+                    if ctx.row_margins.is_some() {
                         let x_target = ctx.targets[i].map(|y| rows.row(i)[y].load());
                         out[STAT_D_MARGINS..]
                             .copy_from_slice(&ctx.margin_grads(i, x_target, &transform, s[6]));
@@ -414,11 +419,7 @@ pub(crate) fn finalize_partials<A: Acc>(
     let margin = Margin::<A>::new(&cfg.head, cfg.margin_grad);
     let criterion = Criterion::<A>::new(cfg, classes);
     let cap = SoftCap::<A>::new(cfg);
-    let columns = if margins.is_some() {
-        STAT_COLUMNS_ROW_MARGINS
-    } else {
-        STAT_COLUMNS
-    };
+    let columns = stat_columns(margins.is_some());
     let mut out = vec![A::zero(); targets.len() * columns];
     with_transform!(cfg.head, A, |transform| {
         for (i, (o, &target)) in out.chunks_mut(columns).zip(targets).enumerate() {
